@@ -1,0 +1,51 @@
+"""sp2ps-onnx: does a pruned CNN still look where the original looked?
+
+Grad-CAM family explanations computed inside any ONNX classifier graph, and the Sp2PS
+metric that compares the class activation maps of an original and a pruned model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    InputDataError,
+    LayerNotFoundError,
+    ModelLoadError,
+    ModelMismatchError,
+    RuntimeMissingError,
+    Sp2PSError,
+    UnsupportedModelError,
+    UnsupportedOpError,
+)
+
+from . import _ort  # noqa: E402,F401  (import guard used by tests and the CLI)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CamModel",
+    "CamResult",
+    "InputDataError",
+    "LayerNotFoundError",
+    "ModelLoadError",
+    "ModelMismatchError",
+    "RuntimeMissingError",
+    "Sp2PSError",
+    "UnsupportedModelError",
+    "UnsupportedOpError",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .runtime import CamModel, CamResult
+
+
+def __getattr__(name: str) -> Any:
+    # CamModel needs ONNX Runtime; importing it lazily keeps `sp2ps_onnx.metric` usable
+    # without it and turns a missing runtime into a clear RuntimeMissingError.
+    if name in ("CamModel", "CamResult"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'sp2ps_onnx' has no attribute {name!r}")

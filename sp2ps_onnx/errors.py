@@ -1,0 +1,51 @@
+"""The project's exception types.
+
+Every error caused by the user's input derives from :class:`Sp2PSError`. Its message
+says what went wrong, where (file, node, op) and what to do next; the CLI prints it
+as one line and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class Sp2PSError(Exception):
+    """Base class for every error that a user's input can cause."""
+
+
+class ModelLoadError(Sp2PSError):
+    """The ONNX file cannot be read, parsed or run."""
+
+
+class UnsupportedModelError(Sp2PSError):
+    """The model is valid ONNX but not a CNN classifier this tool can explain."""
+
+
+class UnsupportedOpError(UnsupportedModelError):
+    """An op between the target layer and the score has no gradient rule."""
+
+    def __init__(self, op_type: str, node_name: str, detail: str = "", model: str = "") -> None:
+        self.op_type = op_type
+        self.node_name = node_name
+        where = f" in {model}" if model else ""
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"op {op_type!r} at node {node_name!r}{where} has no gradient rule{extra}; "
+            f"choose a later target layer with layer=... (CLI: --layer) so that this node "
+            f"is not between the layer and the score, or add a rule (see docs/ops.md)"
+        )
+
+
+class LayerNotFoundError(Sp2PSError):
+    """The requested or default target layer cannot be found."""
+
+
+class InputDataError(Sp2PSError):
+    """Input data (images, arrays, folders) cannot be read or does not fit the model."""
+
+
+class ModelMismatchError(Sp2PSError):
+    """Original and pruned models cannot be compared (e.g. different class counts)."""
+
+
+class RuntimeMissingError(Sp2PSError):
+    """No ONNX Runtime is installed."""
