@@ -1,0 +1,604 @@
+"""Reading evaluation data and preprocessing it for each model.
+
+Inputs (see :func:`open_data`):
+
+* an image folder with one subfolder per class; labels follow torchvision's ``ImageFolder``:
+  subfolder names sorted as strings map to ``0..K-1`` unless ``classes`` gives the order;
+* a flat folder of images (no labels), or single image files;
+* an ``.npz`` archive with an array ``x`` and optionally integer labels ``y``;
+* an ``.npy`` array (no labels).
+
+``uint8`` (and ``uint16``/``bool``) arrays and decoded image files are *images*: ``(N, H, W)``
+or ``(N, H, W, C)`` (channels-first ``(N, C, H, W)`` with ``C`` in 1 or 3 is recognised too).
+They are resized, cropped, converted to the model's channel count, normalised and laid out
+per model by :class:`Preprocessing`. Floating-point arrays are taken as *already
+preprocessed*: they must have the model's input shape in the model's layout (a
+``(N, C, H, W)`` array is transposed for an ``NHWC`` model and vice versa) and are passed
+through unchanged.
+
+Data is streamed: :meth:`DataSource.batches` yields :class:`Batch` tuples, one batch at a
+time, so memory does not grow with the dataset (``.npy`` files are memory-mapped).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .errors import InputDataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+"""File name endings read as images (the same set torchvision's ``ImageFolder`` accepts)."""
+
+PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5,), (0.5,)),
+    "unit": ((0.0,), (1.0,)),
+    "raw": ((0.0,), (1.0 / 255.0,)),
+}
+"""Normalisation presets as ``(mean, std)`` applied to pixel values scaled to [0, 1].
+
+``x = (pixel / 255 - mean) / std``: *imagenet* is torchvision's ImageNet mean/std,
+*inception* maps to [-1, 1], *unit* keeps [0, 1] and *raw* gives 0..255.
+"""
+
+
+class Batch(NamedTuple):
+    """One batch of evaluation data.
+
+    ``images`` is a list of per-sample arrays (images as ``uint8`` ``(H, W)`` or
+    ``(H, W, C)``) or a float array of already-preprocessed inputs; ``labels`` is an int64
+    array or ``None`` when the data has no labels; ``ids`` names each sample (file path
+    relative to the data root, or ``name[index]`` for arrays).
+    """
+
+    images: list[np.ndarray] | np.ndarray
+    labels: np.ndarray | None
+    ids: list[str]
+
+
+# --------------------------------------------------------------------------------------
+# Data sources
+
+
+@dataclass
+class _ArrayPart:
+    array: np.ndarray  # memory-mapped or loaded; images or preprocessed floats
+    labels: np.ndarray | None
+    name: str
+    preprocessed: bool
+
+
+@dataclass
+class _FilePart:
+    files: list[tuple[Path, int]]  # (path, label or -1)
+    root: Path | None
+
+
+@dataclass
+class DataSource:
+    """A dataset opened by :func:`open_data`; iterate it with :meth:`batches`."""
+
+    description: str
+    class_names: list[str] | None = None
+    _parts: list[_ArrayPart | _FilePart] = field(default_factory=list, repr=False)
+    _limit: int | None = None
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether every sample has a label."""
+        return bool(self._parts) and all(
+            (isinstance(p, _ArrayPart) and p.labels is not None)
+            or (isinstance(p, _FilePart) and all(lab >= 0 for _, lab in p.files))
+            for p in self._parts
+        )
+
+    @property
+    def preprocessed(self) -> bool:
+        """Whether the samples are float arrays that bypass preprocessing."""
+        return any(isinstance(p, _ArrayPart) and p.preprocessed for p in self._parts)
+
+    def __len__(self) -> int:
+        total = sum(len(p.array) if isinstance(p, _ArrayPart) else len(p.files) for p in self._parts)
+        return total if self._limit is None else min(total, self._limit)
+
+    def batches(self, batch_size: int = 32) -> Iterator[Batch]:
+        """Yield the data in batches of at most ``batch_size`` samples."""
+        if batch_size < 1:
+            raise InputDataError(f"batch size must be at least 1, not {batch_size}")
+        remaining = len(self)
+        with_labels = self.has_labels
+        for part in self._parts:
+            if remaining <= 0:
+                return
+            if isinstance(part, _ArrayPart):
+                count = min(len(part.array), remaining)
+                for start in range(0, count, batch_size):
+                    stop = min(start + batch_size, count)
+                    chunk = np.asarray(part.array[start:stop])
+                    images: list[np.ndarray] | np.ndarray = (
+                        chunk.astype(np.float32) if part.preprocessed else list(chunk)
+                    )
+                    labels = (
+                        np.asarray(part.labels[start:stop], dtype=np.int64) if with_labels else None
+                    )
+                    ids = [f"{part.name}[{i}]" for i in range(start, stop)]
+                    yield Batch(images, labels, ids)
+                remaining -= count
+            else:
+                files = part.files[:remaining]
+                for start in range(0, len(files), batch_size):
+                    chunk_files = files[start : start + batch_size]
+                    images = [read_image(path) for path, _ in chunk_files]
+                    labels = (
+                        np.array([lab for _, lab in chunk_files], dtype=np.int64)
+                        if with_labels
+                        else None
+                    )
+                    ids = [_file_id(path, part.root) for path, _ in chunk_files]
+                    yield Batch(images, labels, ids)
+                remaining -= len(files)
+
+
+def _file_id(path: Path, root: Path | None) -> str:
+    if root is None:
+        return path.name
+    return path.relative_to(root).as_posix()
+
+
+def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
+    """Class names in label order from a text file (one per line) or a comma-separated list."""
+    if classes is None:
+        return None
+    if not isinstance(classes, str):
+        names = [str(c) for c in classes]
+    elif os.path.isfile(classes):
+        try:
+            text = Path(classes).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputDataError(
+                f"cannot read the class list {classes}: {exc}; give a UTF-8 text file with one "
+                "class name per line, or a comma-separated list"
+            ) from exc
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+    if not names:
+        raise InputDataError(f"the class list {classes!r} is empty; give at least one class name")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputDataError(
+            f"the class list {classes!r} names {', '.join(duplicates)} more than once; "
+            "each class must appear once, in label order"
+        )
+    return names
+
+
+def open_data(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    classes: str | Sequence[str] | None = None,
+    limit: int | None = None,
+) -> DataSource:
+    """Open one or more data paths (image folder, image files, ``.npz``, ``.npy``).
+
+    ``classes`` (a file with one name per line, a comma-separated string or a list) fixes
+    the label order of an image folder and names the integer labels of ``.npz`` files.
+    ``limit`` keeps only the first ``limit`` samples.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise InputDataError("no input data given; pass an image folder, image files, .npz or .npy")
+    if limit is not None and limit < 1:
+        raise InputDataError(f"--limit must be at least 1, not {limit}")
+    class_names = parse_classes(classes)
+    parts: list[_ArrayPart | _FilePart] = []
+    loose_files: list[tuple[Path, int]] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InputDataError(
+                f"input {path} does not exist; give an image folder, an image file, "
+                "an .npz (with x and optional y) or an .npy file"
+            )
+        if path.is_dir():
+            part, found_classes = _open_folder(path, class_names)
+            if found_classes is not None:
+                class_names = class_names or found_classes
+            parts.append(part)
+        elif path.suffix.lower() == ".npz":
+            parts.append(_open_npz(path))
+        elif path.suffix.lower() == ".npy":
+            parts.append(_open_npy(path))
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            loose_files.append((path, -1))
+        else:
+            raise InputDataError(
+                f"input {path} has an unsupported format {path.suffix or '(no extension)'!r}; "
+                f"give an image ({', '.join(IMAGE_EXTENSIONS)}), a folder of images, "
+                "an .npz (with x and optional y) or an .npy file"
+            )
+    if loose_files:
+        parts.append(_FilePart(loose_files, None))
+    kinds = {isinstance(p, _ArrayPart) and p.preprocessed for p in parts}
+    if len(kinds) > 1:
+        raise InputDataError(
+            "inputs mix preprocessed float arrays with images; give either images "
+            "(uint8 arrays or image files) or float arrays in the model's input layout"
+        )
+    source = DataSource(
+        description=", ".join(str(p) for p in paths),
+        class_names=class_names,
+        _parts=parts,
+        _limit=limit,
+    )
+    if len(source) == 0:
+        raise InputDataError(f"no samples found in {source.description}")
+    return source
+
+
+def _is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _open_folder(
+    root: Path, class_names: list[str] | None
+) -> tuple[_FilePart, list[str] | None]:
+    subdirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not subdirs:
+        files = sorted(p for p in root.iterdir() if p.is_file() and _is_image_file(p.name))
+        if not files:
+            raise InputDataError(
+                f"folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                "and no class subfolders"
+            )
+        return _FilePart([(p, -1) for p in files], root), None
+    # One subfolder per class, as torchvision's ImageFolder: sorted names -> 0..K-1.
+    if class_names is None:
+        order = subdirs
+    else:
+        unknown = [d for d in subdirs if d not in class_names]
+        if unknown:
+            raise InputDataError(
+                f"subfolder(s) {', '.join(unknown)} of {root} are not in the class list "
+                f"({', '.join(class_names[:12])}{', ...' if len(class_names) > 12 else ''}); "
+                "fix --classes or rename the folders"
+            )
+        order = class_names
+    index = {name: i for i, name in enumerate(order)}
+    files: list[tuple[Path, int]] = []
+    empty: list[str] = []
+    for name in sorted(subdirs):
+        before = len(files)
+        for dirpath, _dirs, fnames in sorted(os.walk(root / name, followlinks=True)):
+            for fname in sorted(fnames):
+                if _is_image_file(fname):
+                    files.append((Path(dirpath) / fname, index[name]))
+        if len(files) == before:
+            empty.append(name)
+    if empty:
+        raise InputDataError(
+            f"class folder(s) {', '.join(empty)} in {root} contain no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}); remove them or add images"
+        )
+    return _FilePart(files, root), list(order)
+
+
+def _check_array(array: np.ndarray, path: Path, key: str) -> bool:
+    """Validate an input array; return True when it holds preprocessed floats."""
+    if np.issubdtype(array.dtype, np.floating):
+        if array.ndim not in (3, 4):
+            raise InputDataError(
+                f"array {key!r} in {path} has shape {array.shape}; float arrays must be "
+                "preprocessed model inputs of shape (N, C, H, W) or (N, H, W, C)"
+            )
+        return True
+    if array.dtype in (np.uint8, np.uint16, np.bool_):
+        if array.ndim == 3 or (array.ndim == 4 and _channel_axis(array.shape[1:]) is not None):
+            return False
+        raise InputDataError(
+            f"array {key!r} in {path} has shape {array.shape}; image arrays must be "
+            "(N, H, W) or (N, H, W, C) with C in 1, 3 or 4"
+        )
+    raise InputDataError(
+        f"array {key!r} in {path} has dtype {array.dtype}; give uint8 images "
+        "(N, H, W[, C]) or float32 inputs already preprocessed in the model's layout"
+    )
+
+
+def _channel_axis(shape: tuple[int, ...]) -> int | None:
+    """For one image of shape (H, W, C) or (C, H, W): the channel axis, or None."""
+    if shape[-1] in (1, 2, 3, 4):
+        return 2
+    if shape[0] in (1, 3):
+        return 0
+    return None
+
+
+def _open_npz(path: Path) -> _ArrayPart:
+    try:
+        archive = np.load(path, allow_pickle=False)
+        keys = list(archive.keys())
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot read {path} as an .npz archive: {exc}; save it with numpy.savez(x=..., y=...)"
+        ) from exc
+    if "x" not in keys:
+        raise InputDataError(
+            f"{path} has no array 'x' (it has: {', '.join(keys) or 'nothing'}); save the images "
+            "as x (and labels as y) with numpy.savez(path, x=images, y=labels)"
+        )
+    try:
+        x = archive["x"]
+        y = archive["y"] if "y" in keys else None
+    except Exception as exc:
+        raise InputDataError(f"cannot read the arrays in {path}: {exc}") from exc
+    preprocessed = _check_array(x, path, "x")
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise InputDataError(
+                f"labels 'y' in {path} have shape {y.shape} and dtype {y.dtype}; they must be "
+                f"integers of shape ({len(x)},), one class index per image in x"
+            )
+        if len(y) and y.min() < 0:
+            raise InputDataError(f"labels 'y' in {path} contain negative values; use 0..K-1")
+    return _ArrayPart(x, y, path.name, preprocessed)
+
+
+def _open_npy(path: Path) -> _ArrayPart:
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot read {path} as a .npy array: {exc}; save it with numpy.save"
+        ) from exc
+    return _ArrayPart(x, None, path.name, _check_array(x, path, path.name))
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode an image file to ``uint8`` ``(H, W)`` or ``(H, W, C)``."""
+    import imageio.v3 as iio
+
+    try:
+        image = np.asarray(iio.imread(path, plugin="pillow"))
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot decode image file {path}: {exc}; check that it is a valid "
+            f"{Path(path).suffix.lstrip('.').upper() or 'image'} file"
+        ) from exc
+    if image.ndim == 3 and image.shape[-1] not in (1, 2, 3, 4):
+        image = image[0]  # first frame of a multi-frame file
+    if image.ndim not in (2, 3):
+        raise InputDataError(f"image file {path} decodes to shape {image.shape}; not an image")
+    return _to_uint8(image, str(path))
+
+
+def _to_uint8(image: np.ndarray, where: str) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.bool_:
+        return image.astype(np.uint8) * 255
+    if image.dtype == np.uint16:
+        return (image.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating) and image.size and 0 <= image.min() <= image.max() <= 1:
+        return np.round(image * 255).astype(np.uint8)
+    raise InputDataError(f"image {where} has unsupported pixel type {image.dtype}")
+
+
+# --------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def parse_size(size: str | int | Sequence[int] | None) -> tuple[int, int] | None:
+    """Parse ``"224"``, ``"224,192"``, ``"224x192"``, an int or a pair into ``(H, W)``."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        values = [size]
+    elif isinstance(size, str):
+        parts = [v for v in re.split(r"[,x\s]+", size.strip().lower()) if v]
+        values = [int(v) for v in parts] if all(v.isdigit() for v in parts) else []
+    else:
+        values = [int(v) for v in size]
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise InputDataError(f"size {size!r} is not valid; give H or H,W (e.g. 224 or 224,192)")
+    return values[0], values[1]
+
+
+def _parse_floats(values: str | float | Sequence[float] | None, what: str) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, (int, float)):
+        return (float(values),)
+    if isinstance(values, str):
+        try:
+            parsed = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError as exc:
+            raise InputDataError(
+                f"--{what} {values!r} is not a comma-separated list of numbers"
+            ) from exc
+    else:
+        parsed = tuple(float(v) for v in values)
+    if not parsed:
+        raise InputDataError(f"--{what} is empty; give one value or one per channel")
+    return parsed
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Turns images into one model's input tensor.
+
+    Steps: scale shorter side (so the image covers ``height x width``) with anti-aliased
+    bilinear resampling, centre crop, convert grey/RGB to ``channels``, scale to [0, 1],
+    subtract ``mean`` and divide by ``std`` (per channel), lay out as ``layout``.
+    """
+
+    layout: str
+    height: int
+    width: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        preset: str = "imagenet",
+        *,
+        mean: str | Sequence[float] | None = None,
+        std: str | Sequence[float] | None = None,
+        size: str | int | Sequence[int] | None = None,
+    ) -> Preprocessing:
+        """Build the preprocessing for a :class:`~sp2ps_onnx.CamModel`-like object.
+
+        Reads ``layout``, ``channels`` and ``input_spatial_size`` from ``model``; ``size``
+        is needed only when the model's input height/width are dynamic and overrides them.
+        """
+        if preset not in PRESETS:
+            raise InputDataError(
+                f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}"
+            )
+        preset_mean, preset_std = PRESETS[preset]
+        mean_values = _parse_floats(mean, "mean") or preset_mean
+        std_values = _parse_floats(std, "std") or preset_std
+        if any(s == 0 for s in std_values):
+            raise InputDataError("--std must not contain 0")
+        channels = int(getattr(model, "channels", 0) or 0)
+        if channels not in (1, 3):
+            raise InputDataError(
+                f"model {getattr(model, 'path', None) or ''} expects {channels or 'unknown'} input "
+                "channels; image preprocessing handles 1 (grey) or 3 (RGB) channels, so pass "
+                "float arrays already preprocessed in the model's input layout"
+            )
+        explicit = parse_size(size)
+        if explicit is not None:
+            height, width = explicit
+        else:
+            spatial = getattr(model, "input_spatial_size", None) or (None, None)
+            if not all(isinstance(v, (int, np.integer)) and v > 0 for v in spatial):
+                raise InputDataError(
+                    f"model {getattr(model, 'path', None) or ''} has a dynamic input size; "
+                    "give the size to resize images to with --size H[,W] (e.g. --size 224)"
+                )
+            height, width = int(spatial[0]), int(spatial[1])
+        mean_values = _fit_channels(mean_values, channels, "mean")
+        std_values = _fit_channels(std_values, channels, "std")
+        layout = str(getattr(model, "layout", "NCHW"))
+        if layout not in ("NCHW", "NHWC"):
+            raise InputDataError(f"unsupported model input layout {layout!r}")
+        return cls(layout, height, width, channels, mean_values, std_values)
+
+    def __call__(self, images: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Return the float32 model input for a batch (see :meth:`with_display`)."""
+        return self.with_display(images)[0]
+
+    def with_display(self, images: list[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(model input float32, display images uint8 (N, H, W, C))``.
+
+        The display images are the resized and cropped pixels before normalisation
+        (for preprocessed float input: each sample min-max scaled), used for overlays.
+        """
+        if isinstance(images, np.ndarray) and np.issubdtype(images.dtype, np.floating):
+            x = self._fit_preprocessed(images)
+            return x, _display_from_input(x, self.layout)
+        pixels = np.stack([self._pixels(np.asarray(image)) for image in images])
+        unit = pixels.astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        x = (unit - mean) / std
+        if self.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x, dtype=np.float32), pixels
+
+    def _pixels(self, image: np.ndarray) -> np.ndarray:
+        """Resize, crop and convert one image to uint8 (height, width, channels)."""
+        image = _to_uint8(image, "array")
+        if image.ndim == 3 and _channel_axis(image.shape) == 0 and image.shape[-1] not in (1, 3, 4):
+            image = image.transpose(1, 2, 0)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
+            raise InputDataError(f"image of shape {image.shape} is not (H, W) or (H, W, C)")
+        if image.shape[-1] in (2, 4):  # drop alpha
+            image = image[:, :, :-1]
+        image = self._resize_crop(image)
+        if self.channels == 1 and image.shape[-1] == 3:
+            from skimage.color import rgb2gray
+
+            grey = rgb2gray(image.astype(np.float64) / 255.0)
+            image = np.round(grey * 255.0).astype(np.uint8)[:, :, None]
+        elif self.channels == 3 and image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=2)
+        return image
+
+    def _resize_crop(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        if (h, w) == (self.height, self.width):
+            return image
+        from skimage.transform import resize
+
+        scale = max(self.height / h, self.width / w)
+        new_h = max(self.height, int(round(h * scale)))
+        new_w = max(self.width, int(round(w * scale)))
+        resized = resize(
+            image.astype(np.float64),
+            (new_h, new_w, image.shape[2]),
+            order=1,
+            anti_aliasing=scale < 1,
+            preserve_range=True,
+        )
+        top = (new_h - self.height) // 2
+        left = (new_w - self.width) // 2
+        crop = resized[top : top + self.height, left : left + self.width]
+        return np.clip(np.round(crop), 0, 255).astype(np.uint8)
+
+    def _fit_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        c, h, w = self.channels, self.height, self.width
+        own = (c, h, w) if self.layout == "NCHW" else (h, w, c)
+        other = (h, w, c) if self.layout == "NCHW" else (c, h, w)
+        if x.ndim == 3 and c == 1 and x.shape[1:] == (h, w):
+            x = x[:, None] if self.layout == "NCHW" else x[..., None]
+        if x.ndim == 4 and x.shape[1:] == own:
+            return np.ascontiguousarray(x)
+        if x.ndim == 4 and x.shape[1:] == other:
+            axes = (0, 3, 1, 2) if self.layout == "NCHW" else (0, 2, 3, 1)
+            return np.ascontiguousarray(x.transpose(axes))
+        raise InputDataError(
+            f"float input of shape {x.shape} does not fit the model input "
+            f"(N, {', '.join(map(str, own))}) ({self.layout}); float arrays are used as "
+            "preprocessed model inputs, so give uint8 images to have them resized and normalised"
+        )
+
+
+def _fit_channels(values: tuple[float, ...], channels: int, what: str) -> tuple[float, ...]:
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1 and len(values) == 3:
+        # An RGB preset on a grey model: the grey pixel stands for equal R, G, B.
+        return (float(np.mean(values)),)
+    raise InputDataError(
+        f"--{what} has {len(values)} values but the model has {channels} input channel(s); "
+        f"give 1 or {channels} values"
+    )
+
+
+def _display_from_input(x: np.ndarray, layout: str) -> np.ndarray:
+    channels_last = x.transpose(0, 2, 3, 1) if layout == "NCHW" else x
+    low = channels_last.min(axis=(1, 2, 3), keepdims=True)
+    high = channels_last.max(axis=(1, 2, 3), keepdims=True)
+    scaled = (channels_last - low) / np.maximum(high - low, 1e-12)
+    return np.round(scaled * 255).astype(np.uint8)
