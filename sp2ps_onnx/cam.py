@@ -1,0 +1,443 @@
+"""Class activation map (CAM) methods as pure, vectorised NumPy functions.
+
+Every method follows the formulas and the post-processing of pytorch-grad-cam (Gildenblat et
+al.), so that a map computed here from an ONNX graph can be compared with one computed there
+from the PyTorch model:
+
+==========================  =============================================================
+method                      raw map for one image, activations ``A`` and gradients ``g``
+==========================  =============================================================
+``gradcam``                 ``sum_c mean_hw(g) * A``
+``gradcam++``               ``sum_c w * A``, ``w = sum_hw relu(g) * a`` with
+                            ``a = g^2 / (2 g^2 + sum_hw(A) g^3 + 1e-6)`` (``a = 0`` where
+                            ``g = 0``)
+``xgradcam``                ``sum_c w * A``, ``w = sum_hw g A / (sum_hw(A) + 1e-7)``
+``hirescam``                ``sum_c g * A``
+``gradcam-elementwise``     ``sum_c relu(g * A)``
+``layercam``                ``sum_c relu(g) * A``
+``eigencam``                projection of the centred (hw x C) activations on their first
+                            right-singular vector
+``eigengradcam``            the same projection of ``g * A``
+``scorecam``                ``sum_c softmax_c(s_c) * A``, ``s_c`` the target score of the
+                            input masked by the min-max scaled, upsampled channel ``c``
+``ablationcam``             ``sum_c (s_0 - s_c) / s_0 * A``, ``s_c`` the target score with
+                            channel ``c`` ablated
+==========================  =============================================================
+
+The sign of an SVD is arbitrary; EigenCAM and EigenGradCAM use the LAPACK routine that
+pytorch-grad-cam's ``get_2d_projection`` uses (single precision, NumPy's ``svd``), so that on
+the same arrays both choose the same sign. Because the post-processing applies a ReLU, the
+sign matters for the final map.
+
+:func:`postprocess` reproduces pytorch-grad-cam's ``BaseCAM`` post-processing: ReLU, per-image
+min-max scaling ``(x - min) / (max(x - min) + 1e-7)``, bilinear resizing with half-pixel
+centres (OpenCV's ``INTER_LINEAR``) and a second min-max scaling. A constant map becomes all
+zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, special
+from skimage.transform import resize
+
+from .errors import InputDataError, Sp2PSError
+
+__all__ = [
+    "EIGEN_METHODS",
+    "GRADIENT_METHODS",
+    "METHODS",
+    "PERTURBATION_METHODS",
+    "UnknownMethodError",
+    "ablation_cam",
+    "eigen_cam",
+    "explain",
+    "gradient_weighted_cam",
+    "postprocess",
+    "score_cam",
+]
+
+#: Methods computed from the activations and the gradient of the target score.
+GRADIENT_METHODS: tuple[str, ...] = (
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "hirescam",
+    "gradcam-elementwise",
+    "layercam",
+    "eigengradcam",
+)
+#: Methods computed from the activations alone.
+EIGEN_METHODS: tuple[str, ...] = ("eigencam",)
+#: Methods that re-run (part of) the model once per channel.
+PERTURBATION_METHODS: tuple[str, ...] = ("scorecam", "ablationcam")
+#: Every supported method name.
+METHODS: tuple[str, ...] = (
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "hirescam",
+    "gradcam-elementwise",
+    "layercam",
+    "eigencam",
+    "eigengradcam",
+    "scorecam",
+    "ablationcam",
+)
+
+# Constants of pytorch-grad-cam, kept so that maps agree with it.
+_GRADCAM_PLUSPLUS_EPS = 1e-6
+_XGRADCAM_EPS = 1e-7
+_MINMAX_EPS = 1e-7
+_SCORECAM_MASK_EPS = 1e-8
+_ABLATION_OFFSET = np.float32(1e7)
+
+ScoreFunction = Callable[[np.ndarray], np.ndarray]
+
+
+class UnknownMethodError(Sp2PSError, ValueError):
+    """The requested CAM method name is not one of :data:`METHODS`."""
+
+
+def _check_method(method: str, allowed: Sequence[str]) -> None:
+    if method not in allowed:
+        raise UnknownMethodError(
+            f"unknown CAM method {method!r}; choose one of: {', '.join(allowed)}"
+        )
+
+
+def _as_feature_maps(array: Any, name: str) -> np.ndarray:
+    maps = np.asarray(array)
+    if maps.ndim != 4:
+        raise InputDataError(
+            f"{name} must have shape (N, C, h, w), got shape {maps.shape}; pass the "
+            f"channels-first feature maps of the target layer"
+        )
+    return maps
+
+
+def _spatial_sum(array: np.ndarray) -> np.ndarray:
+    return array.sum(axis=(2, 3), keepdims=True)
+
+
+def _channel_weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
+    return np.einsum("nc,nchw->nhw", weights, activations)
+
+
+def _eigen_projection(feature_maps: np.ndarray) -> np.ndarray:
+    # pytorch-grad-cam zeroes NaNs, centres each channel over the positions and runs NumPy's
+    # single-precision SVD; the same routine here makes both pick the same singular-vector
+    # sign. The reduced SVD returns the same first vector as the full one at a fraction of
+    # the cost when C >> hw.
+    maps = np.where(np.isnan(feature_maps), 0, feature_maps).astype(np.float32)
+    n, c, h, w = maps.shape
+    positions_by_channels = maps.reshape(n, c, h * w).transpose(0, 2, 1)
+    centred = positions_by_channels - positions_by_channels.mean(axis=1, keepdims=True)
+    _, _, right_vectors = np.linalg.svd(centred, full_matrices=False)
+    projection = np.einsum("npc,nc->np", centred, right_vectors[:, 0, :])
+    return projection.reshape(n, h, w).astype(np.float32)
+
+
+def eigen_cam(activations: Any) -> np.ndarray:
+    """EigenCAM raw maps ``(N, h, w)``: first principal component of the activations.
+
+    Args:
+        activations: target-layer feature maps, shape ``(N, C, h, w)``.
+
+    Returns:
+        The projection of every position's (channel-centred) activation vector on the first
+        right-singular vector, float32. Its sign follows LAPACK, as in pytorch-grad-cam.
+    """
+    return _eigen_projection(_as_feature_maps(activations, "activations"))
+
+
+def gradient_weighted_cam(method: str, activations: Any, gradients: Any) -> np.ndarray:
+    """Raw maps ``(N, h, w)`` of a gradient-based method, at feature resolution.
+
+    Args:
+        method: one of :data:`GRADIENT_METHODS`.
+        activations: target-layer feature maps ``A``, shape ``(N, C, h, w)``.
+        gradients: ``d score[target] / d A``, same shape.
+
+    Returns:
+        The un-normalised map (before ReLU and scaling), float32.
+    """
+    _check_method(method, GRADIENT_METHODS)
+    acts = _as_feature_maps(activations, "activations")
+    grads = _as_feature_maps(gradients, "gradients")
+    if acts.shape != grads.shape:
+        raise InputDataError(
+            f"activations {acts.shape} and gradients {grads.shape} must have the same shape"
+        )
+    if method == "eigengradcam":
+        return _eigen_projection(grads * acts)
+
+    acts = acts.astype(np.float64)
+    grads = grads.astype(np.float64)
+    if method == "gradcam":
+        cam = _channel_weighted_sum(grads.mean(axis=(2, 3)), acts)
+    elif method == "gradcam++":
+        grads_squared = grads * grads
+        denominator = (
+            2.0 * grads_squared + _spatial_sum(acts) * grads_squared * grads + _GRADCAM_PLUSPLUS_EPS
+        )
+        usable = (grads != 0) & (denominator != 0)
+        alpha = np.divide(grads_squared, denominator, out=np.zeros_like(grads), where=usable)
+        weights = (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
+        cam = _channel_weighted_sum(weights, acts)
+    elif method == "xgradcam":
+        denominator = _spatial_sum(acts) + _XGRADCAM_EPS
+        share = np.divide(acts, denominator, out=np.zeros_like(acts), where=denominator != 0)
+        cam = _channel_weighted_sum((grads * share).sum(axis=(2, 3)), acts)
+    elif method == "hirescam":
+        cam = (grads * acts).sum(axis=1)
+    elif method == "gradcam-elementwise":
+        cam = np.maximum(grads * acts, 0).sum(axis=1)
+    else:  # layercam
+        cam = (np.maximum(grads, 0) * acts).sum(axis=1)
+    return cam.astype(np.float32)
+
+
+def _upsample_align_corners(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    # torch.nn.UpsamplingBilinear2d maps corner pixel centres onto corner pixel centres,
+    # which is scipy's grid_mode=False; the leading axis has zoom 1 and stays untouched.
+    height, width = size
+    factors = (1.0, height / maps.shape[1], width / maps.shape[2])
+    return ndimage.zoom(maps, factors, order=1, mode="nearest", grid_mode=False)
+
+
+def _spatial_size(x: np.ndarray, input_layout: str) -> tuple[int, int]:
+    if input_layout == "NCHW":
+        return int(x.shape[2]), int(x.shape[3])
+    if input_layout == "NHWC":
+        return int(x.shape[1]), int(x.shape[2])
+    raise InputDataError(f"input_layout must be 'NCHW' or 'NHWC', got {input_layout!r}")
+
+
+def _as_targets(targets: Any, count: int) -> np.ndarray:
+    indices = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if indices.shape[0] != count:
+        raise InputDataError(f"got {indices.shape[0]} targets for {count} images; pass one each")
+    return indices
+
+
+def _target_scores(logits: Any, targets: np.ndarray) -> np.ndarray:
+    scores = np.asarray(logits, dtype=np.float64)
+    return scores[np.arange(targets.shape[0]), targets]
+
+
+def score_cam(
+    x: Any,
+    activations: Any,
+    targets: Any,
+    forward_scores: ScoreFunction,
+    *,
+    input_layout: str = "NCHW",
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Score-CAM raw maps ``(N, h, w)``.
+
+    Each channel is upsampled to the input size (bilinear, corners aligned), min-max scaled
+    to a mask in [0, 1], multiplied into its image, and the masked images are scored by
+    ``forward_scores`` in batches of ``batch_size`` (a batch may mix images). The channel
+    weights are the softmax over channels of the target logits.
+
+    Args:
+        x: input images in the model's layout (``input_layout``), shape ``(N, ...)``.
+        activations: target-layer feature maps of ``x``, shape ``(N, C, h, w)``.
+        targets: one class index per image.
+        forward_scores: maps a batch in the model's layout to logits ``(B, K)``.
+        input_layout: ``"NCHW"`` or ``"NHWC"``.
+        batch_size: number of masked images per forward call.
+    """
+    images = np.asarray(x, dtype=np.float32)
+    acts = _as_feature_maps(activations, "activations").astype(np.float32)
+    count, channels, height, width = acts.shape
+    target_indices = _as_targets(targets, count)
+    input_size = _spatial_size(images, input_layout)
+    flat_maps = acts.reshape(count * channels, height, width)
+    target_scores = np.empty(count * channels, dtype=np.float64)
+    for start in range(0, count * channels, max(1, int(batch_size))):
+        pairs = np.arange(start, min(start + batch_size, count * channels))
+        image_of_pair = pairs // channels
+        upsampled = _upsample_align_corners(flat_maps[pairs], input_size)
+        low = upsampled.min(axis=(1, 2), keepdims=True)
+        high = upsampled.max(axis=(1, 2), keepdims=True)
+        masks = (upsampled - low) / (high - low + _SCORECAM_MASK_EPS)
+        if input_layout == "NCHW":
+            masked = images[image_of_pair] * masks[:, None, :, :]
+        else:
+            masked = images[image_of_pair] * masks[:, :, :, None]
+        logits = forward_scores(masked.astype(np.float32))
+        target_scores[pairs] = _target_scores(logits, target_indices[image_of_pair])
+    weights = special.softmax(target_scores.reshape(count, channels), axis=1)
+    return _channel_weighted_sum(weights, acts.astype(np.float64)).astype(np.float32)
+
+
+def _ablation_values(acts: np.ndarray) -> np.ndarray:
+    # pytorch-grad-cam's AblationLayer zeroes a channel when the layer's minimum is 0 (ReLU
+    # outputs) and otherwise sets it to min - 1e7 (float32). Its loop recomputes the minimum
+    # after each ablated row of a batch, so row i of a batch gets min - (i + 1) * 1e7; here
+    # every channel gets min - 1e7, which equals its result with batch_size=1.
+    minima = acts.reshape(acts.shape[0], -1).min(axis=1)
+    return np.where(minima == 0, np.float32(0), minima - _ABLATION_OFFSET).astype(np.float32)
+
+
+def ablation_cam(
+    activations: Any,
+    targets: Any,
+    head_scores: ScoreFunction,
+    *,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Ablation-CAM raw maps ``(N, h, w)``.
+
+    For each channel ``c`` the activations are copied with channel ``c`` replaced by the
+    ablation value (0 when the image's activation minimum is 0, else ``min - 1e7``), the head
+    of the model is re-run on them, and the weight is the relative score drop
+    ``(s_0 - s_c) / s_0``. Where ``s_0 == 0`` the drop itself is used (the limit up to a
+    positive factor, which the min-max scaling removes).
+
+    Args:
+        activations: target-layer feature maps, shape ``(N, C, h, w)``.
+        targets: one class index per image.
+        head_scores: maps channels-first activations ``(B, C, h, w)`` to logits ``(B, K)``.
+        batch_size: number of ablated copies per head call (a batch may mix images).
+    """
+    acts = _as_feature_maps(activations, "activations").astype(np.float32)
+    count, channels = acts.shape[:2]
+    target_indices = _as_targets(targets, count)
+    original = _target_scores(head_scores(acts), target_indices)
+    fill_values = _ablation_values(acts)
+    ablated_scores = np.empty(count * channels, dtype=np.float64)
+    for start in range(0, count * channels, max(1, int(batch_size))):
+        pairs = np.arange(start, min(start + batch_size, count * channels))
+        image_of_pair = pairs // channels
+        batch = acts[image_of_pair]  # fancy indexing copies
+        batch[np.arange(pairs.shape[0]), pairs % channels] = fill_values[image_of_pair, None, None]
+        logits = head_scores(batch)
+        ablated_scores[pairs] = _target_scores(logits, target_indices[image_of_pair])
+    drops = original[:, None] - ablated_scores.reshape(count, channels)
+    scale = np.where(original == 0, 1.0, original)[:, None]
+    return _channel_weighted_sum(drops / scale, acts.astype(np.float64)).astype(np.float32)
+
+
+def _min_max(maps: np.ndarray) -> np.ndarray:
+    shifted = maps - maps.min(axis=(1, 2), keepdims=True)
+    return shifted / (shifted.max(axis=(1, 2), keepdims=True) + _MINMAX_EPS)
+
+
+def postprocess(raw: Any, size: tuple[int, int] | None) -> np.ndarray:
+    """pytorch-grad-cam's post-processing of raw maps ``(N, h, w)`` into ``(N, H, W)``.
+
+    ReLU, per-image min-max scaling, bilinear resizing to ``size = (H, W)`` with half-pixel
+    centres and edge replication (OpenCV ``INTER_LINEAR`` semantics, no anti-aliasing), then
+    min-max scaling again. ``size=None`` keeps the feature resolution.
+
+    Returns:
+        float32 maps in [0, 1]; a constant map becomes all zeros.
+    """
+    maps = np.asarray(raw, dtype=np.float64)
+    if maps.ndim != 3:
+        raise InputDataError(f"raw maps must have shape (N, h, w), got shape {maps.shape}")
+    scaled = _min_max(np.maximum(maps, 0))
+    if size is not None:
+        height, width = (int(s) for s in size)
+        if (height, width) != scaled.shape[1:]:
+            scaled = resize(
+                scaled,
+                (scaled.shape[0], height, width),
+                order=1,
+                mode="edge",
+                anti_aliasing=False,
+                preserve_range=True,
+            )
+    return _min_max(scaled).astype(np.float32)
+
+
+def _raw_maps(
+    cam_model: Any, x: np.ndarray, method: str, targets: np.ndarray | None, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    result = cam_model.run(x, targets)
+    used_targets = np.asarray(result.targets, dtype=np.int64)
+    if method in GRADIENT_METHODS:
+        return gradient_weighted_cam(method, result.activations, result.gradients), used_targets
+    if method == "eigencam":
+        return eigen_cam(result.activations), used_targets
+    if method == "scorecam":
+        maps = score_cam(
+            x,
+            result.activations,
+            used_targets,
+            cam_model.scores,
+            input_layout=cam_model.layout,
+            batch_size=batch_size,
+        )
+        return maps, used_targets
+    maps = ablation_cam(
+        result.activations, used_targets, cam_model.head_scores, batch_size=batch_size
+    )
+    return maps, used_targets
+
+
+def explain(
+    cam_model: Any,
+    x: Any,
+    method: str = "gradcam",
+    targets: Any = None,
+    size: tuple[int, int] | None = None,
+    raw: bool = False,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CAMs of ``x`` for ``cam_model`` (a :class:`sp2ps_onnx.CamModel`).
+
+    Args:
+        cam_model: provides ``run``, ``scores``, ``head_scores``, ``layout`` and
+            ``input_spatial_size``.
+        x: float32 images ``(N, ...)`` in the model's input layout.
+        method: one of :data:`METHODS`.
+        targets: one class index per image, a single index for all, or ``None`` for the
+            model's own top class.
+        size: output ``(H, W)``; ``None`` uses the model's input size.
+        raw: return the un-normalised maps at feature resolution instead (no ReLU, no
+            scaling, no resizing).
+        batch_size: images per model run; also the number of masked images or ablated
+            activations per forward call for ``scorecam`` and ``ablationcam``.
+
+    Returns:
+        ``(maps, targets)``: maps ``(N, H, W)`` float32 (in [0, 1] unless ``raw``) and the
+        class index used for each image (int64).
+    """
+    _check_method(method, METHODS)
+    images = np.asarray(x, dtype=np.float32)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise InputDataError(
+            f"x must be a non-empty batch of images (N, ...) with 4 dimensions in the model's "
+            f"layout, got shape {images.shape}"
+        )
+    count = images.shape[0]
+    if targets is not None:
+        target_array = np.asarray(targets, dtype=np.int64)
+        if target_array.ndim == 0:
+            target_array = np.full(count, int(target_array), dtype=np.int64)
+        target_array = _as_targets(target_array, count)
+    else:
+        target_array = None
+    step = max(1, int(batch_size))
+    map_batches: list[np.ndarray] = []
+    target_batches: list[np.ndarray] = []
+    for start in range(0, count, step):
+        stop = min(start + step, count)
+        batch_targets = None if target_array is None else target_array[start:stop]
+        maps, used = _raw_maps(cam_model, images[start:stop], method, batch_targets, step)
+        map_batches.append(maps)
+        target_batches.append(used)
+    raw_maps = np.concatenate(map_batches, axis=0)
+    used_targets = np.concatenate(target_batches, axis=0)
+    if raw:
+        return raw_maps.astype(np.float32), used_targets
+    output_size = tuple(cam_model.input_spatial_size) if size is None else tuple(size)
+    return postprocess(raw_maps, output_size), used_targets
