@@ -1,0 +1,234 @@
+"""Static facts about a model's graph, plus one probing run for concrete shapes and dtypes.
+
+Shape inference alone leaves holes in real exports (Paddle's dynamic Reshape, tf2onnx's
+symbolic dims), so the rewrite reads shapes off one ONNX Runtime run at batch 2 instead:
+at batch 2 a dim of size 1 is a true broadcast dim and never the batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .._ort import ort
+from ..errors import ModelLoadError, UnsupportedModelError
+from .model_io import constant_values, dims_of, graph_inputs
+
+PROBE_BATCH = 2
+DEFAULT_SPATIAL = 224
+
+
+@dataclass
+class GraphInfo:
+    """Index of one graph: producers, consumers, constants and probed shapes/dtypes."""
+
+    model: onnx.ModelProto
+    input_name: str
+    input_shape: tuple[int, ...]  # concrete probe shape, batch = probe batch
+    declared_input_dims: list[int | str | None]
+    producer: dict[str, int] = field(default_factory=dict)
+    consumers: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)
+    input_dependent: set[str] = field(default_factory=set)
+    batch_relaxed: bool = False
+    fixed_batch: int | None = None  # set when the model only runs at this batch size
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    def node(self, index: int) -> onnx.NodeProto:
+        return self.model.graph.node[index]
+
+    def static_value(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` if it does not depend on the model input."""
+        if name in self.constants:
+            return self.constants[name]
+        return None
+
+
+def _make_index(info: GraphInfo) -> None:
+    for i, node in enumerate(info.graph.node):
+        for out in node.output:
+            if out:
+                info.producer[out] = i
+        for inp in node.input:
+            if inp:
+                info.consumers[inp].append(i)
+    info.constants = constant_values(info.graph)
+    dependent = {info.input_name}
+    for node in info.graph.node:
+        if any(inp in dependent for inp in node.input if inp):
+            dependent.update(o for o in node.output if o)
+    info.input_dependent = dependent
+
+
+def analyse(
+    model: onnx.ModelProto,
+    input_size: tuple[int, int] | None = None,
+    path: str | None = None,
+) -> GraphInfo:
+    """Index ``model`` and probe it once; relaxes a fixed batch of 1 when that is safe."""
+    where = path or "model"
+    inputs = graph_inputs(model.graph)
+    if len(inputs) != 1:
+        names = ", ".join(vi.name for vi in inputs)
+        raise UnsupportedModelError(
+            f"{where} has {len(inputs)} inputs ({names}); sp2ps explains single-input image "
+            "classifiers — export the model with the image as its only input"
+        )
+    vi = inputs[0]
+    dims = dims_of(vi)
+    if len(dims) != 4:
+        raise UnsupportedModelError(
+            f"{where}: input {vi.name!r} has rank {len(dims) or 'unknown'}, expected a 4-D image "
+            "batch (N,C,H,W) or (N,H,W,C); re-export with a fixed-rank image input"
+        )
+    concrete = _concrete_input_shape(dims, input_size, where)
+    info = GraphInfo(model=model, input_name=vi.name, input_shape=concrete, declared_input_dims=dims)
+    _make_index(info)
+
+    if isinstance(dims[0], int) and dims[0] != PROBE_BATCH:
+        relaxed = _relax_batch(model)
+        fixed_batch = dims[0]
+        try:
+            shapes, dtypes = _probe(relaxed, vi.name, (PROBE_BATCH, *concrete[1:]))
+            if not _batch_consistent(model, relaxed, vi.name, concrete, fixed_batch):
+                raise RuntimeError("outputs differ from per-sample runs")
+            info.model = relaxed
+            info.batch_relaxed = True
+        except Exception:
+            # Hard-coded batch in a Reshape or similar: run per sample instead.
+            shapes, dtypes = _probe(model, vi.name, (fixed_batch, *concrete[1:]))
+            info.fixed_batch = fixed_batch
+        _make_index(info)
+    else:
+        shapes, dtypes = _probe(model, vi.name, (PROBE_BATCH, *concrete[1:]))
+    info.shapes = shapes
+    info.dtypes = dtypes
+    info.input_shape = (info.fixed_batch or PROBE_BATCH, *concrete[1:])
+    return info
+
+
+def _concrete_input_shape(dims, input_size, where) -> tuple[int, ...]:
+    layout_nhwc = _looks_nhwc(dims)
+    spatial_axes = (1, 2) if layout_nhwc else (2, 3)
+    channel_axis = 3 if layout_nhwc else 1
+    out = [PROBE_BATCH, 0, 0, 0]
+    if not isinstance(dims[channel_axis], int):
+        raise UnsupportedModelError(
+            f"{where}: the input's channel dimension is not fixed ({dims}); re-export with a "
+            "fixed channel count"
+        )
+    out[channel_axis] = dims[channel_axis]
+    for k, axis in enumerate(spatial_axes):
+        if isinstance(dims[axis], int) and dims[axis] > 0:
+            if input_size is not None and input_size[k] != dims[axis]:
+                raise UnsupportedModelError(
+                    f"{where}: the model's input is fixed at {dims[spatial_axes[0]]}x"
+                    f"{dims[spatial_axes[1]]}, but size {input_size[0]}x{input_size[1]} was "
+                    "requested; drop --size or export the model with dynamic H and W"
+                )
+            out[axis] = dims[axis]
+        else:
+            out[axis] = input_size[k] if input_size is not None else DEFAULT_SPATIAL
+    return tuple(out)
+
+
+def _looks_nhwc(dims) -> bool:
+    last, second = dims[3], dims[1]
+    return isinstance(last, int) and last in (1, 3, 4) and not (
+        isinstance(second, int) and second in (1, 3, 4)
+    )
+
+
+def input_layout(dims) -> str:
+    """``"NHWC"`` when the declared input dims put the (small, fixed) channel count last."""
+    return "NHWC" if _looks_nhwc(dims) else "NCHW"
+
+
+def _relax_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(model)
+    inits = {i.name for i in relaxed.graph.initializer}
+    for vi in list(relaxed.graph.input) + list(relaxed.graph.output):
+        if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dim0 = vi.type.tensor_type.shape.dim[0] if vi.type.tensor_type.shape.dim else None
+        if dim0 is not None:
+            dim0.Clear()
+            dim0.dim_param = "N"
+    del relaxed.graph.value_info[:]
+    return relaxed
+
+
+def _random_input(shape, dtype, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 255, size=shape).astype(dtype)
+    return rng.uniform(0.0, 1.0, size=shape).astype(dtype)
+
+
+def input_dtype(model: onnx.ModelProto, name: str) -> np.dtype:
+    for vi in model.graph.input:
+        if vi.name == name:
+            return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    raise KeyError(name)
+
+
+def _session(model: onnx.ModelProto):
+    rt = ort()
+    opts = rt.SessionOptions()
+    opts.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return rt.InferenceSession(
+        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def _probe(model: onnx.ModelProto, input_name: str, shape) -> tuple[dict, dict]:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    existing = {o.name for o in exposed.graph.output}
+    names = [o.name for o in exposed.graph.output]
+    for node in exposed.graph.node:
+        for out in node.output:
+            if out and out not in existing:
+                exposed.graph.output.append(onnx.ValueInfoProto(name=out))
+                existing.add(out)
+                names.append(out)
+    try:
+        sess = _session(exposed)
+        x = _random_input(shape, input_dtype(model, input_name))
+        values = sess.run(None, {input_name: x})
+    except Exception as exc:
+        raise ModelLoadError(
+            f"ONNX Runtime cannot run the model at input shape {tuple(shape)} ({exc}); check "
+            "that the model runs in onnxruntime and that --size matches what it expects"
+        ) from exc
+    shapes = {n: tuple(v.shape) for n, v in zip(names, values, strict=True)}
+    dtypes = {n: v.dtype for n, v in zip(names, values, strict=True)}
+    shapes[input_name] = tuple(shape)
+    dtypes[input_name] = input_dtype(model, input_name)
+    return shapes, dtypes
+
+
+def _batch_consistent(original, relaxed, input_name, concrete, fixed_batch) -> bool:
+    """A relaxed model must give per-sample results identical to the original's."""
+    if fixed_batch != 1:
+        return False
+    dtype = input_dtype(original, input_name)
+    x = _random_input((PROBE_BATCH, *concrete[1:]), dtype, seed=1)
+    batched = _session(relaxed).run(None, {input_name: x})
+    single = _session(original)
+    for i in range(PROBE_BATCH):
+        one = single.run(None, {input_name: x[i : i + 1]})
+        for b, s in zip(batched, one, strict=True):
+            if b.shape[0] != PROBE_BATCH or not np.allclose(b[i : i + 1], s, rtol=1e-4, atol=1e-5):
+                return False
+    return True

@@ -1,0 +1,257 @@
+"""Finding the class score, the target layer and the head between them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import LayerNotFoundError, UnsupportedModelError, UnsupportedOpError
+from .analysis import GraphInfo, input_layout
+from .rules import NON_DIFFERENTIABLE, VJP_RULES, differentiable_inputs
+
+# Ops whose 4-D outputs are channels-first by definition in ONNX.
+_CHANNELS_FIRST_OPS = frozenset(
+    {
+        "Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool",
+        "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization", "LRN", "QLinearConv",
+        "ConvInteger", "LpPool", "MaxUnpool", "Resize", "Upsample",
+    }
+)  # fmt: skip
+# Ops that keep their main input's layout (elementwise, casts, quantisation).
+_LAYOUT_KEEPING_OPS = frozenset(
+    {
+        "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Clip", "Sigmoid", "HardSigmoid",
+        "HardSwish", "Tanh", "Softplus", "Gelu", "Erf", "Mul", "Add", "Sub", "Div", "Neg",
+        "Pow", "Sqrt", "Exp", "Identity", "Dropout", "Cast", "QuantizeLinear",
+        "DequantizeLinear", "Max", "Min", "Sum", "Abs", "Mish", "Where",
+    }
+)  # fmt: skip
+# Steps back from a candidate layer through ops that only re-express the same map.
+_STEP_BACK_OPS = frozenset(
+    {"Transpose", "Identity", "Cast", "Dropout", "QuantizeLinear", "DequantizeLinear"}
+)
+_SCORE_CUT_OPS = frozenset({"Softmax", "LogSoftmax"})
+_SCORE_PASS_OPS = frozenset({"Identity", "Cast"})
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the channel and spatial axes of a 4-D tensor are."""
+
+    channel_axis: int
+    spatial_axes: tuple[int, int]
+
+    @property
+    def to_channels_first(self) -> list[int] | None:
+        perm = [0, self.channel_axis, *self.spatial_axes]
+        return None if perm == [0, 1, 2, 3] else perm
+
+    @property
+    def name(self) -> str:
+        return "NCHW" if self.channel_axis == 1 else "NHWC" if self.channel_axis == 3 else "other"
+
+
+NCHW = Layout(1, (2, 3))
+NHWC = Layout(3, (1, 2))
+
+
+def find_score(info: GraphInfo, score: str = "logits") -> tuple[str, str | None]:
+    """The score tensor and, when a softmax was cut off, the name of that node.
+
+    ``score="logits"`` walks back from the first output through Identity/Cast and stops
+    before a Softmax or LogSoftmax; ``"probabilities"`` keeps the output as it is.
+    """
+    if score not in ("logits", "probabilities"):
+        raise ValueError(f"score must be 'logits' or 'probabilities', not {score!r}")
+    outputs = [o.name for o in info.graph.output]
+    candidates = [o for o in outputs if len(info.shapes.get(o, ())) >= 2]
+    if not candidates:
+        raise UnsupportedModelError(
+            "the model has no output of shape (N, K); sp2ps explains classifiers whose first "
+            "output holds class scores"
+        )
+    name = candidates[0]
+    if score == "probabilities":
+        return name, None
+    current = name
+    while current in info.producer:
+        node = info.node(info.producer[current])
+        if node.op_type in _SCORE_CUT_OPS:
+            return node.input[0], node.name or node.output[0]
+        if node.op_type not in _SCORE_PASS_OPS:
+            break
+        current = node.input[0]
+    return name, None
+
+
+def layout_of(info: GraphInfo, tensor: str) -> Layout | None:
+    """Channel/spatial axes of a 4-D tensor, traced back to a channels-first op or the input."""
+    transposes: list[list[int]] = []
+    current = tensor
+    for _ in range(10_000):
+        if current == info.input_name:
+            base = NHWC if input_layout(info.declared_input_dims) == "NHWC" else NCHW
+            break
+        if current not in info.producer:
+            return None
+        node = info.node(info.producer[current])
+        if node.op_type in _CHANNELS_FIRST_OPS:
+            base = NCHW
+            break
+        if node.op_type == "Transpose":
+            transposes.append(list(node.attribute[0].ints) if node.attribute else [3, 2, 1, 0])
+            current = node.input[0]
+            continue
+        if node.op_type in _LAYOUT_KEEPING_OPS:
+            rank4 = [i for i in node.input if i and len(info.shapes.get(i, ())) == 4]
+            dependent = [i for i in rank4 if i in info.input_dependent]
+            if not dependent:
+                return None
+            current = dependent[0]
+            continue
+        return None
+    else:
+        return None
+    # Axis i of the base tensor holds NCHW axis base_axes[i]; follow the transposes forward.
+    base_axes = [0, 0, 0, 0]
+    base_axes[0] = 0
+    base_axes[base.channel_axis] = 1
+    base_axes[base.spatial_axes[0]] = 2
+    base_axes[base.spatial_axes[1]] = 3
+    axes = base_axes
+    for perm in reversed(transposes):
+        axes = [axes[p] for p in perm]
+    return Layout(axes.index(1), (axes.index(2), axes.index(3)))
+
+
+def _reaches_score(info: GraphInfo, score: str) -> set[str]:
+    """Tensors with a differentiable path to ``score``."""
+    reached = {score}
+    for node in reversed(info.graph.node):
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        if any(o in reached for o in node.output if o):
+            for i in differentiable_inputs(node):
+                reached.add(node.input[i])
+    return reached
+
+
+def _is_spatial_map(info: GraphInfo, tensor: str) -> Layout | None:
+    shape = info.shapes.get(tensor)
+    dtype = info.dtypes.get(tensor)
+    if shape is None or len(shape) != 4 or dtype is None or not np.issubdtype(dtype, np.floating):
+        return None
+    layout = layout_of(info, tensor) or NCHW
+    h, w = (shape[a] for a in layout.spatial_axes)
+    return layout if h > 1 and w > 1 else None
+
+
+def default_layer(info: GraphInfo, score: str) -> str:
+    """The last 4-D feature map with H, W > 1 on a differentiable path to the score.
+
+    It is the map the head collapses spatially (global pooling, spatial reduction, pooling
+    to 1x1 or flattening); 1x1 maps after pooling (squeeze-excitation, Conv heads) are
+    excluded by H, W > 1. Layout-only steps (Transpose, Cast, Q/DQ) are stepped back over,
+    so the layer sits right after its activation.
+    """
+    reached = _reaches_score(info, score)
+    order = {name: idx for name, idx in info.producer.items()}
+    candidates = sorted(
+        (t for t in reached if t in order or t == info.input_name),
+        key=lambda t: order.get(t, -1),
+        reverse=True,
+    )
+    for tensor in candidates:
+        if _is_spatial_map(info, tensor) is None:
+            continue
+        while tensor in info.producer:
+            node = info.node(info.producer[tensor])
+            if node.op_type in _STEP_BACK_OPS and _is_spatial_map(info, node.input[0]):
+                tensor = node.input[0]
+            elif _is_identity_pool(info, node) and _is_spatial_map(info, node.input[0]):
+                tensor = node.input[0]
+            else:
+                break
+        return tensor
+    raise LayerNotFoundError(
+        "found no 4-D feature map with height and width > 1 that feeds the class score; "
+        "pass the layer explicitly with layer=... (CLI: --layer); `sp2ps inspect` lists "
+        "candidate tensors"
+    )
+
+
+def _is_identity_pool(info: GraphInfo, node) -> bool:
+    """Pooling that keeps the map as it is (e.g. VGG's adaptive pool at its own size)."""
+    if node.op_type not in ("AveragePool", "MaxPool"):
+        return False
+    return info.shapes.get(node.input[0]) == info.shapes.get(node.output[0])
+
+
+def resolve_layer(info: GraphInfo, layer: str) -> str:
+    """A user-named layer: a tensor name, or a node name meaning that node's first output."""
+    if layer in info.shapes or layer == info.input_name:
+        return layer
+    for node in info.graph.node:
+        if node.name == layer:
+            return node.output[0]
+    spatial = [t for t in info.shapes if _is_spatial_map(info, t)]
+    hint = ", ".join(spatial[-5:])
+    raise LayerNotFoundError(
+        f"layer {layer!r} is neither a tensor nor a node in the model; use a tensor or node "
+        f"name from `sp2ps inspect` (the last feature maps are: {hint})"
+    )
+
+
+def head_nodes(info: GraphInfo, target: str, score: str, model_name: str = "") -> list[int]:
+    """Indices, in graph order, of the nodes on differentiable paths from target to score."""
+    reached = _reaches_score(info, score)
+    if target not in reached:
+        raise LayerNotFoundError(
+            f"the class score {score!r} does not depend on layer {target!r} through "
+            "differentiable ops; choose a layer before the classifier head"
+        )
+    requires = {target}
+    path: list[int] = []
+    for idx, node in enumerate(info.graph.node):
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        flowing = [i for i in differentiable_inputs(node) if node.input[i] in requires]
+        if not flowing or not any(o in reached for o in node.output if o):
+            continue
+        if node.op_type not in VJP_RULES or node.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(
+                node.op_type if not node.domain else f"{node.domain}.{node.op_type}",
+                node.name or node.output[0],
+                model=model_name,
+            )
+        requires.update(o for o in node.output if o)
+        path.append(idx)
+    return path
+
+
+def requires_grad(info: GraphInfo, target: str, path: list[int]) -> set[str]:
+    """Tensors whose value depends differentiably on ``target`` within the head."""
+    requires = {target}
+    for idx in path:
+        node = info.node(idx)
+        if any(node.input[i] in requires for i in differentiable_inputs(node)):
+            requires.update(o for o in node.output if o)
+    return requires
+
+
+def head_ops(info: GraphInfo, target: str, score: str) -> list[tuple[str, str, bool]]:
+    """(node name, op type, has a gradient rule) for every node between target and score."""
+    reached = _reaches_score(info, score)
+    requires = {target}
+    out = []
+    for node in info.graph.node:
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        if not any(node.input[i] in requires for i in differentiable_inputs(node)):
+            continue
+        if not any(o in reached for o in node.output if o):
+            continue
+        requires.update(o for o in node.output if o)
+        out.append((node.name or node.output[0], node.op_type, node.op_type in VJP_RULES))
+    return out

@@ -1,0 +1,262 @@
+"""Rewriting a classifier into a CAM model: score, activations and gradients as outputs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..errors import ModelLoadError
+from .analysis import GraphInfo, analyse, input_layout
+from .autodiff import backward
+from .builder import FLOAT, GraphBuilder
+from .locate import (
+    NCHW,
+    Layout,
+    default_layer,
+    find_score,
+    head_nodes,
+    head_ops,
+    layout_of,
+    requires_grad,
+    resolve_layer,
+)
+from .model_io import load_model
+
+SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED = (
+    "score",
+    "activations",
+    "gradients",
+    "target",
+    "targets",
+)
+
+
+@dataclass
+class CamGraph:
+    """A rewritten model and what the rewrite found out about it."""
+
+    model: onnx.ModelProto  # inputs: image, target (int64, N; <0 = argmax); outputs below
+    forward_model: onnx.ModelProto  # the original graph with only the score as output
+    info: GraphInfo
+    layer: str
+    layer_layout: Layout
+    score_tensor: str
+    softmax_cut: str | None
+    head: list[int]
+    num_classes: int
+    path: str | None
+    output_names: dict[str, str] = field(default_factory=dict)
+    backward_nodes: int = 0
+
+    @property
+    def input_name(self) -> str:
+        return self.info.input_name
+
+    @property
+    def layout(self) -> str:
+        return input_layout(self.info.declared_input_dims)
+
+    def head_ops(self) -> list[tuple[str, str, bool]]:
+        return head_ops(self.info, self.layer, self.score_tensor)
+
+
+def build_cam_model(
+    model: str | os.PathLike | onnx.ModelProto,
+    layer: str | None = None,
+    score: str = "logits",
+    input_size: tuple[int, int] | None = None,
+) -> CamGraph:
+    """Rewrite ``model`` so that one run yields the score, the layer's activations and the
+    gradient of the chosen class score with respect to them.
+
+    The backbone runs once; the head's backward pass is appended as standard ONNX ops.
+    """
+    proto, path = load_model(model)
+    info = analyse(proto, input_size, path)
+    score_tensor, cut = find_score(info, score)
+    target = resolve_layer(info, layer) if layer else default_layer(info, score_tensor)
+    layout = layout_of(info, target) or NCHW
+    if len(info.shapes.get(target, ())) != 4:
+        from ..errors import LayerNotFoundError
+
+        raise LayerNotFoundError(
+            f"layer {target!r} has shape {info.shapes.get(target)}; a CAM layer must be a 4-D "
+            "feature map (N, C, H, W) or (N, H, W, C)"
+        )
+    path_nodes = head_nodes(info, target, score_tensor, path or "")
+    requires = requires_grad(info, target, path_nodes)
+    original_nodes = len(info.graph.node)
+
+    b = GraphBuilder(info)
+    score_shape = info.shapes[score_tensor]
+    num_classes = int(np.prod(score_shape[1:]))
+    batch_dim: int | str = info.fixed_batch if info.fixed_batch else "N"
+
+    score_flat = b.as_float(score_tensor)
+    if len(score_shape) != 2:
+        score_flat = b.op("Flatten", [score_flat], axis=1)
+    argmax = b.op("ArgMax", [score_flat], axis=1, keepdims=0)
+    target_in = _fresh_io_name(info, TARGET)
+    chosen = b.op("Where", [b.op("Less", [target_in, b.const(0, np.int64)]), argmax, target_in])
+    one_hot = b.op(
+        "OneHot",
+        [chosen, b.const([num_classes], np.int64), b.const([0.0, 1.0], np.float32)],
+        axis=-1,
+    )
+    seed = one_hot if len(score_shape) == 2 else b.reshape_like(one_hot, score_tensor)
+    grads = backward(b, path_nodes, requires, {score_tensor: seed})
+    if target not in grads:
+        raise ModelLoadError(f"internal error: no gradient reached layer {target!r}")
+
+    activations, gradient = b.as_float(target), grads[target]
+    perm = layout.to_channels_first
+    if perm:
+        activations = b.op("Transpose", [activations], perm=perm)
+        gradient = b.op("Transpose", [gradient], perm=perm)
+
+    names = {
+        SCORE: _fresh_io_name(info, SCORE),
+        ACTIVATIONS: _fresh_io_name(info, ACTIVATIONS),
+        GRADIENTS: _fresh_io_name(info, GRADIENTS),
+        TARGETS_USED: _fresh_io_name(info, TARGETS_USED),
+    }
+    for key, source in (
+        (SCORE, score_flat),
+        (ACTIVATIONS, activations),
+        (GRADIENTS, gradient),
+        (TARGETS_USED, chosen),
+    ):
+        b.nodes.append(helper.make_node("Identity", [source], [names[key]], name=b.fresh("out")))
+
+    model_out = onnx.ModelProto()
+    model_out.CopyFrom(info.model)
+    graph = model_out.graph
+    graph.node.extend(b.nodes)
+    graph.initializer.extend(b.initializers)
+    graph.input.append(helper.make_tensor_value_info(target_in, TensorProto.INT64, [batch_dim]))
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(names[SCORE], FLOAT, [batch_dim, num_classes]),
+            helper.make_tensor_value_info(names[ACTIVATIONS], FLOAT, [batch_dim, None, None, None]),
+            helper.make_tensor_value_info(names[GRADIENTS], FLOAT, [batch_dim, None, None, None]),
+            helper.make_tensor_value_info(names[TARGETS_USED], TensorProto.INT64, [batch_dim]),
+        ]
+    )
+    _check(model_out, path)
+    return CamGraph(
+        model=model_out,
+        forward_model=_forward_model(info, score_flat_source=score_tensor, batch_dim=batch_dim),
+        info=info,
+        layer=target,
+        layer_layout=layout,
+        score_tensor=score_tensor,
+        softmax_cut=cut,
+        head=path_nodes,
+        num_classes=num_classes,
+        path=path,
+        output_names=names | {TARGET: target_in},
+        backward_nodes=len(graph.node) - original_nodes,
+    )
+
+
+def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
+    """The head alone: channels-first activations in, class scores (N, K) out.
+
+    Used by AblationCAM so that only the head re-runs on ablated activations. Returns
+    ``None`` when the head also reads tensors computed before the layer (then it cannot
+    run from the activations alone).
+    """
+    info, target = cam.info, cam.layer
+    needed: list[int] = []
+    seen: set[int] = set()
+    stack = [cam.score_tensor]
+    visited: set[str] = set()
+    while stack:
+        tensor = stack.pop()
+        if tensor in visited or tensor == target:
+            continue
+        visited.add(tensor)
+        if tensor == info.input_name:
+            return None
+        idx = info.producer.get(tensor)
+        if idx is None:
+            continue
+        if idx not in seen:
+            seen.add(idx)
+            needed.append(idx)
+            stack.extend(i for i in info.node(idx).input if i)
+    nodes = [info.node(i) for i in sorted(needed)]
+    used = {i for n in nodes for i in n.input}
+    inits = [init for init in info.graph.initializer if init.name in used]
+
+    b = GraphBuilder(info, prefix="sp2ps_head")
+    acts_in = "activations"
+    source = acts_in
+    perm = cam.layer_layout.to_channels_first
+    if perm:
+        inverse = [perm.index(i) for i in range(4)]
+        source = b.op("Transpose", [source], perm=inverse)
+    target_dtype = info.dtypes.get(target, np.dtype(np.float32))
+    if target_dtype != np.float32:
+        to = helper.np_dtype_to_tensor_dtype(target_dtype)
+        source = b.op("Cast", [source], to=to)
+    glue = b.nodes + [helper.make_node("Identity", [source], [target], name=b.fresh("layer"))]
+    score = b.fresh("score")
+    tail = GraphBuilder(info, prefix="sp2ps_head_out")
+    tail._taken |= b._taken
+    score_src = tail.as_float(cam.score_tensor)
+    if len(info.shapes[cam.score_tensor]) != 2:
+        score_src = tail.op("Flatten", [score_src], axis=1)
+    tail.nodes.append(helper.make_node("Identity", [score_src], [score], name=tail.fresh("out")))
+    batch_dim = info.fixed_batch if info.fixed_batch else "N"
+    graph = helper.make_graph(
+        glue + nodes + tail.nodes,
+        "sp2ps_head",
+        [helper.make_tensor_value_info(acts_in, FLOAT, [batch_dim, None, None, None])],
+        [helper.make_tensor_value_info(score, FLOAT, [batch_dim, cam.num_classes])],
+        initializer=inits + b.initializers + tail.initializers,
+    )
+    head = helper.make_model(graph, opset_imports=list(info.model.opset_import))
+    head.ir_version = info.model.ir_version
+    return head
+
+
+def _forward_model(info: GraphInfo, score_flat_source: str, batch_dim) -> onnx.ModelProto:
+    b = GraphBuilder(info, prefix="sp2ps_fwd")
+    score = b.as_float(score_flat_source)
+    if len(info.shapes[score_flat_source]) != 2:
+        score = b.op("Flatten", [score], axis=1)
+    name = b.fresh("score")
+    b.nodes.append(helper.make_node("Identity", [score], [name], name=b.fresh("out")))
+    fwd = onnx.ModelProto()
+    fwd.CopyFrom(info.model)
+    fwd.graph.node.extend(b.nodes)
+    fwd.graph.initializer.extend(b.initializers)
+    del fwd.graph.output[:]
+    fwd.graph.output.append(helper.make_tensor_value_info(name, FLOAT, [batch_dim, None]))
+    return fwd
+
+
+def _fresh_io_name(info: GraphInfo, name: str) -> str:
+    taken = set(info.shapes) | {i.name for i in info.graph.input} | set(info.constants)
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
+
+
+def _check(model: onnx.ModelProto, path: str | None) -> None:
+    if model.ByteSize() > 2_000_000_000:
+        return  # the checker cannot serialise >2 GB protos; ORT validates on load instead
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelLoadError(
+            f"internal error: the rewritten graph of {path or 'the model'} fails onnx.checker "
+            f"({exc}); please report this with the model"
+        ) from exc

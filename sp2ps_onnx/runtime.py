@@ -1,0 +1,218 @@
+"""ONNX Runtime sessions over a rewritten model: the stable Python API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ._ort import ort, select_providers
+from .errors import InputDataError
+from .graph.rewrite import (
+    ACTIVATIONS,
+    GRADIENTS,
+    SCORE,
+    TARGET,
+    TARGETS_USED,
+    CamGraph,
+    build_cam_model,
+    build_head_model,
+)
+
+DEFAULT_BATCH = 32
+
+
+@dataclass
+class CamResult:
+    """One run: class scores, the layer's activations and the class-score gradient."""
+
+    score: np.ndarray  # (N, K) float32, pre-softmax unless score="probabilities"
+    activations: np.ndarray  # (N, C, h, w) float32, channels-first
+    gradients: np.ndarray  # (N, C, h, w) float32, d score[n, targets[n]] / d activations
+    targets: np.ndarray  # (N,) int64
+
+
+class CamModel:
+    """An ONNX classifier rewritten to explain itself.
+
+    Args:
+        model: path to an ``.onnx`` file or an ``onnx.ModelProto`` (never modified).
+        layer: target tensor or node name; default: the last feature map with H, W > 1
+            feeding the head's spatial collapse, after its activation.
+        score: ``"logits"`` (cut before a final Softmax/LogSoftmax) or ``"probabilities"``.
+        providers: ONNX Runtime providers; default: CUDA when available, else CPU.
+        input_size: (H, W) for models whose spatial input dims are dynamic (default 224).
+        batch_size: samples per ONNX Runtime call.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | onnx.ModelProto,
+        layer: str | None = None,
+        score: str = "logits",
+        providers: Sequence[str] | None = None,
+        input_size: tuple[int, int] | None = None,
+        batch_size: int = DEFAULT_BATCH,
+    ) -> None:
+        self.graph: CamGraph = build_cam_model(model, layer=layer, score=score, input_size=input_size)
+        self.providers = list(providers) if providers else select_providers("auto", quiet=True)
+        self.batch_size = max(1, int(batch_size))
+        self._session = self._make_session(self.graph.model)
+        self._forward_session = None
+        self._head_session = None
+        self._head_built = False
+
+    # -- facts -------------------------------------------------------------------------
+    @property
+    def rewritten(self) -> onnx.ModelProto:
+        """The CAM-ready model: extra input ``target`` and outputs score/activations/gradients."""
+        return self.graph.model
+
+    @property
+    def layer(self) -> str:
+        return self.graph.layer
+
+    @property
+    def input_name(self) -> str:
+        return self.graph.input_name
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        """The model input shape as run; the batch is ``None`` unless the model fixes it."""
+        return (self.graph.info.fixed_batch, *self.graph.info.input_shape[1:])
+
+    @property
+    def layout(self) -> str:
+        """``"NCHW"`` or ``"NHWC"``: the layout of the model's input."""
+        return self.graph.layout
+
+    @property
+    def input_spatial_size(self) -> tuple[int, int]:
+        shape = self.graph.info.input_shape
+        return (shape[1], shape[2]) if self.layout == "NHWC" else (shape[2], shape[3])
+
+    @property
+    def channels(self) -> int:
+        shape = self.graph.info.input_shape
+        return shape[3] if self.layout == "NHWC" else shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.graph.num_classes
+
+    @property
+    def path(self) -> str | None:
+        return self.graph.path
+
+    @property
+    def head_ops(self) -> list[tuple[str, str, bool]]:
+        return self.graph.head_ops()
+
+    # -- running -----------------------------------------------------------------------
+    def run(self, x: np.ndarray, targets: Sequence[int] | np.ndarray | None = None) -> CamResult:
+        """Scores, activations and gradients for ``x`` (the model's own input layout).
+
+        ``targets=None`` explains each sample's own top class.
+        """
+        x = self._check_input(x)
+        wanted = self._check_targets(targets, len(x))
+        names = self.graph.output_names
+        fetch = [names[SCORE], names[ACTIVATIONS], names[GRADIENTS], names[TARGETS_USED]]
+        parts = [
+            self._session.run(fetch, {self.input_name: xb, names[TARGET]: tb})
+            for xb, tb in zip(self._batches(x), self._batches(wanted), strict=True)
+        ]
+        score, acts, grads, used = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        return CamResult(score=score, activations=acts, gradients=grads, targets=used)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Class scores only (a forward pass without the backward nodes)."""
+        x = self._check_input(x)
+        if self._forward_session is None:
+            self._forward_session = self._make_session(self.graph.forward_model)
+        return np.concatenate(
+            [self._forward_session.run(None, {self.input_name: xb})[0] for xb in self._batches(x)]
+        )
+
+    def head_scores(self, activations: np.ndarray) -> np.ndarray:
+        """Class scores from channels-first layer activations, running only the head."""
+        if not self._head_built:
+            head = build_head_model(self.graph)
+            self._head_session = self._make_session(head) if head is not None else None
+            self._head_built = True
+        if self._head_session is None:
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"the head after layer {self.layer!r} also reads tensors computed before it, "
+                "so it cannot run from the activations alone; use another method or a later layer"
+            )
+        acts = np.ascontiguousarray(activations, dtype=np.float32)
+        return np.concatenate(
+            [self._head_session.run(None, {"activations": ab})[0] for ab in self._batches(acts)]
+        )
+
+    def cams(
+        self,
+        x: np.ndarray,
+        method: str = "gradcam",
+        targets: Sequence[int] | np.ndarray | None = None,
+        size: tuple[int, int] | None = None,
+        raw: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """CAMs (N, H, W) in [0, 1] at the input size (or ``size``), and the targets used."""
+        from .cam import explain
+
+        return explain(self, x, method=method, targets=targets, size=size, raw=raw,
+                       batch_size=self.batch_size)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the rewritten model (usable in any ONNX runtime) to ``path``."""
+        onnx.save(self.rewritten, os.fspath(path))
+
+    # -- internals ---------------------------------------------------------------------
+    def _make_session(self, model: onnx.ModelProto):
+        rt = ort()
+        opts = rt.SessionOptions()
+        opts.log_severity_level = 3
+        return rt.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
+
+    def _batches(self, array: np.ndarray):
+        step = self.graph.info.fixed_batch or self.batch_size
+        for start in range(0, len(array), step):
+            yield array[start : start + step]
+
+    def _check_input(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        expected = self.graph.info.input_shape[1:]
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(expected):
+            raise InputDataError(
+                f"input of shape {tuple(x.shape)} does not fit model input {self.input_name!r} "
+                f"of shape (N, {', '.join(map(str, expected))}) in {self.layout} layout; "
+                "preprocess the images to the model's size and layout"
+            )
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(
+            next(i for i in self.graph.model.graph.input if i.name == self.input_name)
+            .type.tensor_type.elem_type
+        )
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def _check_targets(self, targets, n: int) -> np.ndarray:
+        if targets is None:
+            return np.full(n, -1, dtype=np.int64)
+        t = np.asarray(targets, dtype=np.int64).reshape(-1)
+        if t.size == 1 and n > 1:
+            t = np.full(n, int(t[0]), dtype=np.int64)
+        if t.shape != (n,):
+            raise InputDataError(f"got {t.size} targets for {n} samples; give one class per sample")
+        if (t >= self.num_classes).any() or (t < -1).any():
+            raise InputDataError(
+                f"target classes must lie in [0, {self.num_classes - 1}] for this model "
+                f"(got {int(t.min())}..{int(t.max())})"
+            )
+        return t
