@@ -1,0 +1,751 @@
+"""Sp2PS v1: spatial + spectral similarity of the CAMs of an original and a pruned model.
+
+For test sample *i*, ``P_i`` is the CAM of the original model and ``Q_i`` the CAM of the
+pruned model for the same target class, at input resolution, min-max normalised to [0, 1].
+
+* spatial similarity ``s_i = clip(SSIM(P_i, Q_i), 0, 1)`` (Wang et al. 2004: Gaussian window
+  sigma 1.5 truncated at 3.5 sigma, K1 0.01, K2 0.03, data range 1, population covariance,
+  mean over the map with the filter radius cropped from every border, as scikit-image does);
+* spectral similarity ``f_i = 1 - TV(p(P_i), p(Q_i))`` with ``p(C) = M(C) / sum M(C)`` and
+  ``M(C) = |FFT2(C)|`` with the DC term set to 0 (f = 1 when both maps are constant, 0 when
+  exactly one is);
+* per sample ``h_i = 2 s_i f_i / (s_i + f_i)`` (0 when both are 0);
+* Sp2PS is the mean of ``h_i`` over the samples.
+
+Everything is vectorised over a batch ``(N, H, W)`` and computed in float64. The spatial and
+spectral components and the aggregation are looked up by name in :data:`SPATIAL`,
+:data:`SPECTRAL` and :data:`AGGREGATIONS`. See docs/metric.md for the rationale and the
+known deviations from the paper.
+
+Only NumPy and SciPy are used here (no ONNX Runtime), so the metric can be computed on CAMs
+produced anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.fft
+from scipy import ndimage
+
+from .errors import InputDataError, Sp2PSError
+
+__all__ = [
+    "AGGREGATIONS",
+    "SPATIAL",
+    "SPECTRAL",
+    "MetricInputError",
+    "PerSample",
+    "Sp2PSAccumulator",
+    "Sp2PSResult",
+    "UnknownComponentError",
+    "aggregate_class_weighted",
+    "aggregate_mean",
+    "harmonic",
+    "normalize_maps",
+    "pearson_similarity",
+    "sp2ps",
+    "spectral_cosine",
+    "spectral_tv",
+    "ssim_batch",
+    "ssim_similarity",
+    "topk_iou",
+]
+
+
+class UnknownComponentError(Sp2PSError, ValueError):
+    """A spatial/spectral/aggregation name that is not in its registry."""
+
+
+class MetricInputError(InputDataError, ValueError):
+    """CAM arrays, labels or scores that the metric cannot use."""
+
+
+# Maps are processed in chunks of this many images so that the five (n, H, W) float64
+# work arrays of one chunk stay in cache, and chunks can run on several threads
+# (scipy.ndimage, NumPy ufuncs and scipy.fft release the GIL).
+_CHUNK_PIXELS = 8 * 224 * 224
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class PerSample:
+    """Per-sample similarities, each an ``(N,)`` float64 array."""
+
+    spatial: np.ndarray
+    spectral: np.ndarray
+    h: np.ndarray
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _as_batch(maps: Any, name: str) -> np.ndarray:
+    array = np.asarray(maps)
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.ndim != 3:
+        raise MetricInputError(
+            f"{name} must be a CAM of shape (H, W) or a batch (N, H, W); got shape "
+            f"{array.shape}; squeeze channel axes before calling the metric"
+        )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise MetricInputError(f"{name} must hold real numbers; got dtype {array.dtype}")
+    array = array.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(array)):
+        bad = int(np.flatnonzero(~np.isfinite(array).all(axis=(1, 2)))[0])
+        raise MetricInputError(
+            f"{name}[{bad}] contains NaN or infinite values; check the model outputs for "
+            f"that sample before computing Sp2PS"
+        )
+    return array
+
+
+def _pair(P: Any, Q: Any) -> tuple[np.ndarray, np.ndarray]:
+    P = _as_batch(P, "P (original CAMs)")
+    Q = _as_batch(Q, "Q (pruned CAMs)")
+    if P.shape != Q.shape:
+        raise MetricInputError(
+            f"original and pruned CAMs differ in shape: {P.shape} vs {Q.shape}; compute both "
+            f"at the same (input) resolution and for the same samples"
+        )
+    return P, Q
+
+
+def normalize_maps(maps: Any) -> np.ndarray:
+    """Min-max normalise every map of ``maps`` ((H, W) or (N, H, W)) to [0, 1], in float64.
+
+    A constant map (all zero included) has no structure to compare and becomes all zeros.
+    A map counts as constant when its range is at most a few units in the last place of its
+    largest magnitude, so that rounding noise on a flat CAM is not blown up to [0, 1].
+    The decision and the result do not change when a map is multiplied by a positive
+    constant.
+    """
+    array = np.asarray(maps)
+    single = array.ndim == 2
+    batch = _as_batch(array, "maps")
+    resolution = np.finfo(array.dtype).eps if np.issubdtype(array.dtype, np.floating) else 0.0
+    low = batch.min(axis=(1, 2), keepdims=True)
+    high = batch.max(axis=(1, 2), keepdims=True)
+    span = high - low
+    magnitude = np.maximum(np.abs(low), np.abs(high))
+    constant = span <= 8.0 * resolution * magnitude
+    safe_span = np.where(constant, 1.0, span)
+    out = np.where(constant, 0.0, (batch - low) / safe_span)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out[0] if single else out
+
+
+def _is_constant(batch: np.ndarray) -> np.ndarray:
+    return np.ptp(batch.reshape(batch.shape[0], -1), axis=1) == 0
+
+
+def _constant_rule(values: np.ndarray, P: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """Both maps constant -> 1 (same absence of structure); exactly one constant -> 0."""
+    const_p = _is_constant(P)
+    const_q = _is_constant(Q)
+    values = np.where(const_p & const_q, 1.0, values)
+    return np.where(const_p ^ const_q, 0.0, values)
+
+
+# --------------------------------------------------------------------------- spatial
+
+
+def _ssim_chunk(
+    x: np.ndarray, y: np.ndarray, sigma: float, truncate: float, radius: int, c1: float, c2: float
+) -> np.ndarray:
+    def local_mean(image: np.ndarray) -> np.ndarray:
+        # Only pixels at least `radius` from every border enter the SSIM mean, and their
+        # filtered values never touch the padding, so each pass keeps just those outputs.
+        h, w = image.shape[1:]
+        rows = ndimage.gaussian_filter1d(image, sigma, axis=2, mode="reflect", truncate=truncate)
+        rows = rows[:, :, radius : w - radius]
+        both = ndimage.gaussian_filter1d(rows, sigma, axis=1, mode="reflect", truncate=truncate)
+        return both[:, radius : h - radius, :]
+
+    mu_x = local_mean(x)
+    mu_y = local_mean(y)
+    # SSIM needs only the sum of the two variances, so x^2 and y^2 share one filter pass.
+    second = local_mean(x * x + y * y)
+    cross = local_mean(x * y)
+
+    mu_xy = mu_x * mu_y
+    mu_sq = mu_x * mu_x
+    mu_sq += mu_y * mu_y
+    second -= mu_sq  # sigma_x^2 + sigma_y^2
+    second += c2
+    cross -= mu_xy  # sigma_xy
+    cross *= 2.0
+    cross += c2
+    mu_xy *= 2.0
+    mu_xy += c1
+    mu_sq += c1
+    mu_xy *= cross
+    mu_sq *= second
+    mu_xy /= mu_sq
+    return mu_xy.mean(axis=(1, 2), dtype=np.float64)
+
+
+def _chunked(
+    function: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    P: np.ndarray,
+    Q: np.ndarray,
+    workers: int | None,
+) -> np.ndarray:
+    n, h, w = P.shape
+    step = max(1, _CHUNK_PIXELS // (h * w))
+    starts = range(0, n, step)
+    workers = _default_workers() if workers is None else max(1, int(workers))
+    if workers == 1 or len(starts) == 1:
+        parts = [function(P[i : i + step], Q[i : i + step]) for i in starts]
+    else:
+        with ThreadPoolExecutor(max_workers=min(workers, len(starts))) as pool:
+            parts = list(pool.map(lambda i: function(P[i : i + step], Q[i : i + step]), starts))
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def ssim_batch(
+    P: Any,
+    Q: Any,
+    *,
+    sigma: float = 1.5,
+    truncate: float = 3.5,
+    K1: float = 0.01,
+    K2: float = 0.03,
+    data_range: float = 1.0,
+    workers: int | None = None,
+) -> np.ndarray:
+    """Mean SSIM of each pair of maps, ``(N,)`` float64, in [-1, 1] (not clipped).
+
+    Equals ``skimage.metrics.structural_similarity(p, q, data_range=data_range,
+    gaussian_weights=True, sigma=sigma, use_sample_covariance=False)`` for every pair of
+    float64 maps: Gaussian-weighted local statistics (reflect padding, radius
+    ``int(truncate * sigma + 0.5)``), population covariance, and the mean of the SSIM map
+    with that radius cropped from every border. Inputs are converted to float64 (scikit-image
+    computes float32 inputs in float32). ``workers`` threads share the chunks of the batch
+    (default: up to 4, bounded by the CPU count).
+    """
+    P, Q = _pair(P, Q)
+    if sigma <= 0 or truncate <= 0:
+        raise ValueError("sigma and truncate must be positive")
+    if K1 < 0 or K2 < 0:
+        raise ValueError("K1 and K2 must be non-negative")
+    radius = int(truncate * sigma + 0.5)
+    window = 2 * radius + 1
+    if min(P.shape[1:]) < window:
+        raise MetricInputError(
+            f"CAMs of size {P.shape[1]}x{P.shape[2]} are smaller than the {window}x{window} "
+            f"SSIM window; upsample the CAMs to the input resolution first"
+        )
+    c1 = (K1 * data_range) ** 2
+    c2 = (K2 * data_range) ** 2
+
+    def chunk(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return _ssim_chunk(x, y, sigma, truncate, radius, c1, c2)
+
+    return _chunked(chunk, P, Q, workers)
+
+
+def ssim_similarity(P: Any, Q: Any) -> np.ndarray:
+    """Spatial component "ssim": ``clip(SSIM, 0, 1)`` per pair."""
+    return np.clip(ssim_batch(P, Q), 0.0, 1.0)
+
+
+def pearson_similarity(P: Any, Q: Any) -> np.ndarray:
+    """Spatial component "pearson": Pearson correlation of the pixels, clipped to [0, 1].
+
+    Constant maps have no correlation: 1 when both are constant, 0 when exactly one is.
+    """
+    P, Q = _pair(P, Q)
+    x = P.reshape(P.shape[0], -1)
+    y = Q.reshape(Q.shape[0], -1)
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    denom = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", y, y))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.einsum("ij,ij->i", x, y) / denom
+    corr = np.where(denom > 0, corr, 0.0)
+    return np.clip(_constant_rule(corr, P, Q), 0.0, 1.0)
+
+
+def topk_iou(P: Any, Q: Any, fraction: float = 0.1) -> np.ndarray:
+    """Spatial component "iou": IoU of the top-``fraction`` regions of the two maps.
+
+    Each map is binarised at the value of its ``ceil(fraction * H * W)``-th largest pixel
+    (pixels tied with that value are included), as in the PE-score of the same authors.
+    Constant maps have no top region: 1 when both are constant, 0 when exactly one is.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    P, Q = _pair(P, Q)
+    n = P.shape[0]
+    x = P.reshape(n, -1)
+    y = Q.reshape(n, -1)
+    size = x.shape[1]
+    k = min(size, max(1, math.ceil(fraction * size)))
+    kth = size - k
+    mask_x = x >= np.partition(x, kth, axis=1)[:, kth : kth + 1]
+    mask_y = y >= np.partition(y, kth, axis=1)[:, kth : kth + 1]
+    inter = np.count_nonzero(mask_x & mask_y, axis=1)
+    union = np.count_nonzero(mask_x | mask_y, axis=1)
+    iou = inter / np.maximum(union, 1)
+    return _constant_rule(iou.astype(np.float64), P, Q)
+
+
+# --------------------------------------------------------------------------- spectral
+
+
+def _half_spectra(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """|rfft2| of both batches with DC zeroed, and the weight of each half-plane column.
+
+    The spectrum of a real map is conjugate-symmetric, so every column of the full FFT2
+    except column 0 (and W/2 for even W) appears twice with the same magnitudes; weighting
+    the half-plane columns reproduces sums over the full spectrum at half the cost.
+    """
+    width = P.shape[2]
+    workers = _default_workers()
+    mag_p = np.abs(scipy.fft.rfft2(P, axes=(1, 2), workers=workers))
+    mag_q = np.abs(scipy.fft.rfft2(Q, axes=(1, 2), workers=workers))
+    mag_p[:, 0, 0] = 0.0
+    mag_q[:, 0, 0] = 0.0
+    weight = np.full(mag_p.shape[2], 2.0)
+    weight[0] = 1.0
+    if width % 2 == 0:
+        weight[-1] = 1.0
+    return mag_p, mag_q, weight
+
+
+def spectral_tv(P: Any, Q: Any) -> np.ndarray:
+    """Spectral component "tv": one minus the total-variation distance of the spectra.
+
+    ``f = 1 - 0.5 * sum_k |p_k(P) - p_k(Q)|`` with ``p = M / sum M`` and ``M = |FFT2|``
+    with the DC term set to 0. Constant maps: 1 when both are, 0 when exactly one is.
+    """
+    P, Q = _pair(P, Q)
+    mag_p, mag_q, weight = _half_spectra(P, Q)
+    total_p = np.einsum("nij,j->n", mag_p, weight)
+    total_q = np.einsum("nij,j->n", mag_q, weight)
+    mag_p /= np.where(total_p > 0, total_p, 1.0)[:, None, None]
+    mag_q /= np.where(total_q > 0, total_q, 1.0)[:, None, None]
+    mag_p -= mag_q
+    np.abs(mag_p, out=mag_p)
+    distance = 0.5 * np.einsum("nij,j->n", mag_p, weight)
+    similarity = np.clip(1.0 - distance, 0.0, 1.0)
+    return _constant_rule(similarity, P, Q)
+
+
+def spectral_cosine(P: Any, Q: Any) -> np.ndarray:
+    """Spectral component "cosine": cosine of the magnitude spectra with DC removed.
+
+    Constant maps: 1 when both are, 0 when exactly one is.
+    """
+    P, Q = _pair(P, Q)
+    mag_p, mag_q, weight = _half_spectra(P, Q)
+    dot = np.einsum("nij,nij,j->n", mag_p, mag_q, weight)
+    norm = np.sqrt(
+        np.einsum("nij,nij,j->n", mag_p, mag_p, weight)
+        * np.einsum("nij,nij,j->n", mag_q, mag_q, weight)
+    )
+    cosine = dot / np.where(norm > 0, norm, 1.0)
+    return _constant_rule(np.clip(cosine, 0.0, 1.0), P, Q)
+
+
+# --------------------------------------------------------------------------- combination
+
+
+def harmonic(s: Any, f: Any) -> np.ndarray:
+    """Element-wise harmonic mean ``2 s f / (s + f)``, 0 where ``s + f == 0``."""
+    s = np.asarray(s, dtype=np.float64)
+    f = np.asarray(f, dtype=np.float64)
+    total = s + f
+    return np.where(total > 0, 2.0 * s * f / np.where(total > 0, total, 1.0), 0.0)
+
+
+SpatialFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+AggregationFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+#: Spatial components: name -> ``fn(P, Q) -> (N,)`` similarity in [0, 1].
+SPATIAL: dict[str, SpatialFn] = {
+    "ssim": ssim_similarity,
+    "pearson": pearson_similarity,
+    "iou": topk_iou,
+}
+
+#: Spectral components: name -> ``fn(P, Q) -> (N,)`` similarity in [0, 1].
+SPECTRAL: dict[str, SpatialFn] = {
+    "tv": spectral_tv,
+    "cosine": spectral_cosine,
+}
+
+
+def aggregate_mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Aggregation "mean": the plain mean of h over all samples (Sp2PS v1)."""
+    return np.sum(sums, axis=-1) / np.sum(counts, axis=-1)
+
+
+def aggregate_class_weighted(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Aggregation "class-weighted": every class present counts equally.
+
+    Weighting each sample by the inverse frequency of its class gives the unweighted mean
+    of the per-class means of h, so frequent classes do not dominate the score.
+    """
+    present = counts > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(present, sums / np.where(present, counts, 1), 0.0)
+    return np.sum(means, axis=-1) / np.sum(present, axis=-1)
+
+
+#: Aggregations: name -> ``fn(sums, counts)``: the per-class sums of h and sample counts,
+#: classes on the last axis (also batched, (B, C), for the bootstrap) -> the aggregate.
+#: Samples without a class form one extra column; aggregations other than "mean" need
+#: every sample to have a class.
+AGGREGATIONS: dict[str, AggregationFn] = {
+    "mean": aggregate_mean,
+    "class-weighted": aggregate_class_weighted,
+}
+
+
+def _lookup(registry: Mapping[str, Any], name: str, kind: str) -> Any:
+    try:
+        return registry[name]
+    except (KeyError, TypeError):
+        valid = ", ".join(repr(key) for key in registry)
+        raise UnknownComponentError(
+            f"unknown {kind} component {name!r}; valid names: {valid}"
+        ) from None
+
+
+def sp2ps(
+    P: Any, Q: Any, spatial: str = "ssim", spectral: str = "tv", *, normalize: bool = True
+) -> PerSample:
+    """Per-sample spatial, spectral and harmonic similarities of two CAM batches.
+
+    ``P`` (original model) and ``Q`` (pruned model) are (N, H, W) or (H, W) CAMs for the
+    same target classes. With ``normalize`` (default) each map is min-max normalised first
+    (:func:`normalize_maps`); that is a no-op for maps already normalised to [0, 1].
+    """
+    spatial_fn = _lookup(SPATIAL, spatial, "spatial")
+    spectral_fn = _lookup(SPECTRAL, spectral, "spectral")
+    P, Q = _pair(P, Q)
+    if normalize:
+        P = normalize_maps(P)
+        Q = normalize_maps(Q)
+    s = np.asarray(spatial_fn(P, Q), dtype=np.float64)
+    f = np.asarray(spectral_fn(P, Q), dtype=np.float64)
+    return PerSample(spatial=s, spectral=f, h=harmonic(s, f))
+
+
+# --------------------------------------------------------------------------- accumulator
+
+
+@dataclass
+class Sp2PSResult:
+    """Aggregated Sp2PS over a test set, with its spread and companion numbers.
+
+    ``median_h``, ``p05_h`` and ``ci95`` need the per-sample table and are ``None`` when
+    the accumulator was created with ``keep_per_sample=False`` (``ci95`` also when
+    ``n_bootstrap == 0``). Class statistics are ``None``/empty when no sample had a class;
+    companion numbers are ``None`` when the scores (and labels) they need were not given.
+    """
+
+    sp2ps: float
+    mean_spatial: float
+    mean_spectral: float
+    median_h: float | None
+    p05_h: float | None
+    attention_lost: float
+    ci95: tuple[float, float] | None
+    harmonic_of_means: float
+    per_class_h: dict[int, float]
+    class_weighted_h: float | None
+    n: int
+    top1_agreement: float | None = None
+    accuracy_original: float | None = None
+    accuracy_pruned: float | None = None
+    mean_abs_confidence_change: float | None = None
+    per_sample: dict[str, np.ndarray] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (plain floats, lists, string keys)."""
+
+        def plain(value: Any) -> Any:
+            if value is None or isinstance(value, (bool, str)):
+                return value
+            if isinstance(value, (int, np.integer)):
+                return int(value)
+            if isinstance(value, (float, np.floating)):
+                return float(value)
+            if isinstance(value, np.ndarray):
+                return value.tolist()
+            if isinstance(value, (tuple, list)):
+                return [plain(item) for item in value]
+            if isinstance(value, dict):
+                return {str(key): plain(item) for key, item in value.items()}
+            raise TypeError(f"cannot serialise {type(value).__name__}")
+
+        return {
+            name: plain(getattr(self, name)) for name in self.__dataclass_fields__
+        }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+class Sp2PSAccumulator:
+    """Streaming Sp2PS over batches: memory does not grow with the number of samples,
+    except for the optional per-sample table (float32 similarities and int32 classes).
+
+    Call :meth:`update` per batch of CAMs and :meth:`result` at the end. The result of
+    several updates equals the result of one update over the concatenated batches.
+    """
+
+    def __init__(
+        self,
+        spatial: str = "ssim",
+        spectral: str = "tv",
+        aggregation: str = "mean",
+        keep_per_sample: bool = True,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+        normalize: bool = True,
+    ) -> None:
+        _lookup(SPATIAL, spatial, "spatial")
+        _lookup(SPECTRAL, spectral, "spectral")
+        self._aggregate = _lookup(AGGREGATIONS, aggregation, "aggregation")
+        if n_bootstrap < 0:
+            raise ValueError("n_bootstrap must be >= 0")
+        self.spatial = spatial
+        self.spectral = spectral
+        self.aggregation = aggregation
+        self.keep_per_sample = keep_per_sample
+        self.n_bootstrap = int(n_bootstrap)
+        self.seed = int(seed)
+        self.normalize = normalize
+        self._n = 0
+        self._sum_s = 0.0
+        self._sum_f = 0.0
+        self._lost = 0
+        # Per-class sums of h and counts; key -1 collects samples without a class.
+        self._class_sum: dict[int, float] = {}
+        self._class_count: dict[int, int] = {}
+        self._agree = 0
+        self._n_pairs = 0
+        self._correct_original = 0
+        self._n_original = 0
+        self._correct_pruned = 0
+        self._n_pruned = 0
+        self._sum_conf_change = 0.0
+        self._table: dict[str, list[np.ndarray]] = {
+            "spatial": [],
+            "spectral": [],
+            "h": [],
+            "class": [],
+        }
+
+    @staticmethod
+    def _classes(values: Any, n: int, name: str) -> np.ndarray | None:
+        if values is None:
+            return None
+        array = np.asarray(values)
+        if array.shape != (n,) or not np.issubdtype(array.dtype, np.integer):
+            raise MetricInputError(
+                f"{name} must be {n} integer class indices (one per CAM); got shape "
+                f"{array.shape} and dtype {array.dtype}"
+            )
+        if np.any(array < 0):
+            raise MetricInputError(f"{name} must be non-negative class indices")
+        return array.astype(np.int64)
+
+    @staticmethod
+    def _scores(values: Any, n: int, name: str) -> np.ndarray | None:
+        if values is None:
+            return None
+        array = np.asarray(values, dtype=np.float64)
+        if array.ndim != 2 or array.shape[0] != n:
+            raise MetricInputError(
+                f"{name} must be logits of shape ({n}, K); got shape {array.shape}"
+            )
+        if not np.all(np.isfinite(array)):
+            raise MetricInputError(f"{name} contains NaN or infinite values")
+        return array
+
+    def update(
+        self,
+        P: Any,
+        Q: Any,
+        labels: Any = None,
+        *,
+        targets: Any = None,
+        original_scores: Any = None,
+        pruned_scores: Any = None,
+    ) -> PerSample:
+        """Add a batch of CAM pairs and return its per-sample similarities.
+
+        ``labels``: true classes (N,) or None. ``targets``: the classes the CAMs explain
+        (N,); they group samples per class when ``labels`` is None and select the class
+        whose softmax confidence change is reported (default: the original model's top-1).
+        ``original_scores`` / ``pruned_scores``: (N, K) logits of the two models.
+        """
+        P, Q = _pair(P, Q)
+        n = P.shape[0]
+        labels_arr = self._classes(labels, n, "labels")
+        targets_arr = self._classes(targets, n, "targets")
+        scores_o = self._scores(original_scores, n, "original_scores")
+        scores_p = self._scores(pruned_scores, n, "pruned_scores")
+        if scores_o is not None and scores_p is not None and scores_o.shape != scores_p.shape:
+            raise MetricInputError(
+                f"original and pruned scores differ in shape: {scores_o.shape} vs "
+                f"{scores_p.shape}; both models must have the same classes"
+            )
+        for scores, name in ((scores_o, "original_scores"), (scores_p, "pruned_scores")):
+            for classes, what in ((labels_arr, "labels"), (targets_arr, "targets")):
+                if scores is not None and classes is not None and np.any(
+                    classes >= scores.shape[1]
+                ):
+                    raise MetricInputError(
+                        f"{what} contain class indices >= {scores.shape[1]}, the number of "
+                        f"classes in {name}"
+                    )
+        groups = labels_arr if labels_arr is not None else targets_arr
+        if groups is None and self.aggregation != "mean":
+            raise MetricInputError(
+                f"the {self.aggregation!r} aggregation needs the class of every sample; "
+                f"pass labels= or targets= to update()"
+            )
+
+        per = sp2ps(P, Q, self.spatial, self.spectral, normalize=self.normalize)
+        self._n += n
+        self._sum_s += float(per.spatial.sum())
+        self._sum_f += float(per.spectral.sum())
+        self._lost += int(np.count_nonzero(per.h < 0.5))
+        group_codes = (
+            np.full(n, -1, dtype=np.int32) if groups is None else groups.astype(np.int32)
+        )
+        uniq, codes = np.unique(group_codes, return_inverse=True)
+        sums = np.bincount(codes, weights=per.h)
+        counts = np.bincount(codes)
+        for cls, total, count in zip(uniq.tolist(), sums.tolist(), counts.tolist(), strict=True):
+            self._class_sum[cls] = self._class_sum.get(cls, 0.0) + total
+            self._class_count[cls] = self._class_count.get(cls, 0) + count
+
+        if scores_o is not None and scores_p is not None:
+            top_o = scores_o.argmax(axis=1)
+            self._agree += int(np.count_nonzero(top_o == scores_p.argmax(axis=1)))
+            self._n_pairs += n
+            explained = targets_arr if targets_arr is not None else top_o
+            rows = np.arange(n)
+            change = _softmax(scores_o)[rows, explained] - _softmax(scores_p)[rows, explained]
+            self._sum_conf_change += float(np.abs(change).sum())
+        if labels_arr is not None:
+            if scores_o is not None:
+                self._correct_original += int(np.count_nonzero(scores_o.argmax(1) == labels_arr))
+                self._n_original += n
+            if scores_p is not None:
+                self._correct_pruned += int(np.count_nonzero(scores_p.argmax(1) == labels_arr))
+                self._n_pruned += n
+
+        if self.keep_per_sample:
+            self._table["spatial"].append(per.spatial.astype(np.float32))
+            self._table["spectral"].append(per.spectral.astype(np.float32))
+            self._table["h"].append(per.h.astype(np.float32))
+            self._table["class"].append(group_codes)
+        return per
+
+    def _bootstrap(self, h: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
+        """Percentile 95% CI of the aggregate over resampled samples (fixed seed)."""
+        rng = np.random.default_rng(self.seed)
+        n = h.size
+        _, codes = np.unique(classes, return_inverse=True)
+        n_codes = int(codes.max()) + 1
+        # Resample in blocks so that the (rows, n) index array stays small for large N; each
+        # block's per-class sums come from one bincount over row-offset class codes.
+        rows_per_block = max(1, 4_000_000 // n)
+        stats = np.empty(self.n_bootstrap)
+        for start in range(0, self.n_bootstrap, rows_per_block):
+            rows = min(self.n_bootstrap, start + rows_per_block) - start
+            index = rng.integers(0, n, size=(rows, n))
+            flat = (codes[index] + n_codes * np.arange(rows)[:, None]).ravel()
+            sums = np.bincount(flat, weights=h[index].ravel(), minlength=rows * n_codes)
+            counts = np.bincount(flat, minlength=rows * n_codes)
+            stats[start : start + rows] = self._aggregate(
+                sums.reshape(rows, n_codes), counts.reshape(rows, n_codes)
+            )
+        low, high = np.percentile(stats, [2.5, 97.5])
+        return float(low), float(high)
+
+    def result(self) -> Sp2PSResult:
+        """Aggregate everything added so far."""
+        if self._n == 0:
+            raise MetricInputError("no CAM pairs were added; call update() before result()")
+        n = self._n
+        keys = sorted(self._class_sum)
+        all_sums = np.array([self._class_sum[key] for key in keys])
+        all_counts = np.array([self._class_count[key] for key in keys])
+        known = np.array(keys) >= 0
+        per_class = {
+            key: self._class_sum[key] / self._class_count[key] for key in keys if key >= 0
+        }
+        class_weighted = (
+            float(aggregate_class_weighted(all_sums[known], all_counts[known]))
+            if per_class
+            else None
+        )
+        score = float(self._aggregate(all_sums, all_counts))
+        mean_s = self._sum_s / n
+        mean_f = self._sum_f / n
+
+        per_sample = None
+        median_h = p05_h = None
+        ci95 = None
+        if self.keep_per_sample:
+            per_sample = {key: np.concatenate(parts) for key, parts in self._table.items()}
+            h = per_sample["h"].astype(np.float64)
+            median_h = float(np.median(h))
+            p05_h = float(np.percentile(h, 5))
+            if self.n_bootstrap > 0:
+                ci95 = self._bootstrap(h, per_sample["class"])
+
+        def ratio(count: float, total: int) -> float | None:
+            return count / total if total else None
+
+        return Sp2PSResult(
+            sp2ps=score,
+            mean_spatial=mean_s,
+            mean_spectral=mean_f,
+            median_h=median_h,
+            p05_h=p05_h,
+            attention_lost=self._lost / n,
+            ci95=ci95,
+            harmonic_of_means=float(harmonic(mean_s, mean_f)),
+            per_class_h=per_class,
+            class_weighted_h=class_weighted,
+            n=n,
+            top1_agreement=ratio(self._agree, self._n_pairs),
+            accuracy_original=ratio(self._correct_original, self._n_original),
+            accuracy_pruned=ratio(self._correct_pruned, self._n_pruned),
+            mean_abs_confidence_change=ratio(self._sum_conf_change, self._n_pairs),
+            per_sample=per_sample,
+            config={
+                "spatial": self.spatial,
+                "spectral": self.spectral,
+                "aggregation": self.aggregation,
+                "normalize": self.normalize,
+                "n_bootstrap": self.n_bootstrap,
+                "seed": self.seed,
+                "definition": "Sp2PS v1",
+            },
+        )
