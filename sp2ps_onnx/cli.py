@@ -1,0 +1,456 @@
+"""The ``sp2ps`` command line: ``inspect``, ``cam``, ``score`` and ``export``.
+
+A thin layer over :mod:`sp2ps_onnx.scoring`, :mod:`sp2ps_onnx.data` and
+:mod:`sp2ps_onnx.report`. Every :class:`~sp2ps_onnx.errors.Sp2PSError` ends the command
+with one line ``sp2ps: error: <message>`` on stderr and exit status 2; outputs are written
+to a temporary sibling directory and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .cam import METHODS
+from .data import PRESETS, open_data
+from .errors import ModelLoadError, Sp2PSError
+from .metric import AGGREGATIONS, SPATIAL, SPECTRAL
+from .report import FORMATS
+
+
+class UserError(click.ClickException):
+    """A :class:`Sp2PSError` shown as one line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"sp2ps: error: {self.message}", err=True)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "unknown error"
+
+
+class _Sp2PSGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Sp2PSError as exc:
+            raise UserError(_one_line(str(exc))) from None
+
+
+# --------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only on a terminal and unless quiet."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if done < total and now - self._last < 0.1:
+            return
+        self._last = now
+        fraction = done / total if total else 1.0
+        filled = int(round(28 * fraction))
+        elapsed = now - self.started
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (28 - filled)}] {done}/{total} "
+            f"{elapsed:5.1f}s eta {eta:4.0f}s"
+        )
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _progress(label: str, quiet: bool) -> Progress:
+    return Progress(label, enabled=not quiet and sys.stderr.isatty())
+
+
+def _note(message: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+# --------------------------------------------------------------------------------------
+# Options shared by the commands
+
+
+def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--layer", default=None, help="Target tensor or node name (default: the "
+                     "last spatial feature map before the classifier head)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="Where ONNX Runtime runs the models."),
+        click.option("--size", default=None, help="Input H[,W] for models with a dynamic "
+                     "spatial input size (e.g. 224 or 224,192)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--method", type=click.Choice(list(METHODS)), default="gradcam",
+                     show_default=True, help="CAM method."),
+        click.option("--target", type=click.Choice(["label", "original", "self"]), default=None,
+                     help="Class each CAM explains: the true label, the original model's top-1 "
+                     "(for every model), or each model's own top-1. Default: label when the "
+                     "data has labels, else original."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Samples per batch."),
+        click.option("--preset", type=click.Choice(list(PRESETS)), default="imagenet",
+                     show_default=True, help="Normalisation: imagenet mean/std, inception "
+                     "[-1,1], unit [0,1], raw 0..255."),
+        click.option("--mean", default=None, help="Per-channel mean on the [0,1] pixel scale, "
+                     "e.g. 0.485,0.456,0.406 (overrides the preset)."),
+        click.option("--std", default=None, help="Per-channel std on the [0,1] pixel scale "
+                     "(overrides the preset)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="Use only the first N samples."),
+        click.option("--classes", default=None, help="Class names in label order: a text "
+                     "file (one per line) or a comma-separated list."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes on stderr."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _check_model_path(path: str) -> str:
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise ModelLoadError(f"model file {path} {what}; give the path of an .onnx file")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+
+
+@click.group(cls=_Sp2PSGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sp2ps")
+def cli() -> None:
+    """Grad-CAM family explanations inside ONNX classifiers, and the Sp2PS score of pruned
+    models (do they still look where the original looked?)."""
+
+
+@cli.command()
+@click.argument("model")
+@_model_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Output format.")
+def inspect(model: str, layer: str | None, device: str, size: str | None, fmt: str) -> None:
+    """Show a model's inputs, outputs, layout, classes, target layer, head ops, parameters
+    and sparsity."""
+    from ._ort import select_providers
+    from .scoring import model_info, open_model
+
+    _check_model_path(model)
+    info = model_info(model)
+    proto = _load_proto(model)
+    details: dict[str, Any] = {
+        "model": model,
+        "sha256": info.sha256,
+        "file_size_bytes": info.file_size,
+        "opset": {op.domain or "ai.onnx": op.version for op in proto.opset_import},
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "inputs": _value_infos(proto, inputs=True),
+        "outputs": _value_infos(proto, inputs=False),
+        "nodes": len(proto.graph.node),
+        "parameters": info.parameters,
+        "weight_count": info.weight_count,
+        "zero_weights": info.zero_weights,
+        "sparsity_percent": info.sparsity,
+    }
+    cam_error = None
+    try:
+        cam_model = open_model(model, layer, select_providers(device, quiet=True), size)
+        details.update(
+            {
+                "layout": cam_model.layout,
+                "input_shape": list(cam_model.input_shape),
+                "channels": cam_model.channels,
+                "num_classes": cam_model.num_classes,
+                "layer": cam_model.layer,
+                "head_ops": [
+                    {"node": node, "op_type": op, "has_rule": bool(rule)}
+                    for node, op, rule in cam_model.head_ops
+                ],
+            }
+        )
+    except Sp2PSError as exc:
+        cam_error = exc
+        details["cam_error"] = _one_line(str(exc))
+    if fmt == "json":
+        click.echo(json.dumps(details, indent=2))
+    else:
+        click.echo(_inspect_text(details))
+    if cam_error is not None:
+        raise cam_error
+
+
+def _load_proto(path: str) -> Any:
+    from .scoring import load_onnx
+
+    return load_onnx(path)
+
+
+def _value_infos(proto: Any, inputs: bool) -> list[dict[str, Any]]:
+    from onnx import helper
+
+    initializers = {t.name for t in proto.graph.initializer}
+    values = proto.graph.input if inputs else proto.graph.output
+    result = []
+    for value in values:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor.shape.dim
+        ]
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        except Exception:
+            dtype = str(tensor.elem_type)
+        result.append({"name": value.name, "dtype": dtype, "shape": dims})
+    return result
+
+
+def _inspect_text(details: dict[str, Any]) -> str:
+    from .report import human_size
+
+    def shape(dims: list[Any]) -> str:
+        return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+    lines = [f"model       {details['model']}"]
+    lines.append(f"sha256      {details['sha256']}")
+    lines.append(f"file size   {human_size(details['file_size_bytes'])}")
+    opsets = ", ".join(f"{k} {v}" for k, v in details["opset"].items())
+    lines.append(f"opset       {opsets}")
+    if details["producer"]:
+        lines.append(f"producer    {details['producer']}")
+    for value in details["inputs"]:
+        lines.append(f"input       {value['name']}  {value['dtype']} {shape(value['shape'])}")
+    for value in details["outputs"]:
+        lines.append(f"output      {value['name']}  {value['dtype']} {shape(value['shape'])}")
+    lines.append(f"nodes       {details['nodes']:,}")
+    lines.append(f"parameters  {details['parameters']:,}")
+    lines.append(
+        f"zero weights {details['sparsity_percent']:.1f}% "
+        f"({details['zero_weights']:,} of {details['weight_count']:,} Conv/Gemm/MatMul weights)"
+    )
+    if "layer" in details:
+        lines.append(f"layout      {details['layout']}, {details['channels']} channel(s)")
+        lines.append(f"classes     {details['num_classes']}")
+        lines.append(f"layer       {details['layer']}")
+        head = details["head_ops"]
+        missing = [h for h in head if not h["has_rule"]]
+        lines.append(
+            f"head ops    {len(head)} between layer and score"
+            + (f", {len(missing)} without a gradient rule" if missing else ", all with rules")
+        )
+        for op in head:
+            mark = "ok" if op["has_rule"] else "NO RULE"
+            lines.append(f"  {op['op_type']:<22} {op['node']}  [{mark}]")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, help="Output directory (created; replaced if it "
+              "holds an earlier sp2ps cam output).")
+@_model_options
+@_data_options
+def cam(model: str, inputs: tuple[str, ...], out: str, layer: str | None, device: str,
+        size: str | None, method: str, target: str | None, batch_size: int, preset: str,
+        mean: str | None, std: str | None, limit: int | None, classes: str | None,
+        quiet: bool) -> None:
+    """Compute CAMs of MODEL for INPUT images (files, folders, .npz, .npy): writes a PNG
+    overlay and a .npy map per sample, and cams.csv."""
+    import numpy as np
+
+    from .report import atomic_directory, overlay, write_png
+    from .scoring import explain
+
+    _check_model_path(model)
+    source = open_data(list(inputs), classes=classes, limit=limit)
+    names = source.class_names
+    progress = _progress("cam", quiet)
+    done = 0
+    used: set[str] = set()
+    with atomic_directory(out, marker="cams.csv") as directory:
+        with open(directory / "cams.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "file", "target", "target_name", "target_logit", "top1",
+                             "top1_name", "label"])
+            for batch in explain(model, source, method=method, layer=layer, target=target,
+                                 batch_size=batch_size, device=device, preset=preset, mean=mean,
+                                 std=std, size=size, quiet=quiet):
+                for i, sample_id in enumerate(batch.ids):
+                    stem = _safe_stem(sample_id, used)
+                    np.save(directory / f"{stem}.npy", batch.maps[i])
+                    write_png(directory / f"{stem}.png", overlay(batch.images[i], batch.maps[i]))
+                    t = int(batch.targets[i])
+                    top1 = int(batch.scores[i].argmax())
+                    writer.writerow([
+                        sample_id, f"{stem}.png", t, _name(t, names),
+                        f"{float(batch.scores[i, t]):.6g}", top1, _name(top1, names),
+                        "" if batch.labels is None else int(batch.labels[i]),
+                    ])
+                done += len(batch.ids)
+                progress(done, len(source))
+    _note(f"sp2ps: wrote {done} CAM(s) ({method}) to {out}", quiet)
+
+
+def _name(index: int, names: list[str] | None) -> str:
+    return names[index] if names and 0 <= index < len(names) else ""
+
+
+def _safe_stem(sample_id: str, used: set[str]) -> str:
+    stem = os.path.splitext(sample_id)[0] if not sample_id.endswith("]") else sample_id
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "__")).strip("._") or "sample"
+    candidate, n = stem, 2
+    while candidate in used:
+        candidate, n = f"{stem}-{n}", n + 1
+    used.add(candidate)
+    return candidate
+
+
+@cli.command()
+@click.argument("original")
+@click.argument("pruned", nargs=-1, required=True)
+@click.option("--data", required=True, multiple=True, help="Evaluation data: image folder "
+              "(class subfolders), image files, .npz (x, y) or .npy. Repeat for several.")
+@click.option("--out", "-o", default="sp2ps-report", show_default=True,
+              help="Report directory (replaced if it holds an earlier report).")
+@click.option("--no-report", is_flag=True, help="Only print the table; write no files.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="table",
+              show_default=True, help="Format of the ranking printed on stdout.")
+@_model_options
+@click.option("--pruned-layer", default=None,
+              help="Target layer of the pruned models when it differs from --layer.")
+@_data_options
+@click.option("--spatial", type=click.Choice(list(SPATIAL)), default="ssim", show_default=True,
+              help="Spatial similarity of two CAMs.")
+@click.option("--spectral", type=click.Choice(list(SPECTRAL)), default="tv", show_default=True,
+              help="Spectral similarity of two CAMs.")
+@click.option("--aggregation", type=click.Choice(list(AGGREGATIONS)), default="mean",
+              show_default=True, help="How per-sample scores are aggregated.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples for the 95% confidence interval (0: none).")
+@click.option("--examples", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Worst and best samples per model shown in the report.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: str,
+          no_report: bool, fmt: str, layer: str | None, device: str, size: str | None,
+          pruned_layer: str | None, method: str, target: str | None, batch_size: int,
+          preset: str, mean: str | None, std: str | None, limit: int | None,
+          classes: str | None, quiet: bool, spatial: str, spectral: str, aggregation: str,
+          bootstrap: int, examples: int, seed: int) -> None:
+    """Score PRUNED models against ORIGINAL with Sp2PS over --data; prints the ranking and
+    writes results.json, per_sample.csv, report.html and figures/ to --out."""
+    from .report import atomic_directory, format_table, write_report
+    from .scoring import score_models
+
+    for path in (original, *pruned):
+        _check_model_path(path)
+    inputs = {Path(p).resolve() for p in (original, *pruned, *data)}
+    if not no_report and Path(out).resolve() in inputs:
+        raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
+    source = open_data(list(data), classes=classes, limit=limit)
+
+    def run() -> Any:
+        return score_models(
+            original, list(pruned), source, method=method, layer=layer,
+            pruned_layer=pruned_layer, target=target, batch_size=batch_size, device=device,
+            preset=preset, mean=mean, std=std, size=size, limit=limit, spatial=spatial,
+            spectral=spectral, aggregation=aggregation, n_bootstrap=bootstrap, seed=seed,
+            examples=examples, progress=_progress("score", quiet), quiet=quiet,
+        )
+
+    if no_report:
+        report = run()
+    else:
+        with atomic_directory(out) as directory:
+            report = run()
+            write_report(report, directory)
+    click.echo(format_table(report, fmt))
+    if not no_report:
+        _note(f"sp2ps: report written to {Path(out) / 'report.html'}", quiet)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", "-o", required=True, help="Path of the rewritten .onnx file.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never MODEL itself).")
+@_model_options
+def export(model: str, out: str, force: bool, layer: str | None, device: str,
+           size: str | None) -> None:
+    """Write MODEL rewritten for CAMs: extra input 'target', extra outputs activations and
+    gradients (runs in any ONNX runtime)."""
+    import onnx
+
+    from .scoring import open_model
+
+    _check_model_path(model)
+    out_path = Path(out)
+    if out_path.resolve() == Path(model).resolve() or (
+        out_path.exists() and os.path.samefile(out_path, model)
+    ):
+        raise ModelLoadError(
+            f"--out {out} is the input model; export never overwrites its input, "
+            "choose another file name"
+        )
+    if out_path.is_dir():
+        raise ModelLoadError(f"--out {out} is a directory; give a file name such as model_cam.onnx")
+    if out_path.exists() and not force:
+        raise ModelLoadError(f"{out} already exists; pass --force to overwrite it")
+    cam_model = open_model(model, layer, ["CPUExecutionProvider"], size)
+    parent = out_path.resolve().parent
+    if not parent.is_dir():
+        raise ModelLoadError(f"the folder of --out {out} does not exist; create it first")
+    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=parent)
+    os.close(handle)
+    try:
+        onnx.save(cam_model.rewritten, temporary)
+        os.replace(temporary, out_path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    click.echo(
+        f"sp2ps: wrote {out} (layer {cam_model.layer}; input 'target' int64 (N,), -1 = top-1; "
+        f"outputs: {', '.join(o.name for o in cam_model.rewritten.graph.output)})"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``sp2ps`` script."""
+    cli.main(args=argv, prog_name="sp2ps")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
