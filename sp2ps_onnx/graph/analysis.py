@@ -18,6 +18,9 @@ from ..errors import ModelLoadError, UnsupportedModelError
 from .model_io import constant_values, dims_of, graph_inputs
 
 PROBE_BATCH = 2
+# Tensors up to this many elements that do not depend on the input are kept as constants
+# (index and shape arithmetic that exporters leave unfolded).
+_FOLD_LIMIT = 1 << 16
 DEFAULT_SPATIAL = 224
 
 
@@ -93,24 +96,27 @@ def analyse(
     info = GraphInfo(model=model, input_name=vi.name, input_shape=concrete, declared_input_dims=dims)
     _make_index(info)
 
-    if isinstance(dims[0], int) and dims[0] != PROBE_BATCH:
+    if isinstance(dims[0], int):
         relaxed = _relax_batch(model)
         fixed_batch = dims[0]
         try:
-            shapes, dtypes = _probe(relaxed, vi.name, (PROBE_BATCH, *concrete[1:]))
+            shapes, dtypes, values = _probe(relaxed, vi.name, (PROBE_BATCH, *concrete[1:]))
             if not _batch_consistent(model, relaxed, vi.name, concrete, fixed_batch):
                 raise RuntimeError("outputs differ from per-sample runs")
             info.model = relaxed
             info.batch_relaxed = True
         except Exception:
             # Hard-coded batch in a Reshape or similar: run per sample instead.
-            shapes, dtypes = _probe(model, vi.name, (fixed_batch, *concrete[1:]))
+            shapes, dtypes, values = _probe(model, vi.name, (fixed_batch, *concrete[1:]))
             info.fixed_batch = fixed_batch
         _make_index(info)
     else:
-        shapes, dtypes = _probe(model, vi.name, (PROBE_BATCH, *concrete[1:]))
+        shapes, dtypes, values = _probe(model, vi.name, (PROBE_BATCH, *concrete[1:]))
     info.shapes = shapes
     info.dtypes = dtypes
+    for name, value in values.items():
+        if name not in info.input_dependent and name not in info.constants:
+            info.constants[name] = value
     info.input_shape = (info.fixed_batch or PROBE_BATCH, *concrete[1:])
     return info
 
@@ -215,7 +221,8 @@ def _probe(model: onnx.ModelProto, input_name: str, shape) -> tuple[dict, dict]:
     dtypes = {n: v.dtype for n, v in zip(names, values, strict=True)}
     shapes[input_name] = tuple(shape)
     dtypes[input_name] = input_dtype(model, input_name)
-    return shapes, dtypes
+    small = {n: v for n, v in zip(names, values, strict=True) if v.size <= _FOLD_LIMIT}
+    return shapes, dtypes, small
 
 
 def _batch_consistent(original, relaxed, input_name, concrete, fixed_batch) -> bool:

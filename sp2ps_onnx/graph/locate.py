@@ -162,18 +162,14 @@ def default_layer(info: GraphInfo, score: str) -> str:
         key=lambda t: order.get(t, -1),
         reverse=True,
     )
+    num_classes = int(np.prod(info.shapes[score][1:]))
     for tensor in candidates:
-        if _is_spatial_map(info, tensor) is None:
+        layout = _is_spatial_map(info, tensor)
+        if layout is None:
             continue
-        while tensor in info.producer:
-            node = info.node(info.producer[tensor])
-            if node.op_type in _STEP_BACK_OPS and _is_spatial_map(info, node.input[0]):
-                tensor = node.input[0]
-            elif _is_identity_pool(info, node) and _is_spatial_map(info, node.input[0]):
-                tensor = node.input[0]
-            else:
-                break
-        return tensor
+        if info.shapes[tensor][layout.channel_axis] == num_classes:
+            tensor = _before_class_map_conv(info, tensor)
+        return _step_back(info, tensor)
     raise LayerNotFoundError(
         "found no 4-D feature map with height and width > 1 that feeds the class score; "
         "pass the layer explicitly with layer=... (CLI: --layer); `sp2ps inspect` lists "
@@ -181,6 +177,34 @@ def default_layer(info: GraphInfo, score: str) -> str:
     )
 
 
+def _step_back(info: GraphInfo, tensor: str) -> str:
+    while tensor in info.producer:
+        node = info.node(info.producer[tensor])
+        if node.op_type in _STEP_BACK_OPS and _is_spatial_map(info, node.input[0]):
+            tensor = node.input[0]
+        elif _is_identity_pool(info, node) and _is_spatial_map(info, node.input[0]):
+            tensor = node.input[0]
+        else:
+            break
+    return tensor
+
+
+def _before_class_map_conv(info: GraphInfo, tensor: str) -> str:
+    """Fully-convolutional heads (SqueezeNet, NiN) turn features into one map per class with
+    a 1x1 Conv before pooling; those class maps are the head, the features are the layer."""
+    current = tensor
+    while current in info.producer:
+        node = info.node(info.producer[current])
+        if node.op_type == "Conv":
+            kernel = info.shapes.get(node.input[1]) or info.constants[node.input[1]].shape
+            source = node.input[0]
+            if all(k == 1 for k in kernel[2:]) and _is_spatial_map(info, source):
+                return source
+            return tensor
+        if node.op_type not in _LAYOUT_KEEPING_OPS or len(node.input) != 1:
+            return tensor
+        current = node.input[0]
+    return tensor
 def _is_identity_pool(info: GraphInfo, node) -> bool:
     """Pooling that keeps the map as it is (e.g. VGG's adaptive pool at its own size)."""
     if node.op_type not in ("AveragePool", "MaxPool"):

@@ -757,13 +757,16 @@ def _slice(b, node, dys, needs):
 
 @vjp("Gather")
 def _gather(b, node, dys, needs):
+    if b.opset >= 16:
+        # Scatter-add is exact for any indices, repeated or computed at run time
+        # (the dynamo exporter writes as_strided as a Gather over batch-dependent indices).
+        return [_scatter_through_index_map(b, node, dys[0], add=True), None]
     indices = b.info.static_value(node.input[1])
     if indices is None:
-        raise _unsupported(node, "only constant indices are supported")
-    repeated = np.unique(indices).size != np.asarray(indices).size
-    if repeated and b.opset < 16:
+        raise _unsupported(node, "indices computed at run time need opset >= 16")
+    if np.unique(indices).size != np.asarray(indices).size:
         raise _unsupported(node, "repeated indices need scatter-add (opset >= 16)")
-    return [_scatter_through_index_map(b, node, dys[0], add=repeated), None]
+    return [_scatter_through_index_map(b, node, dys[0], add=False), None]
 
 
 @vjp("Pad")
