@@ -87,10 +87,12 @@ def dims_of(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
         return []
     out: list[int | str | None] = []
     for d in tensor_type.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:
             out.append(int(d.dim_value))
         elif d.HasField("dim_param"):
             out.append(d.dim_param)
+        elif d.HasField("dim_value"):
+            out.append("?")  # Paddle writes -1 for a dynamic dim
         else:
             out.append(None)
     return out
