@@ -80,10 +80,13 @@ class GraphBuilder:
         return self._shape_cache[name]
 
     def static_shape(self, name: str) -> tuple[int, ...]:
-        return self.info.shapes[name]
+        """Probed shape of a computed tensor, or the shape of a weight/constant."""
+        if name in self.info.shapes:
+            return self.info.shapes[name]
+        return tuple(self.info.constants[name].shape)
 
     def rank(self, name: str) -> int:
-        return len(self.info.shapes[name])
+        return len(self.static_shape(name))
 
     # -- opset-aware helpers ------------------------------------------------------------
     def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
@@ -112,9 +115,7 @@ class GraphBuilder:
 
     def unbroadcast(self, grad: str, grad_shape: Sequence[int], target: str) -> str:
         """Sum ``grad`` (shaped like a broadcast result) down to the shape of ``target``."""
-        target_shape = self.info.shapes.get(target)
-        if target_shape is None:
-            target_shape = tuple(self.info.constants[target].shape)
+        target_shape = self.static_shape(target)
         grad_shape = tuple(grad_shape)
         if tuple(target_shape) == grad_shape:
             return grad

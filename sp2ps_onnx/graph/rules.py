@@ -764,9 +764,33 @@ def _gather(b, node, dys, needs):
     indices = b.info.static_value(node.input[1])
     if indices is None:
         raise _unsupported(node, "indices computed at run time need opset >= 16")
-    if np.unique(indices).size != np.asarray(indices).size:
-        raise _unsupported(node, "repeated indices need scatter-add (opset >= 16)")
-    return [_scatter_through_index_map(b, node, dys[0], add=False), None]
+    indices = np.asarray(indices)
+    if np.unique(indices).size == indices.size:
+        return [_scatter_through_index_map(b, node, dys[0], add=False), None]
+    return [_gather_by_one_hot(b, node, dys[0], indices), None]
+
+
+def _gather_by_one_hot(b: GraphBuilder, node: onnx.NodeProto, dy: str, indices: np.ndarray) -> str:
+    """Repeated constant indices before opset 16 (no scatter-add): contract the gradient
+    with a constant (picks x positions) count matrix along the gathered axis."""
+    x = node.input[0]
+    x_shape = b.static_shape(x)
+    axis = attribute(node, "axis", 0) % len(x_shape)
+    if axis == 0:
+        raise _unsupported(node, "gathering along the batch axis is not supported")
+    dim = x_shape[axis]
+    flat = np.where(indices < 0, indices + dim, indices).reshape(-1)
+    counts = np.zeros((flat.size, dim), dtype=np.float32)
+    np.add.at(counts, (np.arange(flat.size), flat), 1.0)
+    # Collapse the index dims of dy into one axis (leading dims copied with 0), move it last.
+    collapsed = [0] * axis + [flat.size] + list(x_shape[axis + 1 :])
+    dy = b.op("Reshape", [dy, b.ints(collapsed)])
+    rank = len(x_shape)
+    to_last = [i for i in range(rank) if i != axis] + [axis]
+    back = [to_last.index(i) for i in range(rank)]
+    moved = b.op("Transpose", [dy], perm=to_last)
+    summed = b.op("MatMul", [moved, b.const(counts, hint="gather_counts")])
+    return b.op("Transpose", [summed], perm=back)
 
 
 @vjp("Pad")
@@ -774,23 +798,12 @@ def _pad(b, node, dys, needs):
     mode = attribute(node, "mode", b"constant")
     if mode not in (b"constant", "constant"):
         raise _unsupported(node, f"mode {mode!r}; only constant padding is supported")
-    rank = b.rank(node.input[0])
+    # Padding by -p undoes padding by p for either sign: added borders are cropped off,
+    # cropped borders come back as zeros (they received no gradient).
     if b.opset >= 11:
         pads = _static_ints(b, node, 1, "pads")
-        axes = (
-            [a % rank for a in _static_ints(b, node, 3, "axes")]
-            if len(node.input) > 3 and node.input[3]
-            else list(range(rank))
-        )
+        extra = [node.input[3]] if len(node.input) > 3 and node.input[3] else []
+        grad = b.op("Pad", [dys[0], b.ints([-p for p in pads]), b.scalar(0.0), *extra])
     else:
-        pads = list(attribute(node, "pads"))
-        axes = list(range(rank))
-    n = len(axes)
-    begin, end = pads[:n], pads[n:]
-    if any(p < 0 for p in pads):
-        raise _unsupported(node, "negative pads (cropping) are not supported")
-    out_shape = _out_shape(b, node)
-    starts = begin
-    stops = [out_shape[a] - e if e else 2**62 for a, e in zip(axes, end, strict=True)]
-    grad = b.op("Slice", [dys[0], b.ints(starts), b.ints(stops), b.ints(axes)])
+        grad = b.op("Pad", [dys[0]], pads=[-p for p in attribute(node, "pads")], value=0.0)
     return [grad] + [None] * (len(node.input) - 1)
