@@ -30,19 +30,12 @@ from .errors import InputDataError
 
 FORMATS = ("table", "json", "csv", "markdown")
 
-# Jet colour map as control points (position, r, g, b): dark blue -> cyan -> yellow -> dark red.
-_JET = np.array(
-    [
-        (0.0, 0.0, 0.0, 0.5),
-        (0.11, 0.0, 0.0, 1.0),
-        (0.125, 0.0, 0.0, 1.0),
-        (0.34, 0.0, 0.86, 1.0),
-        (0.35, 0.0, 0.9, 0.97),
-        (0.64, 1.0, 1.0, 0.0),
-        (0.66, 1.0, 0.86, 0.0),
-        (0.89, 1.0, 0.0, 0.0),
-        (1.0, 0.5, 0.0, 0.0),
-    ]
+# The classic "jet" colour map as piecewise-linear control points (position, value) per
+# channel: dark blue -> blue -> cyan -> yellow -> red -> dark red.
+_JET = (
+    ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
 )
 
 
@@ -53,7 +46,9 @@ _JET = np.array(
 def colorize(cam: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] to jet colours, ``uint8 (H, W, 3)``."""
     values = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float64)), 0.0, 1.0)
-    channels = [np.interp(values, _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)]
+    channels = [
+        np.interp(values, [p for p, _ in points], [v for _, v in points]) for points in _JET
+    ]
     return np.round(np.stack(channels, axis=-1) * 255).astype(np.uint8)
 
 
