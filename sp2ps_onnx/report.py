@@ -394,8 +394,8 @@ def scatter_svg(report: Any, width: int = 640, height: int = 420) -> str:
         x = px(reference)
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
                      'stroke="#8250df" stroke-dasharray="5 4"/>')
-        parts.append(f'<text x="{x + 4:.1f}" y="{top + 14}" fill="#8250df">original '
-                     f'{reference:.1f}%</text>')
+        parts.append(f'<text x="{x - 4:.1f}" y="{top + plot_h - 8}" text-anchor="end" '
+                     f'fill="#8250df">original {reference:.1f}%</text>')
     placed: list[float] = []
     for index, point in enumerate(points):
         x, y = px(point["x"]), py(point["y"])
@@ -523,6 +523,8 @@ table.rank tr.ref td { color: var(--muted); background: #fbfbfc; font-style: ita
 details { margin-top: 10px; } summary { cursor: pointer; color: var(--accent); }
 pre { background: var(--bg); border: 1px solid var(--line); border-radius: 6px; padding: 10px;
   overflow: auto; font-size: 12px; }
+table.heat td { text-align: center; min-width: 56px; }
+table.heat th { text-align: center; }
 footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 @media (max-width: 900px) { .pair { grid-template-columns: 1fr; } }
 """
@@ -680,6 +682,8 @@ def render_html(report: Any) -> str:
         "</div></div></div>"
     )
 
+    out.extend(_per_class_table(ranked, names, report.accuracy_original is not None))
+
     out.append("<h2>Where the models look: worst and best samples</h2>")
     for model in ranked:
         result = model.result
@@ -720,6 +724,42 @@ def render_html(report: Any) -> str:
     )
     out.append("</main></body></html>")
     return "\n".join(out)
+
+
+def _heat_background(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "#f6f8fa"
+    hue = 120 * min(1.0, max(0.0, (value - 0.3) / 0.7))
+    return f"hsl({hue:.0f}, 70%, 86%)"
+
+
+def _per_class_table(ranked: list[Any], names: list[str] | None, has_labels: bool) -> list[str]:
+    per_model = [
+        {int(k): float(v) for k, v in (_field(m.result, "per_class_h") or {}).items()}
+        for m in ranked
+    ]
+    classes = sorted({c for values in per_model for c in values})
+    if not classes or len(classes) > 40:
+        return []
+    grouped_by = "true label" if has_labels else "explained class"
+    out = [
+        "<h2>Mean h per class</h2>",
+        f'<p class="note">Samples grouped by {grouped_by}: where does pruning move the '
+        "attention most?</p>",
+        '<div style="overflow-x:auto"><table class="rank heat"><thead><tr>'
+        '<th class="name">model</th>'
+        + "".join(f"<th>{html.escape(_class_name(c, names))}</th>" for c in classes)
+        + "</tr></thead><tbody>",
+    ]
+    for model, values in zip(ranked, per_model, strict=True):
+        cells = "".join(
+            f'<td style="background:{_heat_background(values.get(c))}">'
+            f"{_num(values.get(c), 2)}</td>"
+            for c in classes
+        )
+        out.append(f'<tr><td class="name">{html.escape(model.info.name)}</td>{cells}</tr>')
+    out.append("</tbody></table></div>")
+    return out
 
 
 def _legend() -> np.ndarray:
