@@ -67,13 +67,20 @@ class MetricInputError(InputDataError, ValueError):
     """CAM arrays, labels or scores that the metric cannot use."""
 
 
-# Maps are processed in chunks of this many images so that the five (n, H, W) float64
-# work arrays of one chunk stay in cache, and chunks can run on several threads
-# (scipy.ndimage, NumPy ufuncs and scipy.fft release the GIL).
-_CHUNK_PIXELS = 8 * 224 * 224
+# Maps are processed in chunks of about this many pixels so that the work arrays of one
+# chunk stay in cache, and chunks can run on several threads (NumPy's matmul, ufuncs and
+# scipy.fft release the GIL).
+_CHUNK_PIXELS = 2 * 224 * 224
+# Output columns per banded-matrix block of the Gaussian filter: small enough that the
+# zero part of each block costs little, large enough for BLAS to run near full speed.
+_FILTER_BLOCK = 12
 
 
 def _default_workers() -> int:
+    """Threads for one batch: $SP2PS_THREADS if set, else up to 4 bounded by the CPU count."""
+    configured = os.environ.get("SP2PS_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -101,7 +108,8 @@ def _as_batch(maps: Any, name: str) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise MetricInputError(f"{name} must hold real numbers; got dtype {array.dtype}")
     array = array.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(array)):
+    # One summation pass finds any NaN/inf (they survive the sum); only then look closer.
+    if not np.isfinite(array.sum()) and not np.all(np.isfinite(array)):
         bad = int(np.flatnonzero(~np.isfinite(array).all(axis=(1, 2)))[0])
         raise MetricInputError(
             f"{name}[{bad}] contains NaN or infinite values; check the model outputs for "
@@ -136,6 +144,8 @@ def normalize_maps(maps: Any) -> np.ndarray:
     resolution = np.finfo(array.dtype).eps if np.issubdtype(array.dtype, np.floating) else 0.0
     low = batch.min(axis=(1, 2), keepdims=True)
     high = batch.max(axis=(1, 2), keepdims=True)
+    if np.all(low == 0.0) and np.all(high == 1.0):
+        return batch[0] if single else batch  # already normalised (the usual case)
     span = high - low
     magnitude = np.maximum(np.abs(low), np.abs(high))
     constant = span <= 8.0 * resolution * magnitude
@@ -160,27 +170,66 @@ def _constant_rule(values: np.ndarray, P: np.ndarray, Q: np.ndarray) -> np.ndarr
 # --------------------------------------------------------------------------- spatial
 
 
-def _ssim_chunk(
-    x: np.ndarray, y: np.ndarray, sigma: float, truncate: float, radius: int, c1: float, c2: float
-) -> np.ndarray:
-    def local_mean(image: np.ndarray) -> np.ndarray:
-        # Only pixels at least `radius` from every border enter the SSIM mean, and their
-        # filtered values never touch the padding, so each pass keeps just those outputs.
-        h, w = image.shape[1:]
-        rows = ndimage.gaussian_filter1d(image, sigma, axis=2, mode="reflect", truncate=truncate)
-        rows = rows[:, :, radius : w - radius]
-        both = ndimage.gaussian_filter1d(rows, sigma, axis=1, mode="reflect", truncate=truncate)
-        return both[:, radius : h - radius, :]
+def _gaussian_weights(sigma: float, truncate: float) -> np.ndarray:
+    """scipy.ndimage's own 1-D Gaussian kernel: its response to a unit impulse."""
+    radius = int(truncate * sigma + 0.5)
+    impulse = np.zeros(2 * radius + 1)
+    impulse[radius] = 1.0
+    return ndimage.gaussian_filter1d(impulse, sigma, mode="constant", truncate=truncate)
 
-    mu_x = local_mean(x)
-    mu_y = local_mean(y)
-    # SSIM needs only the sum of the two variances, so x^2 and y^2 share one filter pass.
-    second = local_mean(x * x + y * y)
-    cross = local_mean(x * y)
+
+def _block_starts(length: int, block: int) -> list[int]:
+    starts = list(range(0, length - block + 1, block))
+    if starts[-1] != length - block:
+        starts.append(length - block)  # the last block overlaps the previous one
+    return starts
+
+
+def _valid_gaussian(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Separable Gaussian filter of every (H, W) map, keeping only the outputs whose window
+    lies inside the map: (n, H, W) -> (n, H - 2r, W - 2r).
+
+    Those are the only outputs that the SSIM mean uses (scikit-image crops the filter radius
+    from every border), and they do not depend on the padding mode. Each pass multiplies
+    slabs of the maps by one banded block of the filter matrix, so the work runs in BLAS.
+    The blocks are small enough that every BLAS call stays single-threaded.
+    """
+    n, height, width = stack.shape
+    taps = weights.size
+    out_h, out_w = height - taps + 1, width - taps + 1
+    block = min(_FILTER_BLOCK, out_h, out_w)
+    band = np.zeros((block + taps - 1, block))
+    for column in range(block):
+        band[column : column + taps, column] = weights
+    span = band.shape[0]
+    rows = np.empty((n, height, out_w))
+    for start in _block_starts(out_w, block):
+        np.matmul(stack[:, :, start : start + span], band, out=rows[:, :, start : start + block])
+    band_t = np.ascontiguousarray(band.T)
+    both = np.empty((n, out_h, out_w))
+    for start in _block_starts(out_h, block):
+        np.matmul(band_t, rows[:, start : start + span, :], out=both[:, start : start + block, :])
+    return both
+
+
+def _ssim_chunk(x: np.ndarray, y: np.ndarray, weights: np.ndarray, c1: float, c2: float):
+    n = x.shape[0]
+    # SSIM needs only the sum of the two variances, so x^2 + y^2 is filtered as one map.
+    stack = np.empty((4 * n, *x.shape[1:]))
+    stack[:n] = x
+    stack[n : 2 * n] = y
+    np.multiply(x, x, out=stack[2 * n : 3 * n])
+    np.multiply(y, y, out=stack[3 * n :])
+    stack[2 * n : 3 * n] += stack[3 * n :]
+    np.multiply(x, y, out=stack[3 * n :])
+    filtered = _valid_gaussian(stack, weights)
+    mu_x, mu_y, second, cross = (filtered[i * n : (i + 1) * n] for i in range(4))
 
     mu_xy = mu_x * mu_y
-    mu_sq = mu_x * mu_x
-    mu_sq += mu_y * mu_y
+    np.multiply(mu_x, mu_x, out=mu_x)
+    np.multiply(mu_y, mu_y, out=mu_y)
+    mu_sq = mu_x
+    mu_sq += mu_y
     second -= mu_sq  # sigma_x^2 + sigma_y^2
     second += c2
     cross -= mu_xy  # sigma_xy
@@ -228,11 +277,12 @@ def ssim_batch(
 
     Equals ``skimage.metrics.structural_similarity(p, q, data_range=data_range,
     gaussian_weights=True, sigma=sigma, use_sample_covariance=False)`` for every pair of
-    float64 maps: Gaussian-weighted local statistics (reflect padding, radius
+    float64 maps: Gaussian-weighted local statistics (scipy.ndimage's kernel, radius
     ``int(truncate * sigma + 0.5)``), population covariance, and the mean of the SSIM map
-    with that radius cropped from every border. Inputs are converted to float64 (scikit-image
+    with that radius cropped from every border (only those pixels are computed, so the
+    padding mode plays no part). Inputs are converted to float64 (scikit-image
     computes float32 inputs in float32). ``workers`` threads share the chunks of the batch
-    (default: up to 4, bounded by the CPU count).
+    (default: ``$SP2PS_THREADS`` if set, else up to 4 bounded by the CPU count).
     """
     P, Q = _pair(P, Q)
     if sigma <= 0 or truncate <= 0:
@@ -248,9 +298,10 @@ def ssim_batch(
         )
     c1 = (K1 * data_range) ** 2
     c2 = (K2 * data_range) ** 2
+    weights = _gaussian_weights(sigma, truncate)
 
     def chunk(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return _ssim_chunk(x, y, sigma, truncate, radius, c1, c2)
+        return _ssim_chunk(x, y, weights, c1, c2)
 
     return _chunked(chunk, P, Q, workers)
 
@@ -312,9 +363,8 @@ def _half_spectra(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     the half-plane columns reproduces sums over the full spectrum at half the cost.
     """
     width = P.shape[2]
-    workers = _default_workers()
-    mag_p = np.abs(scipy.fft.rfft2(P, axes=(1, 2), workers=workers))
-    mag_q = np.abs(scipy.fft.rfft2(Q, axes=(1, 2), workers=workers))
+    mag_p = np.abs(scipy.fft.rfft2(P, axes=(1, 2)))
+    mag_q = np.abs(scipy.fft.rfft2(Q, axes=(1, 2)))
     mag_p[:, 0, 0] = 0.0
     mag_q[:, 0, 0] = 0.0
     weight = np.full(mag_p.shape[2], 2.0)
@@ -324,39 +374,46 @@ def _half_spectra(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return mag_p, mag_q, weight
 
 
-def spectral_tv(P: Any, Q: Any) -> np.ndarray:
-    """Spectral component "tv": one minus the total-variation distance of the spectra.
-
-    ``f = 1 - 0.5 * sum_k |p_k(P) - p_k(Q)|`` with ``p = M / sum M`` and ``M = |FFT2|``
-    with the DC term set to 0. Constant maps: 1 when both are, 0 when exactly one is.
-    """
-    P, Q = _pair(P, Q)
+def _tv_chunk(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
     mag_p, mag_q, weight = _half_spectra(P, Q)
     total_p = np.einsum("nij,j->n", mag_p, weight)
     total_q = np.einsum("nij,j->n", mag_q, weight)
-    mag_p /= np.where(total_p > 0, total_p, 1.0)[:, None, None]
-    mag_q /= np.where(total_q > 0, total_q, 1.0)[:, None, None]
+    mag_p *= (1.0 / np.where(total_p > 0, total_p, 1.0))[:, None, None]
+    mag_q *= (1.0 / np.where(total_q > 0, total_q, 1.0))[:, None, None]
     mag_p -= mag_q
     np.abs(mag_p, out=mag_p)
-    distance = 0.5 * np.einsum("nij,j->n", mag_p, weight)
-    similarity = np.clip(1.0 - distance, 0.0, 1.0)
-    return _constant_rule(similarity, P, Q)
+    return 1.0 - 0.5 * np.einsum("nij,j->n", mag_p, weight)
 
 
-def spectral_cosine(P: Any, Q: Any) -> np.ndarray:
-    """Spectral component "cosine": cosine of the magnitude spectra with DC removed.
-
-    Constant maps: 1 when both are, 0 when exactly one is.
-    """
-    P, Q = _pair(P, Q)
+def _cosine_chunk(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
     mag_p, mag_q, weight = _half_spectra(P, Q)
     dot = np.einsum("nij,nij,j->n", mag_p, mag_q, weight)
     norm = np.sqrt(
         np.einsum("nij,nij,j->n", mag_p, mag_p, weight)
         * np.einsum("nij,nij,j->n", mag_q, mag_q, weight)
     )
-    cosine = dot / np.where(norm > 0, norm, 1.0)
-    return _constant_rule(np.clip(cosine, 0.0, 1.0), P, Q)
+    return dot / np.where(norm > 0, norm, 1.0)
+
+
+def spectral_tv(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
+    """Spectral component "tv": one minus the total-variation distance of the spectra.
+
+    ``f = 1 - 0.5 * sum_k |p_k(P) - p_k(Q)|`` with ``p = M / sum M`` and ``M = |FFT2|``
+    with the DC term set to 0. Constant maps: 1 when both are, 0 when exactly one is.
+    """
+    P, Q = _pair(P, Q)
+    similarity = np.clip(_chunked(_tv_chunk, P, Q, workers), 0.0, 1.0)
+    return _constant_rule(similarity, P, Q)
+
+
+def spectral_cosine(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
+    """Spectral component "cosine": cosine of the magnitude spectra with DC removed.
+
+    Constant maps: 1 when both are, 0 when exactly one is.
+    """
+    P, Q = _pair(P, Q)
+    cosine = np.clip(_chunked(_cosine_chunk, P, Q, workers), 0.0, 1.0)
+    return _constant_rule(cosine, P, Q)
 
 
 # --------------------------------------------------------------------------- combination
