@@ -61,14 +61,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     paths: dict[str, Path] = {}
 
-    def export(name: str, model: nn.Module, shape: tuple[int, ...]) -> None:
+    def export(name: str, model: nn.Module, shape: tuple[int, ...], dynamic_hw: bool = False):
         model.eval()
         paths[name] = root / f"{name}.onnx"
+        axes = {0: "N", 2: "H", 3: "W"} if dynamic_hw else {0: "N"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, torch.rand(*shape), str(paths[name]), input_names=["input"],
-                output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                output_names=["logits"], dynamic_axes={"input": axes, "logits": {0: "N"}},
                 dynamo=False, opset_version=17,
             )
 
@@ -88,6 +89,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     nhwc.load_state_dict(pruned.state_dict())
     export("pruned_nhwc", nhwc, (2, SIZE, SIZE, 1))
     export("five_classes", Net(classes=5), (2, 1, SIZE, SIZE))
+    export("dynamic", original, (2, 1, SIZE, SIZE), dynamic_hw=True)
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (18, SIZE, SIZE), dtype=np.uint8)
@@ -422,3 +424,35 @@ def test_export_writes_a_runnable_model_and_never_its_input(tiny, tmp_path: Path
     assert invoke("export", tiny["original"], "-o", out, "--force").exit_code == 0
     assert sha(tiny["original"]) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cam.onnx"]
+
+
+def test_progress_bar_only_on_request(tiny, tmp_path: Path, capsys) -> None:
+    from sp2ps_onnx.cli import Progress
+
+    bar = Progress("score", enabled=True)
+    bar(5, 10)
+    bar(10, 10)
+    err = capsys.readouterr().err
+    assert "10/10" in err and "#" * 28 in err and err.endswith("\n")
+    Progress("score", enabled=False)(10, 10)
+    assert capsys.readouterr().err == ""
+    # Under CliRunner stderr is not a terminal: only the closing note, no bar.
+    result = invoke("score", tiny["original"], tiny["pruned"], "--data", tiny["npz"],
+                    "--preset", "unit", "--out", tmp_path / "r", "--bootstrap", 0)
+    assert result.exit_code == 0
+    assert result.stderr.strip().splitlines() == [
+        f"sp2ps: report written to {tmp_path / 'r' / 'report.html'}"
+    ]
+
+
+def test_dynamic_input_size_follows_size_option(tiny, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    result = invoke("cam", tiny["dynamic"], tiny["flat"], "-o", out, "--size", "24,20", "-q",
+                    "--preset", "unit")
+    assert result.exit_code == 0, result.output
+    maps = [np.load(p) for p in sorted(out.glob("*.npy"))]
+    assert len(maps) == 3 and all(m.shape == (24, 20) for m in maps)
+    # The fixed-size original and its dynamic twin agree when run at the same size.
+    report = score_models(tiny["original"], [tiny["dynamic"]], tiny["npz"], preset="unit",
+                          limit=6, n_bootstrap=0)
+    assert report.models[0].sp2ps == pytest.approx(1.0, abs=1e-6)
