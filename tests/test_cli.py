@@ -456,3 +456,16 @@ def test_dynamic_input_size_follows_size_option(tiny, tmp_path: Path) -> None:
     report = score_models(tiny["original"], [tiny["dynamic"]], tiny["npz"], preset="unit",
                           limit=6, n_bootstrap=0)
     assert report.models[0].sp2ps == pytest.approx(1.0, abs=1e-6)
+
+
+def test_device_cuda_without_cuda_runtime_is_one_line(tiny, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    result = invoke("score", tiny["original"], tiny["pruned"], "--data", tiny["npz"],
+                    "--preset", "unit", "--device", "cuda", "--out", tmp_path / "r", "-q",
+                    "--bootstrap", 0, "--limit", 4)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert result.exit_code == 0, result.output
+    else:
+        assert_user_error(result, "CUDAExecutionProvider", "--device cpu")
+        assert not (tmp_path / "r").exists()
