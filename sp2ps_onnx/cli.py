@@ -398,6 +398,8 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
         with atomic_directory(out) as directory:
             report = run()
             write_report(report, directory)
+    for message in report.notes:
+        _note(f"sp2ps: note: {message}", quiet)
     click.echo(format_table(report, fmt))
     if not no_report:
         _note(f"sp2ps: report written to {Path(out) / 'report.html'}", quiet)

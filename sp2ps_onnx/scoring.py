@@ -257,6 +257,7 @@ class ScoreReport:
     class_names: list[str] | None = None
     accuracy_original: float | None = None
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def ranked(self) -> list[ModelScore]:
         """Pruned models from the highest Sp2PS to the lowest (NaN last)."""
@@ -274,6 +275,7 @@ class ScoreReport:
             "seconds": self.seconds,
             "original": {**self.original.to_dict(), "accuracy": self.accuracy_original},
             "ranking": [m.info.name for m in ranked],
+            "notes": self.notes,
             "models": [
                 {
                     "rank": ranked.index(m) + 1,
@@ -518,6 +520,13 @@ def score_models(
         )
     original_info = model_info(_model_source(original, original_cam), original_cam, names[0])
     accuracy = getattr(results[0], "accuracy_original", None)
+    notes = []
+    if source.class_names and len(source.class_names) != int(original_cam.num_classes):
+        notes.append(
+            f"the data names {len(source.class_names)} classes but the model has "
+            f"{original_cam.num_classes}; labels are the positions in that list, so give "
+            "--classes with all the model's class names in label order if they differ"
+        )
     config = {
         "method": method,
         "layer": layer,
@@ -549,6 +558,7 @@ def score_models(
         class_names=source.class_names,
         accuracy_original=None if accuracy is None else float(accuracy),
         seconds=time.perf_counter() - started,
+        notes=notes,
     )
 
 
