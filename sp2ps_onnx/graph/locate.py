@@ -86,41 +86,43 @@ def find_score(info: GraphInfo, score: str = "logits") -> tuple[str, str | None]
 
 
 def layout_of(info: GraphInfo, tensor: str) -> Layout | None:
-    """Channel/spatial axes of a 4-D tensor, traced back to a channels-first op or the input."""
-    transposes: list[list[int]] = []
-    current = tensor
-    for _ in range(10_000):
+    """Channel/spatial axes of a 4-D tensor, traced back to a channels-first op or the input.
+
+    A depth-first search follows Transposes (composing their permutations) and
+    layout-keeping ops; at a binary op every input that depends on the image is tried.
+    """
+    stack: list[tuple[str, tuple[tuple[int, ...], ...]]] = [(tensor, ())]
+    visited: set[str] = set()
+    while stack:
+        current, transposes = stack.pop()
+        if current in visited:
+            continue
+        visited.add(current)
         if current == info.input_name:
             base = NHWC if input_layout(info.declared_input_dims) == "NHWC" else NCHW
-            break
+            return _apply_transposes(base, transposes)
         if current not in info.producer:
-            return None
+            continue
         node = info.node(info.producer[current])
         if node.op_type in _CHANNELS_FIRST_OPS:
-            base = NCHW
-            break
+            return _apply_transposes(NCHW, transposes)
         if node.op_type == "Transpose":
-            transposes.append(list(node.attribute[0].ints) if node.attribute else [3, 2, 1, 0])
-            current = node.input[0]
-            continue
-        if node.op_type in _LAYOUT_KEEPING_OPS:
-            rank4 = [i for i in node.input if i and len(info.shapes.get(i, ())) == 4]
-            dependent = [i for i in rank4 if i in info.input_dependent]
-            if not dependent:
-                return None
-            current = dependent[0]
-            continue
-        return None
-    else:
-        return None
-    # Axis i of the base tensor holds NCHW axis base_axes[i]; follow the transposes forward.
-    base_axes = [0, 0, 0, 0]
-    base_axes[0] = 0
-    base_axes[base.channel_axis] = 1
-    base_axes[base.spatial_axes[0]] = 2
-    base_axes[base.spatial_axes[1]] = 3
-    axes = base_axes
-    for perm in reversed(transposes):
+            perm = tuple(node.attribute[0].ints) if node.attribute else (3, 2, 1, 0)
+            stack.append((node.input[0], (perm, *transposes)))
+        elif node.op_type in _LAYOUT_KEEPING_OPS:
+            for name in reversed(node.input):
+                if name and len(info.shapes.get(name, ())) == 4 and name in info.input_dependent:
+                    stack.append((name, transposes))
+    return None
+
+
+def _apply_transposes(base: Layout, transposes: tuple[tuple[int, ...], ...]) -> Layout:
+    """``transposes`` run from the base tensor towards the traced tensor."""
+    axes = [0, 0, 0, 0]
+    axes[base.channel_axis] = 1
+    axes[base.spatial_axes[0]] = 2
+    axes[base.spatial_axes[1]] = 3
+    for perm in transposes:
         axes = [axes[p] for p in perm]
     return Layout(axes.index(1), (axes.index(2), axes.index(3)))
 
