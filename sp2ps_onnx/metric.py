@@ -156,7 +156,7 @@ def normalize_maps(maps: Any) -> np.ndarray:
 
 
 def _is_constant(batch: np.ndarray) -> np.ndarray:
-    return np.ptp(batch.reshape(batch.shape[0], -1), axis=1) == 0
+    return np.ptp(batch, axis=(1, 2)) == 0
 
 
 def _constant_rule(values: np.ndarray, P: np.ndarray, Q: np.ndarray) -> np.ndarray:
@@ -254,7 +254,7 @@ def _chunked(
     step = max(1, _CHUNK_PIXELS // (h * w))
     starts = range(0, n, step)
     workers = _default_workers() if workers is None else max(1, int(workers))
-    if workers == 1 or len(starts) == 1:
+    if workers == 1 or len(starts) <= 1:
         parts = [function(P[i : i + step], Q[i : i + step]) for i in starts]
     else:
         with ThreadPoolExecutor(max_workers=min(workers, len(starts))) as pool:
@@ -317,8 +317,8 @@ def pearson_similarity(P: Any, Q: Any) -> np.ndarray:
     Constant maps have no correlation: 1 when both are constant, 0 when exactly one is.
     """
     P, Q = _pair(P, Q)
-    x = P.reshape(P.shape[0], -1)
-    y = Q.reshape(Q.shape[0], -1)
+    x = P.reshape(P.shape[0], P.shape[1] * P.shape[2])
+    y = Q.reshape(Q.shape[0], Q.shape[1] * Q.shape[2])
     x = x - x.mean(axis=1, keepdims=True)
     y = y - y.mean(axis=1, keepdims=True)
     denom = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", y, y))
@@ -339,8 +339,8 @@ def topk_iou(P: Any, Q: Any, fraction: float = 0.1) -> np.ndarray:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
     P, Q = _pair(P, Q)
     n = P.shape[0]
-    x = P.reshape(n, -1)
-    y = Q.reshape(n, -1)
+    x = P.reshape(n, P.shape[1] * P.shape[2])
+    y = Q.reshape(n, Q.shape[1] * Q.shape[2])
     size = x.shape[1]
     k = min(size, max(1, math.ceil(fraction * size)))
     kth = size - k

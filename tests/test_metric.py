@@ -256,6 +256,12 @@ def test_normalize_maps_range_and_constant_maps():
     assert np.all(m.normalize_maps(flat) == 0.0)
 
 
+def test_empty_batch_gives_empty_results():
+    for spatial, spectral in COMBOS:
+        per = m.sp2ps(np.zeros((0, 20, 20)), np.zeros((0, 20, 20)), spatial, spectral)
+        assert per.spatial.shape == per.spectral.shape == per.h.shape == (0,)
+
+
 def test_input_errors_are_clear():
     with pytest.raises(m.MetricInputError, match="differ in shape"):
         m.sp2ps(np.zeros((2, 20, 20)), np.zeros((2, 20, 21)))
