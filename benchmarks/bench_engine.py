@@ -1,0 +1,87 @@
+"""Cost of explaining: CamModel.run (forward + in-graph head backward) vs a plain forward pass.
+
+Run: .venv/bin/python benchmarks/bench_engine.py [--size 224] [--batch 8] [--repeats 5]
+Needs the test extra (torch/torchvision) to export the models. Prints one row per model with
+the median times and their ratio, all measured in the same process, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+
+from sp2ps_onnx import CamModel
+
+MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny"]
+
+
+def export(name: str, size: int, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=1000).eval()
+    path = folder / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            torch.randn(1, 3, size, size),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+            opset_version=17,
+        )
+    return path
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}")
+    print(f"input {args.batch}x3x{args.size}x{args.size}, median of {args.repeats}")
+    print("| model | rewrite build s | backward nodes | forward ms | CamModel.run ms | ratio |")
+    print("|---|---|---|---|---|---|")
+    x = np.random.default_rng(0).normal(size=(args.batch, 3, args.size, args.size)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            path = export(name, args.size, Path(tmp))
+            start = time.perf_counter()
+            cam = CamModel(path, providers=["CPUExecutionProvider"], batch_size=args.batch)
+            build = time.perf_counter() - start
+            plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            forward = median_time(lambda: plain.run(None, {"input": x}), args.repeats)
+            explain = median_time(lambda: cam.run(x), args.repeats)
+            print(
+                f"| {name} | {build:.2f} | {cam.graph.backward_nodes} | {forward * 1e3:.0f} | "
+                f"{explain * 1e3:.0f} | {explain / forward:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
