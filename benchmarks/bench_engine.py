@@ -74,8 +74,8 @@ def main() -> None:
             cam = CamModel(path, providers=["CPUExecutionProvider"], batch_size=args.batch)
             build = time.perf_counter() - start
             plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            forward = median_time(lambda: plain.run(None, {"input": x}), args.repeats)
-            explain = median_time(lambda: cam.run(x), args.repeats)
+            forward = median_time(lambda s=plain: s.run(None, {"input": x}), args.repeats)
+            explain = median_time(lambda c=cam: c.run(x), args.repeats)
             print(
                 f"| {name} | {build:.2f} | {cam.graph.backward_nodes} | {forward * 1e3:.0f} | "
                 f"{explain * 1e3:.0f} | {explain / forward:.2f} |",
