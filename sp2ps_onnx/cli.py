@@ -162,119 +162,90 @@ def cli() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output format.")
 def inspect(model: str, layer: str | None, device: str, size: str | None, fmt: str) -> None:
-    """Show a model's inputs, outputs, layout, classes, target layer, head ops, parameters
-    and sparsity."""
-    from ._ort import select_providers
-    from .scoring import model_info, open_model
+    """Show a model's inputs, outputs, layout, classes, target layer, the ops between layer
+    and score with their gradient-rule coverage, parameters and sparsity."""
+    from .data import parse_size
+    from .errors import LayerNotFoundError
+    from .graph import inspect_model
+    from .scoring import model_info
 
     _check_model_path(model)
     info = model_info(model)
-    proto = _load_proto(model)
+    found = inspect_model(model, layer=layer, input_size=parse_size(size))
     details: dict[str, Any] = {
         "model": model,
         "sha256": info.sha256,
         "file_size_bytes": info.file_size,
-        "opset": {op.domain or "ai.onnx": op.version for op in proto.opset_import},
-        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-        "inputs": _value_infos(proto, inputs=True),
-        "outputs": _value_infos(proto, inputs=False),
-        "nodes": len(proto.graph.node),
+        "opset": found["opset"],
+        "producer": found["producer"],
+        "inputs": found["inputs"],
+        "outputs": found["outputs"],
+        "layout": found["input_layout"],
+        "num_classes": found["num_classes"],
+        "score_tensor": found["score_tensor"],
+        "softmax_cut": found["softmax_cut"],
+        "layer": found["layer"],
+        "layer_shape": found["layer_shape"],
+        "head_ops": found["head_ops"],
+        "all_ops_have_rules": found["all_ops_have_rules"],
+        "batch": found["batch"],
         "parameters": info.parameters,
         "weight_count": info.weight_count,
         "zero_weights": info.zero_weights,
         "sparsity_percent": info.sparsity,
     }
-    cam_error = None
-    try:
-        cam_model = open_model(model, layer, select_providers(device, quiet=True), size)
-        details.update(
-            {
-                "layout": cam_model.layout,
-                "input_shape": list(cam_model.input_shape),
-                "channels": cam_model.channels,
-                "num_classes": cam_model.num_classes,
-                "layer": cam_model.layer,
-                "head_ops": [
-                    {"node": node, "op_type": op, "has_rule": bool(rule)}
-                    for node, op, rule in cam_model.head_ops
-                ],
-            }
-        )
-    except Sp2PSError as exc:
-        cam_error = exc
-        details["cam_error"] = _one_line(str(exc))
+    if found["layer_error"]:
+        details["layer_error"] = found["layer_error"]
     if fmt == "json":
-        click.echo(json.dumps(details, indent=2))
+        click.echo(json.dumps(details, indent=2, default=str))
     else:
         click.echo(_inspect_text(details))
-    if cam_error is not None:
-        raise cam_error
-
-
-def _load_proto(path: str) -> Any:
-    from .scoring import load_onnx
-
-    return load_onnx(path)
-
-
-def _value_infos(proto: Any, inputs: bool) -> list[dict[str, Any]]:
-    from onnx import helper
-
-    initializers = {t.name for t in proto.graph.initializer}
-    values = proto.graph.input if inputs else proto.graph.output
-    result = []
-    for value in values:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        dims = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tensor.shape.dim
-        ]
-        try:
-            dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-        except Exception:
-            dtype = str(tensor.elem_type)
-        result.append({"name": value.name, "dtype": dtype, "shape": dims})
-    return result
+    if found["layer_error"]:
+        raise LayerNotFoundError(found["layer_error"])
 
 
 def _inspect_text(details: dict[str, Any]) -> str:
     from .report import human_size
 
     def shape(dims: list[Any]) -> str:
-        return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+        return "(" + ", ".join("?" if not isinstance(d, int) else str(d) for d in dims) + ")"
 
-    lines = [f"model       {details['model']}"]
-    lines.append(f"sha256      {details['sha256']}")
-    lines.append(f"file size   {human_size(details['file_size_bytes'])}")
-    opsets = ", ".join(f"{k} {v}" for k, v in details["opset"].items())
-    lines.append(f"opset       {opsets}")
-    if details["producer"]:
-        lines.append(f"producer    {details['producer']}")
-    for value in details["inputs"]:
-        lines.append(f"input       {value['name']}  {value['dtype']} {shape(value['shape'])}")
-    for value in details["outputs"]:
-        lines.append(f"output      {value['name']}  {value['dtype']} {shape(value['shape'])}")
-    lines.append(f"nodes       {details['nodes']:,}")
-    lines.append(f"parameters  {details['parameters']:,}")
+    rows = [
+        ("model", details["model"]),
+        ("sha256", details["sha256"]),
+        ("file size", human_size(details["file_size_bytes"])),
+        ("opset", str(details["opset"])),
+        ("producer", details["producer"] or "–"),
+    ]
+    rows += [("input", f"{v['name']}  {v['dtype']} {shape(v['shape'])}")
+             for v in details["inputs"]]
+    rows += [("output", f"{v['name']}  {v['dtype']} {shape(v['shape'])}")
+             for v in details["outputs"]]
+    rows += [
+        ("layout", str(details["layout"])),
+        ("batch", str(details["batch"])),
+        ("classes", str(details["num_classes"])),
+        ("score", str(details["score_tensor"])
+         + (f" (Softmax {details['softmax_cut']} cut off)" if details["softmax_cut"] else "")),
+        ("layer", f"{details['layer']}  {shape(details['layer_shape'] or [])}"
+         if details["layer"] else "–"),
+        ("parameters", f"{details['parameters']:,}"),
+        ("zero weights", f"{details['sparsity_percent']:.1f}% ({details['zero_weights']:,} of "
+         f"{details['weight_count']:,} Conv/Gemm/MatMul weights)"),
+    ]
+    lines = [f"{key:<13}{value}" for key, value in rows]
+    head = details["head_ops"]
+    missing = [op for op in head if not op["has_rule"]]
+    if not details["layer"]:
+        return "\n".join(lines)
     lines.append(
-        f"zero weights {details['sparsity_percent']:.1f}% "
-        f"({details['zero_weights']:,} of {details['weight_count']:,} Conv/Gemm/MatMul weights)"
+        f"{'head ops':<13}{len(head)} between layer and score"
+        + (f", {len(missing)} WITHOUT a gradient rule (choose a later --layer)" if missing
+           else ", all with gradient rules")
     )
-    if "layer" in details:
-        lines.append(f"layout      {details['layout']}, {details['channels']} channel(s)")
-        lines.append(f"classes     {details['num_classes']}")
-        lines.append(f"layer       {details['layer']}")
-        head = details["head_ops"]
-        missing = [h for h in head if not h["has_rule"]]
-        lines.append(
-            f"head ops    {len(head)} between layer and score"
-            + (f", {len(missing)} without a gradient rule" if missing else ", all with rules")
-        )
-        for op in head:
-            mark = "ok" if op["has_rule"] else "NO RULE"
-            lines.append(f"  {op['op_type']:<22} {op['node']}  [{mark}]")
+    for op in head:
+        mark = "ok" if op["has_rule"] else "NO RULE"
+        lines.append(f"  {op['op']:<22} {op['node']}  [{mark}]")
     return "\n".join(lines)
 
 

@@ -26,8 +26,6 @@ TARGET_MODES = ("label", "original", "self")
 """``label``: the true class; ``original``: the original model's top-1 class, for both
 models; ``self``: each model's own top-1 class."""
 
-_WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
-
 ModelLike = Any  # a path, an onnx.ModelProto or a CamModel
 
 
@@ -53,7 +51,9 @@ class ModelInfo:
 
     @property
     def sparsity(self) -> float:
-        """Percentage of exactly-zero values in Conv/Gemm/MatMul weights."""
+        """Percentage of exactly-zero values in Conv/Gemm/MatMul weights (for quantized
+        weights: values equal to the zero point), as :func:`sp2ps_onnx.graph.weight_statistics`
+        counts them."""
         return 100.0 * self.zero_weights / self.weight_count if self.weight_count else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,41 +102,19 @@ def load_onnx(model: str | os.PathLike[str] | Any) -> Any:
         ) from exc
 
 
-def weight_statistics(proto: Any) -> tuple[int, int, int]:
-    """``(parameters, weight values, zero weight values)`` of an ONNX model.
-
-    Parameters are the elements of all floating-point initializers and ``Constant`` node
-    tensors. Weight values are those feeding Conv/ConvTranspose/Gemm/MatMul as constant
-    operands; their exact zeros measure the sparsity that pruning left.
-    """
-    from onnx import TensorProto, numpy_helper
+def count_parameters(proto: Any) -> int:
+    """Elements of all floating-point initializers and ``Constant`` node tensors."""
+    from onnx import TensorProto
 
     float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-    constants: dict[str, Any] = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value" and attribute.HasField("t"):
-                    constants[node.output[0]] = attribute.t
-    parameters = sum(
-        int(np.prod(t.dims)) for t in constants.values() if t.data_type in float_types
-    )
-    weight_names = {
-        node.input[i]
+    tensors = list(proto.graph.initializer) + [
+        attribute.t
         for node in proto.graph.node
-        if node.op_type in _WEIGHT_OPS
-        for i in _WEIGHT_OPS[node.op_type]
-        if i < len(node.input) and node.input[i] in constants
-    }
-    weight_count = zero_count = 0
-    for name in weight_names:
-        tensor = constants[name]
-        if tensor.data_type not in float_types:
-            continue
-        values = numpy_helper.to_array(tensor)
-        weight_count += values.size
-        zero_count += int(np.count_nonzero(values == 0))
-    return parameters, weight_count, zero_count
+        if node.op_type == "Constant"
+        for attribute in node.attribute
+        if attribute.name == "value" and attribute.HasField("t")
+    ]
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in float_types)
 
 
 def model_info(
@@ -145,7 +123,10 @@ def model_info(
     """Describe a model file or ModelProto (and, if given, its CamModel's layer/layout)."""
     path = None if _is_proto(model) else str(model)
     proto = load_onnx(model)
-    parameters, weight_count, zero_count = weight_statistics(proto)
+    from .graph import weight_statistics
+
+    parameters = count_parameters(proto)
+    weight_count, zero_count = weight_statistics(proto)
     info = ModelInfo(
         name=name or (Path(path).stem if path else (proto.graph.name or "model")),
         path=path,
