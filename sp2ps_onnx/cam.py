@@ -38,11 +38,11 @@ zeros.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from scipy import ndimage, special
-from skimage.transform import resize
 
 from .errors import InputDataError, Sp2PSError
 
@@ -124,7 +124,10 @@ def _spatial_sum(array: np.ndarray) -> np.ndarray:
 
 
 def _channel_weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
-    return np.einsum("nc,nchw->nhw", weights, activations)
+    # A batched (1 x C) @ (C x hw) product: one BLAS call per image instead of einsum's loop.
+    n, c, h, w = activations.shape
+    weights = weights.astype(activations.dtype)
+    return (weights[:, None, :] @ activations.reshape(n, c, h * w)).reshape(n, h, w)
 
 
 def _eigen_projection(feature_maps: np.ndarray) -> np.ndarray:
@@ -175,15 +178,14 @@ def gradient_weighted_cam(method: str, activations: Any, gradients: Any) -> np.n
     if method == "eigengradcam":
         return _eigen_projection(grads * acts)
 
-    acts = acts.astype(np.float64)
-    grads = grads.astype(np.float64)
+    # Single precision, like pytorch-grad-cam on torch's float32 tensors (and twice as fast).
+    acts = acts.astype(np.float32, copy=False)
+    grads = grads.astype(np.float32, copy=False)
     if method == "gradcam":
         cam = _channel_weighted_sum(grads.mean(axis=(2, 3)), acts)
     elif method == "gradcam++":
         grads_squared = grads * grads
-        denominator = (
-            2.0 * grads_squared + _spatial_sum(acts) * grads_squared * grads + _GRADCAM_PLUSPLUS_EPS
-        )
+        denominator = grads_squared * (2.0 + _spatial_sum(acts) * grads) + _GRADCAM_PLUSPLUS_EPS
         usable = (grads != 0) & (denominator != 0)
         alpha = np.divide(grads_squared, denominator, out=np.zeros_like(grads), where=usable)
         weights = (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
@@ -201,12 +203,38 @@ def gradient_weighted_cam(method: str, activations: Any, gradients: Any) -> np.n
     return cam.astype(np.float32)
 
 
+@lru_cache(maxsize=64)
+def _interpolation_matrix(source: int, target: int, corners_aligned: bool) -> np.ndarray:
+    """The (target x source) matrix of 1-D linear resampling, as scipy.ndimage.zoom does it.
+
+    ``corners_aligned=False`` is half-pixel centres with edge replication (OpenCV's
+    INTER_LINEAR, skimage's resize with order=1, mode="edge"); ``True`` maps the corner pixel
+    centres onto each other (torch's UpsamplingBilinear2d). Zooming the identity gives the
+    matrix of the (linear) operator, so bilinear resizing is two small matrix products.
+    """
+    matrix = ndimage.zoom(
+        np.eye(source),
+        (target / source, 1.0),
+        order=1,
+        mode="nearest",
+        grid_mode=not corners_aligned,
+    )
+    if matrix.shape != (target, source):  # zoom rounds the output length
+        raise AssertionError(f"interpolation matrix {matrix.shape} != {(target, source)}")
+    matrix.setflags(write=False)
+    return matrix
+
+
+def _resize_bilinear(maps: np.ndarray, size: tuple[int, int], corners_aligned: bool) -> np.ndarray:
+    """Resize a stack ``(N, h, w)`` to ``(N, H, W)``, separably (bilinear is separable)."""
+    height, width = (int(s) for s in size)
+    rows = _interpolation_matrix(maps.shape[1], height, corners_aligned).astype(maps.dtype)
+    columns = _interpolation_matrix(maps.shape[2], width, corners_aligned).astype(maps.dtype)
+    return rows @ maps @ columns.T
+
+
 def _upsample_align_corners(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    # torch.nn.UpsamplingBilinear2d maps corner pixel centres onto corner pixel centres,
-    # which is scipy's grid_mode=False; the leading axis has zoom 1 and stays untouched.
-    height, width = size
-    factors = (1.0, height / maps.shape[1], width / maps.shape[2])
-    return ndimage.zoom(maps, factors, order=1, mode="nearest", grid_mode=False)
+    return _resize_bilinear(maps, size, corners_aligned=True)
 
 
 def _spatial_size(x: np.ndarray, input_layout: str) -> tuple[int, int]:
@@ -274,7 +302,7 @@ def score_cam(
         logits = forward_scores(masked.astype(np.float32))
         target_scores[pairs] = _target_scores(logits, target_indices[image_of_pair])
     weights = special.softmax(target_scores.reshape(count, channels), axis=1)
-    return _channel_weighted_sum(weights, acts.astype(np.float64)).astype(np.float32)
+    return _channel_weighted_sum(weights, acts).astype(np.float32)
 
 
 def _ablation_values(acts: np.ndarray) -> np.ndarray:
@@ -322,7 +350,7 @@ def ablation_cam(
         ablated_scores[pairs] = _target_scores(logits, target_indices[image_of_pair])
     drops = original[:, None] - ablated_scores.reshape(count, channels)
     scale = np.where(original == 0, 1.0, original)[:, None]
-    return _channel_weighted_sum(drops / scale, acts.astype(np.float64)).astype(np.float32)
+    return _channel_weighted_sum(drops / scale, acts).astype(np.float32)
 
 
 def _min_max(maps: np.ndarray) -> np.ndarray:
@@ -340,21 +368,12 @@ def postprocess(raw: Any, size: tuple[int, int] | None) -> np.ndarray:
     Returns:
         float32 maps in [0, 1]; a constant map becomes all zeros.
     """
-    maps = np.asarray(raw, dtype=np.float64)
+    maps = np.asarray(raw, dtype=np.float32)
     if maps.ndim != 3:
         raise InputDataError(f"raw maps must have shape (N, h, w), got shape {maps.shape}")
     scaled = _min_max(np.maximum(maps, 0))
-    if size is not None:
-        height, width = (int(s) for s in size)
-        if (height, width) != scaled.shape[1:]:
-            scaled = resize(
-                scaled,
-                (scaled.shape[0], height, width),
-                order=1,
-                mode="edge",
-                anti_aliasing=False,
-                preserve_range=True,
-            )
+    if size is not None and tuple(int(s) for s in size) != scaled.shape[1:]:
+        scaled = _resize_bilinear(scaled, size, corners_aligned=False)
     return _min_max(scaled).astype(np.float32)
 
 

@@ -447,3 +447,13 @@ def test_bad_inputs_raise_clear_errors() -> None:
         cam.explain(
             TorchCamModel(net, (16, 16)), np.zeros((3, 3, 16, 16), np.float32), targets=[1, 2]
         )
+
+
+@pytest.mark.parametrize(
+    "source, target", [((7, 7), (64, 64)), ((3, 5), (17, 40)), ((1, 4), (9, 9))]
+)
+def test_score_cam_upsampling_is_torch_bilinear_with_aligned_corners(source, target) -> None:
+    maps = np.random.default_rng(15).standard_normal((4, *source)).astype(np.float32)
+    ours = cam._upsample_align_corners(maps, target)
+    theirs = nn.UpsamplingBilinear2d(size=target)(torch.from_numpy(maps)[:, None])[:, 0]
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=0)

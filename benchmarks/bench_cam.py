@@ -1,0 +1,190 @@
+"""Speed of the vectorised CAM methods against per-image / per-channel loops.
+
+Run: .venv/bin/python benchmarks/bench_cam.py [--batch 32] [--repeats 5]
+
+For each layer shape (N images, C channels, 7x7 positions, like ResNet-18, EfficientNet-Lite0
+and ResNet-50 at 224x224) every method of ``sp2ps_onnx.cam`` is timed on random activations
+and gradients against
+
+* **loop**: the formula written the way it reads, one image and one channel at a time in
+  Python (channel weights, then the weighted sum of the channel maps), and
+* **pytorch-grad-cam**: its own ``get_cam_image`` on the same NumPy arrays (its gradient
+  methods are already batched NumPy; its EigenCAM runs one full SVD per image).
+
+The post-processing (ReLU, min-max, resize to 224x224, min-max) is timed against
+pytorch-grad-cam's per-image ``scale_cam_image`` (OpenCV resize). Every pair is checked to
+agree before timing. Times are the best of ``repeats`` runs of process CPU time, which other
+processes on a shared machine disturb much less than wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from pytorch_grad_cam import (
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.utils.image import scale_cam_image
+
+from sp2ps_onnx import cam
+
+SHAPES = {"ResNet-18": 512, "EfficientNet-Lite0": 1280, "ResNet-50": 2048}
+REFERENCE_CLASSES = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "hirescam": HiResCAM,
+    "gradcam-elementwise": GradCAMElementWise,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "eigengradcam": EigenGradCAM,
+}
+
+
+def loop_channel_weights(method: str, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """One image (C, h, w): the weight of every channel, channel by channel."""
+    weights = np.empty(acts.shape[0])
+    for c in range(acts.shape[0]):
+        a, g = acts[c], grads[c]
+        if method == "gradcam":
+            weights[c] = g.mean()
+        elif method == "gradcam++":
+            g2 = g * g
+            alpha = g2 / (2 * g2 + a.sum() * g2 * g + 1e-6)
+            alpha[g == 0] = 0
+            weights[c] = (np.maximum(g, 0) * alpha).sum()
+        else:  # xgradcam
+            weights[c] = (g * a / (a.sum() + 1e-7)).sum()
+    return weights
+
+
+def loop_raw_maps(method: str, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """The per-image, per-channel loop a user would write from the formulas."""
+    maps = np.zeros((acts.shape[0], *acts.shape[2:]))
+    for n in range(acts.shape[0]):
+        if method in ("eigencam", "eigengradcam"):
+            source = acts[n] if method == "eigencam" else grads[n] * acts[n]
+            matrix = source.reshape(source.shape[0], -1).T
+            matrix = matrix - matrix.mean(axis=0)
+            _, _, right = np.linalg.svd(matrix, full_matrices=False)
+            maps[n] = (matrix @ right[0]).reshape(source.shape[1:])
+            continue
+        if method in ("gradcam", "gradcam++", "xgradcam"):
+            weights = loop_channel_weights(method, acts[n], grads[n])
+        for c in range(acts.shape[1]):
+            a, g = acts[n, c], grads[n, c]
+            if method in ("gradcam", "gradcam++", "xgradcam"):
+                maps[n] += weights[c] * a
+            elif method == "hirescam":
+                maps[n] += g * a
+            elif method == "gradcam-elementwise":
+                maps[n] += np.maximum(g * a, 0)
+            else:  # layercam
+                maps[n] += np.maximum(g, 0) * a
+    return maps
+
+
+def reference_raw_maps(method: str, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))
+    reference = REFERENCE_CLASSES[method](model, target_layers=[model[0]])
+    try:
+        return reference.get_cam_image(None, model[0], None, acts, grads, eigen_smooth=False)
+    finally:
+        reference.activations_and_grads.release()
+
+
+def ours_raw_maps(method: str, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    if method == "eigencam":
+        return cam.eigen_cam(acts)
+    return cam.gradient_weighted_cam(method, acts, grads)
+
+
+def best_cpu_seconds(repeats: int, function: Callable[..., object], *args: object) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        function(*args)
+        best = min(best, time.process_time() - started)
+    return best
+
+
+def agree(first: np.ndarray, second: np.ndarray, up_to_sign: bool) -> float:
+    scale = max(1.0, float(np.abs(second).max()))
+    deviation = np.abs(first - second).reshape(len(first), -1).max(axis=1)
+    if up_to_sign:
+        other = np.abs(first + second).reshape(len(first), -1).max(axis=1)
+        deviation = np.minimum(deviation, other)
+    return float(deviation.max()) / scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}")
+    print(f"N = {options.batch}, 7x7 positions, best of {options.repeats}, process CPU seconds")
+    print()
+    print(
+        "| layer (C) | method | loop (ms) | pytorch-grad-cam (ms) | ours (ms) | "
+        "vs loop | vs pytorch-grad-cam | max rel. diff |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for layer, channels in SHAPES.items():
+        shape = (options.batch, channels, 7, 7)
+        acts = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+        grads = (0.01 * rng.standard_normal(shape)).astype(np.float32)
+        for method in REFERENCE_CLASSES:
+            ours = ours_raw_maps(method, acts, grads)
+            eigen = method.startswith("eigen")
+            theirs = reference_raw_maps(method, acts, grads)
+            difference = max(
+                agree(ours, loop_raw_maps(method, acts, grads), eigen),
+                agree(ours, theirs, eigen),
+            )
+            assert difference < 1e-4, (layer, method, difference)
+            arguments = (method, acts, grads)
+            t_loop = best_cpu_seconds(options.repeats, loop_raw_maps, *arguments)
+            t_ref = best_cpu_seconds(options.repeats, reference_raw_maps, *arguments)
+            t_ours = best_cpu_seconds(options.repeats, ours_raw_maps, *arguments)
+            print(
+                f"| {layer} ({channels}) | {method} | {1e3 * t_loop:.1f} | {1e3 * t_ref:.1f} | "
+                f"{1e3 * t_ours:.2f} | {t_loop / t_ours:.0f}x | {t_ref / t_ours:.1f}x | "
+                f"{difference:.1e} |"
+            )
+    raw = rng.standard_normal((options.batch, 7, 7)).astype(np.float32)
+
+    def reference_postprocess() -> np.ndarray:
+        return scale_cam_image(scale_cam_image(np.maximum(raw, 0), (224, 224)))
+
+    difference = float(np.abs(cam.postprocess(raw, (224, 224)) - reference_postprocess()).max())
+    t_ref = best_cpu_seconds(options.repeats, reference_postprocess)
+    t_ours = best_cpu_seconds(options.repeats, cam.postprocess, raw, (224, 224))
+    print()
+    print(
+        "| post-processing to 224x224 | pytorch-grad-cam + OpenCV (ms) | ours (ms) | "
+        "ratio | max abs diff |"
+    )
+    print("|---|---|---|---|---|")
+    print(
+        f"| N = {options.batch} | {1e3 * t_ref:.2f} | {1e3 * t_ours:.2f} | "
+        f"{t_ref / t_ours:.2f}x | {difference:.1e} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
