@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import _ort  # noqa: F401  (import guard used by tests and the CLI)
 from .errors import (
     InputDataError,
     LayerNotFoundError,
@@ -18,8 +19,6 @@ from .errors import (
     UnsupportedModelError,
     UnsupportedOpError,
 )
-
-from . import _ort  # noqa: E402,F401  (import guard used by tests and the CLI)
 
 __version__ = "0.1.0"
 
