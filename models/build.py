@@ -2,7 +2,7 @@
 
 Run from the repository root with the project's build environment::
 
-    /work/main/.venv/bin/python models/build.py          # full build (about 10-15 min, 2 cores)
+    /work/main/.venv/bin/python models/build.py          # full build (~12 min on 2 idle cores)
     /work/main/.venv/bin/python models/build.py --quick  # smoke run on a small subset
 
 Requirements (build-only; none of them is a runtime dependency of ``sp2ps_onnx``):
