@@ -42,7 +42,7 @@ def cam_example(path: Path, samples: tuple[int, ...] = (0, 1, 2, 7)) -> None:
     wanted = [int(np.flatnonzero(archive["y"] == c)[0]) for c in samples]
     images = archive["x"][wanted]
     labels = archive["y"][wanted]
-    x = images.astype(np.float32)[:, None] / 255.0
+    x = images.astype(np.float32)[:, None] / 255.0  # the "unit" preset, NCHW
     original = CamModel(str(MODELS / "fmnist_cnn.onnx"))
     columns: list[tuple[str, np.ndarray, np.ndarray | None]] = []
     reference, targets = original.cams(x, method="gradcam", targets=labels)
@@ -61,10 +61,10 @@ def cam_example(path: Path, samples: tuple[int, ...] = (0, 1, 2, 7)) -> None:
     figure, axes = plt.subplots(rows, 1 + len(columns), figsize=(1.55 * (1 + len(columns)),
                                                                  1.75 * rows))
     for r in range(rows):
-        axes[r, 0].imshow(images[r], cmap="gray", vmin=0, vmax=255)
+        axes[r, 0].imshow(images[r], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         axes[r, 0].set_ylabel(names[labels[r]].replace("_", "/"), fontsize=9)
         for c, (title, maps, h) in enumerate(columns, start=1):
-            axes[r, c].imshow(overlay(images[r][:, :, None], maps[r]))
+            axes[r, c].imshow(overlay(images[r][:, :, None], maps[r]), interpolation="nearest")
             if h is not None:
                 axes[r, c].set_xlabel(f"h = {h[r]:.2f}", fontsize=8)
             if r == 0:
@@ -81,15 +81,14 @@ def cam_example(path: Path, samples: tuple[int, ...] = (0, 1, 2, 7)) -> None:
 
 def report_screenshot(path: Path) -> Path:
     out = Path(tempfile.mkdtemp(prefix="sp2ps-docs-")) / "report"
-    pruned = sorted((MODELS / "pruned").glob("*.onnx")) + sorted(
-        p for p in (MODELS / "keras").glob("*.onnx")
-    )
+    # The README's command: the PyTorch original against its pruned variants.
+    pruned = sorted((MODELS / "pruned").glob("*.onnx"))
     subprocess.run(
-        [sys.executable, "-m", "sp2ps_onnx.cli", "score", str(MODELS / "fmnist_cnn.onnx"),
-         *map(str, pruned), "--data", str(MODELS / "samples" / "fmnist_test.npz"),
-         "--preset", "unit", "--classes", str(MODELS / "samples" / "classes.txt"),
-         "--out", str(out), "--quiet"],
-        check=True,
+        [sys.executable, "-m", "sp2ps_onnx.cli", "score", "models/fmnist_cnn.onnx",
+         *(p.relative_to(REPO).as_posix() for p in pruned),
+         "--data", "models/samples/fmnist_test.npz", "--preset", "unit",
+         "--classes", "models/samples/classes.txt", "--out", str(out), "--quiet"],
+        check=True, cwd=REPO,
     )
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
