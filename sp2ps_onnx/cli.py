@@ -103,7 +103,7 @@ def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Where ONNX Runtime runs the models."),
         click.option("--size", default=None, help="Input H[,W] for models with a dynamic "
-                     "spatial input size (e.g. 224 or 224,192)."),
+                     "spatial input size (e.g. 224 or 224,192; default 224)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -156,7 +156,7 @@ def cli() -> None:
     models (do they still look where the original looked?)."""
 
 
-@cli.command()
+@cli.command(short_help="Inputs, layout, classes, target layer, head ops, sparsity.")
 @click.argument("model")
 @_model_options
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
@@ -249,7 +249,7 @@ def _inspect_text(details: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@cli.command()
+@cli.command(short_help="CAM overlays (PNG) and maps (.npy) of one model.")
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, help="Output directory (created; replaced if it "
@@ -311,7 +311,7 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
     return candidate
 
 
-@cli.command()
+@cli.command(short_help="Rank pruned models by Sp2PS; write the report.")
 @click.argument("original")
 @click.argument("pruned", nargs=-1, required=True)
 @click.option("--data", required=True, multiple=True, help="Evaluation data: image folder "
@@ -376,7 +376,7 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
         _note(f"sp2ps: report written to {Path(out) / 'report.html'}", quiet)
 
 
-@cli.command()
+@cli.command(short_help="Write the rewritten, CAM-ready ONNX model.")
 @click.argument("model")
 @click.option("--out", "-o", required=True, help="Path of the rewritten .onnx file.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never MODEL itself).")
