@@ -539,10 +539,20 @@ def _max_pool(b, node, dys, needs):
     x = node.input[0]
     x_float = b.as_float(x)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    attrs.pop("storage_order", None)
-    # Recompute with the Indices output: torch gives each window's gradient to its first
-    # maximum, and so does ONNX Runtime's argmax, so ties resolve the same way.
-    _, indices = b.op("MaxPool", [x_float], n_out=2, **attrs)
+    # The Indices output gives each window's gradient to its first maximum, as torch does.
+    # The forward node is asked for it when it can give row-major indices; otherwise the
+    # pooling is recomputed on a float32 copy.
+    row_major = attrs.pop("storage_order", 0) == 0
+    if row_major and len(node.output) > 1 and node.output[1]:
+        indices = node.output[1]
+    elif row_major and b.info.dtypes.get(x) == np.float32:
+        indices = b.fresh("maxpool_indices")
+        if len(node.output) > 1:
+            node.output[1] = indices
+        else:
+            node.output.append(indices)
+    else:
+        _, indices = b.op("MaxPool", [x_float], n_out=2, **attrs)
     flat_size = b.op("Reshape", [b.op("Size", [x_float]), b.ints([1])])
     zeros = b.zeros_like_shape(flat_size)
     dy = dys[0]
