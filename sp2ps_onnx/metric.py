@@ -129,6 +129,24 @@ def _pair(P: Any, Q: Any) -> tuple[np.ndarray, np.ndarray]:
     return P, Q
 
 
+def _resolution(dtype: np.dtype) -> float:
+    return float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else 0.0
+
+
+def _normalize(batch: np.ndarray, resolution: float) -> np.ndarray:
+    low = batch.min(axis=(1, 2), keepdims=True)
+    high = batch.max(axis=(1, 2), keepdims=True)
+    if np.all(low == 0.0) and np.all(high == 1.0):
+        return batch  # already normalised (the usual case)
+    span = high - low
+    magnitude = np.maximum(np.abs(low), np.abs(high))
+    constant = span <= 8.0 * resolution * magnitude
+    safe_span = np.where(constant, 1.0, span)
+    out = np.where(constant, 0.0, (batch - low) / safe_span)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
 def normalize_maps(maps: Any) -> np.ndarray:
     """Min-max normalise every map of ``maps`` ((H, W) or (N, H, W)) to [0, 1], in float64.
 
@@ -139,20 +157,8 @@ def normalize_maps(maps: Any) -> np.ndarray:
     constant.
     """
     array = np.asarray(maps)
-    single = array.ndim == 2
-    batch = _as_batch(array, "maps")
-    resolution = np.finfo(array.dtype).eps if np.issubdtype(array.dtype, np.floating) else 0.0
-    low = batch.min(axis=(1, 2), keepdims=True)
-    high = batch.max(axis=(1, 2), keepdims=True)
-    if np.all(low == 0.0) and np.all(high == 1.0):
-        return batch[0] if single else batch  # already normalised (the usual case)
-    span = high - low
-    magnitude = np.maximum(np.abs(low), np.abs(high))
-    constant = span <= 8.0 * resolution * magnitude
-    safe_span = np.where(constant, 1.0, span)
-    out = np.where(constant, 0.0, (batch - low) / safe_span)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out[0] if single else out
+    out = _normalize(_as_batch(array, "maps"), _resolution(array.dtype))
+    return out[0] if array.ndim == 2 else out
 
 
 def _is_constant(batch: np.ndarray) -> np.ndarray:
@@ -311,12 +317,24 @@ def ssim_similarity(P: Any, Q: Any) -> np.ndarray:
     return np.clip(ssim_batch(P, Q), 0.0, 1.0)
 
 
+_SSIM_WEIGHTS = _gaussian_weights(1.5, 3.5)
+_SSIM_C1 = 0.01**2
+_SSIM_C2 = 0.03**2
+
+
+def _ssim_impl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    return np.clip(_ssim_chunk(P, Q, _SSIM_WEIGHTS, _SSIM_C1, _SSIM_C2), 0.0, 1.0)
+
+
 def pearson_similarity(P: Any, Q: Any) -> np.ndarray:
     """Spatial component "pearson": Pearson correlation of the pixels, clipped to [0, 1].
 
     Constant maps have no correlation: 1 when both are constant, 0 when exactly one is.
     """
-    P, Q = _pair(P, Q)
+    return _pearson_impl(*_pair(P, Q))
+
+
+def _pearson_impl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
     x = P.reshape(P.shape[0], P.shape[1] * P.shape[2])
     y = Q.reshape(Q.shape[0], Q.shape[1] * Q.shape[2])
     x = x - x.mean(axis=1, keepdims=True)
@@ -337,7 +355,10 @@ def topk_iou(P: Any, Q: Any, fraction: float = 0.1) -> np.ndarray:
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
-    P, Q = _pair(P, Q)
+    return _topk_impl(*_pair(P, Q), fraction)
+
+
+def _topk_impl(P: np.ndarray, Q: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     n = P.shape[0]
     x = P.reshape(n, P.shape[1] * P.shape[2])
     y = Q.reshape(n, Q.shape[1] * Q.shape[2])
@@ -401,9 +422,7 @@ def spectral_tv(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
     ``f = 1 - 0.5 * sum_k |p_k(P) - p_k(Q)|`` with ``p = M / sum M`` and ``M = |FFT2|``
     with the DC term set to 0. Constant maps: 1 when both are, 0 when exactly one is.
     """
-    P, Q = _pair(P, Q)
-    similarity = np.clip(_chunked(_tv_chunk, P, Q, workers), 0.0, 1.0)
-    return _constant_rule(similarity, P, Q)
+    return _chunked(_tv_impl, *_pair(P, Q), workers)
 
 
 def spectral_cosine(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
@@ -411,9 +430,15 @@ def spectral_cosine(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray
 
     Constant maps: 1 when both are, 0 when exactly one is.
     """
-    P, Q = _pair(P, Q)
-    cosine = np.clip(_chunked(_cosine_chunk, P, Q, workers), 0.0, 1.0)
-    return _constant_rule(cosine, P, Q)
+    return _chunked(_cosine_impl, *_pair(P, Q), workers)
+
+
+def _tv_impl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    return _constant_rule(np.clip(_tv_chunk(P, Q), 0.0, 1.0), P, Q)
+
+
+def _cosine_impl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    return _constant_rule(np.clip(_cosine_chunk(P, Q), 0.0, 1.0), P, Q)
 
 
 # --------------------------------------------------------------------------- combination
@@ -441,6 +466,18 @@ SPATIAL: dict[str, SpatialFn] = {
 SPECTRAL: dict[str, SpatialFn] = {
     "tv": spectral_tv,
     "cosine": spectral_cosine,
+}
+
+
+# The built-in components on validated float64 batches, used by sp2ps() to run both
+# components over each chunk in one threaded pass. A component registered by a user is
+# simply called on the whole batch.
+_CHUNK_IMPLEMENTATIONS: dict[Callable[..., np.ndarray], SpatialFn] = {
+    ssim_similarity: _ssim_impl,
+    pearson_similarity: _pearson_impl,
+    topk_iou: _topk_impl,
+    spectral_tv: _tv_impl,
+    spectral_cosine: _cosine_impl,
 }
 
 
@@ -492,12 +529,29 @@ def sp2ps(
     """
     spatial_fn = _lookup(SPATIAL, spatial, "spatial")
     spectral_fn = _lookup(SPECTRAL, spectral, "spectral")
+    P, Q = np.asarray(P), np.asarray(Q)
+    res_p, res_q = _resolution(P.dtype), _resolution(Q.dtype)
     P, Q = _pair(P, Q)
-    if normalize:
-        P = normalize_maps(P)
-        Q = normalize_maps(Q)
-    s = np.asarray(spatial_fn(P, Q), dtype=np.float64)
-    f = np.asarray(spectral_fn(P, Q), dtype=np.float64)
+    spatial_impl = _CHUNK_IMPLEMENTATIONS.get(spatial_fn)
+    spectral_impl = _CHUNK_IMPLEMENTATIONS.get(spectral_fn)
+    if spatial_impl is None or spectral_impl is None:
+        if normalize:
+            P, Q = _normalize(P, res_p), _normalize(Q, res_q)
+        s = np.asarray(spatial_fn(P, Q), dtype=np.float64)
+        f = np.asarray(spectral_fn(P, Q), dtype=np.float64)
+    else:
+        # Built-in components: one chunked pass (normalisation included) over the batch,
+        # so each chunk is read once while in cache and all of it runs on the threads.
+        if spatial_fn is ssim_similarity and min(P.shape[1:]) < _SSIM_WEIGHTS.size:
+            ssim_batch(P[:0], Q[:0])  # raises the same clear error as ssim_batch
+
+        def chunk(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            if normalize:
+                x, y = _normalize(x, res_p), _normalize(y, res_q)
+            return np.stack([spatial_impl(x, y), spectral_impl(x, y)], axis=1)
+
+        both = _chunked(chunk, P, Q, None).reshape(-1, 2)
+        s, f = both[:, 0].copy(), both[:, 1].copy()
     return PerSample(spatial=s, spectral=f, h=harmonic(s, f))
 
 

@@ -88,6 +88,8 @@ def test_ssim_batch_chunks_do_not_mix_samples():
 def test_ssim_rejects_maps_smaller_than_window():
     with pytest.raises(m.MetricInputError, match="smaller than the 11x11"):
         m.ssim_batch(np.zeros((10, 30)), np.zeros((10, 30)))
+    with pytest.raises(m.MetricInputError, match="smaller than the 11x11"):
+        m.sp2ps(np.zeros((3, 30, 10)), np.zeros((3, 30, 10)))
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (31, 20), (20, 31)])
@@ -173,6 +175,24 @@ def test_symmetric_and_in_unit_range(spatial, spectral):
         assert np.all((a >= 0.0) & (a <= 1.0))
     if spatial in ("ssim", "pearson"):
         assert forward.spatial[0] == 0.0
+
+
+@pytest.mark.parametrize(("spatial", "spectral"), COMBOS)
+def test_sp2ps_equals_its_public_parts(spatial, spectral):
+    # sp2ps() runs the built-in components chunk by chunk on threads; it must give what
+    # normalising and calling the registered functions on the whole batch gives.
+    rng = np.random.default_rng(22)
+    raw_p = (ndimage.gaussian_filter(rng.random((9, 30, 26)), (0, 2, 2)) * 5).astype(np.float32)
+    raw_q = ndimage.gaussian_filter(rng.random((9, 30, 26)), (0, 2, 2)) - 3.0
+    raw_p[4] = 2.0
+    raw_q[6] = 0.0
+    P, Q = m.normalize_maps(raw_p), m.normalize_maps(raw_q)
+    s = m.SPATIAL[spatial](P, Q)
+    f = m.SPECTRAL[spectral](P, Q)
+    per = m.sp2ps(raw_p, raw_q, spatial, spectral)
+    np.testing.assert_allclose(per.spatial, s, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(per.spectral, f, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(per.h, m.harmonic(s, f), rtol=0, atol=1e-12)
 
 
 def test_shift_drops_spatial_but_keeps_spectral():
