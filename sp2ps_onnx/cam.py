@@ -379,8 +379,15 @@ def postprocess(raw: Any, size: tuple[int, int] | None) -> np.ndarray:
 
 def _raw_maps(
     cam_model: Any, x: np.ndarray, method: str, targets: np.ndarray | None, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     result = cam_model.run(x, targets)
+    maps, used = _maps_from_run(cam_model, x, method, result, batch_size)
+    return maps, used, np.asarray(result.score)
+
+
+def _maps_from_run(
+    cam_model: Any, x: np.ndarray, method: str, result: Any, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     used_targets = np.asarray(result.targets, dtype=np.int64)
     if method in GRADIENT_METHODS:
         return gradient_weighted_cam(method, result.activations, result.gradients), used_targets
@@ -410,7 +417,8 @@ def explain(
     size: tuple[int, int] | None = None,
     raw: bool = False,
     batch_size: int = 32,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_scores: bool = False,
+) -> tuple[np.ndarray, ...]:
     """CAMs of ``x`` for ``cam_model`` (a :class:`sp2ps_onnx.CamModel`).
 
     Args:
@@ -425,10 +433,13 @@ def explain(
             scaling, no resizing).
         batch_size: images per model run; also the number of masked images or ablated
             activations per forward call for ``scorecam`` and ``ablationcam``.
+        return_scores: also return the model's class scores ``(N, K)`` from the same run,
+            which saves callers a second forward pass.
 
     Returns:
         ``(maps, targets)``: maps ``(N, H, W)`` float32 (in [0, 1] unless ``raw``) and the
-        class index used for each image (int64).
+        class index used for each image (int64); ``(maps, targets, scores)`` with
+        ``return_scores``.
     """
     _check_method(method, METHODS)
     images = np.asarray(x, dtype=np.float32)
@@ -448,15 +459,21 @@ def explain(
     step = max(1, int(batch_size))
     map_batches: list[np.ndarray] = []
     target_batches: list[np.ndarray] = []
+    score_batches: list[np.ndarray] = []
     for start in range(0, count, step):
         stop = min(start + step, count)
         batch_targets = None if target_array is None else target_array[start:stop]
-        maps, used = _raw_maps(cam_model, images[start:stop], method, batch_targets, step)
+        maps, used, scores = _raw_maps(cam_model, images[start:stop], method, batch_targets, step)
         map_batches.append(maps)
         target_batches.append(used)
+        score_batches.append(scores)
     raw_maps = np.concatenate(map_batches, axis=0)
     used_targets = np.concatenate(target_batches, axis=0)
     if raw:
-        return raw_maps.astype(np.float32), used_targets
-    output_size = tuple(cam_model.input_spatial_size) if size is None else tuple(size)
-    return postprocess(raw_maps, output_size), used_targets
+        maps = raw_maps.astype(np.float32)
+    else:
+        output_size = tuple(cam_model.input_spatial_size) if size is None else tuple(size)
+        maps = postprocess(raw_maps, output_size)
+    if return_scores:
+        return maps, used_targets, np.concatenate(score_batches, axis=0)
+    return maps, used_targets

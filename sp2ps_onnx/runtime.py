@@ -162,12 +162,25 @@ class CamModel:
         targets: Sequence[int] | np.ndarray | None = None,
         size: tuple[int, int] | None = None,
         raw: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """CAMs (N, H, W) in [0, 1] at the input size (or ``size``), and the targets used."""
+        return_scores: bool = False,
+    ) -> tuple[np.ndarray, ...]:
+        """CAMs (N, H, W) in [0, 1] at the input size (or ``size``), and the targets used.
+
+        ``raw=True`` gives the un-normalised maps at feature resolution. With
+        ``return_scores=True`` the class scores (N, K) of the same run come third.
+        """
         from .cam import explain
 
-        return explain(self, x, method=method, targets=targets, size=size, raw=raw,
-                       batch_size=self.batch_size)
+        return explain(
+            self,
+            x,
+            method=method,
+            targets=targets,
+            size=size,
+            raw=raw,
+            batch_size=self.batch_size,
+            return_scores=return_scores,
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the rewritten model (usable in any ONNX runtime) to ``path``."""

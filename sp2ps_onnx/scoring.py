@@ -424,19 +424,17 @@ def score_models(
         _check_labels(batch.labels, int(original_cam.num_classes), batch.ids)
         x_original, display = original_prep.with_display(batch.images)
         wanted = batch.labels if mode == "label" else None
-        original_maps, original_targets = original_cam.cams(
-            x_original, method=method, targets=wanted, size=map_size
+        original_maps, original_targets, original_scores = original_cam.cams(
+            x_original, method=method, targets=wanted, size=map_size, return_scores=True
         )
         original_targets = np.asarray(original_targets, dtype=np.int64)
-        original_scores = np.asarray(original_cam.scores(x_original))
         for j, (cam_model, prep) in enumerate(zip(pruned_cams, pruned_preps, strict=True)):
             x_pruned = prep(batch.images)
             pruned_wanted = None if mode == "self" else original_targets
-            pruned_maps, pruned_targets = cam_model.cams(
-                x_pruned, method=method, targets=pruned_wanted, size=map_size
+            pruned_maps, pruned_targets, pruned_scores = cam_model.cams(
+                x_pruned, method=method, targets=pruned_wanted, size=map_size, return_scores=True
             )
             pruned_targets = np.asarray(pruned_targets, dtype=np.int64)
-            pruned_scores = np.asarray(cam_model.scores(x_pruned))
             per_sample = accumulators[j].update(
                 original_maps,
                 pruned_maps,
@@ -615,14 +613,14 @@ def explain(
         _check_labels(batch.labels, int(cam_model.num_classes), batch.ids)
         x, display = prep.with_display(batch.images)
         wanted = batch.labels if mode == "label" else None
-        maps, targets = cam_model.cams(
-            x, method=method, targets=wanted, size=(prep.height, prep.width)
+        maps, targets, scores = cam_model.cams(
+            x, method=method, targets=wanted, size=(prep.height, prep.width), return_scores=True
         )
         yield CamBatch(
             ids=batch.ids,
             images=display,
             maps=np.asarray(maps, dtype=np.float32),
             targets=np.asarray(targets, dtype=np.int64),
-            scores=np.asarray(cam_model.scores(x)),
+            scores=np.asarray(scores),
             labels=batch.labels,
         )

@@ -74,3 +74,12 @@ def test_argmax_targets_follow_each_samples_own_score():
     np.testing.assert_array_equal(result.targets, result.score.argmax(axis=1))
     explicit = cam.run(x, result.targets)
     np.testing.assert_allclose(explicit.gradients, result.gradients)
+
+
+def test_cams_return_the_scores_of_the_same_run():
+    cam = CamModel(_fixed_batch_cnn(False))
+    x = np.random.default_rng(3).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    maps, targets, scores = cam.cams(x, return_scores=True)
+    np.testing.assert_allclose(scores, cam.scores(x), rtol=1e-6)  # the forward-only session
+    np.testing.assert_array_equal(targets, scores.argmax(axis=1))
+    assert maps.shape == (5, 8, 8)
