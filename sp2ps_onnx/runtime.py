@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 
 from ._ort import ort, select_providers
-from .errors import InputDataError
+from .errors import InputDataError, ModelLoadError
 from .graph.rewrite import (
     ACTIVATIONS,
     GRADIENTS,
@@ -191,7 +192,16 @@ class CamModel:
         rt = ort()
         opts = rt.SessionOptions()
         opts.log_severity_level = 3
-        return rt.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
+        try:
+            session = rt.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(
+                f"ONNX Runtime cannot load the rewritten model of {self.path or 'the model'} "
+                f"({' '.join(str(exc).split())}); check that the original runs in this "
+                "onnxruntime version, or choose another layer with layer=... (CLI: --layer)"
+            ) from exc
+        _report_provider_fallback(self.providers, session.get_providers())
+        return session
 
     def _batches(self, array: np.ndarray):
         step = self.graph.info.fixed_batch or self.batch_size
@@ -229,3 +239,21 @@ class CamModel:
                 f"(got {int(t.min())}..{int(t.max())})"
             )
         return t
+
+
+_fallback_reported = False
+
+
+def _report_provider_fallback(requested: list[str], active: list[str]) -> None:
+    """onnxruntime-gpu lists CUDA even when its libraries cannot load, then silently runs on
+    the CPU; say so once per process."""
+    global _fallback_reported
+    if _fallback_reported or "CUDAExecutionProvider" not in requested:
+        return
+    if "CUDAExecutionProvider" not in active:
+        _fallback_reported = True
+        print(
+            "sp2ps: the CUDA execution provider could not be initialised (check the CUDA and "
+            "cuDNN libraries onnxruntime-gpu needs); running on the CPU",
+            file=sys.stderr,
+        )
