@@ -92,3 +92,18 @@ def test_unreadable_file_is_one_clear_error(tmp_path, content):
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(ModelLoadError, match="not found.*missing.onnx"):
         CamModel(tmp_path / "missing.onnx")
+
+
+def test_models_below_opset_11_are_upgraded_not_rejected():
+    model = _cnn()
+    model.opset_import[0].version = 9  # every op of this graph exists at opset 9
+    gemm = model.graph.node[-1]
+    gemm.input.append("bias")  # Gemm's C is required before opset 11
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(4, np.float32), "bias"))
+    onnx.checker.check_model(model)
+    cam = CamModel(model)
+    assert cam.graph.info.model.opset_import[0].version >= 11
+    x = np.random.default_rng(4).normal(size=(2, 3, 6, 6)).astype(np.float32)
+    result = cam.run(x, targets=[3, 0])
+    for n, t in enumerate([3, 0]):
+        np.testing.assert_allclose(result.gradients[n], _expected_gradient(_cnn(), t), rtol=1e-6)
