@@ -123,10 +123,12 @@ class CamModel:
         names = self.graph.output_names
         fetch = [names[SCORE], names[ACTIVATIONS], names[GRADIENTS], names[TARGETS_USED]]
         parts = [
-            self._session.run(fetch, {self.input_name: xb, names[TARGET]: tb})
+            self._session.run(fetch, {self.input_name: xb, names[TARGET]: tb})[:4]
             for xb, tb in zip(self._batches(x), self._batches(wanted), strict=True)
         ]
-        score, acts, grads, used = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        score, acts, grads, used = (
+            np.concatenate([p[i] for p in parts])[: len(x)] for i in range(4)
+        )
         return CamResult(score=score, activations=acts, gradients=grads, targets=used)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
@@ -136,7 +138,7 @@ class CamModel:
             self._forward_session = self._make_session(self.graph.forward_model)
         return np.concatenate(
             [self._forward_session.run(None, {self.input_name: xb})[0] for xb in self._batches(x)]
-        )
+        )[: len(x)]
 
     def head_scores(self, activations: np.ndarray) -> np.ndarray:
         """Class scores from channels-first layer activations, running only the head."""
@@ -154,7 +156,7 @@ class CamModel:
         acts = np.ascontiguousarray(activations, dtype=np.float32)
         return np.concatenate(
             [self._head_session.run(None, {"activations": ab})[0] for ab in self._batches(acts)]
-        )
+        )[: len(acts)]
 
     def cams(
         self,
@@ -204,9 +206,16 @@ class CamModel:
         return session
 
     def _batches(self, array: np.ndarray):
-        step = self.graph.info.fixed_batch or self.batch_size
+        fixed = self.graph.info.fixed_batch
+        step = fixed or self.batch_size
         for start in range(0, len(array), step):
-            yield array[start : start + step]
+            chunk = array[start : start + step]
+            if fixed and len(chunk) < fixed:
+                # A model fixed at batch B > 1 gets its last chunk padded by repeating the
+                # final sample; callers trim the outputs back to len(array).
+                pad = np.repeat(chunk[-1:], fixed - len(chunk), axis=0)
+                chunk = np.concatenate([chunk, pad])
+            yield chunk
 
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)

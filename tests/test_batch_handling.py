@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sp2ps_onnx import CamModel
 
 
-def _fixed_batch_cnn(hard_coded_reshape: bool) -> onnx.ModelProto:
+def _fixed_batch_cnn(hard_coded_reshape: bool, batch: int = 1) -> onnx.ModelProto:
     """Conv -> Relu -> GAP -> Reshape -> Gemm with the input fixed at batch 1.
 
     With ``hard_coded_reshape`` the flatten is Reshape(.., [1, 4]), which breaks at any
@@ -18,7 +18,7 @@ def _fixed_batch_cnn(hard_coded_reshape: bool) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
     fc = numpy_helper.from_array(rng.normal(size=(5, 4)).astype(np.float32), "fc")
-    shape = numpy_helper.from_array(np.array([1, 4] if hard_coded_reshape else [-1, 4]), "shape")
+    shape = numpy_helper.from_array(np.array([batch, 4] if hard_coded_reshape else [-1, 4]), "shape")
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["r"]),
@@ -29,8 +29,8 @@ def _fixed_batch_cnn(hard_coded_reshape: bool) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "fixed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 5])],
         initializer=[w, fc, shape],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -44,8 +44,9 @@ def _reference(model: onnx.ModelProto, x: np.ndarray, targets: np.ndarray):
     sess = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
     fc = numpy_helper.to_array(model.graph.initializer[1])
     acts, grads = [], []
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
     for xi, t in zip(x, targets, strict=True):
-        logits, r = sess.run(None, {"x": xi[None]})
+        logits, r = sess.run(None, {"x": np.repeat(xi[None], batch, axis=0)})
         acts.append(r[0])
         grads.append(np.broadcast_to(fc[t][:, None, None] / 64.0, r[0].shape))
     return np.stack(acts), np.stack(grads)
@@ -65,6 +66,20 @@ def test_fixed_batch_model_accepts_larger_batches(hard_coded):
     np.testing.assert_allclose(result.activations, acts, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.gradients, grads, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(result.targets, targets)
+
+
+def test_model_fixed_at_a_larger_batch_pads_the_last_chunk():
+    model = _fixed_batch_cnn(True, batch=3)
+    cam = CamModel(model)
+    assert cam.graph.info.fixed_batch == 3
+    x = np.random.default_rng(5).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    targets = np.array([1, 0, 4, 2, 3])
+    result = cam.run(x, targets)
+    acts, grads = _reference(model, x, targets)
+    assert result.score.shape == (5, 5)
+    np.testing.assert_allclose(result.activations, acts, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.gradients, grads, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(cam.scores(x), result.score, rtol=1e-6)
 
 
 def test_argmax_targets_follow_each_samples_own_score():
