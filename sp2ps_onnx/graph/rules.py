@@ -462,9 +462,7 @@ def _conv(b, node, dys, needs):
     if needs[1] or (len(needs) > 2 and needs[2]):
         raise _unsupported(node, "weights computed from the activations are not supported")
     weight = node.input[1]
-    kernel = list(b.static_shape(weight)[2:]) if weight in b.info.shapes else list(
-        b.info.constants[weight].shape[2:]
-    )
+    kernel = list(b.static_shape(weight)[2:])
     win = _window(b, node, kernel)
     attrs = _transposed_window(b, node, win)
     grad = b.op(
