@@ -187,7 +187,8 @@ def input_dtype(model: onnx.ModelProto, name: str) -> np.dtype:
     raise KeyError(name)
 
 
-def _session(model: onnx.ModelProto):
+def cpu_session(model: onnx.ModelProto):
+    """An unoptimised CPU session for build-time probing of ``model``."""
     rt = ort()
     opts = rt.SessionOptions()
     opts.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -209,7 +210,7 @@ def _probe(model: onnx.ModelProto, input_name: str, shape) -> tuple[dict, dict]:
                 existing.add(out)
                 names.append(out)
     try:
-        sess = _session(exposed)
+        sess = cpu_session(exposed)
         x = _random_input(shape, input_dtype(model, input_name))
         values = sess.run(None, {input_name: x})
     except Exception as exc:
@@ -231,8 +232,8 @@ def _batch_consistent(original, relaxed, input_name, concrete, fixed_batch) -> b
         return False
     dtype = input_dtype(original, input_name)
     x = _random_input((PROBE_BATCH, *concrete[1:]), dtype, seed=1)
-    batched = _session(relaxed).run(None, {input_name: x})
-    single = _session(original)
+    batched = cpu_session(relaxed).run(None, {input_name: x})
+    single = cpu_session(original)
     for i in range(PROBE_BATCH):
         one = single.run(None, {input_name: x[i : i + 1]})
         for b, s in zip(batched, one, strict=True):

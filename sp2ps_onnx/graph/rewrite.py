@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..errors import ModelLoadError
+from ..errors import LayerNotFoundError, ModelLoadError
 from .analysis import GraphInfo, analyse, input_layout
 from .autodiff import backward
 from .builder import FLOAT, GraphBuilder
@@ -81,8 +81,6 @@ def build_cam_model(
     target = resolve_layer(info, layer) if layer else default_layer(info, score_tensor)
     layout = layout_of(info, target) or NCHW
     if len(info.shapes.get(target, ())) != 4:
-        from ..errors import LayerNotFoundError
-
         raise LayerNotFoundError(
             f"layer {target!r} has shape {info.shapes.get(target)}; a CAM layer must be a 4-D "
             "feature map (N, C, H, W) or (N, H, W, C)"
@@ -205,20 +203,19 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
         to = helper.np_dtype_to_tensor_dtype(target_dtype)
         source = b.op("Cast", [source], to=to)
     glue = b.nodes + [helper.make_node("Identity", [source], [target], name=b.fresh("layer"))]
+    b.nodes = []  # what follows runs after the head's own nodes
     score = b.fresh("score")
-    tail = GraphBuilder(info, prefix="sp2ps_head_out")
-    tail._taken |= b._taken
-    score_src = tail.as_float(cam.score_tensor)
+    score_src = b.as_float(cam.score_tensor)
     if len(info.shapes[cam.score_tensor]) != 2:
-        score_src = tail.op("Flatten", [score_src], axis=1)
-    tail.nodes.append(helper.make_node("Identity", [score_src], [score], name=tail.fresh("out")))
+        score_src = b.op("Flatten", [score_src], axis=1)
+    b.nodes.append(helper.make_node("Identity", [score_src], [score], name=b.fresh("out")))
     batch_dim = info.fixed_batch if info.fixed_batch else "N"
     graph = helper.make_graph(
-        glue + nodes + tail.nodes,
+        glue + nodes + b.nodes,
         "sp2ps_head",
         [helper.make_tensor_value_info(acts_in, FLOAT, [batch_dim, None, None, None])],
         [helper.make_tensor_value_info(score, FLOAT, [batch_dim, cam.num_classes])],
-        initializer=inits + b.initializers + tail.initializers,
+        initializer=inits + b.initializers,
     )
     head = helper.make_model(graph, opset_imports=list(info.model.opset_import))
     head.ir_version = info.model.ir_version

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from ..errors import UnsupportedOpError
+from .analysis import cpu_session
 from .builder import FLOAT, GraphBuilder
 from .model_io import attribute
 
@@ -501,8 +502,6 @@ def _pool_divisors(b: GraphBuilder, node: onnx.NodeProto, win: _Window) -> np.nd
     the divisor follows without re-deriving ONNX Runtime's count_include_pad and ceil_mode
     conventions.
     """
-    from .analysis import _session  # a tiny model, evaluated once at build time
-
     x_shape = b.static_shape(node.input[0])
     y_shape = _out_shape(b, node)
     spatial = len(win.kernel)
@@ -518,7 +517,7 @@ def _pool_divisors(b: GraphBuilder, node: onnx.NodeProto, win: _Window) -> np.nd
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)])
     model.ir_version = b.info.model.ir_version
-    averaged = _session(model).run(None, {"x": np.ones(probe_in, np.float32)})[0][0, 0]
+    averaged = cpu_session(model).run(None, {"x": np.ones(probe_in, np.float32)})[0][0, 0]
     in_bounds = np.ones(y_shape[2:], dtype=np.float64)
     for i in range(spatial):
         starts = np.arange(y_shape[2 + i]) * win.strides[i] - win.pads[i]
