@@ -12,39 +12,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import (
-    AblationCAM,
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    ScoreCAM,
-    XGradCAM,
-)
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from sp2ps_onnx import cam
 from sp2ps_onnx.errors import InputDataError, Sp2PSError
+from tests.gradcam_reference import REFERENCE_CLASSES
 
 torch.set_num_threads(2)
 
-REFERENCE_CLASSES = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "gradcam-elementwise": GradCAMElementWise,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-    "scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
-}
 NON_EIGEN_GRADIENT_METHODS = tuple(m for m in cam.GRADIENT_METHODS if m != "eigengradcam")
 ARRAY_LEVEL_METHODS = cam.GRADIENT_METHODS + cam.EIGEN_METHODS
 

@@ -24,18 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import (
-    AblationCAM,
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    ScoreCAM,
-    XGradCAM,
-)
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
@@ -43,19 +31,8 @@ from torch import nn
 
 from sp2ps_onnx import CamModel
 from tests import exports
+from tests.gradcam_reference import REFERENCE_CLASSES
 
-REFERENCE_CLASSES = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "gradcam-elementwise": GradCAMElementWise,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-    "scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
-}
 CHEAP_METHODS = (
     "gradcam",
     "gradcam++",
