@@ -18,6 +18,7 @@ from .errors import (
     Sp2PSError,
     UnsupportedModelError,
     UnsupportedOpError,
+    UntrustedModelError,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "Sp2PSError",
     "UnsupportedModelError",
     "UnsupportedOpError",
+    "UntrustedModelError",
     "__version__",
 ]
 

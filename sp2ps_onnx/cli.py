@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,12 +41,44 @@ def _one_line(message: str) -> str:
     return " ".join(message.split()) or "unknown error"
 
 
+class InternalError(UserError):
+    """An unexpected exception, shown as one line (exit status 3) unless ``--debug``."""
+
+    exit_code = 3
+
+
+_DEBUG = "sp2ps.debug"
+
+
 class _Sp2PSGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Sp2PSError as exc:
+            if ctx.meta.get(_DEBUG):
+                raise
             raise UserError(_one_line(str(exc))) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if ctx.meta.get(_DEBUG):
+                raise
+            raise InternalError(
+                f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); rerun with "
+                "--debug for the traceback and report it"
+            ) from None
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[_DEBUG] = True  # meta is shared by the group and its subcommand
+
+
+def _debug_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+        help="Show the full traceback of an error instead of one line.",
+    )(function)
 
 
 # --------------------------------------------------------------------------------------
@@ -104,6 +135,10 @@ def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Where ONNX Runtime runs the models."),
         click.option("--size", default=None, help="Input H[,W] for models with a dynamic "
                      "spatial input size (e.g. 224 or 224,192; default 224)."),
+        click.option("--allow-domain", "allow_domains", multiple=True, metavar="DOMAIN",
+                     help="Accept ops of this custom-op domain (refused by default: custom "
+                     "ops run code from outside ONNX Runtime). Repeat for several."),
+        _debug_option,
     ]
     for option in reversed(options):
         function = option(function)
@@ -132,6 +167,8 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--classes", default=None, help="Class names in label order: a text "
                      "file (one per line) or a comma-separated list."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes on stderr."),
+        click.option("--strict", is_flag=True, help="Stop with an error at the first unreadable "
+                     "image or empty folder instead of skipping and listing it."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -151,6 +188,7 @@ def _check_model_path(path: str) -> str:
 
 @click.group(cls=_Sp2PSGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sp2ps")
+@_debug_option
 def cli() -> None:
     """Grad-CAM family explanations inside ONNX classifiers, and the Sp2PS score of pruned
     models (do they still look where the original looked?)."""
@@ -161,7 +199,8 @@ def cli() -> None:
 @_model_options
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output format.")
-def inspect(model: str, layer: str | None, device: str, size: str | None, fmt: str) -> None:
+def inspect(model: str, layer: str | None, device: str, size: str | None,
+            allow_domains: tuple[str, ...], fmt: str) -> None:
     """Show a model's inputs, outputs, layout, classes, target layer, the ops between layer
     and score with their gradient-rule coverage, parameters and sparsity."""
     from .data import parse_size
@@ -170,8 +209,9 @@ def inspect(model: str, layer: str | None, device: str, size: str | None, fmt: s
     from .scoring import model_info
 
     _check_model_path(model)
+    found = inspect_model(model, layer=layer, input_size=parse_size(size),
+                          allow_domains=allow_domains)
     info = model_info(model)
-    found = inspect_model(model, layer=layer, input_size=parse_size(size))
     details: dict[str, Any] = {
         "model": model,
         "sha256": info.sha256,
@@ -252,14 +292,15 @@ def _inspect_text(details: dict[str, Any]) -> str:
 @cli.command(short_help="CAM overlays (PNG) and maps (.npy) of one model.")
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "-o", required=True, help="Output directory (created; replaced if it "
-              "holds an earlier sp2ps cam output).")
+@click.option("--out", "-o", required=True, help="Output directory (created; an earlier "
+              "sp2ps cam output there is replaced only with --force).")
+@click.option("--force", is_flag=True, help="Replace an earlier sp2ps cam output in --out.")
 @_model_options
 @_data_options
-def cam(model: str, inputs: tuple[str, ...], out: str, layer: str | None, device: str,
-        size: str | None, method: str, target: str | None, batch_size: int, preset: str,
-        mean: str | None, std: str | None, limit: int | None, classes: str | None,
-        quiet: bool) -> None:
+def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, layer: str | None,
+        device: str, size: str | None, allow_domains: tuple[str, ...], method: str,
+        target: str | None, batch_size: int, preset: str, mean: str | None, std: str | None,
+        limit: int | None, classes: str | None, quiet: bool, strict: bool) -> None:
     """Compute CAMs of MODEL for INPUT images (files, folders, .npz, .npy): writes a PNG
     overlay and a .npy map per sample, and cams.csv."""
     import numpy as np
@@ -268,19 +309,22 @@ def cam(model: str, inputs: tuple[str, ...], out: str, layer: str | None, device
     from .scoring import explain
 
     _check_model_path(model)
-    source = open_data(list(inputs), classes=classes, limit=limit)
+    if Path(out).resolve() in {Path(p).resolve() for p in (model, *inputs)}:
+        raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
+    source = open_data(list(inputs), classes=classes, limit=limit, strict=strict)
     names = source.class_names
     progress = _progress("cam", quiet)
     done = 0
     used: set[str] = set()
-    with atomic_directory(out, marker="cams.csv") as directory:
+    with atomic_directory(out, marker="cams.csv", force=force) as directory:
         with open(directory / "cams.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["id", "file", "target", "target_name", "target_logit", "top1",
                              "top1_name", "label"])
             for batch in explain(model, source, method=method, layer=layer, target=target,
                                  batch_size=batch_size, device=device, preset=preset, mean=mean,
-                                 std=std, size=size, quiet=quiet):
+                                 std=std, size=size, quiet=quiet,
+                                 allow_domains=allow_domains):
                 for i, sample_id in enumerate(batch.ids):
                     stem = _safe_stem(sample_id, used)
                     np.save(directory / f"{stem}.npy", batch.maps[i])
@@ -294,6 +338,15 @@ def cam(model: str, inputs: tuple[str, ...], out: str, layer: str | None, device
                     ])
                 done += len(batch.ids)
                 progress(done, len(source))
+        if source.faults:
+            with open(directory / "skipped.csv", "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["id", "reason"])
+                writer.writerows([fault.id, fault.reason] for fault in source.faults)
+    if source.faults:
+        _note(f"sp2ps: note: skipped {len(source.faults)} unreadable sample(s) or empty "
+              f"folder(s) (listed in skipped.csv): "
+              f"{', '.join(f.id for f in source.faults[:5])}", quiet)
     _note(f"sp2ps: wrote {done} CAM(s) ({method}) to {out}", quiet)
 
 
@@ -317,7 +370,8 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
 @click.option("--data", required=True, multiple=True, help="Evaluation data: image folder "
               "(class subfolders), image files, .npz (x, y) or .npy. Repeat for several.")
 @click.option("--out", "-o", default="sp2ps-report", show_default=True,
-              help="Report directory (replaced if it holds an earlier report).")
+              help="Report directory (an earlier report there is replaced only with --force).")
+@click.option("--force", is_flag=True, help="Replace an earlier sp2ps report in --out.")
 @click.option("--no-report", is_flag=True, help="Only print the table; write no files.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="table",
               show_default=True, help="Format of the ranking printed on stdout.")
@@ -336,12 +390,12 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
 @click.option("--examples", type=click.IntRange(min=0), default=4, show_default=True,
               help="Worst and best samples per model shown in the report.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: str,
+def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: str, force: bool,
           no_report: bool, fmt: str, layer: str | None, device: str, size: str | None,
-          pruned_layer: str | None, method: str, target: str | None, batch_size: int,
-          preset: str, mean: str | None, std: str | None, limit: int | None,
-          classes: str | None, quiet: bool, spatial: str, spectral: str, aggregation: str,
-          bootstrap: int, examples: int, seed: int) -> None:
+          allow_domains: tuple[str, ...], pruned_layer: str | None, method: str,
+          target: str | None, batch_size: int, preset: str, mean: str | None, std: str | None,
+          limit: int | None, classes: str | None, quiet: bool, strict: bool, spatial: str,
+          spectral: str, aggregation: str, bootstrap: int, examples: int, seed: int) -> None:
     """Score PRUNED models against ORIGINAL with Sp2PS over --data; prints the ranking and
     writes results.json, per_sample.csv, report.html and figures/ to --out."""
     from .report import atomic_directory, format_table, write_report
@@ -352,7 +406,7 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
     inputs = {Path(p).resolve() for p in (original, *pruned, *data)}
     if not no_report and Path(out).resolve() in inputs:
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
-    source = open_data(list(data), classes=classes, limit=limit)
+    source = open_data(list(data), classes=classes, limit=limit, strict=strict)
 
     def run() -> Any:
         return score_models(
@@ -361,12 +415,13 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
             preset=preset, mean=mean, std=std, size=size, limit=limit, spatial=spatial,
             spectral=spectral, aggregation=aggregation, n_bootstrap=bootstrap, seed=seed,
             examples=examples, progress=_progress("score", quiet), quiet=quiet,
+            allow_domains=allow_domains,
         )
 
     if no_report:
         report = run()
     else:
-        with atomic_directory(out) as directory:
+        with atomic_directory(out, force=force) as directory:
             report = run()
             write_report(report, directory)
     for message in report.notes:
@@ -382,11 +437,10 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never MODEL itself).")
 @_model_options
 def export(model: str, out: str, force: bool, layer: str | None, device: str,
-           size: str | None) -> None:
+           size: str | None, allow_domains: tuple[str, ...]) -> None:
     """Write MODEL rewritten for CAMs: extra input 'target', extra outputs activations and
     gradients (runs in any ONNX runtime)."""
-    import onnx
-
+    from .graph.model_io import save_model
     from .scoring import open_model
 
     _check_model_path(model)
@@ -402,18 +456,9 @@ def export(model: str, out: str, force: bool, layer: str | None, device: str,
         raise ModelLoadError(f"--out {out} is a directory; give a file name such as model_cam.onnx")
     if out_path.exists() and not force:
         raise ModelLoadError(f"{out} already exists; pass --force to overwrite it")
-    cam_model = open_model(model, layer, ["CPUExecutionProvider"], size)
-    parent = out_path.resolve().parent
-    if not parent.is_dir():
-        raise ModelLoadError(f"the folder of --out {out} does not exist; create it first")
-    handle, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=parent)
-    os.close(handle)
-    try:
-        onnx.save(cam_model.rewritten, temporary)
-        os.replace(temporary, out_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    cam_model = open_model(model, layer, ["CPUExecutionProvider"], size,
+                           allow_domains=allow_domains)
+    save_model(cam_model.rewritten, out_path)
     click.echo(
         f"sp2ps: wrote {out} (layer {cam_model.layer}; input 'target' int64 (N,), -1 = top-1; "
         f"outputs: {', '.join(o.name for o in cam_model.rewritten.graph.output)})"

@@ -18,12 +18,17 @@ through unchanged.
 
 Data is streamed: :meth:`DataSource.batches` yields :class:`Batch` tuples, one batch at a
 time, so memory does not grow with the dataset (``.npy`` files are memory-mapped).
+
+Bad data does not end a run: an image file that cannot be decoded (truncated, corrupt, a
+decompression bomb) and a class folder without images are skipped and recorded in
+:attr:`DataSource.faults`; ``strict=True`` makes each of them an error instead.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import InputDataError
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Largest image (width x height) that is decoded: Pillow's own decompression-bomb limit
+(about 9460 x 9460), checked from the file header before any pixel is decompressed."""
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """File name endings read as images (the same set torchvision's ``ImageFolder`` accepts)."""
@@ -63,6 +72,18 @@ class Batch(NamedTuple):
     ids: list[str]
 
 
+@dataclass(frozen=True)
+class DataFault:
+    """A sample or folder that was skipped: ``id`` as in :attr:`Batch.ids` (a class folder
+    ends with ``/``) and the reason, one line."""
+
+    id: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "reason": self.reason}
+
+
 # --------------------------------------------------------------------------------------
 # Data sources
 
@@ -83,12 +104,45 @@ class _FilePart:
 
 @dataclass
 class DataSource:
-    """A dataset opened by :func:`open_data`; iterate it with :meth:`batches`."""
+    """A dataset opened by :func:`open_data`; iterate it with :meth:`batches`.
+
+    ``faults`` lists what was skipped so far (empty class folders when opened, unreadable
+    images as the batches are read); with ``strict`` each of them raises
+    :class:`~sp2ps_onnx.errors.InputDataError` instead.
+    """
 
     description: str
     class_names: list[str] | None = None
     _parts: list[_ArrayPart | _FilePart] = field(default_factory=list, repr=False)
     _limit: int | None = None
+    strict: bool = False
+    faults: list[DataFault] = field(default_factory=list)
+
+    def _skip(self, sample_id: str, error: InputDataError) -> None:
+        if self.strict:
+            raise error
+        if all(f.id != sample_id for f in self.faults):
+            self.faults.append(DataFault(sample_id, " ".join(str(error).split())))
+
+    @property
+    def max_label(self) -> int | None:
+        """The largest label among the samples used (known without reading any image)."""
+        largest: int | None = None
+        remaining = len(self)
+        for part in self._parts:
+            if remaining <= 0:
+                break
+            if isinstance(part, _ArrayPart):
+                count = min(len(part.array), remaining)
+                labels = [] if part.labels is None else np.asarray(part.labels[:count])
+            else:
+                count = min(len(part.files), remaining)
+                labels = [label for _, label in part.files[:count]]
+            if len(labels):
+                top = int(np.max(labels))
+                largest = top if largest is None else max(largest, top)
+            remaining -= count
+        return largest
 
     @property
     def has_labels(self) -> bool:
@@ -134,8 +188,16 @@ class DataSource:
             else:
                 files = part.files[:remaining]
                 for start in range(0, len(files), batch_size):
-                    chunk_files = files[start : start + batch_size]
-                    images = [read_image(path) for path, _ in chunk_files]
+                    chunk_files, images = [], []
+                    for path, label in files[start : start + batch_size]:
+                        try:
+                            images.append(read_image(path))
+                        except InputDataError as exc:
+                            self._skip(_file_id(path, part.root), exc)
+                            continue
+                        chunk_files.append((path, label))
+                    if not chunk_files:
+                        continue
                     labels = (
                         np.array([lab for _, lab in chunk_files], dtype=np.int64)
                         if with_labels
@@ -185,12 +247,15 @@ def open_data(
     *,
     classes: str | Sequence[str] | None = None,
     limit: int | None = None,
+    strict: bool = False,
 ) -> DataSource:
     """Open one or more data paths (image folder, image files, ``.npz``, ``.npy``).
 
     ``classes`` (a file with one name per line, a comma-separated string or a list) fixes
     the label order of an image folder and names the integer labels of ``.npz`` files.
-    ``limit`` keeps only the first ``limit`` samples.
+    ``limit`` keeps only the first ``limit`` samples. Empty folders and, while reading,
+    unreadable images are skipped and recorded in :attr:`DataSource.faults`, or raise
+    :class:`~sp2ps_onnx.errors.InputDataError` with ``strict=True``.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -201,6 +266,7 @@ def open_data(
     class_names = parse_classes(classes)
     parts: list[_ArrayPart | _FilePart] = []
     loose_files: list[tuple[Path, int]] = []
+    faults = DataSource("", strict=strict)
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -209,10 +275,11 @@ def open_data(
                 "an .npz (with x and optional y) or an .npy file"
             )
         if path.is_dir():
-            part, found_classes = _open_folder(path, class_names)
+            part, found_classes = _open_folder(path, class_names, faults)
             if found_classes is not None:
                 class_names = class_names or found_classes
-            parts.append(part)
+            if part.files:
+                parts.append(part)
         elif path.suffix.lower() == ".npz":
             parts.append(_open_npz(path))
         elif path.suffix.lower() == ".npy":
@@ -238,9 +305,12 @@ def open_data(
         class_names=class_names,
         _parts=parts,
         _limit=limit,
+        strict=strict,
+        faults=faults.faults,
     )
     if len(source) == 0:
-        raise InputDataError(f"no samples found in {source.description}")
+        skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
+        raise InputDataError(f"no samples found in {source.description}{skipped}")
     return source
 
 
@@ -249,16 +319,19 @@ def _is_image_file(name: str) -> bool:
 
 
 def _open_folder(
-    root: Path, class_names: list[str] | None
+    root: Path, class_names: list[str] | None, source: DataSource
 ) -> tuple[_FilePart, list[str] | None]:
-    subdirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    try:
+        subdirs = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    except OSError as exc:
+        raise InputDataError(f"cannot list folder {root}: {exc}; check its permissions") from exc
     if not subdirs:
         files = sorted(p for p in root.iterdir() if p.is_file() and _is_image_file(p.name))
         if not files:
-            raise InputDataError(
+            source._skip(f"{root.as_posix()}/", InputDataError(
                 f"folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS)}) "
                 "and no class subfolders"
-            )
+            ))
         return _FilePart([(p, -1) for p in files], root), None
     # One subfolder per class, as torchvision's ImageFolder: sorted names -> 0..K-1.
     if class_names is None:
@@ -283,11 +356,12 @@ def _open_folder(
                     files.append((Path(dirpath) / fname, index[name]))
         if len(files) == before:
             empty.append(name)
-    if empty:
-        raise InputDataError(
-            f"class folder(s) {', '.join(empty)} in {root} contain no images "
-            f"({', '.join(IMAGE_EXTENSIONS)}); remove them or add images"
-        )
+    for name in empty:
+        # The class keeps its label (torchvision's ImageFolder with allow_empty=True).
+        source._skip(f"{name}/", InputDataError(
+            f"class folder {name} in {root} contains no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images"
+        ))
     return _FilePart(files, root), list(order)
 
 
@@ -363,21 +437,49 @@ def _open_npy(path: Path) -> _ArrayPart:
     return _ArrayPart(x, None, path.name, _check_array(x, path, path.name))
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode an image file to ``uint8`` ``(H, W)`` or ``(H, W, C)``."""
-    import imageio.v3 as iio
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+    """Decode the first frame of an image file to ``uint8`` ``(H, W)`` or ``(H, W, C)``.
 
+    The size the file declares is checked against ``max_pixels`` (default
+    :data:`MAX_IMAGE_PIXELS`) before decoding, so a small file that would expand to
+    gigabytes (a decompression bomb) is refused with :class:`InputDataError`.
+    """
+    import imageio.v3 as iio
+    from PIL import Image
+
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    kind = Path(path).suffix.lstrip(".").upper() or "image"
     try:
-        image = np.asarray(iio.imread(path, plugin="pillow"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as header:  # reads the header, not the pixels
+                width, height = header.size
+    except Image.DecompressionBombError:
+        width = height = -1
     except Exception as exc:
         raise InputDataError(
-            f"cannot decode image file {path}: {exc}; check that it is a valid "
-            f"{Path(path).suffix.lstrip('.').upper() or 'image'} file"
+            f"cannot decode image file {path}: {' '.join(str(exc).split())}; check that it "
+            f"is a valid {kind} file"
         ) from exc
-    if image.ndim == 3 and image.shape[-1] not in (1, 2, 3, 4):
-        image = image[0]  # first frame of a multi-frame file
-    if image.ndim not in (2, 3):
+    if width < 0 or width * height > limit:
+        size = "more pixels than Pillow allows" if width < 0 else f"{width} x {height} pixels"
+        raise InputDataError(
+            f"image file {path} declares {size}, over the limit of {limit:,} pixels; refused "
+            "before decoding as a possible decompression bomb; downscale the image"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = np.asarray(iio.imread(path, plugin="pillow", index=0))
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot decode image file {path}: {' '.join(str(exc).split())}; check that it "
+            f"is a valid {kind} file"
+        ) from exc
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 2, 3, 4)):
         raise InputDataError(f"image file {path} decodes to shape {image.shape}; not an image")
+    if image.size == 0:
+        raise InputDataError(f"image file {path} has no pixels (shape {image.shape})")
     return _to_uint8(image, str(path))
 
 

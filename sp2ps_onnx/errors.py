@@ -16,6 +16,12 @@ class ModelLoadError(Sp2PSError):
     """The ONNX file cannot be read, parsed or run."""
 
 
+class UntrustedModelError(ModelLoadError):
+    """The model file asks for something a file from outside must not do: read external
+    data outside its folder, run custom ops that were not allowed, or declare tensors of
+    impossible size."""
+
+
 class UnsupportedModelError(Sp2PSError):
     """The model is valid ONNX but not a CNN classifier this tool can explain."""
 

@@ -811,22 +811,34 @@ def write_report(report: Any, directory: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str], marker: str = "results.json") -> Iterator[Path]:
+def atomic_directory(
+    target: str | os.PathLike[str], marker: str = "results.json", force: bool = False
+) -> Iterator[Path]:
     """Yield a temporary sibling of ``target``; on success it replaces ``target``.
 
-    On failure the temporary directory is removed, so no partial output is left. An
-    existing ``target`` is replaced only if it is empty or holds ``marker`` (an earlier
-    output of this tool); otherwise :class:`InputDataError` is raised before any work.
+    On failure (an exception, Ctrl-C) the temporary directory is removed, so no partial
+    output is left and an earlier output survives. An existing non-empty ``target`` is
+    replaced only with ``force`` and only if it holds ``marker`` (an earlier output of this
+    tool); a folder of anything else is never replaced. Otherwise :class:`InputDataError`
+    is raised before any work.
     """
     target = Path(target)
-    if target.exists():
-        if not target.is_dir():
-            raise InputDataError(f"output {target} exists and is not a directory; choose another --out")
-        if any(target.iterdir()) and not (target / marker).exists():
+    if target.exists() or target.is_symlink():
+        if not target.is_dir() or target.is_symlink():
             raise InputDataError(
-                f"output directory {target} exists and is not an earlier sp2ps output "
-                f"(no {marker}); choose another --out or empty it"
+                f"output {target} exists and is not a directory; choose another --out"
             )
+        if any(target.iterdir()):
+            if not (target / marker).exists():
+                raise InputDataError(
+                    f"output directory {target} exists and is not an earlier sp2ps output "
+                    f"(no {marker}); choose another --out or empty it"
+                )
+            if not force:
+                raise InputDataError(
+                    f"output directory {target} already holds an earlier sp2ps output; pass "
+                    "--force to replace it, or choose another --out"
+                )
     parent = target.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))

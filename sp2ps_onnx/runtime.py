@@ -6,12 +6,14 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from ._ort import ort, select_providers
 from .errors import InputDataError, ModelLoadError
+from .graph.model_io import save_model
 from .graph.rewrite import (
     ACTIVATIONS,
     GRADIENTS,
@@ -47,6 +49,8 @@ class CamModel:
         providers: ONNX Runtime providers; default: CUDA when available, else CPU.
         input_size: (H, W) for models whose spatial input dims are dynamic (default 224).
         batch_size: samples per ONNX Runtime call.
+        allow_domains: custom-op domains to accept (refused by default, since their ops
+            run code from outside ONNX Runtime).
     """
 
     def __init__(
@@ -57,8 +61,11 @@ class CamModel:
         providers: Sequence[str] | None = None,
         input_size: tuple[int, int] | None = None,
         batch_size: int = DEFAULT_BATCH,
+        allow_domains: Sequence[str] = (),
     ) -> None:
-        self.graph: CamGraph = build_cam_model(model, layer=layer, score=score, input_size=input_size)
+        self.graph: CamGraph = build_cam_model(
+            model, layer=layer, score=score, input_size=input_size, allow_domains=allow_domains
+        )
         self.providers = list(providers) if providers else select_providers("auto", quiet=True)
         self.batch_size = max(1, int(batch_size))
         self._session = self._make_session(self.graph.model)
@@ -186,8 +193,17 @@ class CamModel:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the rewritten model (usable in any ONNX runtime) to ``path``."""
-        onnx.save(self.rewritten, os.fspath(path))
+        """Write the rewritten model (usable in any ONNX runtime) to ``path``.
+
+        The file is written atomically (a temporary file, then a rename); the model this
+        CamModel was built from is never overwritten.
+        """
+        if self.path and Path(path).resolve() == Path(self.path).resolve():
+            raise ModelLoadError(
+                f"{path} is the input model; saving never overwrites its input, choose "
+                "another file name"
+            )
+        save_model(self.rewritten, path)
 
     # -- internals ---------------------------------------------------------------------
     def _make_session(self, model: onnx.ModelProto):

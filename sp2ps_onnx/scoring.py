@@ -84,22 +84,17 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def load_onnx(model: str | os.PathLike[str] | Any) -> Any:
-    """Load an ONNX ModelProto (with external data) or return a given one unchanged."""
+    """Load an ONNX ModelProto (with external data, read only from inside the model's
+    folder) or return a given one unchanged."""
     import onnx
+
+    from .graph.model_io import load_external_data, read_model
 
     if isinstance(model, onnx.ModelProto):
         return model
-    path = Path(model)
-    if not path.is_file():
-        raise ModelLoadError(
-            f"model file {path} does not exist; give the path of an .onnx file"
-        )
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"cannot read {path} as an ONNX model: {exc}; check that it is a valid .onnx file"
-        ) from exc
+    proto = read_model(model)
+    load_external_data(proto, os.fspath(model))
+    return proto
 
 
 def count_parameters(proto: Any) -> int:
@@ -169,10 +164,12 @@ def open_model(
     providers: list[str] | None = None,
     size: str | int | Sequence[int] | None = None,
     batch_size: int = 32,
+    allow_domains: Sequence[str] = (),
 ) -> Any:
     """A CamModel for a path or ModelProto (a CamModel is returned unchanged).
 
-    ``size`` is the input (H, W) for models whose spatial input dims are dynamic.
+    ``size`` is the input (H, W) for models whose spatial input dims are dynamic;
+    ``allow_domains`` names custom-op domains to accept.
     """
     if hasattr(model, "cams") and hasattr(model, "rewritten"):
         return model
@@ -186,6 +183,7 @@ def open_model(
         providers=providers,
         input_size=parse_size(size),
         batch_size=batch_size,
+        allow_domains=allow_domains,
     )
 
 
@@ -239,6 +237,7 @@ class ScoreReport:
     accuracy_original: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    faults: list[dict[str, str]] = field(default_factory=list)  # skipped samples: id, reason
 
     def ranked(self) -> list[ModelScore]:
         """Pruned models from the highest Sp2PS to the lowest (NaN last)."""
@@ -257,6 +256,7 @@ class ScoreReport:
             "original": {**self.original.to_dict(), "accuracy": self.accuracy_original},
             "ranking": [m.info.name for m in ranked],
             "notes": self.notes,
+            "data_faults": self.faults,
             "models": [
                 {
                     "rank": ranked.index(m) + 1,
@@ -326,6 +326,97 @@ def _h_key(h: float) -> float:
     return -1.0 if np.isnan(h) else h
 
 
+@dataclass(frozen=True)
+class _DeclaredImage:
+    """What a model's file declares about its image input and class scores (None: dynamic)."""
+
+    name: str
+    layout: str
+    channels: int | None
+    size: tuple[int | None, int | None]
+    classes: int | None
+
+
+def _declared_image(model: ModelLike, name: str) -> _DeclaredImage | None:
+    """Read the declared input/output dims without running anything (None if not 4-D)."""
+    import onnx
+
+    from .graph.analysis import input_layout
+    from .graph.model_io import dims_of, graph_inputs, read_model
+
+    if hasattr(model, "cams") and hasattr(model, "rewritten"):
+        spatial = model.input_spatial_size
+        return _DeclaredImage(name, str(model.layout), int(model.channels),
+                              (int(spatial[0]), int(spatial[1])), int(model.num_classes))
+    proto = model if isinstance(model, onnx.ModelProto) else read_model(model)
+    inputs = graph_inputs(proto.graph)
+    if len(inputs) != 1 or len(dims_of(inputs[0])) != 4 or not proto.graph.output:
+        return None
+    dims = [d if isinstance(d, int) else None for d in dims_of(inputs[0])]
+    layout = input_layout(dims_of(inputs[0]))
+    channels, size = (dims[3], (dims[1], dims[2])) if layout == "NHWC" else (
+        dims[1], (dims[2], dims[3])
+    )
+    out = dims_of(proto.graph.output[0])[1:]
+    classes = int(np.prod(out)) if out and all(isinstance(d, int) for d in out) else None
+    return _DeclaredImage(name, layout, channels, size, classes)
+
+
+def check_comparable(
+    original: ModelLike,
+    pruned: Sequence[ModelLike],
+    names: Sequence[str],
+    size: str | int | Sequence[int] | None = None,
+) -> None:
+    """Refuse, before any compute, pruned models whose image size, channel count or class
+    count differs from the original's. The layout (NCHW or NHWC) may differ: each model
+    gets its own preprocessing of the same image."""
+    reference = _declared_image(original, names[0])
+    if reference is None:
+        return  # opening the original explains what is wrong with it
+    from .graph.analysis import DEFAULT_SPATIAL
+
+    requested = parse_size(size) or (DEFAULT_SPATIAL, DEFAULT_SPATIAL)
+    ref_size = reference.size if None not in reference.size else requested
+    for model, name in zip(pruned, names[1:], strict=True):
+        other = _declared_image(model, name)
+        if other is None:
+            continue
+        fix = ("Sp2PS compares CAMs of the same images, so give a pruned version of the "
+               "original model")
+        if None not in (reference.channels, other.channels) and reference.channels != other.channels:
+            raise ModelMismatchError(
+                f"pruned model {name} takes {other.channels}-channel images but the original "
+                f"{reference.name} takes {reference.channels}-channel images; {fix}"
+            )
+        if None not in other.size and other.size != ref_size:
+            h, w = ref_size
+            how = "" if None not in reference.size else (
+                " (its input size is dynamic; it runs at --size, default 224)"
+            )
+            raise ModelMismatchError(
+                f"pruned model {name} takes {other.size[0]}x{other.size[1]} images but the "
+                f"original {reference.name} takes {h}x{w}{how}; {fix}"
+                + (f", or pass --size {other.size[0]},{other.size[1]}" if how else "")
+            )
+        if None not in (reference.classes, other.classes) and reference.classes != other.classes:
+            raise ModelMismatchError(
+                f"pruned model {name} has {other.classes} classes but the original "
+                f"{reference.name} has {reference.classes}; {fix}"
+            )
+
+
+def check_label_range(source: DataSource, num_classes: int) -> None:
+    """Refuse labels outside 0..num_classes-1 before any image is read or scored."""
+    largest = source.max_label
+    if largest is not None and largest >= num_classes:
+        raise InputDataError(
+            f"the data {source.description} has label {largest} but the model has "
+            f"{num_classes} classes (0..{num_classes - 1}); check the labels, the class "
+            "folders or --classes"
+        )
+
+
 def resolve_target(target: str | None, has_labels: bool) -> str:
     """The target mode to use: ``label`` when labels exist, else ``original``."""
     if target is None or target == "auto":
@@ -365,6 +456,8 @@ def score_models(
     examples: int = 4,
     progress: Callable[[int, int], None] | None = None,
     quiet: bool = True,
+    strict: bool = False,
+    allow_domains: Sequence[str] = (),
 ) -> ScoreReport:
     """Score each pruned model against the original with Sp2PS over ``data``.
 
@@ -372,10 +465,12 @@ def score_models(
     model. Each model gets its own preprocessing (layout, channels, size) from ``preset``,
     ``mean``, ``std`` and ``size``. ``target`` is ``label``, ``original`` or ``self``
     (default: ``label`` when the data has labels, else ``original``). ``progress`` is
-    called as ``progress(done, total)`` after each batch.
+    called as ``progress(done, total)`` after each batch. Unreadable images and empty
+    folders are skipped and listed in the report (``strict=True``: an error);
+    ``allow_domains`` names custom-op domains to accept.
 
-    Raises :class:`~sp2ps_onnx.errors.ModelMismatchError` when a pruned model's class count
-    differs from the original's, and :class:`~sp2ps_onnx.errors.InputDataError` for data
+    Raises :class:`~sp2ps_onnx.errors.ModelMismatchError`, before any compute, when a pruned
+    model's image size, channel count or class count differs from the original's, and :class:`~sp2ps_onnx.errors.InputDataError` for data
     that cannot be read or does not fit.
     """
     from . import metric
@@ -384,16 +479,22 @@ def score_models(
     if not pruned:
         raise ModelMismatchError("no pruned model given; pass at least one pruned model to score")
     started = time.perf_counter()
-    source = data if isinstance(data, DataSource) else open_data(data, classes=classes, limit=limit)
+    source = data if isinstance(data, DataSource) else open_data(
+        data, classes=classes, limit=limit, strict=strict
+    )
     mode = resolve_target(target, source.has_labels)
     providers = select_providers(device, quiet=quiet)
     names = _unique_names([original, *pruned])
-    original_cam = open_model(original, layer, providers, size, batch_size)
+    check_comparable(original, pruned, names, size)
+    original_cam = open_model(original, layer, providers, size, batch_size, allow_domains)
+    check_label_range(source, int(original_cam.num_classes))
     original_prep = Preprocessing.for_model(original_cam, preset, mean=mean, std=std, size=size)
     map_size = (original_prep.height, original_prep.width)
     pruned_cams, pruned_preps = [], []
     for model, name in zip(pruned, names[1:], strict=True):
-        cam_model = open_model(model, pruned_layer or layer, providers, size or map_size, batch_size)
+        cam_model = open_model(
+            model, pruned_layer or layer, providers, size or map_size, batch_size, allow_domains
+        )
         if int(cam_model.num_classes) != int(original_cam.num_classes):
             raise ModelMismatchError(
                 f"pruned model {name} has {cam_model.num_classes} classes but the original "
@@ -489,7 +590,8 @@ def score_models(
         if progress is not None:
             progress(done, total)
     if done == 0:
-        raise InputDataError(f"no samples were read from {source.description}")
+        skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
+        raise InputDataError(f"no samples were read from {source.description}{skipped}")
     results = [acc.result() for acc in accumulators]
     scores = []
     for j, (model, cam_model) in enumerate(zip(pruned, pruned_cams, strict=True)):
@@ -500,6 +602,14 @@ def score_models(
     original_info = model_info(_model_source(original, original_cam), original_cam, names[0])
     accuracy = getattr(results[0], "accuracy_original", None)
     notes = []
+    if source.faults:
+        listed = ", ".join(f.id for f in source.faults[:5])
+        more = f" and {len(source.faults) - 5} more" if len(source.faults) > 5 else ""
+        notes.append(
+            f"skipped {len(source.faults)} unreadable sample(s) or empty folder(s): "
+            f"{listed}{more} (results.json lists each with its reason; --strict makes "
+            "them an error)"
+        )
     if source.class_names and len(source.class_names) != int(original_cam.num_classes):
         notes.append(
             f"the data names {len(source.class_names)} classes but the model has "
@@ -538,6 +648,7 @@ def score_models(
         accuracy_original=None if accuracy is None else float(accuracy),
         seconds=time.perf_counter() - started,
         notes=notes,
+        faults=[f.to_dict() for f in source.faults],
     )
 
 
@@ -597,17 +708,25 @@ def explain(
     limit: int | None = None,
     classes: str | Sequence[str] | None = None,
     quiet: bool = True,
+    strict: bool = False,
+    allow_domains: Sequence[str] = (),
 ) -> Iterator[CamBatch]:
     """Yield the CAMs of ``model`` for ``data`` batch by batch.
 
     ``target`` is ``label`` (needs labels) or ``original``/``self`` (the model's top-1);
-    the default is ``label`` when the data has labels, else the top-1 class.
+    the default is ``label`` when the data has labels, else the top-1 class. Unreadable
+    images are skipped and recorded in the source's ``faults`` (``strict=True``: an error).
     """
     from ._ort import select_providers
 
-    source = data if isinstance(data, DataSource) else open_data(data, classes=classes, limit=limit)
+    source = data if isinstance(data, DataSource) else open_data(
+        data, classes=classes, limit=limit, strict=strict
+    )
     mode = resolve_target(target, source.has_labels)
-    cam_model = open_model(model, layer, select_providers(device, quiet=quiet), size, batch_size)
+    cam_model = open_model(
+        model, layer, select_providers(device, quiet=quiet), size, batch_size, allow_domains
+    )
+    check_label_range(source, int(cam_model.num_classes))
     prep = Preprocessing.for_model(cam_model, preset, mean=mean, std=std, size=size)
     for batch in source.batches(batch_size):
         _check_labels(batch.labels, int(cam_model.num_classes), batch.ids)

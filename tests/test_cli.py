@@ -334,7 +334,9 @@ def test_score_replaces_an_earlier_report(tiny, tmp_path: Path) -> None:
     args = ["score", tiny["original"], tiny["pruned"], "--data", tiny["npz"], "--preset", "unit",
             "--out", out, "-q", "--bootstrap", 0]
     assert invoke(*args, "--limit", 5).exit_code == 0
-    assert invoke(*args, "--limit", 7).exit_code == 0
+    assert_user_error(invoke(*args, "--limit", 7), "--force")
+    assert json.loads((out / "results.json").read_text())["n"] == 5
+    assert invoke(*args, "--limit", 7, "--force").exit_code == 0
     assert json.loads((out / "results.json").read_text())["n"] == 7
     assert _siblings(out) == {"r"}
 

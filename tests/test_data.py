@@ -244,7 +244,7 @@ def test_dynamic_size_needs_size_option() -> None:
 def test_errors_are_clear(tmp_path: Path, make, match: str) -> None:
     path = make(tmp_path)
     with pytest.raises(InputDataError, match=match) as info:
-        source = open_data(path)
+        source = open_data(path, strict=True)
         for _ in source.batches(4):
             pass
     assert str(path.name) in str(info.value) or "empty" in str(info.value)

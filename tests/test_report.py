@@ -149,7 +149,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
     with atomic_directory(target) as directory:
         (directory / "results.json").write_text("1")
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as directory:
+        with atomic_directory(target, force=True) as directory:
             raise RuntimeError("again")
     assert (target / "results.json").read_text() == "1"  # the earlier output survives
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

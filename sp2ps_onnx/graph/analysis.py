@@ -22,6 +22,10 @@ PROBE_BATCH = 2
 # (index and shape arithmetic that exporters leave unfolded).
 _FOLD_LIMIT = 1 << 16
 DEFAULT_SPATIAL = 224
+# The probing run allocates the input (and every intermediate tensor) at these sizes, so
+# absurd declared dims are refused before anything is allocated.
+MAX_INPUT_ELEMENTS = 1 << 27  # per sample: e.g. 3 x 6688 x 6688
+MAX_FIXED_BATCH = 1024
 
 
 @dataclass
@@ -92,6 +96,7 @@ def analyse(
             f"{where}: input {vi.name!r} has rank {len(dims) or 'unknown'}, expected a 4-D image "
             "batch (N,C,H,W) or (N,H,W,C); re-export with a fixed-rank image input"
         )
+    _check_image_dtype(vi, where)
     concrete = _concrete_input_shape(dims, input_size, where)
     info = GraphInfo(model=model, input_name=vi.name, input_shape=concrete, declared_input_dims=dims)
     _make_index(info)
@@ -121,6 +126,20 @@ def analyse(
     return info
 
 
+def _check_image_dtype(vi: onnx.ValueInfoProto, where: str) -> None:
+    elem = vi.type.tensor_type.elem_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+    except Exception:
+        dtype = None
+    if dtype is None or dtype.kind not in "fiu":
+        kind = onnx.TensorProto.DataType.Name(elem).lower() if elem in onnx.TensorProto.DataType.values() else str(elem)
+        raise UnsupportedModelError(
+            f"{where}: input {vi.name!r} has element type {kind}, not an image batch of numbers; "
+            "sp2ps explains image classifiers with a float or integer pixel input"
+        )
+
+
 def _concrete_input_shape(dims, input_size, where) -> tuple[int, ...]:
     layout_nhwc = _looks_nhwc(dims)
     spatial_axes = (1, 2) if layout_nhwc else (2, 3)
@@ -143,6 +162,17 @@ def _concrete_input_shape(dims, input_size, where) -> tuple[int, ...]:
             out[axis] = dims[axis]
         else:
             out[axis] = input_size[k] if input_size is not None else DEFAULT_SPATIAL
+    if int(np.prod(out[1:], dtype=object)) > MAX_INPUT_ELEMENTS:
+        raise UnsupportedModelError(
+            f"{where}: one input sample of shape {tuple(out[1:])} would hold more than "
+            f"{MAX_INPUT_ELEMENTS:,} values; that is not an image this tool can explain "
+            "(check the model's declared input dims or --size)"
+        )
+    if isinstance(dims[0], int) and dims[0] > MAX_FIXED_BATCH:
+        raise UnsupportedModelError(
+            f"{where}: the input's batch dimension is fixed at {dims[0]}, more than "
+            f"{MAX_FIXED_BATCH}; re-export the model with a dynamic or small batch"
+        )
     return tuple(out)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,14 @@ import onnx
 from ..errors import LayerNotFoundError
 from .analysis import analyse, input_layout
 from .locate import default_layer, find_score, head_ops, layout_of, resolve_layer
-from .model_io import attribute, constant_values, dims_of, graph_inputs, load_model
+from .model_io import (
+    attribute,
+    blame_invalid_model,
+    constant_values,
+    dims_of,
+    graph_inputs,
+    load_model,
+)
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -21,6 +29,7 @@ def inspect_model(
     layer: str | None = None,
     input_size: tuple[int, int] | None = None,
     score: str = "logits",
+    allow_domains: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Inputs, outputs, the target layer, the head's ops with rule coverage, and weights.
 
@@ -28,7 +37,18 @@ def inspect_model(
     rule: it reports it (``head_ops[i]["has_rule"] is False``), which is what a user needs
     to pick a later layer.
     """
-    proto, path = load_model(model)
+    proto, path = load_model(model, allow_domains)
+    with blame_invalid_model(proto, path):
+        return _inspect(proto, path, layer, input_size, score)
+
+
+def _inspect(
+    proto: onnx.ModelProto,
+    path: str | None,
+    layer: str | None,
+    input_size: tuple[int, int] | None,
+    score: str,
+) -> dict[str, Any]:
     info = analyse(proto, input_size, path)
     score_tensor, cut = find_score(info, score)
     try:

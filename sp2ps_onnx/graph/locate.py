@@ -72,6 +72,13 @@ def find_score(info: GraphInfo, score: str = "logits") -> tuple[str, str | None]
             "output holds class scores"
         )
     name = candidates[0]
+    class_dims = [d for d in info.shapes[name][1:] if d != 1]
+    if len(class_dims) > 1:
+        raise UnsupportedModelError(
+            f"the model's output {name!r} has shape {info.shapes[name]} (at batch "
+            f"{info.shapes[name][0]}), not class scores (N, K); sp2ps explains classifiers, "
+            "not segmentation or detection models whose first output is a map"
+        )
     if score == "probabilities":
         return name, None
     current = name
@@ -166,6 +173,8 @@ def default_layer(info: GraphInfo, score: str) -> str:
     )
     num_classes = int(np.prod(info.shapes[score][1:]))
     for tensor in candidates:
+        if tensor == info.input_name:
+            continue  # the image itself is no feature map: a CAM of it explains nothing
         layout = _is_spatial_map(info, tensor)
         if layout is None:
             continue
@@ -173,9 +182,10 @@ def default_layer(info: GraphInfo, score: str) -> str:
             tensor = _before_class_map_conv(info, tensor)
         return _step_back(info, tensor)
     raise LayerNotFoundError(
-        "found no 4-D feature map with height and width > 1 that feeds the class score; "
-        "pass the layer explicitly with layer=... (CLI: --layer); `sp2ps inspect` lists "
-        "candidate tensors"
+        "the model has no convolutional feature map (a 4-D map with height and width > 1, "
+        "computed from the image, that feeds the class score), so there is no layer for a "
+        "CAM; if a tensor qualifies, pass it with layer=... (CLI: --layer); `sp2ps inspect` "
+        "shows the model's tensors"
     )
 
 

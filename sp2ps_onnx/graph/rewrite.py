@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..errors import LayerNotFoundError, ModelLoadError
+from ..errors import LayerNotFoundError, ModelLoadError, Sp2PSError
 from .analysis import GraphInfo, analyse, input_layout
 from .autodiff import backward
 from .builder import FLOAT, GraphBuilder
@@ -24,7 +25,7 @@ from .locate import (
     requires_grad,
     resolve_layer,
 )
-from .model_io import load_model
+from .model_io import blame_invalid_model, load_model
 
 SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED = (
     "score",
@@ -69,13 +70,32 @@ def build_cam_model(
     layer: str | None = None,
     score: str = "logits",
     input_size: tuple[int, int] | None = None,
+    allow_domains: Iterable[str] = (),
 ) -> CamGraph:
     """Rewrite ``model`` so that one run yields the score, the layer's activations and the
     gradient of the chosen class score with respect to them.
 
     The backbone runs once; the head's backward pass is appended as standard ONNX ops.
+    ``allow_domains`` names custom-op domains to accept (see
+    :func:`~sp2ps_onnx.graph.model_io.load_model`).
     """
-    proto, path = load_model(model)
+    proto, path = load_model(model, allow_domains)
+    try:
+        with blame_invalid_model(proto, path):
+            return _build_cam_model(proto, path, layer, score, input_size)
+    except Sp2PSError as exc:
+        if path and path not in str(exc):
+            exc.args = (f"{path}: {exc}",)  # say which model, when several are opened
+        raise
+
+
+def _build_cam_model(
+    proto: onnx.ModelProto,
+    path: str | None,
+    layer: str | None,
+    score: str,
+    input_size: tuple[int, int] | None,
+) -> CamGraph:
     info = analyse(proto, input_size, path)
     score_tensor, cut = find_score(info, score)
     target = resolve_layer(info, layer) if layer else default_layer(info, score_tensor)
