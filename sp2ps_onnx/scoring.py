@@ -358,7 +358,8 @@ def _declared_image(model: ModelLike, name: str) -> _DeclaredImage | None:
         dims[1], (dims[2], dims[3])
     )
     out = dims_of(proto.graph.output[0])[1:]
-    classes = int(np.prod(out)) if out and all(isinstance(d, int) for d in out) else None
+    scores = all(isinstance(d, int) for d in out) and sum(d != 1 for d in out) == 1
+    classes = int(np.prod(out)) if scores else None  # else opening the model says what it is
     return _DeclaredImage(name, layout, channels, size, classes)
 
 

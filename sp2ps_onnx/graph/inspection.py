@@ -19,6 +19,7 @@ from .model_io import (
     dims_of,
     graph_inputs,
     load_model,
+    naming_the_model,
 )
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -38,7 +39,7 @@ def inspect_model(
     to pick a later layer.
     """
     proto, path = load_model(model, allow_domains)
-    with blame_invalid_model(proto, path):
+    with blame_invalid_model(proto, path), naming_the_model(path):
         return _inspect(proto, path, layer, input_size, score)
 
 
@@ -55,7 +56,7 @@ def _inspect(
         target = resolve_layer(info, layer) if layer else default_layer(info, score_tensor)
         layer_error = None
     except LayerNotFoundError as exc:
-        target, layer_error = None, str(exc)
+        target, layer_error = None, f"{path}: {exc}" if path else str(exc)
     ops = head_ops(info, target, score_tensor) if target else []
     layout = layout_of(info, target) if target else None
     params, zeros = weight_statistics(proto)

@@ -333,6 +333,18 @@ def blame_invalid_model(proto: onnx.ModelProto, where: str | None) -> Iterator[N
         ) from exc
 
 
+@contextlib.contextmanager
+def naming_the_model(path: str | None) -> Iterator[None]:
+    """Prefix the model's path to an error that does not name it yet, so that a user who
+    opened several models knows which one it is about."""
+    try:
+        yield
+    except Sp2PSError as exc:
+        if path and path not in str(exc):
+            exc.args = (f"{path}: {exc}",)
+        raise
+
+
 def validation_problem(proto: onnx.ModelProto) -> str | None:
     """onnx.checker's complaint about ``proto`` (with shape inference), or None."""
     if proto.ByteSize() > 2_000_000_000:

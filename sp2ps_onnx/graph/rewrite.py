@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..errors import LayerNotFoundError, ModelLoadError, Sp2PSError
+from ..errors import LayerNotFoundError, ModelLoadError
 from .analysis import GraphInfo, analyse, input_layout
 from .autodiff import backward
 from .builder import FLOAT, GraphBuilder
@@ -25,7 +25,7 @@ from .locate import (
     requires_grad,
     resolve_layer,
 )
-from .model_io import blame_invalid_model, load_model
+from .model_io import blame_invalid_model, load_model, naming_the_model
 
 SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED = (
     "score",
@@ -80,13 +80,8 @@ def build_cam_model(
     :func:`~sp2ps_onnx.graph.model_io.load_model`).
     """
     proto, path = load_model(model, allow_domains)
-    try:
-        with blame_invalid_model(proto, path):
-            return _build_cam_model(proto, path, layer, score, input_size)
-    except Sp2PSError as exc:
-        if path and path not in str(exc):
-            exc.args = (f"{path}: {exc}",)  # say which model, when several are opened
-        raise
+    with blame_invalid_model(proto, path), naming_the_model(path):
+        return _build_cam_model(proto, path, layer, score, input_size)
 
 
 def _build_cam_model(
