@@ -42,7 +42,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from scipy import ndimage, special
+from scipy import special
 
 from .errors import InputDataError, Sp2PSError
 
@@ -209,18 +209,25 @@ def _interpolation_matrix(source: int, target: int, corners_aligned: bool) -> np
 
     ``corners_aligned=False`` is half-pixel centres with edge replication (OpenCV's
     INTER_LINEAR, skimage's resize with order=1, mode="edge"); ``True`` maps the corner pixel
-    centres onto each other (torch's UpsamplingBilinear2d). Zooming the identity gives the
-    matrix of the (linear) operator, so bilinear resizing is two small matrix products.
+    centres onto each other (torch's UpsamplingBilinear2d). Each output sample mixes the two
+    source samples around its source coordinate, so bilinear resizing is two small matrix
+    products. The weights are those of ``ndimage.zoom(np.eye(source), ..., order=1,
+    mode="nearest")`` (a test checks it), built without that identity, whose source x
+    source size would not fit in memory for a tall feature map.
     """
-    matrix = ndimage.zoom(
-        np.eye(source),
-        (target / source, 1.0),
-        order=1,
-        mode="nearest",
-        grid_mode=not corners_aligned,
-    )
-    if matrix.shape != (target, source):  # zoom rounds the output length
-        raise AssertionError(f"interpolation matrix {matrix.shape} != {(target, source)}")
+    out = np.arange(target, dtype=np.float64)
+    if corners_aligned:
+        coords = out * ((source - 1) / (target - 1)) if target > 1 else np.zeros(1)
+    else:
+        coords = (out + 0.5) * (source / target) - 0.5
+    coords = np.clip(coords, 0, source - 1)
+    low = np.floor(coords).astype(np.int64)
+    high = np.minimum(low + 1, source - 1)
+    fraction = coords - low
+    matrix = np.zeros((target, source))
+    rows = np.arange(target)
+    np.add.at(matrix, (rows, low), 1.0 - fraction)
+    np.add.at(matrix, (rows, high), fraction)
     matrix.setflags(write=False)
     return matrix
 

@@ -452,6 +452,7 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> n
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             with Image.open(path) as header:  # reads the header, not the pixels
                 width, height = header.size
     except Image.DecompressionBombError:
@@ -470,6 +471,9 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> n
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns about damaged metadata (EXIF, TIFF tags) that does not affect the
+            # pixels; damaged pixel data raises, and is reported below.
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             image = np.asarray(iio.imread(path, plugin="pillow", index=0))
     except Exception as exc:
         raise InputDataError(

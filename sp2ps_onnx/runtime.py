@@ -130,7 +130,7 @@ class CamModel:
         names = self.graph.output_names
         fetch = [names[SCORE], names[ACTIVATIONS], names[GRADIENTS], names[TARGETS_USED]]
         parts = [
-            self._session.run(fetch, {self.input_name: xb, names[TARGET]: tb})[:4]
+            self._run(self._session, fetch, {self.input_name: xb, names[TARGET]: tb})[:4]
             for xb, tb in zip(self._batches(x), self._batches(wanted), strict=True)
         ]
         score, acts, grads, used = (
@@ -144,7 +144,10 @@ class CamModel:
         if self._forward_session is None:
             self._forward_session = self._make_session(self.graph.forward_model)
         return np.concatenate(
-            [self._forward_session.run(None, {self.input_name: xb})[0] for xb in self._batches(x)]
+            [
+                self._run(self._forward_session, None, {self.input_name: xb})[0]
+                for xb in self._batches(x)
+            ]
         )[: len(x)]
 
     def head_scores(self, activations: np.ndarray) -> np.ndarray:
@@ -162,7 +165,10 @@ class CamModel:
             )
         acts = np.ascontiguousarray(activations, dtype=np.float32)
         return np.concatenate(
-            [self._head_session.run(None, {"activations": ab})[0] for ab in self._batches(acts)]
+            [
+                self._run(self._head_session, None, {"activations": ab})[0]
+                for ab in self._batches(acts)
+            ]
         )[: len(acts)]
 
     def cams(
@@ -220,6 +226,16 @@ class CamModel:
             ) from exc
         _report_provider_fallback(self.providers, session.get_providers())
         return session
+
+    def _run(self, session, fetch: list[str] | None, feeds: dict[str, np.ndarray]) -> list:
+        try:
+            return session.run(fetch, feeds)
+        except Exception as exc:  # ORT raises its own Fail/RuntimeException/... types
+            raise ModelLoadError(
+                f"ONNX Runtime failed while running {self.path or 'the model'} "
+                f"({' '.join(str(exc).split())[:500]}); check that the model runs in this "
+                "onnxruntime version at this input shape"
+            ) from exc
 
     def _batches(self, array: np.ndarray):
         fixed = self.graph.info.fixed_batch

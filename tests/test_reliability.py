@@ -544,3 +544,34 @@ def test_input_files_are_never_modified(files, tmp_path) -> None:
     with pytest.raises(ModelLoadError, match="never overwrites"):
         CamModel(ext).save(ext)
     assert [digest(folder) for folder in watched] == before
+
+
+# --------------------------------------------------------------------------------------
+# Found by the fuzz tests
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_interpolation_weights_equal_scipy_zoom(aligned) -> None:
+    from scipy import ndimage
+
+    from sp2ps_onnx.cam import _interpolation_matrix
+
+    for source in (*range(1, 30), 97, 300):
+        for target in (*range(1, 30), 224, 301):
+            expected = ndimage.zoom(np.eye(source), (target / source, 1.0), order=1,
+                                    mode="nearest", grid_mode=not aligned)
+            if expected.shape != (target, source):
+                continue  # zoom rounds this output length differently; not a size we use
+            np.testing.assert_allclose(
+                _interpolation_matrix(source, target, aligned), expected, atol=1e-12
+            )
+
+
+def test_a_very_tall_feature_map_is_resized_without_a_quadratic_matrix() -> None:
+    """A Conv padded by 65535 rows (a mutated attribute) once made the CAM resize build a
+    65547 x 65547 identity (34 GB); the interpolation weights are now built directly."""
+    model = cnn(12)
+    next(a for a in model.graph.node[0].attribute if a.name == "pads").ints[0] = 65535
+    started = time.perf_counter()
+    maps, _ = CamModel(model).cams(np.zeros((1, 1, 12, 12), np.float32))
+    assert maps.shape == (1, 12, 12) and time.perf_counter() - started < 20

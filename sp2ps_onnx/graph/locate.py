@@ -72,6 +72,11 @@ def find_score(info: GraphInfo, score: str = "logits") -> tuple[str, str | None]
             "output holds class scores"
         )
     name = candidates[0]
+    if name not in info.input_dependent:
+        raise UnsupportedModelError(
+            f"the model's output {name!r} does not depend on its input {info.input_name!r}; "
+            "it is not an image classifier (or its graph is damaged); export the model again"
+        )
     class_dims = [d for d in info.shapes[name][1:] if d != 1]
     if len(class_dims) > 1:
         raise UnsupportedModelError(
