@@ -492,6 +492,19 @@ def test_out_is_replaced_only_with_force(files, tmp_path) -> None:
     assert digest(foreign) == {"chapter1.tex": hashlib.sha256(b"precious").hexdigest()}
 
 
+def test_out_that_is_an_input_is_refused(files, tmp_path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    iio.imwrite(folder / "a.png", np.zeros((SIZE, SIZE), np.uint8))
+    before = digest(tmp_path)
+    result = invoke("cam", files["original"], folder, "-o", folder, "--force")
+    assert_one_line_error(result, "is one of the inputs")
+    result = invoke("score", files["original"], files["pruned"], "--data", folder, "--out",
+                    folder, "--force")
+    assert_one_line_error(result, "is one of the inputs")
+    assert digest(tmp_path) == before
+
+
 def test_an_interrupted_score_leaves_the_earlier_report_whole(files, tmp_path, monkeypatch):
     out = tmp_path / "report"
     args = ["score", files["original"], files["pruned"], "--data", files["npz"], "--preset",
@@ -568,8 +581,9 @@ def test_interpolation_weights_equal_scipy_zoom(aligned) -> None:
 
 
 def test_a_very_tall_feature_map_is_resized_without_a_quadratic_matrix() -> None:
-    """A Conv padded by 65535 rows (a mutated attribute) once made the CAM resize build a
-    65547 x 65547 identity (34 GB); the interpolation weights are now built directly."""
+    """A Conv padded by 65535 rows (a mutated attribute) gives a 32774-row feature map, for
+    which the CAM resize once built a 32774 x 32774 identity (8.6 GB); the interpolation
+    weights are now built directly."""
     model = cnn(12)
     next(a for a in model.graph.node[0].attribute if a.name == "pads").ints[0] = 65535
     started = time.perf_counter()
