@@ -266,7 +266,9 @@ def open_data(
     class_names = parse_classes(classes)
     parts: list[_ArrayPart | _FilePart] = []
     loose_files: list[tuple[Path, int]] = []
-    faults = DataSource("", strict=strict)
+    source = DataSource(
+        description=", ".join(str(p) for p in paths), class_names=None, strict=strict
+    )
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -275,7 +277,7 @@ def open_data(
                 "an .npz (with x and optional y) or an .npy file"
             )
         if path.is_dir():
-            part, found_classes = _open_folder(path, class_names, faults)
+            part, found_classes = _open_folder(path, class_names, source)
             if found_classes is not None:
                 class_names = class_names or found_classes
             if part.files:
@@ -300,14 +302,9 @@ def open_data(
             "inputs mix preprocessed float arrays with images; give either images "
             "(uint8 arrays or image files) or float arrays in the model's input layout"
         )
-    source = DataSource(
-        description=", ".join(str(p) for p in paths),
-        class_names=class_names,
-        _parts=parts,
-        _limit=limit,
-        strict=strict,
-        faults=faults.faults,
-    )
+    source.class_names = class_names
+    source._parts = parts
+    source._limit = limit
     if len(source) == 0:
         skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
         raise InputDataError(f"no samples found in {source.description}{skipped}")
