@@ -134,6 +134,16 @@ def test_bad_model_is_one_clear_error(files, tmp_path, model, error, fragments) 
         assert_one_line_error(invoke("inspect", path), fragments[0])
 
 
+def test_a_file_too_big_for_onnx_is_refused_before_reading(tmp_path) -> None:
+    big = tmp_path / "video.onnx"
+    with open(big, "wb") as handle:  # sparse: takes no disk space
+        handle.truncate(2 << 30)
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="video.onnx.*larger than any ONNX protobuf"):
+        CamModel(big)
+    assert time.perf_counter() - started < 5
+
+
 def test_input_that_is_not_numbers_is_refused(tmp_path) -> None:
     model = cnn(SIZE)
     model.graph.input[0].type.tensor_type.elem_type = TensorProto.STRING

@@ -35,6 +35,9 @@ and external-data weights of real CNNs stay far below this."""
 
 MAX_TENSOR_RANK = 32
 
+MAX_PROTO_BYTES = (2 << 30) - 1
+"""Protobuf messages cannot exceed 2 GiB, so a bigger file is refused before it is read."""
+
 
 def load_model(
     model: str | os.PathLike | onnx.ModelProto,
@@ -88,6 +91,12 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "not found"
         raise ModelLoadError(f"model file {what}: {path}; give the path of an .onnx file")
+    size = Path(path).stat().st_size
+    if size > MAX_PROTO_BYTES:
+        raise ModelLoadError(
+            f"{path} is {size:,} bytes, larger than any ONNX protobuf can be (2 GiB; larger "
+            "models keep their weights in external data files); it is not an ONNX model"
+        )
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, OSError, ... depending on damage
