@@ -6,8 +6,8 @@
 ``docs/cam_example.png``: a few Fashion-MNIST test images with CAMs of the original model
 (several methods) and Grad-CAM of two pruned models, each captioned with its Sp2PS h.
 ``--report`` runs ``sp2ps score`` on the bundled models and screenshots ``report.html`` with
-headless Chromium into ``docs/report_screenshot.png``. Needs matplotlib (a test/build-only
-dependency; the package itself never imports it).
+headless Chromium into ``docs/report_screenshot.png``. The figures are drawn with
+:mod:`sp2ps_onnx.figures`, the module the reports use.
 """
 
 from __future__ import annotations
@@ -27,14 +27,9 @@ DOCS = REPO / "docs"
 
 
 def cam_example(path: Path, samples: tuple[int, ...] = (0, 1, 2, 7)) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from sp2ps_onnx import CamModel
+    from sp2ps_onnx.figures import new_figure, overlay, save_figure, style
     from sp2ps_onnx.metric import sp2ps
-    from sp2ps_onnx.report import overlay
 
     archive = np.load(MODELS / "samples" / "fmnist_test.npz")
     names = (MODELS / "samples" / "classes.txt").read_text().split()
@@ -58,8 +53,9 @@ def cam_example(path: Path, samples: tuple[int, ...] = (0, 1, 2, 7)) -> None:
         h = sp2ps(reference, maps).h
         columns.append((f"pruned {title}\nGrad-CAM", maps, h))
     rows = len(images)
-    figure, axes = plt.subplots(rows, 1 + len(columns), figsize=(1.55 * (1 + len(columns)),
-                                                                 1.75 * rows))
+    figure = new_figure(1.55 * (1 + len(columns)), 1.75 * rows)
+    with style():
+        axes = figure.subplots(rows, 1 + len(columns))
     for r in range(rows):
         axes[r, 0].imshow(images[r], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         axes[r, 0].set_ylabel(names[labels[r]].replace("_", "/"), fontsize=9)
@@ -74,9 +70,8 @@ def cam_example(path: Path, samples: tuple[int, ...] = (0, 1, 2, 7)) -> None:
     for axis in axes.ravel():
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.tight_layout(pad=0.4)
-    figure.savefig(path, dpi=130)
-    plt.close(figure)
+        axis.spines[:].set_visible(False)
+    save_figure(figure, path.with_suffix(""), ["png"], dpi=130)
 
 
 def report_screenshot(path: Path) -> Path:

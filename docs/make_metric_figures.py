@@ -4,21 +4,18 @@ Run: .venv/bin/python docs/make_metric_figures.py
 
 Writes docs/figures/metric_examples.png, metric_spectra.png and metric_sweeps.png, and
 prints the Markdown tables of s, f and h that docs/metric.md quotes. Every number comes
-from sp2ps_onnx.metric; matplotlib is used here only (it is not a runtime dependency).
+from sp2ps_onnx.metric; the figures are drawn with sp2ps_onnx.figures (matplotlib), the
+module the reports use.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from scipy import ndimage
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from sp2ps_onnx import metric  # noqa: E402
+from sp2ps_onnx import figures, metric
 
 SIZE = 224
 FIGURES = Path(__file__).resolve().parent / "figures"
@@ -62,9 +59,11 @@ EXAMPLES = {
 
 
 def examples_figure(maps: dict[str, np.ndarray], scores: dict[str, metric.PerSample]) -> None:
-    fig, axes = plt.subplots(1, len(maps), figsize=(3.0 * len(maps), 3.4))
+    fig = figures.new_figure(3.0 * len(maps), 3.4)
+    with figures.style():
+        axes = fig.subplots(1, len(maps))
     for ax, (name, image) in zip(axes, maps.items(), strict=True):
-        ax.imshow(image, cmap="jet", vmin=0, vmax=1)
+        ax.imshow(image, cmap=figures.colormap(figures.DEFAULT_CMAP), vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
         per = scores[name]
@@ -74,20 +73,20 @@ def examples_figure(maps: dict[str, np.ndarray], scores: dict[str, metric.PerSam
             fontsize=10,
         )
     fig.suptitle("Each CAM against the reference (P = reference, Q = the CAM shown)")
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.savefig(FIGURES / "metric_examples.png", dpi=80)
-    plt.close(fig)
+    figures.save_figure(fig, FIGURES / "metric_examples", ["png"], dpi=80)
 
 
 def spectra_figure(maps: dict[str, np.ndarray]) -> None:
     names = [name for name in maps if not name.startswith("empty")]
-    fig, axes = plt.subplots(2, len(names), figsize=(2.8 * len(names), 5.8))
+    fig = figures.new_figure(2.8 * len(names), 5.8)
+    with figures.style():
+        axes = fig.subplots(2, len(names))
     for column, name in enumerate(names):
         spectrum = np.abs(np.fft.fft2(maps[name]))
         spectrum[0, 0] = 0.0
         spectrum = np.fft.fftshift(spectrum)
         crop = spectrum[SIZE // 2 - 32 : SIZE // 2 + 32, SIZE // 2 - 32 : SIZE // 2 + 32]
-        axes[0, column].imshow(maps[name], cmap="jet", vmin=0, vmax=1)
+        axes[0, column].imshow(maps[name], cmap=figures.colormap(figures.DEFAULT_CMAP), vmin=0, vmax=1)
         axes[0, column].set_title(name.split(" (")[0], fontsize=10)
         axes[1, column].imshow(np.log1p(crop), cmap="magma")
         for ax in axes[:, column]:
@@ -97,9 +96,7 @@ def spectra_figure(maps: dict[str, np.ndarray]) -> None:
     fig.suptitle(
         "Magnitude spectra: a shift leaves them unchanged; scale, blur and noise do not"
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(FIGURES / "metric_spectra.png", dpi=80)
-    plt.close(fig)
+    figures.save_figure(fig, FIGURES / "metric_spectra", ["png"], dpi=80)
 
 
 def sweeps_figure() -> None:
@@ -110,7 +107,9 @@ def sweeps_figure() -> None:
         "blur sigma (px)": (np.arange(0, 25, 3), lambda v: blurred(v) if v else reference),
         "noise sd": (np.linspace(0.0, 0.5, 11), lambda v: noisy(v)),
     }
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.4), sharey=True)
+    fig = figures.new_figure(4.2 * len(sweeps), 3.4)
+    with figures.style():
+        axes = fig.subplots(1, len(sweeps), sharey=True)
     for ax, (label, (values, make)) in zip(axes, sweeps.items(), strict=True):
         Q = np.stack([make(float(v)) for v in values])
         P = np.broadcast_to(reference, Q.shape)
@@ -123,9 +122,7 @@ def sweeps_figure() -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("similarity to the reference")
     axes[0].legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(FIGURES / "metric_sweeps.png", dpi=80)
-    plt.close(fig)
+    figures.save_figure(fig, FIGURES / "metric_sweeps", ["png"], dpi=80)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-import time
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,40 +82,37 @@ def _debug_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # --------------------------------------------------------------------------------------
-# Progress
+# Progress, framework files
 
 
-class Progress:
-    """A one-line progress bar on stderr, shown only on a terminal and unless quiet."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled
-        self.started = time.perf_counter()
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if done < total and now - self._last < 0.1:
-            return
-        self._last = now
-        fraction = done / total if total else 1.0
-        filled = int(round(28 * fraction))
-        elapsed = now - self.started
-        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-        sys.stderr.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (28 - filled)}] {done}/{total} "
-            f"{elapsed:5.1f}s eta {eta:4.0f}s"
-        )
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def _show_progress(quiet: bool) -> bool:
+    # A bar only for a person watching a terminal; logs and pipes stay clean.
+    return not quiet and sys.stderr.isatty()
 
 
-def _progress(label: str, quiet: bool) -> Progress:
-    return Progress(label, enabled=not quiet and sys.stderr.isatty())
+def _onnx_models(
+    paths: list[str], directory: Path, quiet: bool, final_directory: Path | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The ONNX paths for ``paths``: framework files are converted into ``directory``
+    (recorded as ``final_directory``, where a temporary output will be moved)."""
+    from .convert import check_converter, needs_conversion, to_onnx
+
+    for path in paths:  # every missing converter is reported before any work
+        check_converter(path)
+    resolved, conversions = [], []
+    used: set[str] = set()
+    for path in paths:
+        if not needs_conversion(path):
+            resolved.append(path)
+            continue
+        stem = _safe_stem(Path(path).stem, used)
+        _note(f"sp2ps: converting {path} to ONNX", quiet)
+        output = directory / f"{stem}.onnx"
+        final = None if final_directory is None else final_directory / output.name
+        conversion = to_onnx(path, output, final_output=final)
+        resolved.append(str(output))
+        conversions.append(conversion.to_dict())
+    return resolved, conversions
 
 
 def _note(message: str, quiet: bool) -> None:
@@ -178,8 +175,17 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def _check_model_path(path: str) -> str:
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "does not exist"
-        raise ModelLoadError(f"model file {path} {what}; give the path of an .onnx file")
+        raise ModelLoadError(
+            f"model file {path} {what}; give the path of an .onnx, .tflite, .keras, .h5 or "
+            ".pt2 file"
+        )
     return path
+
+
+def _cmap_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--cmap", default="jet", show_default=True,
+                        help="Colour map of the CAMs: jet (as pytorch-grad-cam), turbo, "
+                        "viridis or any matplotlib colour map.")(function)
 
 
 # --------------------------------------------------------------------------------------
@@ -209,9 +215,11 @@ def inspect(model: str, layer: str | None, device: str, size: str | None,
     from .scoring import model_info
 
     _check_model_path(model)
-    found = inspect_model(model, layer=layer, input_size=parse_size(size),
-                          allow_domains=allow_domains)
-    info = model_info(model)
+    with tempfile.TemporaryDirectory(prefix="sp2ps-convert-") as converted:
+        (onnx_path,), _ = _onnx_models([model], Path(converted), quiet=fmt == "json")
+        found = inspect_model(onnx_path, layer=layer, input_size=parse_size(size),
+                              allow_domains=allow_domains)
+        info = model_info(onnx_path)
     details: dict[str, Any] = {
         "model": model,
         "sha256": info.sha256,
@@ -297,26 +305,37 @@ def _inspect_text(details: dict[str, Any]) -> str:
 @click.option("--force", is_flag=True, help="Replace an earlier sp2ps cam output in --out.")
 @_model_options
 @_data_options
+@_cmap_option
 def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, layer: str | None,
         device: str, size: str | None, allow_domains: tuple[str, ...], method: str,
         target: str | None, batch_size: int, preset: str, mean: str | None, std: str | None,
-        limit: int | None, classes: str | None, quiet: bool, strict: bool) -> None:
+        limit: int | None, classes: str | None, quiet: bool, strict: bool, cmap: str) -> None:
     """Compute CAMs of MODEL for INPUT images (files, folders, .npz, .npy): writes a PNG
     overlay and a .npy map per sample, and cams.csv."""
     import numpy as np
 
-    from .report import atomic_directory, overlay, write_png
+    from .progress import ProgressReporter
+    from .report import atomic_directory, check_report_packages
     from .scoring import explain
 
     _check_model_path(model)
     if Path(out).resolve() in {Path(p).resolve() for p in (model, *inputs)}:
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
+    check_report_packages()
+    from .figures import colormap, overlay, write_png
+
+    colormap(cmap)
     source = open_data(list(inputs), classes=classes, limit=limit, strict=strict)
     names = source.class_names
-    progress = _progress("cam", quiet)
     done = 0
     used: set[str] = set()
-    with atomic_directory(out, marker="cams.csv", force=force) as directory:
+    with atomic_directory(out, marker="cams.csv", force=force) as directory, ProgressReporter(
+        _show_progress(quiet), len(source), "cam"
+    ) as progress:
+        (model,), conversions = _onnx_models([model], directory / "converted", quiet,
+                                             Path(out) / "converted")
+        if conversions:
+            (directory / "conversions.json").write_text(json.dumps(conversions, indent=2) + "\n")
         with open(directory / "cams.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["id", "file", "target", "target_name", "target_logit", "top1",
@@ -328,7 +347,8 @@ def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, layer: str |
                 for i, sample_id in enumerate(batch.ids):
                     stem = _safe_stem(sample_id, used)
                     np.save(directory / f"{stem}.npy", batch.maps[i])
-                    write_png(directory / f"{stem}.png", overlay(batch.images[i], batch.maps[i]))
+                    write_png(directory / f"{stem}.png", overlay(batch.images[i], batch.maps[i],
+                                                                      cmap=cmap))
                     t = int(batch.targets[i])
                     top1 = int(batch.scores[i].argmax())
                     writer.writerow([
@@ -390,15 +410,20 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
 @click.option("--examples", type=click.IntRange(min=0), default=4, show_default=True,
               help="Worst and best samples per model shown in the report.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@_cmap_option
+@click.option("--figures", "figure_formats", type=click.Choice(["png", "svg", "pdf"]),
+              multiple=True, help="Also write the figures in this format (PNG and SVG are "
+              "always written; --figures pdf adds PDF for papers). Repeatable.")
 def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: str, force: bool,
           no_report: bool, fmt: str, layer: str | None, device: str, size: str | None,
           allow_domains: tuple[str, ...], pruned_layer: str | None, method: str,
           target: str | None, batch_size: int, preset: str, mean: str | None, std: str | None,
           limit: int | None, classes: str | None, quiet: bool, strict: bool, spatial: str,
-          spectral: str, aggregation: str, bootstrap: int, examples: int, seed: int) -> None:
+          spectral: str, aggregation: str, bootstrap: int, examples: int, seed: int, cmap: str,
+          figure_formats: tuple[str, ...]) -> None:
     """Score PRUNED models against ORIGINAL with Sp2PS over --data; prints the ranking and
     writes results.json, per_sample.csv, report.html and figures/ to --out."""
-    from .report import atomic_directory, format_table, write_report
+    from .report import atomic_directory, check_report_packages, format_table, write_report
     from .scoring import score_models
 
     for path in (original, *pruned):
@@ -406,24 +431,36 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
     inputs = {Path(p).resolve() for p in (original, *pruned, *data)}
     if not no_report and Path(out).resolve() in inputs:
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
+    if not no_report:
+        check_report_packages(" (or pass --no-report for the table only)")
+        from .figures import colormap
+
+        colormap(cmap)
+    formats = ["png", "svg", *figure_formats]
     source = open_data(list(data), classes=classes, limit=limit, strict=strict)
 
-    def run() -> Any:
-        return score_models(
-            original, list(pruned), source, method=method, layer=layer,
+    def run(converted: Path, final: Path | None) -> Any:
+        models, conversions = _onnx_models([original, *pruned], converted, quiet, final)
+        report = score_models(
+            models[0], models[1:], source, method=method, layer=layer,
             pruned_layer=pruned_layer, target=target, batch_size=batch_size, device=device,
             preset=preset, mean=mean, std=std, size=size, limit=limit, spatial=spatial,
             spectral=spectral, aggregation=aggregation, n_bootstrap=bootstrap, seed=seed,
-            examples=examples, progress=_progress("score", quiet), quiet=quiet,
+            examples=examples, progress=_show_progress(quiet), quiet=quiet,
             allow_domains=allow_domains,
         )
+        if conversions:
+            report.config["conversions"] = conversions
+        report.config["cmap"] = cmap
+        return report
 
     if no_report:
-        report = run()
+        with tempfile.TemporaryDirectory(prefix="sp2ps-convert-") as converted:
+            report = run(Path(converted), None)
     else:
         with atomic_directory(out, force=force) as directory:
-            report = run()
-            write_report(report, directory)
+            report = run(directory / "converted", Path(out) / "converted")
+            write_report(report, directory, formats=formats, cmap=cmap)
     for message in report.notes:
         _note(f"sp2ps: note: {message}", quiet)
     click.echo(format_table(report, fmt))
@@ -456,8 +493,10 @@ def export(model: str, out: str, force: bool, layer: str | None, device: str,
         raise ModelLoadError(f"--out {out} is a directory; give a file name such as model_cam.onnx")
     if out_path.exists() and not force:
         raise ModelLoadError(f"{out} already exists; pass --force to overwrite it")
-    cam_model = open_model(model, layer, ["CPUExecutionProvider"], size,
-                           allow_domains=allow_domains)
+    with tempfile.TemporaryDirectory(prefix="sp2ps-convert-") as converted:
+        (onnx_path,), _ = _onnx_models([model], Path(converted), quiet=False)
+        cam_model = open_model(onnx_path, layer, ["CPUExecutionProvider"], size,
+                               allow_domains=allow_domains)
     save_model(cam_model.rewritten, out_path)
     click.echo(
         f"sp2ps: wrote {out} (layer {cam_model.layer}; input 'target' int64 (N,), -1 = top-1; "

@@ -6,7 +6,10 @@ Inputs (see :func:`open_data`):
   subfolder names sorted as strings map to ``0..K-1`` unless ``classes`` gives the order;
 * a flat folder of images (no labels), or single image files;
 * an ``.npz`` archive with an array ``x`` and optionally integer labels ``y``;
-* an ``.npy`` array (no labels).
+* an ``.npy`` array (no labels);
+* any iterable of ``(images, labels)`` batches (a ``torch.utils.data.DataLoader``, a
+  ``tf.data.Dataset.as_numpy_iterator()``, a generator, a Hugging Face dataset's
+  ``.iter(batch_size)`` of dicts): see :func:`open_batches`. Nothing is copied to disk.
 
 ``uint8`` (and ``uint16``/``bool``) arrays and decoded image files are *images*: ``(N, H, W)``
 or ``(N, H, W, C)`` (channels-first ``(N, C, H, W)`` with ``C`` in 1 or 3 is recognised too).
@@ -29,7 +32,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -103,6 +106,17 @@ class _FilePart:
 
 
 @dataclass
+class _IterablePart:
+    iterable: Iterable[Any]
+    pending: Iterator[Any] | None  # the iterator whose first batch was read by open_batches
+    first: tuple[np.ndarray, np.ndarray | None]
+    name: str
+    labelled: bool
+    preprocessed: bool
+    length: int | None  # samples, when the iterable knows (a DataLoader's dataset)
+
+
+@dataclass
 class DataSource:
     """A dataset opened by :func:`open_data`; iterate it with :meth:`batches`.
 
@@ -126,7 +140,10 @@ class DataSource:
 
     @property
     def max_label(self) -> int | None:
-        """The largest label among the samples used (known without reading any image)."""
+        """The largest label among the samples used (known without reading any image;
+        ``None`` for an iterable of batches, whose labels are checked batch by batch)."""
+        if any(isinstance(p, _IterablePart) for p in self._parts):
+            return None
         largest: int | None = None
         remaining = len(self)
         for part in self._parts:
@@ -149,6 +166,7 @@ class DataSource:
         """Whether every sample has a label."""
         return bool(self._parts) and all(
             (isinstance(p, _ArrayPart) and p.labels is not None)
+            or (isinstance(p, _IterablePart) and p.labelled)
             or (isinstance(p, _FilePart) and all(lab >= 0 for _, lab in p.files))
             for p in self._parts
         )
@@ -156,9 +174,27 @@ class DataSource:
     @property
     def preprocessed(self) -> bool:
         """Whether the samples are float arrays that bypass preprocessing."""
-        return any(isinstance(p, _ArrayPart) and p.preprocessed for p in self._parts)
+        return any(
+            isinstance(p, (_ArrayPart, _IterablePart)) and p.preprocessed for p in self._parts
+        )
+
+    @property
+    def size_hint(self) -> int | None:
+        """The number of samples, or ``None`` for an iterable that does not say."""
+        if any(isinstance(p, _IterablePart) for p in self._parts):
+            known = [p.length for p in self._parts if isinstance(p, _IterablePart)]
+            if None in known:
+                return self._limit
+            total = sum(k for k in known if k is not None)
+            return total if self._limit is None else min(total, self._limit)
+        return len(self)
 
     def __len__(self) -> int:
+        if any(isinstance(p, _IterablePart) for p in self._parts):
+            size = self.size_hint
+            if size is None:
+                raise TypeError("the length of a data iterable is not known; use size_hint")
+            return size
         total = sum(len(p.array) if isinstance(p, _ArrayPart) else len(p.files) for p in self._parts)
         return total if self._limit is None else min(total, self._limit)
 
@@ -166,6 +202,11 @@ class DataSource:
         """Yield the data in batches of at most ``batch_size`` samples."""
         if batch_size < 1:
             raise InputDataError(f"batch size must be at least 1, not {batch_size}")
+        iterables = [p for p in self._parts if isinstance(p, _IterablePart)]
+        if iterables:  # open_batches makes sources of one iterable and nothing else
+            limit = float("inf") if self._limit is None else self._limit
+            yield from _iterable_batches(iterables[0], batch_size, limit)
+            return
         remaining = len(self)
         with_labels = self.has_labels
         for part in self._parts:
@@ -243,13 +284,14 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
 
 
 def open_data(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Iterable[Any],
     *,
     classes: str | Sequence[str] | None = None,
     limit: int | None = None,
     strict: bool = False,
 ) -> DataSource:
-    """Open one or more data paths (image folder, image files, ``.npz``, ``.npy``).
+    """Open one or more data paths (image folder, image files, ``.npz``, ``.npy``), or an
+    iterable of ``(images, labels)`` batches (see :func:`open_batches`).
 
     ``classes`` (a file with one name per line, a comma-separated string or a list) fixes
     the label order of an image folder and names the integer labels of ``.npz`` files.
@@ -257,6 +299,8 @@ def open_data(
     unreadable images are skipped and recorded in :attr:`DataSource.faults`, or raise
     :class:`~sp2ps_onnx.errors.InputDataError` with ``strict=True``.
     """
+    if _is_batch_iterable(paths):
+        return open_batches(paths, classes=classes, limit=limit)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
@@ -309,6 +353,156 @@ def open_data(
         skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
         raise InputDataError(f"no samples found in {source.description}{skipped}")
     return source
+
+
+# --------------------------------------------------------------------------------------
+# Iterables of batches
+
+_IMAGE_KEYS = ("image", "images", "pixel_values", "img", "x")
+_LABEL_KEYS = ("label", "labels", "y")
+
+
+def _is_batch_iterable(data: Any) -> bool:
+    if isinstance(data, (str, os.PathLike, np.ndarray)):
+        return False
+    if isinstance(data, Sequence):
+        return bool(data) and not all(isinstance(p, (str, os.PathLike)) for p in data)
+    return isinstance(data, Iterable)
+
+
+def open_batches(
+    batches: Iterable[Any],
+    *,
+    classes: str | Sequence[str] | None = None,
+    limit: int | None = None,
+    name: str | None = None,
+) -> DataSource:
+    """A data source over an iterable of batches, read as it is iterated (nothing on disk).
+
+    Each batch is ``(images, labels)``, ``(images,)`` or a bare ``images`` array, or a
+    mapping with one image key (``image``, ``images``, ``pixel_values``, ``img`` or ``x``)
+    and optionally one label key (``label``, ``labels`` or ``y``). Arrays may be NumPy
+    arrays or anything ``numpy.asarray`` converts (CPU torch tensors, TensorFlow eager
+    tensors). Images are ``uint8`` ``(N, H, W[, C])`` or ``(N, C, H, W)`` and are
+    preprocessed per model like image files; ``float`` batches are taken as already
+    preprocessed model inputs (what a torchvision ``transforms`` pipeline gives). A
+    ``DataLoader`` is iterated again for each pass; a one-shot iterator (a generator, a
+    ``tf.data`` numpy iterator) can be read once.
+    """
+    if isinstance(batches, np.ndarray):
+        raise InputDataError(
+            "got a bare array as data; pass a path, or batches such as [(images, labels)]"
+        )
+    if limit is not None and limit < 1:
+        raise InputDataError(f"--limit must be at least 1, not {limit}")
+    name = name or type(batches).__name__
+    iterator = iter(batches)
+    try:
+        raw = next(iterator)
+    except StopIteration:
+        raise InputDataError(f"the data iterable {name} yielded no batches") from None
+    first = _unpack_batch(raw, name, 0)
+    labelled = first[1] is not None
+    preprocessed = _check_array(first[0], name, "batch 0")
+    dataset = getattr(batches, "dataset", None)
+    length: int | None = None
+    if dataset is not None and hasattr(dataset, "__len__") and not getattr(
+        batches, "drop_last", False
+    ):
+        length = len(dataset)
+    part = _IterablePart(batches, iterator, first, name, labelled, preprocessed, length)
+    return DataSource(
+        description=name,
+        class_names=parse_classes(classes),
+        _parts=[part],
+        _limit=limit,
+    )
+
+
+def _unpack_batch(raw: Any, name: str, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    where = f"batch {index} of {name}"
+    if isinstance(raw, Mapping):
+        image_keys = [k for k in _IMAGE_KEYS if k in raw]
+        label_keys = [k for k in _LABEL_KEYS if k in raw]
+        if len(image_keys) != 1 or len(label_keys) > 1:
+            raise InputDataError(
+                f"{where} is a mapping with keys {', '.join(map(str, raw))}; it needs exactly one "
+                f"image key ({', '.join(_IMAGE_KEYS)}) and at most one label key "
+                f"({', '.join(_LABEL_KEYS)})"
+            )
+        raw = (raw[image_keys[0]], raw[label_keys[0]] if label_keys else None)
+    if isinstance(raw, (tuple, list)):
+        if len(raw) not in (1, 2):
+            raise InputDataError(
+                f"{where} has {len(raw)} items; each batch must be (images, labels) or (images,)"
+            )
+        images, labels = raw[0], raw[1] if len(raw) == 2 else None
+    else:
+        images, labels = raw, None
+    try:
+        images = np.asarray(images)
+        labels = None if labels is None else np.asarray(labels)
+    except Exception as exc:
+        raise InputDataError(
+            f"{where} cannot be read as NumPy arrays ({exc}); yield NumPy arrays or CPU tensors"
+        ) from exc
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(
+            labels.dtype, np.integer
+        ):
+            raise InputDataError(
+                f"labels of {where} have shape {labels.shape} and dtype {labels.dtype}; they "
+                f"must be integers of shape ({len(images)},), one class index per image"
+            )
+        if len(labels) and labels.min() < 0:
+            raise InputDataError(f"labels of {where} contain negative values; use 0..K-1")
+    return images, labels
+
+
+def _iterable_batches(part: _IterablePart, batch_size: int, remaining: float) -> Iterator[Batch]:
+    if part.pending is not None:
+        iterator, pending = part.pending, [part.first]
+        part.pending = None
+    else:
+        iterator = iter(part.iterable)
+        if iterator is part.iterable:
+            raise InputDataError(
+                f"the data iterable {part.name} was already read and cannot be read again; "
+                "pass a re-iterable source (a DataLoader, a list) or open the data again"
+            )
+        pending = []
+    index = 0
+    for number, raw in enumerate(_chain(pending, iterator)):
+        images, labels = raw if number == 0 and pending else _unpack_batch(raw, part.name, number)
+        if (labels is not None) != part.labelled:
+            raise InputDataError(
+                f"batch {number} of {part.name} {'has no' if part.labelled else 'has'} labels "
+                f"but batch 0 {'has' if part.labelled else 'has none'}; give labels for all "
+                "batches or for none"
+            )
+        if _check_array(images, part.name, f"batch {number}") != part.preprocessed:
+            raise InputDataError(
+                f"batch {number} of {part.name} is {images.dtype} but batch 0 was "
+                f"{part.first[0].dtype}; give uint8 images or preprocessed floats throughout"
+            )
+        count = int(min(len(images), remaining))
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            chunk = images[start:stop]
+            yield Batch(
+                chunk.astype(np.float32) if part.preprocessed else list(chunk),
+                None if labels is None else labels[start:stop].astype(np.int64),
+                [f"{part.name}[{index + i}]" for i in range(start, stop)],
+            )
+        index += count
+        remaining -= count
+        if remaining <= 0:
+            return
+
+
+def _chain(first: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
+    yield from first
+    yield from rest
 
 
 def _is_image_file(name: str) -> bool:

@@ -54,4 +54,5 @@ class ModelMismatchError(Sp2PSError):
 
 
 class RuntimeMissingError(Sp2PSError):
-    """No ONNX Runtime is installed."""
+    """A package a feature needs is not installed (ONNX Runtime; matplotlib and jinja2 for
+    the report)."""

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -197,6 +198,37 @@ class CamModel:
             batch_size=self.batch_size,
             return_scores=return_scores,
         )
+
+    def show(
+        self,
+        x: np.ndarray,
+        method: str = "gradcam",
+        target: int | None = None,
+        cmap: str = "jet",
+        image: np.ndarray | None = None,
+        alpha: float = 0.5,
+    ) -> Any:
+        """A matplotlib figure of one sample: input, CAM and overlay (shown as is in Jupyter).
+
+        ``x`` is one preprocessed model input, with or without the batch axis; ``target``
+        is the class to explain (default: the top-1). ``image`` is the picture to draw
+        (uint8 (H, W[, C])); by default ``x`` itself, min-max scaled.
+        """
+        from .data import _display_from_input
+        from .figures import cam_figure
+
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == len(self.input_shape) - 1:
+            x = x[None]
+        if x.ndim != len(self.input_shape) or len(x) != 1:
+            raise InputDataError(
+                f"show() draws one sample, got input of shape {x.shape}; pass x[i] or x[i:i+1]"
+            )
+        maps, targets = self.cams(x, method=method, targets=None if target is None else [target])
+        if image is None:
+            image = _display_from_input(x, self.layout)[0]
+        title = f"{method}, class {int(targets[0])}"
+        return cam_figure(image, maps[0], cmap=cmap, title=title, alpha=alpha)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the rewritten model (usable in any ONNX runtime) to ``path``.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 
 from .data import DataSource, Preprocessing, open_data, parse_size
 from .errors import InputDataError, ModelLoadError, ModelMismatchError
+from .progress import Progress, ProgressReporter
 
 TARGET_MODES = ("label", "original", "self")
 """``label``: the true class; ``original``: the original model's top-1 class, for both
@@ -245,6 +246,12 @@ class ScoreReport:
             self.models, key=lambda m: (np.isnan(m.sp2ps), -np.nan_to_num(m.sp2ps, nan=0.0))
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the ranking and the Sp2PS-vs-accuracy scatter."""
+        from .report import notebook_html
+
+        return notebook_html(self)
+
     def to_dict(self) -> dict[str, Any]:
         """Every number and the full configuration, JSON-ready."""
         ranked = self.ranked()
@@ -435,7 +442,7 @@ def resolve_target(target: str | None, has_labels: bool) -> str:
 def score_models(
     original: ModelLike,
     pruned: Sequence[ModelLike],
-    data: DataSource | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    data: DataSource | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Iterable[Any],
     *,
     method: str = "gradcam",
     layer: str | None = None,
@@ -455,19 +462,23 @@ def score_models(
     n_bootstrap: int = 1000,
     seed: int = 0,
     examples: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = False,
     quiet: bool = True,
     strict: bool = False,
     allow_domains: Sequence[str] = (),
 ) -> ScoreReport:
     """Score each pruned model against the original with Sp2PS over ``data``.
 
+    ``data`` is what :func:`~sp2ps_onnx.data.open_data` opens: paths, or any iterable of
+    ``(images, labels)`` batches (a DataLoader, a ``tf.data`` numpy iterator, ...).
+
     The original model's CAMs are computed once per batch and reused for every pruned
     model. Each model gets its own preprocessing (layout, channels, size) from ``preset``,
     ``mean``, ``std`` and ``size``. ``target`` is ``label``, ``original`` or ``self``
-    (default: ``label`` when the data has labels, else ``original``). ``progress`` is
-    called as ``progress(done, total)`` after each batch. Unreadable images and empty
-    folders are skipped and listed in the report (``strict=True``: an error);
+    (default: ``label`` when the data has labels, else ``original``). ``progress=True``
+    draws a tqdm bar; a callable is called as ``progress(done, total)`` after each batch
+    (``total`` is ``None`` when the data does not know its length). Unreadable images and
+    empty folders are skipped and listed in the report (``strict=True``: an error);
     ``allow_domains`` names custom-op domains to accept.
 
     Raises :class:`~sp2ps_onnx.errors.ModelMismatchError`, before any compute, when a pruned
@@ -520,7 +531,8 @@ def score_models(
     ]
     keepers = [_ExampleKeeper(examples) for _ in pruned_cams]
     rows: list[list[dict[str, Any]]] = [[] for _ in pruned_cams]
-    total = len(source)
+    total = source.size_hint
+    report_progress = ProgressReporter(progress, total, "score")
     done = 0
     for batch in source.batches(batch_size):
         _check_labels(batch.labels, int(original_cam.num_classes), batch.ids)
@@ -588,8 +600,8 @@ def score_models(
                 ]
             )
         done += len(batch.ids)
-        if progress is not None:
-            progress(done, total)
+        report_progress(done, total)
+    report_progress.close()
     if done == 0:
         skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
         raise InputDataError(f"no samples were read from {source.description}{skipped}")

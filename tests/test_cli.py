@@ -429,15 +429,23 @@ def test_export_writes_a_runnable_model_and_never_its_input(tiny, tmp_path: Path
 
 
 def test_progress_bar_only_on_request(tiny, tmp_path: Path, capsys) -> None:
-    from sp2ps_onnx.cli import Progress
+    from sp2ps_onnx.progress import ProgressReporter
 
-    bar = Progress("score", enabled=True)
-    bar(5, 10)
-    bar(10, 10)
+    with ProgressReporter(True, 10, "score") as bar:
+        bar(5, 10)
+        bar(10, 10)
     err = capsys.readouterr().err
-    assert "10/10" in err and "#" * 28 in err and err.endswith("\n")
-    Progress("score", enabled=False)(10, 10)
+    assert "score" in err and "10/10" in err and "100%" in err
+    with ProgressReporter(False, 10, "score") as bar:
+        bar(10, 10)
     assert capsys.readouterr().err == ""
+    calls = []
+    from sp2ps_onnx.scoring import score_models
+
+    report = score_models(tiny["original"], [tiny["pruned"]], tiny["npz"], preset="unit",
+                          batch_size=4, n_bootstrap=0, progress=lambda *a: calls.append(a))
+    assert calls == [(min(4 * k, report.n), report.n) for k in range(1, len(calls) + 1)]
+    assert calls[-1] == (report.n, report.n)
     # Under CliRunner stderr is not a terminal: only the closing note, no bar.
     result = invoke("score", tiny["original"], tiny["pruned"], "--data", tiny["npz"],
                     "--preset", "unit", "--out", tmp_path / "r", "--bootstrap", 0)

@@ -91,6 +91,14 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "not found"
         raise ModelLoadError(f"model file {what}: {path}; give the path of an .onnx file")
+    from ..convert import needs_conversion
+
+    if needs_conversion(path):
+        raise ModelLoadError(
+            f"{path} is a {Path(path).suffix} framework file, not ONNX; convert it first "
+            "with sp2ps_onnx.convert.to_onnx(path, 'model.onnx') (the sp2ps commands "
+            "convert it themselves)"
+        )
     size = Path(path).stat().st_size
     if size > MAX_PROTO_BYTES:
         raise ModelLoadError(
