@@ -176,8 +176,8 @@ def _check_model_path(path: str) -> str:
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "does not exist"
         raise ModelLoadError(
-            f"model file {path} {what}; give the path of an .onnx, .tflite, .keras, .h5 or "
-            ".pt2 file"
+            f"model file {path} {what}; give the path of an .onnx file (or a .tflite, "
+            ".keras, .h5 or .pt2 file to convert)"
         )
     return path
 

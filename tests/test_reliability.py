@@ -528,7 +528,7 @@ def test_an_interrupted_score_leaves_the_earlier_report_whole(files, tmp_path, m
         calls.append(done)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sp2ps_onnx.cli.Progress.__call__", interrupt)
+    monkeypatch.setattr("sp2ps_onnx.progress.ProgressReporter.__call__", interrupt)
     result = invoke(*args, "--force")
     assert calls and result.exit_code != 0
     assert digest(out) == before
