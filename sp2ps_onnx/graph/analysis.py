@@ -42,8 +42,16 @@ class GraphInfo:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, np.dtype] = field(default_factory=dict)
     input_dependent: set[str] = field(default_factory=set)
+    # Input-dependent tensors whose VALUE depends on the input's values, not only its shape.
+    value_dependent: set[str] = field(default_factory=set)
+    # Small values that depend on the input's shape only (TF-"SAME" pads, Resize sizes):
+    # fixed once the input size is fixed; used after a check that the batch does not change them.
+    size_values: dict[str, np.ndarray] = field(default_factory=dict)
+    # Integer activation tensor -> (scale, zero point) tensor names that dequantize it.
+    quant_params: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     batch_relaxed: bool = False
     fixed_batch: int | None = None  # set when the model only runs at this batch size
+    _invariant: set[str] | None = field(default=None, repr=False)
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -53,10 +61,22 @@ class GraphInfo:
         return self.model.graph.node[index]
 
     def static_value(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` if it does not depend on the model input."""
+        """The value of ``name`` if it does not depend on the model input's values.
+
+        Values computed from the input's shape alone are folded: the engine runs at one fixed
+        input size, and they are used only when a second probe at another batch size gives
+        the same value.
+        """
         if name in self.constants:
             return self.constants[name]
+        if name in self.size_values and name not in self.value_dependent:
+            return self.size_values[name] if self._batch_invariant(name) else None
         return None
+
+    def _batch_invariant(self, name: str) -> bool:
+        if self._invariant is None:
+            self._invariant = _batch_invariant_names(self)
+        return name in self._invariant
 
 
 def _make_index(info: GraphInfo) -> None:
@@ -73,6 +93,15 @@ def _make_index(info: GraphInfo) -> None:
         if any(inp in dependent for inp in node.input if inp):
             dependent.update(o for o in node.output if o)
     info.input_dependent = dependent
+    # Shape and Size read only the shape: what follows them is fixed once the size is fixed.
+    by_value = {info.input_name}
+    for node in info.graph.node:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(inp in by_value for inp in node.input if inp):
+            by_value.update(o for o in node.output if o)
+    info.value_dependent = by_value
+    info.quant_params = quantization_params(info.graph)
 
 
 def analyse(
@@ -105,7 +134,9 @@ def analyse(
         relaxed = _relax_batch(model)
         fixed_batch = dims[0]
         try:
-            shapes, dtypes, values = _probe(relaxed, vi.name, (PROBE_BATCH, *concrete[1:]))
+            shapes, dtypes, values = _probe(
+                relaxed, vi.name, (PROBE_BATCH, *concrete[1:]), quiet=True
+            )
             if not _batch_consistent(model, relaxed, vi.name, concrete, fixed_batch):
                 raise RuntimeError("outputs differ from per-sample runs")
             info.model = relaxed
@@ -122,6 +153,8 @@ def analyse(
     for name, value in values.items():
         if name not in info.input_dependent and name not in info.constants:
             info.constants[name] = value
+        elif name not in info.value_dependent and name in info.input_dependent:
+            info.size_values[name] = value
     info.input_shape = (info.fixed_batch or PROBE_BATCH, *concrete[1:])
     return info
 
@@ -217,18 +250,32 @@ def input_dtype(model: onnx.ModelProto, name: str) -> np.dtype:
     raise KeyError(name)
 
 
-def cpu_session(model: onnx.ModelProto):
-    """An unoptimised CPU session for build-time probing of ``model``."""
+def cpu_session(model: onnx.ModelProto, quiet: bool = False):
+    """An unoptimised CPU session for build-time probing of ``model``.
+
+    ``quiet=True`` is for probes whose failure is expected and handled (a model fixed at
+    batch 1 tried at batch 2): ONNX Runtime's own error log lines are suppressed, so the
+    only message a user sees is ours.
+    """
     rt = ort()
     opts = rt.SessionOptions()
     opts.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4 if quiet else 3
     return rt.InferenceSession(
         model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
     )
 
 
-def _probe(model: onnx.ModelProto, input_name: str, shape) -> tuple[dict, dict]:
+def quiet_run(session, feeds: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
+    """``session.run`` with ONNX Runtime's per-run error logging off (failures still raise)."""
+    options = ort().RunOptions()
+    options.log_severity_level = 4
+    return session.run(outputs, feeds, options)
+
+
+def _probe(
+    model: onnx.ModelProto, input_name: str, shape, quiet: bool = False
+) -> tuple[dict, dict, dict]:
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     existing = {o.name for o in exposed.graph.output}
@@ -240,9 +287,9 @@ def _probe(model: onnx.ModelProto, input_name: str, shape) -> tuple[dict, dict]:
                 existing.add(out)
                 names.append(out)
     try:
-        sess = cpu_session(exposed)
+        sess = cpu_session(exposed, quiet=quiet)
         x = _random_input(shape, input_dtype(model, input_name))
-        values = sess.run(None, {input_name: x})
+        values = quiet_run(sess, {input_name: x}) if quiet else sess.run(None, {input_name: x})
     except Exception as exc:
         raise ModelLoadError(
             f"ONNX Runtime cannot run the model at input shape {tuple(shape)} ({exc}); check "
@@ -262,11 +309,84 @@ def _batch_consistent(original, relaxed, input_name, concrete, fixed_batch) -> b
         return False
     dtype = input_dtype(original, input_name)
     x = _random_input((PROBE_BATCH, *concrete[1:]), dtype, seed=1)
-    batched = cpu_session(relaxed).run(None, {input_name: x})
-    single = cpu_session(original)
+    batched = quiet_run(cpu_session(relaxed, quiet=True), {input_name: x})
+    single = cpu_session(original, quiet=True)
     for i in range(PROBE_BATCH):
-        one = single.run(None, {input_name: x[i : i + 1]})
+        one = quiet_run(single, {input_name: x[i : i + 1]})
         for b, s in zip(batched, one, strict=True):
             if b.shape[0] != PROBE_BATCH or not np.allclose(b[i : i + 1], s, rtol=1e-4, atol=1e-5):
                 return False
     return True
+
+
+def _batch_invariant_names(info: GraphInfo) -> set[str]:
+    """Shape-derived values that are the same at another batch size (probed once, lazily)."""
+    names = sorted(info.size_values)
+    if not names:
+        return set()
+    batch = info.fixed_batch or PROBE_BATCH + 1
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(info.model)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    shape = (batch, *info.input_shape[1:])
+    try:
+        values = quiet_run(
+            cpu_session(exposed, quiet=True),
+            {info.input_name: _random_input(shape, input_dtype(info.model, info.input_name), 2)},
+        )
+    except Exception:
+        return set()
+    return {
+        n for n, v in zip(names, values, strict=True)
+        if v.shape == info.size_values[n].shape and np.array_equal(v, info.size_values[n])
+    }
+
+
+# Where each quantized op keeps the scale and zero point of its (first) output.
+_OUTPUT_QPARAMS = {
+    "QuantizeLinear": (1, 2),
+    "QLinearConv": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QGemm": (7, 8),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearAveragePool": (3, 4),
+    "QLinearSigmoid": (3, 4),
+    "QLinearLeakyRelu": (3, 4),
+    "QLinearSoftmax": (3, 4),
+    "QLinearConcat": (0, 1),
+}
+# Ops that move integer codes without changing them: the output shares the input's params.
+_CODE_PRESERVING = frozenset(
+    {
+        "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "MaxPool",
+        "Slice", "Gather", "Pad", "Resize", "Split", "Expand", "GlobalMaxPool", "DepthToSpace",
+        "SpaceToDepth", "Tile",
+    }
+)  # fmt: skip
+
+
+def quantization_params(graph: onnx.GraphProto) -> dict[str, tuple[str, str | None]]:
+    """Integer activation tensors and the (scale, zero point) names that dequantize them.
+
+    Covers QuantizeLinear, DynamicQuantizeLinear, the QOperator ops (QLinear*, QGemm) and
+    layout ops that carry integer codes through unchanged. The gradient of such a tensor is
+    taken with respect to its dequantized value, ``(q - zero_point) * scale``.
+    """
+    params: dict[str, tuple[str, str | None]] = {}
+    for node in graph.node:
+        op = node.op_type
+        if op == "DynamicQuantizeLinear":
+            params[node.output[0]] = (node.output[1], node.output[2])
+        elif op in _OUTPUT_QPARAMS:
+            s, z = _OUTPUT_QPARAMS[op]
+            if len(node.input) > s and node.input[s]:
+                zp = node.input[z] if len(node.input) > z and node.input[z] else None
+                params[node.output[0]] = (node.input[s], zp)
+        elif op in _CODE_PRESERVING and node.input and node.input[0] in params:
+            for out in node.output:
+                if out:
+                    params[out] = params[node.input[0]]
+    return params

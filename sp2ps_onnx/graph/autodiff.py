@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from ..errors import UnsupportedOpError
 from .builder import GraphBuilder
-from .rules import VJP_RULES
+from .rules import rule_for
 
 
 def backward(b: GraphBuilder, path: list[int], requires: set[str], seeds: dict[str, str]) -> dict[str, str]:
@@ -31,7 +31,7 @@ def backward(b: GraphBuilder, path: list[int], requires: set[str], seeds: dict[s
         if all(dy is None for dy in dys):
             continue
         needs = [bool(i) and i in requires for i in node.input]
-        rule = VJP_RULES.get(node.op_type)
+        rule = rule_for(node)
         if rule is None:  # head_nodes() checks first; this guards direct callers
             raise UnsupportedOpError(node.op_type, node.name or node.output[0])
         dxs = rule.fn(b, node, dys, needs)

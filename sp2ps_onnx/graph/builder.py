@@ -64,15 +64,47 @@ class GraphBuilder:
 
     # -- forward values -----------------------------------------------------------------
     def as_float(self, name: str) -> str:
-        """``name`` as float32; fp16/bf16/int forward values are cast once and reused."""
+        """``name`` as float32, computed once and reused.
+
+        fp16/bf16 values are cast; quantized integer activations (QOperator and dynamic
+        quantization) are dequantized with their own scale and zero point, so that rules see
+        the real values the integer codes stand for; other integers are cast.
+        """
         dtype = self.info.dtypes.get(name)
         if dtype is None and name in self.info.constants:
             dtype = self.info.constants[name].dtype
         if dtype == np.float32:
             return name
         if name not in self._float_cache:
-            self._float_cache[name] = self.op("Cast", [name], to=FLOAT)
+            params = self.info.quant_params.get(name)
+            if params is not None and dtype is not None and np.issubdtype(dtype, np.integer):
+                self._float_cache[name] = self.dequantize(name, *params)
+            else:
+                self._float_cache[name] = self.op("Cast", [name], to=FLOAT)
         return self._float_cache[name]
+
+    def dequantize(self, codes: str, scale: str, zero_point: str | None, axis: int = 1) -> str:
+        """``(codes - zero_point) * scale`` in float32, per-tensor or per ``axis``.
+
+        Constant codes (weights) are dequantized here, once, into a float32 initializer.
+        """
+        static = [self.info.static_value(n) if n else None for n in (codes, scale, zero_point)]
+        if static[0] is not None and static[1] is not None and (zero_point is None or static[2] is not None):
+            return self.const(dequantized_array(*static, axis=axis), hint="dequantized")
+        shape = None
+        if len(self.static_shape(scale)) == 1 and self.static_shape(scale)[0] > 1:
+            shape = [1] * self.rank(codes)
+            shape[axis % len(shape)] = -1
+
+        def along_axis(name: str) -> str:
+            value = self.op("Cast", [name], to=FLOAT)
+            return value if shape is None else self.op("Reshape", [value, self.ints(shape)])
+
+        values = self.op("Cast", [codes], to=FLOAT)
+        if zero_point:
+            values = self.op("Sub", [values, along_axis(zero_point)])
+        scale_f = along_axis(scale)
+        return self.op("Mul", [values, scale_f])
 
     def shape_of(self, name: str) -> str:
         if name not in self._shape_cache:
@@ -130,6 +162,19 @@ class GraphBuilder:
     def zeros_like_shape(self, shape_tensor: str) -> str:
         zero = numpy_helper.from_array(np.zeros(1, dtype=np.float32))
         return self.op("ConstantOfShape", [shape_tensor], value=zero)
+
+
+def dequantized_array(codes, scale, zero_point=None, axis: int = 1) -> np.ndarray:
+    """``(codes - zero_point) * scale`` as float32; 1-D scale/zero point apply along ``axis``."""
+    codes = np.asarray(codes)
+    scale = np.asarray(scale, dtype=np.float64)
+    zero = np.asarray(0 if zero_point is None else zero_point, dtype=np.float64)
+    if scale.ndim == 1 and scale.size > 1 or zero.ndim == 1 and zero.size > 1:
+        shape = [1] * codes.ndim
+        shape[axis % codes.ndim] = -1
+        scale = scale.reshape(shape) if scale.size > 1 else scale.reshape(())
+        zero = zero.reshape(shape) if zero.size > 1 else zero.reshape(())
+    return ((codes.astype(np.float64) - zero) * scale).astype(np.float32)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

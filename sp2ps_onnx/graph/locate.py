@@ -8,31 +8,40 @@ import numpy as np
 
 from ..errors import LayerNotFoundError, UnsupportedModelError, UnsupportedOpError
 from .analysis import GraphInfo, input_layout
-from .rules import NON_DIFFERENTIABLE, VJP_RULES, differentiable_inputs
+from .rules import NON_DIFFERENTIABLE, differentiable_inputs, rule_for
 
 # Ops whose 4-D outputs are channels-first by definition in ONNX.
 _CHANNELS_FIRST_OPS = frozenset(
     {
         "Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool",
         "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization", "LRN", "QLinearConv",
-        "ConvInteger", "LpPool", "MaxUnpool", "Resize", "Upsample",
+        "ConvInteger", "LpPool", "MaxUnpool", "Resize", "Upsample", "GlobalLpPool",
     }
 )  # fmt: skip
+# ONNX Runtime's contrib pooling ops are channels-first unless channels_last=1.
+_CHANNELS_FIRST_UNLESS_ATTR = frozenset({"QLinearGlobalAveragePool", "QLinearAveragePool"})
 # Ops that keep their main input's layout (elementwise, casts, quantisation).
 _LAYOUT_KEEPING_OPS = frozenset(
     {
         "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Clip", "Sigmoid", "HardSigmoid",
         "HardSwish", "Tanh", "Softplus", "Gelu", "Erf", "Mul", "Add", "Sub", "Div", "Neg",
         "Pow", "Sqrt", "Exp", "Identity", "Dropout", "Cast", "QuantizeLinear",
-        "DequantizeLinear", "Max", "Min", "Sum", "Abs", "Mish", "Where",
+        "DequantizeLinear", "Max", "Min", "Sum", "Abs", "Mish", "Where", "Softsign",
+        "LayerNormalization", "SimplifiedLayerNormalization", "Reciprocal", "Log",
+        "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
+        "QLinearLeakyRelu", "Pad",
     }
 )  # fmt: skip
 # Steps back from a candidate layer through ops that only re-express the same map.
 _STEP_BACK_OPS = frozenset(
     {"Transpose", "Identity", "Cast", "Dropout", "QuantizeLinear", "DequantizeLinear"}
 )
-_SCORE_CUT_OPS = frozenset({"Softmax", "LogSoftmax"})
-_SCORE_PASS_OPS = frozenset({"Identity", "Cast"})
+_SCORE_CUT_OPS = frozenset({"Softmax", "LogSoftmax", "QLinearSoftmax"})
+# Between a final softmax and the output: re-expressions of the same probabilities.
+_SCORE_PASS_OPS = frozenset(
+    {"Identity", "Cast", "QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten", "Squeeze",
+     "Unsqueeze", "Dropout"}
+)
 
 
 @dataclass(frozen=True)
@@ -91,18 +100,58 @@ def find_score(info: GraphInfo, score: str = "logits") -> tuple[str, str | None]
         node = info.node(info.producer[current])
         if node.op_type in _SCORE_CUT_OPS:
             return node.input[0], node.name or node.output[0]
+        logits = _decomposed_softmax_input(info, node)
+        if logits is not None:
+            return logits, node.name or node.output[0]
         if node.op_type not in _SCORE_PASS_OPS:
             break
         current = node.input[0]
     return name, None
 
 
-def layout_of(info: GraphInfo, tensor: str) -> Layout | None:
-    """Channel/spatial axes of a 4-D tensor, traced back to a channels-first op or the input.
+def _decomposed_softmax_input(info: GraphInfo, node) -> str | None:
+    """The logits of a softmax written as ``Div(Exp(z), ReduceSum(Exp(z)))`` (as some
+    converters emit it), with ``z = x - ReduceMax(x)`` stepped over; else ``None``."""
+    if node.op_type != "Div":
+        return None
+    numerator = _producer(info, node.input[0])
+    denominator = _producer(info, node.input[1])
+    if numerator is None or denominator is None or numerator.op_type != "Exp":
+        return None
+    if denominator.op_type != "ReduceSum" or denominator.input[0] != numerator.output[0]:
+        return None
+    logits = numerator.input[0]
+    shifted = _producer(info, logits)
+    if shifted is not None and shifted.op_type == "Sub":
+        maximum = _producer(info, shifted.input[1])
+        if maximum is not None and maximum.op_type == "ReduceMax" and maximum.input[0] == shifted.input[0]:
+            logits = shifted.input[0]
+    return logits
 
-    A depth-first search follows Transposes (composing their permutations) and
-    layout-keeping ops; at a binary op every input that depends on the image is tried.
+
+def _producer(info: GraphInfo, tensor: str):
+    index = info.producer.get(tensor)
+    return None if index is None else info.node(index)
+
+
+def layout_of(info: GraphInfo, tensor: str) -> Layout | None:
+    """Channel/spatial axes of a 4-D tensor, or ``None`` when they cannot be proven.
+
+    The proof is traced back to a channels-first op or the input, and forward to the input
+    of a channels-first op (the head's pooling after a channels-last LayerNorm sandwich),
+    composing Transposes and passing layout-keeping ops. Where the two disagree, or both
+    fail, the layout is unproven.
     """
+    backward = _layout_backward(info, tensor)
+    forward = _layout_forward(info, tensor)
+    if backward is not None and forward is not None and backward != forward:
+        return None
+    return backward or forward
+
+
+def _layout_backward(info: GraphInfo, tensor: str) -> Layout | None:
+    """A depth-first search back through Transposes and layout-keeping ops; at a binary op
+    every input that depends on the image is tried."""
     stack: list[tuple[str, tuple[tuple[int, ...], ...]]] = [(tensor, ())]
     visited: set[str] = set()
     while stack:
@@ -116,16 +165,51 @@ def layout_of(info: GraphInfo, tensor: str) -> Layout | None:
         if current not in info.producer:
             continue
         node = info.node(info.producer[current])
-        if node.op_type in _CHANNELS_FIRST_OPS:
+        if _is_channels_first_op(node):
             return _apply_transposes(NCHW, transposes)
         if node.op_type == "Transpose":
-            perm = tuple(node.attribute[0].ints) if node.attribute else (3, 2, 1, 0)
-            stack.append((node.input[0], (perm, *transposes)))
+            stack.append((node.input[0], (_perm(node), *transposes)))
         elif node.op_type in _LAYOUT_KEEPING_OPS:
             for name in reversed(node.input):
                 if name and len(info.shapes.get(name, ())) == 4 and name in info.input_dependent:
                     stack.append((name, transposes))
     return None
+
+
+def _layout_forward(info: GraphInfo, tensor: str) -> Layout | None:
+    """The layout a channels-first consumer (reached through Transposes and layout-keeping
+    ops) proves for ``tensor``."""
+    stack: list[tuple[str, tuple[tuple[int, ...], ...]]] = [(tensor, ())]
+    visited: set[str] = set()
+    while stack:
+        current, transposes = stack.pop()
+        if current in visited:
+            continue
+        visited.add(current)
+        for index in info.consumers.get(current, []):
+            node = info.node(index)
+            if _is_channels_first_op(node) and node.input[0] == current:
+                # NCHW at the consumer; undo the transposes met on the way there.
+                inverse = tuple(tuple(np.argsort(p)) for p in reversed(transposes))
+                return _apply_transposes(NCHW, inverse)
+            if node.op_type == "Transpose":
+                stack.append((node.output[0], (*transposes, _perm(node))))
+            elif node.op_type in _LAYOUT_KEEPING_OPS and len(info.shapes.get(node.output[0], ())) == 4:
+                stack.append((node.output[0], transposes))
+    return None
+
+
+def _perm(node) -> tuple[int, ...]:
+    for attr in node.attribute:
+        if attr.name == "perm":
+            return tuple(attr.ints)
+    return (3, 2, 1, 0)
+
+
+def _is_channels_first_op(node) -> bool:
+    if node.op_type in _CHANNELS_FIRST_UNLESS_ATTR:
+        return not any(a.name == "channels_last" and a.i for a in node.attribute)
+    return node.op_type in _CHANNELS_FIRST_OPS
 
 
 def _apply_transposes(base: Layout, transposes: tuple[tuple[int, ...], ...]) -> Layout:
@@ -154,7 +238,9 @@ def _reaches_score(info: GraphInfo, score: str) -> set[str]:
 def _is_spatial_map(info: GraphInfo, tensor: str) -> Layout | None:
     shape = info.shapes.get(tensor)
     dtype = info.dtypes.get(tensor)
-    if shape is None or len(shape) != 4 or dtype is None or not np.issubdtype(dtype, np.floating):
+    if shape is None or len(shape) != 4 or dtype is None:
+        return None
+    if not np.issubdtype(dtype, np.floating) and tensor not in info.quant_params:
         return None
     layout = layout_of(info, tensor) or NCHW
     h, w = (shape[a] for a in layout.spatial_axes)
@@ -162,12 +248,14 @@ def _is_spatial_map(info: GraphInfo, tensor: str) -> Layout | None:
 
 
 def default_layer(info: GraphInfo, score: str) -> str:
-    """The last 4-D feature map with H, W > 1 on a differentiable path to the score.
+    """The last 4-D feature map with H, W > 1 that every path from the input to the score
+    passes through.
 
     It is the map the head collapses spatially (global pooling, spatial reduction, pooling
     to 1x1 or flattening); 1x1 maps after pooling (squeeze-excitation, Conv heads) are
-    excluded by H, W > 1. Layout-only steps (Transpose, Cast, Q/DQ) are stepped back over,
-    so the layer sits right after its activation.
+    excluded by H, W > 1, and tensors inside one branch of a multi-branch block (Inception)
+    by the dominator condition. Layout-only steps (Transpose, Cast, Q/DQ) are stepped back
+    over, so the layer sits right after its activation.
     """
     reached = _reaches_score(info, score)
     order = {name: idx for name, idx in info.producer.items()}
@@ -176,10 +264,13 @@ def default_layer(info: GraphInfo, score: str) -> str:
         key=lambda t: order.get(t, -1),
         reverse=True,
     )
+    dominators = score_dominators(info, score, reached)
     num_classes = int(np.prod(info.shapes[score][1:]))
     for tensor in candidates:
         if tensor == info.input_name:
             continue  # the image itself is no feature map: a CAM of it explains nothing
+        if tensor not in dominators:
+            continue
         layout = _is_spatial_map(info, tensor)
         if layout is None:
             continue
@@ -192,6 +283,57 @@ def default_layer(info: GraphInfo, score: str) -> str:
         "CAM; if a tensor qualifies, pass it with layer=... (CLI: --layer); `sp2ps inspect` "
         "shows the model's tensors"
     )
+
+
+def score_dominators(info: GraphInfo, score: str, reached: set[str] | None = None) -> set[str]:
+    """Tensors that every differentiable path from the input to ``score`` passes through.
+
+    The dominators of ``score`` in the tensor graph rooted at the input, restricted to the
+    tensors that both depend on the input and reach the score: the chain of immediate
+    dominators (Cooper, Harvey and Kennedy's intersection over a topological order).
+    """
+    reached = reached if reached is not None else _reaches_score(info, score)
+    live = reached & info.input_dependent
+    if info.input_name not in live or score not in live:
+        return set()
+    order = {info.input_name: 0}
+    preds: dict[str, set[str]] = {}
+    for node in info.graph.node:
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        sources = [node.input[i] for i in differentiable_inputs(node) if node.input[i] in live]
+        if not sources:
+            continue
+        for out in node.output:
+            if out in live:
+                preds.setdefault(out, set()).update(sources)
+                order.setdefault(out, len(order))
+    idom: dict[str, str] = {info.input_name: info.input_name}
+
+    def intersect(a: str, b: str) -> str:
+        while a != b:
+            while order[a] > order[b]:
+                a = idom[a]
+            while order[b] > order[a]:
+                b = idom[b]
+        return a
+
+    for tensor in sorted(preds, key=order.__getitem__):
+        done = [p for p in preds[tensor] if p in idom]
+        if not done:
+            continue
+        current = done[0]
+        for other in done[1:]:
+            current = intersect(current, other)
+        idom[tensor] = current
+    if score not in idom:
+        return set()
+    chain = {score}
+    tensor = score
+    while tensor != info.input_name:
+        tensor = idom[tensor]
+        chain.add(tensor)
+    return chain
 
 
 def _step_back(info: GraphInfo, tensor: str) -> str:
@@ -260,7 +402,7 @@ def head_nodes(info: GraphInfo, target: str, score: str, model_name: str = "") -
         flowing = [i for i in differentiable_inputs(node) if node.input[i] in requires]
         if not flowing or not any(o in reached for o in node.output if o):
             continue
-        if node.op_type not in VJP_RULES or node.domain not in ("", "ai.onnx"):
+        if rule_for(node) is None:
             raise UnsupportedOpError(
                 node.op_type if not node.domain else f"{node.domain}.{node.op_type}",
                 node.name or node.output[0],
@@ -294,5 +436,5 @@ def head_ops(info: GraphInfo, target: str, score: str) -> list[tuple[str, str, b
         if not any(o in reached for o in node.output if o):
             continue
         requires.update(o for o in node.output if o)
-        out.append((node.name or node.output[0], node.op_type, node.op_type in VJP_RULES))
+        out.append((node.name or node.output[0], node.op_type, rule_for(node) is not None))
     return out

@@ -15,7 +15,6 @@ from .analysis import GraphInfo, analyse, input_layout
 from .autodiff import backward
 from .builder import FLOAT, GraphBuilder
 from .locate import (
-    NCHW,
     Layout,
     default_layer,
     find_score,
@@ -94,11 +93,19 @@ def _build_cam_model(
     info = analyse(proto, input_size, path)
     score_tensor, cut = find_score(info, score)
     target = resolve_layer(info, layer) if layer else default_layer(info, score_tensor)
-    layout = layout_of(info, target) or NCHW
     if len(info.shapes.get(target, ())) != 4:
         raise LayerNotFoundError(
             f"layer {target!r} has shape {info.shapes.get(target)}; a CAM layer must be a 4-D "
             "feature map (N, C, H, W) or (N, H, W, C)"
+        )
+    layout = layout_of(info, target)
+    if layout is None:
+        raise LayerNotFoundError(
+            f"cannot prove which axis of layer {target!r} (shape "
+            f"{tuple(info.shapes[target][1:])}) holds the channels in {path or 'the model'}: "
+            "no convolution, pooling or model input fixes its layout through layout-only ops; "
+            "choose a layer whose layout is known with layer=... (CLI: --layer), e.g. the "
+            "output of a Conv or its activation (`sp2ps inspect` lists candidates)"
         )
     path_nodes = head_nodes(info, target, score_tensor, path or "")
     requires = requires_grad(info, target, path_nodes)

@@ -37,6 +37,7 @@ class VJPRule:
     op_type: str
     fn: RuleFn
     inputs: tuple[int, ...] | None  # None: every input
+    domain: str = ""  # "" (ai.onnx) or "com.microsoft" for ONNX Runtime's contrib ops
 
 
 VJP_RULES: dict[str, VJPRule] = {}
@@ -52,22 +53,35 @@ NON_DIFFERENTIABLE = frozenset(
 )  # fmt: skip
 
 
-def vjp(*op_types: str, inputs: tuple[int, ...] | None = (0,)):
-    """Register ``fn`` as the VJP rule of ``op_types``."""
+def vjp(*op_types: str, inputs: tuple[int, ...] | None = (0,), domain: str = ""):
+    """Register ``fn`` as the VJP rule of ``op_types`` (in ``domain``)."""
 
     def register(fn: RuleFn) -> RuleFn:
         for op_type in op_types:
-            VJP_RULES[op_type] = VJPRule(op_type, fn, inputs)
+            VJP_RULES[op_type] = VJPRule(op_type, fn, inputs, domain)
         return fn
 
     return register
+
+
+def rule_for(node: onnx.NodeProto) -> VJPRule | None:
+    """The rule for ``node``'s op in ``node``'s domain, if there is one.
+
+    ONNX Runtime emits some QOperator ops (QLinearAdd, QGemm, ...) in com.microsoft and some
+    (QLinearConv, QLinearMatMul) in the default domain; a rule declares which it covers.
+    """
+    rule = VJP_RULES.get(node.op_type)
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    if rule is None or domain != rule.domain:
+        return None
+    return rule
 
 
 def differentiable_inputs(node: onnx.NodeProto) -> list[int]:
     """Input positions of ``node`` through which a gradient can flow."""
     if node.op_type in NON_DIFFERENTIABLE:
         return []
-    rule = VJP_RULES.get(node.op_type)
+    rule = rule_for(node)
     positions = range(len(node.input)) if rule is None or rule.inputs is None else rule.inputs
     return [i for i in positions if i < len(node.input) and node.input[i]]
 
@@ -463,17 +477,25 @@ def _conv(b, node, dys, needs):
     if needs[1] or (len(needs) > 2 and needs[2]):
         raise _unsupported(node, "weights computed from the activations are not supported")
     weight = node.input[1]
-    kernel = list(b.static_shape(weight)[2:])
+    grad = _conv_input_grad(b, node, dys[0], b.as_float(weight), weight)
+    return [grad] + [None] * (len(node.input) - 1)
+
+
+def _conv_input_grad(
+    b: GraphBuilder, node: onnx.NodeProto, dy: str, weight: str, weight_source: str
+) -> str:
+    """The gradient of a convolution (Conv, QLinearConv, ConvInteger) w.r.t. its input:
+    ``ConvTranspose`` of ``dy`` with the float ``weight`` (of the shape of the node's
+    ``weight_source`` input) and the node's own window."""
+    kernel = list(b.static_shape(weight_source)[2:])
     win = _window(b, node, kernel)
-    attrs = _transposed_window(b, node, win)
-    grad = b.op(
+    return b.op(
         "ConvTranspose",
-        [dys[0], b.as_float(weight)],
+        [dy, weight],
         group=attribute(node, "group", 1),
         kernel_shape=kernel,
-        **attrs,
+        **_transposed_window(b, node, win),
     )
-    return [grad] + [None] * (len(node.input) - 1)
 
 
 @vjp("AveragePool")
@@ -803,14 +825,411 @@ def _gather_by_one_hot(b: GraphBuilder, node: onnx.NodeProto, dy: str, indices: 
 @vjp("Pad")
 def _pad(b, node, dys, needs):
     mode = attribute(node, "mode", b"constant")
-    if mode not in (b"constant", "constant"):
-        raise _unsupported(node, f"mode {mode!r}; only constant padding is supported")
-    # Padding by -p undoes padding by p for either sign: added borders are cropped off,
-    # cropped borders come back as zeros (they received no gradient).
-    if b.opset >= 11:
-        pads = _static_ints(b, node, 1, "pads")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    rest = [None] * (len(node.input) - 1)
+    if b.opset < 11:
+        pads = list(attribute(node, "pads"))
+    elif mode == "constant" and b.info.static_value(node.input[1]) is None:
+        # Pads computed at run time (TF-"SAME" padding): negate them in the graph.
+        negated = b.op("Neg", [node.input[1]])
         extra = [node.input[3]] if len(node.input) > 3 and node.input[3] else []
-        grad = b.op("Pad", [dys[0], b.ints([-p for p in pads]), b.scalar(0.0), *extra])
+        return [b.op("Pad", [dys[0], negated, b.scalar(0.0), *extra])] + rest
     else:
-        grad = b.op("Pad", [dys[0]], pads=[-p for p in attribute(node, "pads")], value=0.0)
+        pads = _static_ints(b, node, 1, "pads")
+    rank = b.rank(node.input[0])
+    if b.opset >= 11 and len(node.input) > 3 and node.input[3]:
+        axes = [a % rank for a in _static_ints(b, node, 3, "axes")]
+    else:
+        axes = list(range(rank))
+    count = len(axes)
+    begins, ends = pads[:count], pads[count:]
+    if mode == "constant":
+        # Padding by -p undoes padding by p for either sign: added borders are cropped off,
+        # cropped borders come back as zeros (they received no gradient).
+        full = [0] * (2 * rank)
+        for a, lo, hi in zip(axes, begins, ends, strict=True):
+            full[a], full[a + rank] = -lo, -hi
+        if b.opset >= 11:
+            return [b.op("Pad", [dys[0], b.ints(full), b.scalar(0.0)])] + rest
+        return [b.op("Pad", [dys[0]], pads=full, value=0.0)]
+    if mode not in ("reflect", "edge", "wrap"):
+        raise _unsupported(node, f"mode {mode!r}")
+    # reflect/edge/wrap: each padded axis is a constant 0/1 matrix M (out x in) applied along
+    # that axis, so the gradient applies M transposed along the same axis.
+    grad = dys[0]
+    shape = list(b.static_shape(node.input[0]))
+    for a, lo, hi in zip(axes, begins, ends, strict=True):
+        if lo == 0 and hi == 0:
+            continue
+        if a == 0:
+            raise _unsupported(node, "padding along the batch axis")
+        matrix = _pad_matrix(shape[a], lo, hi, mode)
+        grad = _along_axis(b, grad, matrix.T, a, rank)
+    return [grad] + rest
+
+
+def _pad_matrix(size: int, begin: int, end: int, mode: str) -> np.ndarray:
+    """M with padded = M @ x along one axis, for reflect/edge/wrap padding (numpy's modes)."""
+    numpy_mode = {"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode]
+    positions = np.arange(size)
+    padded = np.pad(positions, (max(begin, 0), max(end, 0)), mode=numpy_mode)
+    padded = padded[max(-begin, 0) : len(padded) - max(-end, 0)]
+    matrix = np.zeros((padded.size, size), dtype=np.float32)
+    matrix[np.arange(padded.size), padded] = 1.0
+    return matrix
+
+
+def _along_axis(b: GraphBuilder, x: str, matrix: np.ndarray, axis: int, rank: int) -> str:
+    """``matrix @ x`` along ``axis`` (matrix: new size x old size) for a rank-``rank`` x."""
+    to_last = [i for i in range(rank) if i != axis] + [axis]
+    back = [to_last.index(i) for i in range(rank)]
+    moved = b.op("Transpose", [x], perm=to_last)
+    product = b.op("MatMul", [moved, b.const(np.ascontiguousarray(matrix.T), hint="axis_matrix")])
+    return b.op("Transpose", [product], perm=back)
+
+
+# -- resampling and normalisation (earlier layers) ------------------------------------------
+@vjp("Resize")
+def _resize(b, node, dys, needs):
+    """Every Resize mode is separable and linear in x: one matrix per resized axis, read off
+    ONNX Runtime by resizing the identity along that axis alone."""
+    mode = attribute(node, "mode", b"nearest")
+    transform = attribute(node, "coordinate_transformation_mode", b"half_pixel")
+    if transform in (b"tf_crop_and_resize", "tf_crop_and_resize"):
+        raise _unsupported(node, "coordinate_transformation_mode tf_crop_and_resize")
+    policy = attribute(node, "keep_aspect_ratio_policy", b"stretch")
+    if policy not in (b"stretch", "stretch"):
+        raise _unsupported(node, f"keep_aspect_ratio_policy {policy!r}")
+    x_shape = list(b.static_shape(node.input[0]))
+    y_shape = list(_out_shape(b, node))
+    rank = len(x_shape)
+    scales = None
+    if len(node.input) > 2 and node.input[2]:
+        value = b.info.static_value(node.input[2])
+        if value is None:
+            raise _unsupported(node, f"its scales input {node.input[2]!r} is computed at run time")
+        scales = [float(v) for v in np.asarray(value).reshape(-1)]
+        if not scales:
+            scales = None
+    axes = list(attribute(node, "axes", None) or range(rank))
+    if scales is not None and len(scales) != rank:
+        full = [1.0] * rank
+        for a, v in zip(axes, scales, strict=True):
+            full[a % rank] = v
+        scales = full
+    grad = dys[0]
+    for axis in range(rank):
+        scale = scales[axis] if scales is not None else None
+        if x_shape[axis] == y_shape[axis] and (scale is None or scale == 1.0):
+            continue
+        if axis < 2:
+            raise _unsupported(node, "resizing along the batch or channel axis")
+        matrix = _resize_matrix(b, node, rank, axis, x_shape[axis], y_shape[axis], scale, mode)
+        grad = _along_axis(b, grad, matrix.T, axis, rank)
     return [grad] + [None] * (len(node.input) - 1)
+
+
+def _resize_matrix(b, node, rank, axis, size_in, size_out, scale, mode) -> np.ndarray:
+    """The (size_out x size_in) matrix of ``node``'s interpolation along ``axis``."""
+    attrs = {
+        a.name: helper.get_attribute_value(a)
+        for a in node.attribute
+        if a.name not in ("axes", "keep_aspect_ratio_policy")
+    }
+    shape_in = [1] * rank
+    shape_in[0], shape_in[axis] = size_in, size_in
+    inputs = ["x", "", ""]
+    initializers = []
+    if scale is not None:
+        full = np.ones(rank, dtype=np.float32)
+        full[axis] = scale
+        initializers.append(onnx.numpy_helper.from_array(full, "scales"))
+        inputs[2] = "scales"
+    else:
+        sizes = np.array(shape_in, dtype=np.int64)
+        sizes[axis] = size_out
+        initializers.append(onnx.numpy_helper.from_array(sizes, "sizes"))
+        inputs = ["x", "", "", "sizes"]
+    if b.opset < 13 and inputs[1] == "":
+        initializers.append(onnx.numpy_helper.from_array(np.zeros(0, np.float32), "roi"))
+        inputs[1] = "roi"
+        if inputs[2] == "":
+            initializers.append(onnx.numpy_helper.from_array(np.zeros(0, np.float32), "no_scales"))
+            inputs[2] = "no_scales"
+    resize = helper.make_node("Resize", inputs, ["y"], **attrs)
+    graph = helper.make_graph(
+        [resize],
+        "resize_matrix",
+        [helper.make_tensor_value_info("x", FLOAT, shape_in)],
+        [helper.make_tensor_value_info("y", FLOAT, None)],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)])
+    model.ir_version = b.info.model.ir_version
+    basis = np.eye(size_in, dtype=np.float32).reshape(shape_in)
+    resized = cpu_session(model).run(None, {"x": basis})[0]
+    if resized.shape[axis] != size_out:
+        raise _unsupported(node, f"could not reproduce its output size along axis {axis}")
+    # resized[k, ..., j, ...] = M[j, k]
+    return np.moveaxis(resized, axis, 1).reshape(size_in, size_out).T.copy()
+
+
+@vjp("InstanceNormalization")
+def _instance_norm(b, node, dys, needs):
+    x = b.as_float(node.input[0])
+    rank = b.rank(node.input[0])
+    eps = attribute(node, "epsilon", 1e-5)
+    scale = b.op("Reshape", [b.as_float(node.input[1]), b.ints([-1] + [1] * (rank - 2))])
+    return [_normalised_grad(b, x, dys[0], scale, list(range(2, rank)), eps), None, None]
+
+
+def _normalised_grad(b: GraphBuilder, x: str, dy: str, scale: str, axes: list[int], eps: float) -> str:
+    """Gradient of ``scale * (x - mean) / sqrt(var + eps) + bias`` over ``axes``."""
+    centred = b.op("Sub", [x, b.reduce("ReduceMean", x, axes)])
+    variance = b.reduce("ReduceMean", b.mul(centred, centred), axes)
+    inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.add(variance, b.scalar(eps))])])
+    x_hat = b.mul(centred, inv_std)
+    g = b.mul(dy, scale)
+    mean_g = b.reduce("ReduceMean", g, axes)
+    mean_gx = b.reduce("ReduceMean", b.mul(g, x_hat), axes)
+    inner = b.op("Sub", [b.op("Sub", [g, mean_g]), b.mul(x_hat, mean_gx)])
+    return b.mul(inv_std, inner)
+
+
+@vjp("ReduceL2")
+def _reduce_l2(b, node, dys, needs):
+    x = b.as_float(node.input[0])
+    axes = _reduce_axes(b, node)
+    rest = [None] * (len(node.input) - 1)
+    if axes is None:
+        return [dys[0]] + rest
+    keep = attribute(node, "keepdims", 1)
+    y = b.as_float(node.output[0])
+    y_keep = y if keep else b.unsqueeze(y, axes)
+    dy_keep = dys[0] if keep else b.unsqueeze(dys[0], axes)
+    # d||x|| / dx = x / ||x||, and 0 where the norm is 0 (as torch.linalg.vector_norm).
+    positive = b.op("Greater", [y_keep, b.scalar(0.0)])
+    safe = b.op("Where", [positive, y_keep, b.scalar(1.0)])
+    ratio = b.op("Where", [positive, b.op("Div", [dy_keep, safe]), b.scalar(0.0)])
+    return [b.mul(x, ratio)] + rest
+
+
+@vjp("GatherND")
+def _gather_nd(b, node, dys, needs):
+    if b.opset >= 16:
+        return [_scatter_through_index_map(b, node, dys[0], add=True), None]
+    indices = b.info.static_value(node.input[1])
+    if indices is None:
+        raise _unsupported(node, "indices computed at run time need opset >= 16")
+    # Unique positions: a plain scatter is exact. Repeated ones need scatter-add (opset 16).
+    probe = _gathered_positions(b, node, np.asarray(indices))
+    if np.unique(probe).size != probe.size:
+        raise _unsupported(node, "repeated indices need opset >= 16")
+    return [_scatter_through_index_map(b, node, dys[0], add=False), None]
+
+
+def _gathered_positions(b: GraphBuilder, node: onnx.NodeProto, indices: np.ndarray) -> np.ndarray:
+    shape = b.static_shape(node.input[0])
+    batch_dims = attribute(node, "batch_dims", 0)
+    positions = np.arange(int(np.prod(shape))).reshape(shape)
+    graph = helper.make_graph(
+        [helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=batch_dims)],
+        "positions",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.INT64, list(shape)),
+            helper.make_tensor_value_info("i", onnx.TensorProto.INT64, list(indices.shape)),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)])
+    model.ir_version = b.info.model.ir_version
+    return cpu_session(model).run(None, {"x": positions, "i": indices.astype(np.int64)})[0]
+
+
+# -- quantized ops: straight-through ---------------------------------------------------------
+# The gradient of a quantized op is that of its dequantized float equivalent: the rounding
+# to integer codes is treated as the identity (straight-through estimator). Gradients of
+# integer activations are taken w.r.t. their dequantized values, ``(q - zp) * scale``.
+
+
+def _dequantized_weight(b: GraphBuilder, node: onnx.NodeProto, codes: int, scale: int, zero: int, axis: int) -> str:
+    zp = node.input[zero] if len(node.input) > zero and node.input[zero] else None
+    return b.dequantize(node.input[codes], node.input[scale], zp, axis=axis)
+
+
+@vjp("DynamicQuantizeLinear")
+def _dynamic_quantize(b, node, dys, needs):
+    # Only y carries a gradient; its scale and zero point are treated as constants.
+    return [dys[0]]
+
+
+@vjp("ConvInteger", inputs=(0,))
+def _conv_integer(b, node, dys, needs):
+    # y = conv(x - x_zp, w - w_zp) in integer units = conv(deq(x), w - w_zp) / x_scale.
+    weight = _integer_operand(b, node, 1, 3, axis=0)
+    grad = _conv_input_grad(b, node, dys[0], weight, node.input[1])
+    return [_per_code_unit(b, node.input[0], grad)] + [None] * (len(node.input) - 1)
+
+
+@vjp("MatMulInteger", inputs=(0,))
+def _matmul_integer(b, node, dys, needs):
+    weight = _integer_operand(b, node, 1, 3, axis=-1)
+    grad = _matmul_left_grad(b, node, dys[0], weight, node.input[1])
+    return [_per_code_unit(b, node.input[0], grad)] + [None] * (len(node.input) - 1)
+
+
+def _integer_operand(b: GraphBuilder, node: onnx.NodeProto, position: int, zero: int, axis: int) -> str:
+    """``w - w_zp`` in float32 (integer units) for a ConvInteger/MatMulInteger operand."""
+    codes = b.info.static_value(node.input[position])
+    zp_name = node.input[zero] if len(node.input) > zero and node.input[zero] else None
+    zp = b.info.static_value(zp_name) if zp_name else 0
+    if codes is None or zp is None:
+        raise _unsupported(node, "weights computed at run time are not supported")
+    codes = np.asarray(codes)
+    return b.const(_minus_zero_point(codes, np.asarray(zp), axis), hint="integer_weight")
+
+
+def _minus_zero_point(codes: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:
+    zero = zero.astype(np.float64)
+    if zero.size > 1:
+        shape = [1] * codes.ndim
+        shape[axis % codes.ndim] = -1
+        zero = zero.reshape(shape)
+    return (codes.astype(np.float64) - zero).astype(np.float32)
+
+
+def _per_code_unit(b: GraphBuilder, x: str, grad: str) -> str:
+    """Turn a gradient w.r.t. integer codes into one w.r.t. their dequantized values."""
+    params = b.info.quant_params.get(x)
+    if params is None:
+        return grad  # plain integers: the codes are the values
+    return b.op("Div", [grad, b.op("Cast", [params[0]], to=FLOAT)])
+
+
+def _matmul_left_grad(
+    b: GraphBuilder, node: onnx.NodeProto, dy: str, weight: str, weight_source: str
+) -> str:
+    """d(A @ W)/dA for a constant float32 W of rank 2 (shaped like ``weight_source``)."""
+    a = node.input[0]
+    if b.rank(weight_source) != 2:
+        raise _unsupported(node, "only a 2-D constant right operand is supported")
+    grad = b.op("MatMul", [dy, b.op("Transpose", [weight], perm=[1, 0])])
+    shape = (*_out_shape(b, node)[:-1], b.static_shape(weight_source)[0])
+    return b.unbroadcast(grad, shape, a)
+
+
+@vjp("QLinearConv", inputs=(0,))
+def _qlinear_conv(b, node, dys, needs):
+    weight = _dequantized_weight(b, node, 3, 4, 5, axis=0)
+    return [_conv_input_grad(b, node, dys[0], weight, node.input[3])] + [None] * (len(node.input) - 1)
+
+
+@vjp("QLinearMatMul", inputs=(0, 3))
+def _qlinear_matmul(b, node, dys, needs):
+    out: list[Grad] = [None] * len(node.input)
+    a = b.as_float(node.input[0])
+    w = b.as_float(node.input[3]) if needs[3] else _dequantized_weight(b, node, 3, 4, 5, axis=-1)
+    if needs[0]:
+        grad = b.op("MatMul", [dys[0], _swap_last(b, w, b.rank(node.input[3]))])
+        shape = (*_out_shape(b, node)[:-1], b.static_shape(node.input[3])[-2])
+        out[0] = b.unbroadcast(grad, shape, node.input[0])
+    if needs[3]:
+        grad = b.op("MatMul", [_swap_last(b, a, b.rank(node.input[0])), dys[0]])
+        shape = (*_out_shape(b, node)[:-2], b.static_shape(node.input[0])[-1], _out_shape(b, node)[-1])
+        out[3] = b.unbroadcast(grad, shape, node.input[3])
+    return out
+
+
+@vjp("QGemm", inputs=(0,), domain="com.microsoft")
+def _qgemm(b, node, dys, needs):
+    alpha = attribute(node, "alpha", 1.0)
+    trans_a = attribute(node, "transA", 0)
+    trans_b = attribute(node, "transB", 0)
+    w = _dequantized_weight(b, node, 3, 4, 5, axis=0 if trans_b else -1)
+    if trans_a:
+        grad = b.op("Gemm", [w, dys[0]], alpha=alpha, transA=trans_b, transB=1)
+    else:
+        grad = b.op("Gemm", [dys[0], w], alpha=alpha, transB=1 - trans_b)
+    return [grad] + [None] * (len(node.input) - 1)
+
+
+@vjp("QLinearAdd", inputs=(0, 3), domain="com.microsoft")
+def _qlinear_add(b, node, dys, needs):
+    shape = _out_shape(b, node)
+    out: list[Grad] = [None] * len(node.input)
+    for position in (0, 3):
+        if needs[position]:
+            out[position] = b.unbroadcast(dys[0], shape, node.input[position])
+    return out
+
+
+@vjp("QLinearMul", inputs=(0, 3), domain="com.microsoft")
+def _qlinear_mul(b, node, dys, needs):
+    shape = _out_shape(b, node)
+    out: list[Grad] = [None] * len(node.input)
+    for position, other in ((0, 3), (3, 0)):
+        if needs[position]:
+            factor = _quantized_operand(b, node, other)
+            out[position] = b.unbroadcast(b.mul(dys[0], factor), shape, node.input[position])
+    return out
+
+
+def _quantized_operand(b: GraphBuilder, node: onnx.NodeProto, position: int) -> str:
+    """The dequantized value of a QLinear binary op's operand (activation or constant)."""
+    name = node.input[position]
+    if name in b.info.quant_params:
+        return b.as_float(name)
+    return _dequantized_weight(b, node, position, position + 1, position + 2, axis=1)
+
+
+@vjp("QLinearGlobalAveragePool", domain="com.microsoft")
+def _qlinear_global_average_pool(b, node, dys, needs):
+    x = node.input[0]
+    shape = b.static_shape(x)
+    spatial = shape[1:-1] if attribute(node, "channels_last", 0) else shape[2:]
+    spread = b.op("Expand", [dys[0], b.shape_of(x)])
+    return [b.mul(spread, b.scalar(1.0 / int(np.prod(spatial))))] + [None] * 4
+
+
+@vjp("QLinearAveragePool", domain="com.microsoft")
+def _qlinear_average_pool(b, node, dys, needs):
+    if attribute(node, "channels_last", 0):
+        raise _unsupported(node, "channels_last=1")
+    float_pool = helper.make_node(
+        "AveragePool",
+        [node.input[0]],
+        [node.output[0]],
+        name=node.name,
+        **{a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "channels_last"},
+    )
+    return _average_pool(b, float_pool, dys, [True]) + [None] * 4
+
+
+@vjp("QLinearSigmoid", domain="com.microsoft")
+def _qlinear_sigmoid(b, node, dys, needs):
+    y = b.as_float(node.output[0])
+    return [b.mul(dys[0], b.mul(y, b.op("Sub", [b.scalar(1.0), y])))] + [None] * 4
+
+
+@vjp("QLinearLeakyRelu", domain="com.microsoft")
+def _qlinear_leaky_relu(b, node, dys, needs):
+    alpha = attribute(node, "alpha", 0.01)
+    positive = b.op("Greater", [b.as_float(node.input[0]), b.scalar(0.0)])
+    slope = b.op("Where", [positive, b.scalar(1.0), b.scalar(alpha)])
+    return [b.mul(dys[0], slope)] + [None] * 4
+
+
+@vjp("QLinearConcat", inputs=None, domain="com.microsoft")
+def _qlinear_concat(b, node, dys, needs):
+    rank = b.rank(node.output[0])
+    axis = attribute(node, "axis") % rank
+    out: list[Grad] = [None] * len(node.input)
+    offset = 0
+    for position in range(2, len(node.input), 3):
+        size = b.static_shape(node.input[position])[axis]
+        if needs[position]:
+            out[position] = b.op(
+                "Slice", [dys[0], b.ints([offset]), b.ints([offset + size]), b.ints([axis])]
+            )
+        offset += size
+    return out
