@@ -35,6 +35,7 @@ TARGETS = np.array([1, 3], dtype=np.int64)
 GRID_SPACING = 0.02
 EPS_DOUBLE, TOL_DOUBLE = 1e-6, 2e-4
 EPS_FLOAT, TOL_FLOAT = 2e-3, 1e-2
+MS = "com.microsoft"
 
 _NP_OF = {
     TensorProto.FLOAT: np.float32,
@@ -113,6 +114,8 @@ class Case:
     scale: float = 1.0
     offset: float = 0.0
     opsets: tuple[int, ...] = field(default=OPSETS)
+    #: Extra tolerance where the rule reads quantized forward values (straight-through).
+    tolerance: float | None = None
 
 
 def _minimal_ir_version(opset: int) -> int:
@@ -144,7 +147,10 @@ def _make_model(builder, x_info, out, opset, elem_type, shape) -> onnx.ModelProt
     graph = helper.make_graph(
         list(builder.nodes), "case", [x_info], [y_info], list(builder.initializers)
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    imports = [helper.make_opsetid("", opset)]
+    if any(node.domain == MS for node in builder.nodes):
+        imports.append(helper.make_opsetid(MS, 1))
+    model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = _minimal_ir_version(opset)
     return model
 
@@ -208,7 +214,8 @@ def _assert_close(actual: np.ndarray, reference: np.ndarray, rel_tol: float, wha
 
 def check_case(case: Case, opset: int) -> None:
     model = build_model(case.body, opset)
-    onnx.checker.check_model(model, full_check=True)
+    if not any(imp.domain == MS for imp in model.opset_import):
+        onnx.checker.check_model(model, full_check=True)
     x = (_distinct_input((N, C, H, W)) * case.scale + case.offset).astype(np.float32)
 
     reference_body = case.reference_body or case.body
@@ -228,6 +235,7 @@ def check_case(case: Case, opset: int) -> None:
     np.testing.assert_allclose(
         np.asarray(result.score), expected_score, rtol=1e-5, atol=1e-5 * np.abs(expected_score).max()
     )
+    tol = case.tolerance or tol
     _assert_close(np.asarray(result.gradients, dtype=np.float64), fd, tol, f"{case.id}@{opset}")
 
 
@@ -523,6 +531,197 @@ def _identity_chain(b: Builder, x: str) -> str:
     return b.one("Identity", [b.one("Dropout", [x])])
 
 
+def _pad_mode(pads: list[int], mode: str) -> Body:
+    return lambda b, x: b.one("Pad", [x, b.ints(pads)], mode=mode)
+
+
+def _runtime_pads(b: Builder, x: str) -> list[str]:
+    """Pads computed from Shape(x), as TF-"SAME" exports do: [0,0,1,2, 0,0,2,1] here."""
+    shape = b.one("Shape", [x])
+    ones = b.one("Div", [shape, shape])
+    begin = b.one("Mul", [ones, b.ints([0, 0, 1, 2])])
+    end = b.one("Mul", [ones, b.ints([0, 0, 2, 1])])
+    return b.one("Concat", [begin, end], axis=0)
+
+
+def _pad_runtime(mode: str) -> Body:
+    def body(b: Builder, x: str) -> str:
+        inputs = [x, _runtime_pads(b, x)] + ([b.const(0.3)] if mode == "constant" else [])
+        return b.one("Pad", inputs, mode=mode)
+
+    return body
+
+
+def _resize_inputs(b: Builder, scales=None, sizes=None) -> list[str]:
+    roi = b.const(np.zeros(0)) if b.opset < 13 or sizes is not None else ""
+    if sizes is not None:
+        return [roi or b.const(np.zeros(0)), b.const(np.zeros(0)) if b.opset < 13 else "", sizes]
+    return [roi, b.raw(np.asarray(scales, np.float32))]
+
+
+def _resize(mode: str, scales=None, out_hw=None, **attrs) -> Body:
+    def body(b: Builder, x: str) -> str:
+        sizes = b.ints([N, C, *out_hw]) if out_hw is not None else None
+        return b.one("Resize", [x, *_resize_inputs(b, scales, sizes)], mode=mode, **attrs)
+
+    return body
+
+
+def _resize_axes(mode: str, out_hw: tuple[int, int]) -> Body:
+    def body(b: Builder, x: str) -> str:
+        return b.one("Resize", [x, "", "", b.ints(list(out_hw))], mode=mode, axes=[2, 3])
+
+    return body
+
+
+def _resize_runtime_sizes(b: Builder, x: str) -> str:
+    # interpolate(scale_factor=2) in torch's legacy exporter: sizes = Shape(x) * [1, 1, 2, 2].
+    sizes = b.one("Mul", [b.one("Shape", [x]), b.ints([1, 1, 2, 2])])
+    inputs = [x, *_resize_inputs(b, sizes=sizes)]
+    return b.one("Resize", inputs, mode="linear", coordinate_transformation_mode="half_pixel")
+
+
+def _instance_norm(b: Builder, x: str) -> str:
+    scale, bias = _fixed(13).uniform(0.5, 1.5, C), _fixed(14).standard_normal(C)
+    return b.one("InstanceNormalization", [x, b.const(scale), b.const(bias)], epsilon=1e-3)
+
+
+def _reduce_l2(axes: list[int], keepdims: int) -> Body:
+    def body(b: Builder, x: str) -> str:
+        norm = b.axes("ReduceL2", x, axes, input_from=18, keepdims=keepdims)
+        # ConvNeXt-V2's GRN divides by the mean norm: the norm feeds a product with x.
+        return b.one("Mul", [norm, b.const(1.3)]) if not keepdims else b.one("Mul", [x, norm])
+
+    return body
+
+
+def _gather_nd(b: Builder, x: str) -> str:
+    # Batch moved off the front, so the gathered (c, h) pairs never mix samples.
+    moved = b.one("Transpose", [x], perm=[1, 2, 0, 3])
+    picked = b.one("GatherND", [moved, b.ints([[2, 4], [0, 1], [1, 3]])])
+    return b.one("Transpose", [picked], perm=[1, 0, 2])
+
+
+# -- quantized ops: each body has a float twin (dequantized weights, float op) ---------------
+# X holds odd multiples of 0.01 in [-1.79, 1.79]: with a 0.015 step none rounds to 0, so
+# sign-dependent rules (LeakyRelu) see the same signs as the float twin. Rules that read
+# dequantized forward values (Mul, Sigmoid) differ from the twin by the rounding error.
+_X_SCALE, _X_ZERO = 0.015, 128
+_Q_WEIGHT = _RNG.integers(-90, 90, (5, C, 3, 3)).astype(np.int8)
+_Q_WEIGHT_SCALES = _RNG.uniform(0.005, 0.02, 5).astype(np.float32)
+_Q_BIAS = _RNG.integers(-500, 500, 5).astype(np.int32)
+_Q_MATRIX = _RNG.integers(-100, 100, (W, 2)).astype(np.int8)
+
+
+def _quantize(b: Builder, x: str, scale: float = _X_SCALE, zero: int = _X_ZERO) -> list[str]:
+    s, z = b.raw(np.array(scale, np.float32)), b.raw(np.array(zero, np.uint8))
+    return [b.one("QuantizeLinear", [x, s, z]), s, z]
+
+
+def _dequantize(b: Builder, q: str, scale: float, zero: int) -> str:
+    return b.one(
+        "DequantizeLinear", [q, b.raw(np.array(scale, np.float32)), b.raw(np.array(zero, np.uint8))]
+    )
+
+
+def _qlinear(kind: str, quantized: bool) -> Body:
+    out_scale, out_zero = 0.05, 128
+
+    def body(b: Builder, x: str) -> str:
+        if kind == "QLinearConv":
+            if not quantized:
+                w = _Q_WEIGHT * _Q_WEIGHT_SCALES.reshape(-1, 1, 1, 1)
+                bias = _Q_BIAS * _Q_WEIGHT_SCALES * _X_SCALE
+                return b.one("Conv", [x, b.const(w), b.const(bias)], pads=[1, 1, 1, 1])
+            q = _quantize(b, x)
+            inputs = q + [
+                b.raw(_Q_WEIGHT), b.raw(_Q_WEIGHT_SCALES), b.raw(np.zeros(5, np.int8)),
+                b.raw(np.array(out_scale, np.float32)), b.raw(np.array(out_zero, np.uint8)),
+                b.raw(_Q_BIAS),
+            ]
+            y = b.one("QLinearConv", inputs, pads=[1, 1, 1, 1])
+        elif kind == "QLinearMatMul":
+            if not quantized:
+                return b.one("MatMul", [x, b.const(_Q_MATRIX * 0.01)])
+            inputs = _quantize(b, x) + [
+                b.raw(_Q_MATRIX), b.raw(np.array(0.01, np.float32)), b.raw(np.array(0, np.int8)),
+                b.raw(np.array(out_scale, np.float32)), b.raw(np.array(out_zero, np.uint8)),
+            ]
+            y = b.one("QLinearMatMul", inputs)
+        elif kind == "QGemm":
+            flat = b.one("Flatten", [x], axis=1)
+            weight = _fixed(20).integers(-100, 100, (7, C * H * W)).astype(np.int8)
+            if not quantized:
+                return b.one("Gemm", [flat, b.const(weight * 0.004)], transB=1, alpha=0.5)
+            inputs = _quantize(b, flat) + [
+                b.raw(weight), b.raw(np.array(0.004, np.float32)), b.raw(np.array(0, np.int8)),
+                "", b.raw(np.array(out_scale, np.float32)), b.raw(np.array(out_zero, np.uint8)),
+            ]
+            y = b.one("QGemm", inputs, domain=MS, transB=1, alpha=0.5)
+        elif kind in ("QLinearAdd", "QLinearMul"):
+            half = b.one("Mul", [x, b.const(0.5)])
+            if not quantized:
+                return b.one(kind[len("QLinear"):], [x, half])
+            inputs = _quantize(b, x) + _quantize(b, half, 0.01) + [
+                b.raw(np.array(out_scale, np.float32)), b.raw(np.array(out_zero, np.uint8)),
+            ]
+            y = b.one(kind, inputs, domain=MS)
+        elif kind == "QLinearConcat":
+            half = b.one("Mul", [x, b.const(0.5)])
+            if not quantized:
+                return b.one("Concat", [x, half], axis=1)
+            inputs = [b.raw(np.array(out_scale, np.float32)), b.raw(np.array(out_zero, np.uint8))]
+            y = b.one("QLinearConcat", inputs + _quantize(b, x) + _quantize(b, half, 0.01), axis=1, domain=MS)
+        else:  # unary: QLinearSigmoid, QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool
+            float_op, attrs = {
+                "QLinearSigmoid": ("Sigmoid", {}),
+                "QLinearLeakyRelu": ("LeakyRelu", {"alpha": 0.2}),
+                "QLinearGlobalAveragePool": ("GlobalAveragePool", {}),
+                "QLinearAveragePool": ("AveragePool", {"kernel_shape": [2, 2], "strides": [1, 2]}),
+            }[kind]
+            if not quantized:
+                return b.one(float_op, [x], **attrs)
+            scale = 1.0 / 256 if kind == "QLinearSigmoid" else out_scale
+            zero = 0 if kind == "QLinearSigmoid" else out_zero
+            inputs = _quantize(b, x) + [
+                b.raw(np.array(scale, np.float32)), b.raw(np.array(zero, np.uint8)),
+            ]
+            y = b.one(kind, inputs, domain=MS, **attrs)
+            return _dequantize(b, y, scale, zero)
+        return _dequantize(b, y, out_scale, out_zero)
+
+    return body
+
+
+def _dynamic(kind: str, quantized: bool) -> Body:
+    conv_weight = _fixed(21).integers(-100, 100, (4, C, 3, 3)).astype(np.int8)
+    matrix = _fixed(22).integers(0, 255, (C * H * W, 6)).astype(np.uint8)
+    w_scale, m_zero = 0.01, 120
+
+    def body(b: Builder, x: str) -> str:
+        source = x if kind == "ConvInteger" else b.one("Flatten", [x], axis=1)
+        if not quantized:
+            if kind == "ConvInteger":
+                return b.one("Conv", [source, b.const(conv_weight * w_scale)], pads=[1, 1, 1, 1])
+            return b.one("MatMul", [source, b.const((matrix.astype(np.float64) - m_zero) * w_scale)])
+        codes, scale, zero = b.op("DynamicQuantizeLinear", [source], outputs=3)
+        if kind == "ConvInteger":
+            acc = b.one("ConvInteger", [codes, b.raw(conv_weight), zero], pads=[1, 1, 1, 1])
+        else:
+            acc = b.one("MatMulInteger", [codes, b.raw(matrix), zero, b.raw(np.array(m_zero, np.uint8))])
+        factor = b.one("Mul", [scale, b.raw(np.array(w_scale, np.float32))])
+        return b.one("Mul", [b.one("Cast", [acc], to=TensorProto.FLOAT), factor])
+
+    return body
+
+
+def _quantized_case(kind: str, tolerance: float | None = None) -> Case:
+    return Case(
+        kind, _qlinear(kind, True), reference_body=_qlinear(kind, False), opsets=(13, 21),
+        tolerance=tolerance,
+    )
+
+
 CASES: list[Case] = [
     # Activations
     Case("Relu", _unary("Relu")),
@@ -640,6 +839,37 @@ CASES: list[Case] = [
     Case("Pad-negative", _pad([0, 0, -1, 1, 0, 0, 0, -2], 0.0)),
     Case("Expand", _expand),
     Case("QDQ", _qdq(remove=False), min_opset=13, reference_body=_qdq(remove=True)),
+    # Ops met when the layer is set one stage earlier
+    Case("Pad-reflect", _pad_mode([0, 0, 2, 1, 0, 0, 1, 2], "reflect")),
+    Case("Pad-edge", _pad_mode([0, 0, 1, 3, 0, 0, 2, 0], "edge")),
+    Case("Pad-wrap", _pad_mode([0, 0, 1, 2, 0, 0, 2, 1], "wrap"), min_opset=19),
+    Case("Pad-runtime-constant", _pad_runtime("constant")),
+    Case("Pad-runtime-reflect", _pad_runtime("reflect")),
+    Case("Resize-nearest-x2", _resize("nearest", scales=[1, 1, 2, 2]), min_opset=13),
+    Case("Resize-linear-sizes-axes", _resize_axes("linear", (7, 9)), min_opset=18),
+    Case(
+        "Resize-cubic-align-corners",
+        _resize("cubic", scales=[1, 1, 1.5, 0.5], coordinate_transformation_mode="align_corners"),
+        min_opset=13,
+    ),
+    Case("Resize-linear-runtime-sizes", _resize_runtime_sizes, min_opset=13),
+    Case("InstanceNormalization", _instance_norm),
+    Case("ReduceL2-hw-keep", _reduce_l2([2, 3], 1)),
+    Case("ReduceL2-c-drop", _reduce_l2([1], 0)),
+    Case("GatherND", _gather_nd),
+    # Quantized ops against their dequantized float twins (straight-through)
+    _quantized_case("QLinearConv"),
+    _quantized_case("QLinearMatMul"),
+    _quantized_case("QGemm"),
+    _quantized_case("QLinearAdd"),
+    _quantized_case("QLinearMul", tolerance=1e-2),
+    _quantized_case("QLinearConcat"),
+    _quantized_case("QLinearSigmoid", tolerance=3e-2),
+    _quantized_case("QLinearLeakyRelu"),
+    _quantized_case("QLinearGlobalAveragePool"),
+    _quantized_case("QLinearAveragePool"),
+    Case("ConvInteger", _dynamic("ConvInteger", True), reference_body=_dynamic("ConvInteger", False), opsets=(13, 21)),
+    Case("MatMulInteger", _dynamic("MatMulInteger", True), reference_body=_dynamic("MatMulInteger", False), opsets=(13, 21)),
 ]
 
 

@@ -1030,10 +1030,10 @@ def _gather_nd(b, node, dys, needs):
 
 def _gathered_positions(b: GraphBuilder, node: onnx.NodeProto, indices: np.ndarray) -> np.ndarray:
     shape = b.static_shape(node.input[0])
-    batch_dims = attribute(node, "batch_dims", 0)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     positions = np.arange(int(np.prod(shape))).reshape(shape)
     graph = helper.make_graph(
-        [helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=batch_dims)],
+        [helper.make_node("GatherND", ["x", "i"], ["y"], **attrs)],
         "positions",
         [
             helper.make_tensor_value_info("x", onnx.TensorProto.INT64, list(shape)),
