@@ -99,18 +99,12 @@ def load_onnx(model: str | os.PathLike[str] | Any) -> Any:
 
 
 def count_parameters(proto: Any) -> int:
-    """Elements of all floating-point initializers and ``Constant`` node tensors."""
-    from onnx import TensorProto
+    """Elements of the model's parameters: float weights, and the integer weights of
+    quantized models (QDQ, QOperator, dynamic); quantization scales and zero points and
+    shape constants do not count (see :func:`sp2ps_onnx.graph.parameter_count`)."""
+    from .graph import parameter_count
 
-    float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-    tensors = list(proto.graph.initializer) + [
-        attribute.t
-        for node in proto.graph.node
-        if node.op_type == "Constant"
-        for attribute in node.attribute
-        if attribute.name == "value" and attribute.HasField("t")
-    ]
-    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in float_types)
+    return parameter_count(proto)
 
 
 def model_info(

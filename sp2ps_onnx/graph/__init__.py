@@ -1,6 +1,6 @@
 """Graph rewriting: locate the target layer, differentiate the head, rewrite the model."""
 
-from .inspection import inspect_model, weight_statistics
+from .inspection import inspect_model, parameter_count, weight_statistics
 from .rewrite import CamGraph, build_cam_model, build_head_model
 from .rules import VJP_RULES
 
@@ -10,5 +10,6 @@ __all__ = [
     "build_cam_model",
     "build_head_model",
     "inspect_model",
+    "parameter_count",
     "weight_statistics",
 ]

@@ -22,8 +22,6 @@ from .model_io import (
     naming_the_model,
 )
 
-_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
-
 
 def inspect_model(
     model: str | os.PathLike | onnx.ModelProto,
@@ -91,41 +89,123 @@ def _inspect(
     }
 
 
-def weight_statistics(model: onnx.ModelProto) -> tuple[int, int]:
-    """(number of weights, number of exact zeros) in Conv/Gemm/MatMul weight tensors.
+# Weight operand of each weighted op: (position, zero-point position or None, channel axis).
+_WEIGHT_OPERANDS = {
+    "Conv": (1, None, 0),
+    "ConvTranspose": (1, None, 1),
+    "Gemm": (1, None, 0),
+    "MatMul": (1, None, -1),
+    "QLinearConv": (3, 5, 0),
+    "QLinearMatMul": (3, 5, -1),
+    "QGemm": (3, 5, 0),
+    "ConvInteger": (1, 3, 0),
+    "MatMulInteger": (1, 3, -1),
+}
+# Inputs that hold quantization metadata (scales, zero points), not parameters.
+_QUANT_META_POSITIONS = {
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
+    "QLinearConv": (1, 2, 4, 5, 6, 7),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "QGemm": (1, 2, 4, 5, 7, 8),
+    "ConvInteger": (2, 3),
+    "MatMulInteger": (2, 3),
+    "QLinearAdd": (1, 2, 4, 5, 6, 7),
+    "QLinearMul": (1, 2, 4, 5, 6, 7),
+    "QLinearGlobalAveragePool": (1, 2, 3, 4),
+    "QLinearAveragePool": (1, 2, 3, 4),
+    "QLinearSigmoid": (1, 2, 3, 4),
+    "QLinearLeakyRelu": (1, 2, 3, 4),
+    "QLinearSoftmax": (1, 2, 3, 4),
+}
+# Integer inputs that are parameters (quantized weights and int32 biases).
+_INTEGER_PARAMETER_POSITIONS = {
+    "DequantizeLinear": (0,),
+    "QLinearConv": (3, 8),
+    "QLinearMatMul": (0, 3),
+    "QGemm": (0, 3, 6),
+    "ConvInteger": (1,),
+    "MatMulInteger": (0, 1),
+    "QLinearAdd": (0, 3),
+    "QLinearMul": (0, 3),
+}
 
-    Weights are read from initializers and Constant nodes, through DequantizeLinear for
-    quantized models; biases and normalisation parameters are not counted.
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of the model's parameters, in all three quantized forms too.
+
+    Float initializers and Constant tensors count, except quantization scales; integer
+    tensors count where they are quantized weights or biases (behind DequantizeLinear, or
+    the weight/bias operands of QLinear*/ConvInteger/MatMulInteger). Shape constants and
+    zero points do not count.
+    """
+    values = constant_values(model.graph)
+    meta: set[str] = set()
+    integer_params: set[str] = set()
+    dynamic_scales = {
+        node.output[1] for node in model.graph.node if node.op_type == "DynamicQuantizeLinear"
+    }
+    for node in model.graph.node:
+        if node.op_type == "Mul" and any(i in dynamic_scales for i in node.input):
+            meta.update(node.input)  # x_scale * w_scale after ConvInteger/MatMulInteger
+        for position in _QUANT_META_POSITIONS.get(node.op_type, ()):
+            if position < len(node.input) and node.input[position]:
+                meta.add(node.input[position])
+        for position in _INTEGER_PARAMETER_POSITIONS.get(node.op_type, ()):
+            if position < len(node.input) and node.input[position]:
+                integer_params.add(node.input[position])
+    total = 0
+    for name, value in values.items():
+        if np.issubdtype(value.dtype, np.floating):
+            total += 0 if name in meta else int(value.size)
+        elif name in integer_params:
+            total += int(value.size)
+    return total
+
+
+def weight_statistics(model: onnx.ModelProto) -> tuple[int, int]:
+    """(number of weights, number of zero weights) in the weight tensors of Conv, Gemm,
+    MatMul and their quantized forms.
+
+    Weights are read from initializers and Constant nodes: float weights directly, QDQ
+    weights through DequantizeLinear, QOperator (QLinearConv, QLinearMatMul, QGemm) and
+    dynamic (ConvInteger, MatMulInteger) weights from their integer operand. A quantized
+    weight is zero where it equals its zero point (per channel where the zero point is).
+    Biases and normalisation parameters are not counted.
     """
     values = constant_values(model.graph)
     producers = {o: n for n in model.graph.node for o in n.output}
     total = zeros = 0
     seen: set[str] = set()
     for node in model.graph.node:
-        position = _WEIGHT_OPS.get(node.op_type)
-        if position is None or len(node.input) <= position:
+        operand = _WEIGHT_OPERANDS.get(node.op_type)
+        if operand is None or len(node.input) <= operand[0]:
             continue
+        position, zero_position, axis = operand
         name = node.input[position]
+        zero_name = (
+            node.input[zero_position]
+            if zero_position is not None and len(node.input) > zero_position
+            else ""
+        )
         source = producers.get(name)
         if source is not None and source.op_type == "DequantizeLinear":
             name = source.input[0]
+            zero_name = source.input[2] if len(source.input) > 2 else ""
+            axis = attribute(source, "axis", 1)
         if name in seen or name not in values:
             continue
         seen.add(name)
         weight = values[name]
-        if node.op_type == "MatMul" and weight.ndim < 2:
+        if node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul") and weight.ndim < 2:
             continue
         total += int(weight.size)
-        if source is not None and source.op_type == "DequantizeLinear" and len(source.input) > 2:
-            zero_point = np.asarray(values.get(source.input[2], 0))
-            if zero_point.size > 1:  # per-channel: broadcast along the quantisation axis
-                axis = attribute(source, "axis", 1) % weight.ndim
-                shape = [1] * weight.ndim
-                shape[axis] = -1
-                zero_point = zero_point.reshape(shape)
-            zeros += int(np.count_nonzero(weight == zero_point))
-        else:
-            zeros += int(weight.size - np.count_nonzero(weight))
+        zero_point = np.asarray(values.get(zero_name, 0)) if zero_name else np.asarray(0)
+        if zero_point.size > 1:  # per-channel: broadcast along the quantisation axis
+            shape = [1] * weight.ndim
+            shape[axis % weight.ndim] = -1
+            zero_point = zero_point.reshape(shape)
+        zeros += int(np.count_nonzero(weight == zero_point))
     return total, zeros
 
 

@@ -32,10 +32,10 @@ _LAYOUT_KEEPING_OPS = frozenset(
         "QLinearLeakyRelu", "Pad",
     }
 )  # fmt: skip
-# Steps back from a candidate layer through ops that only re-express the same map.
-_STEP_BACK_OPS = frozenset(
-    {"Transpose", "Identity", "Cast", "Dropout", "QuantizeLinear", "DequantizeLinear"}
-)
+# Steps back from a candidate layer through ops that only re-express the same map. Not over
+# Q/DQ: quantization clamps (a fused ReLU lives in the zero point), so the dequantized
+# tensor is the map the head sees.
+_STEP_BACK_OPS = frozenset({"Transpose", "Identity", "Cast", "Dropout"})
 _SCORE_CUT_OPS = frozenset({"Softmax", "LogSoftmax", "QLinearSoftmax"})
 # Between a final softmax and the output: re-expressions of the same probabilities.
 _SCORE_PASS_OPS = frozenset(
