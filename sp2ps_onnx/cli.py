@@ -232,8 +232,11 @@ def inspect(model: str, layer: str | None, device: str, size: str | None,
         "num_classes": found["num_classes"],
         "score_tensor": found["score_tensor"],
         "softmax_cut": found["softmax_cut"],
+        "score_cut_ops": found["score_cut_ops"],
+        "input_quantization": found["input_quantization"],
         "layer": found["layer"],
         "layer_shape": found["layer_shape"],
+        "layer_layout": found["layer_layout"],
         "head_ops": found["head_ops"],
         "all_ops_have_rules": found["all_ops_have_rules"],
         "batch": found["batch"],
@@ -269,13 +272,19 @@ def _inspect_text(details: dict[str, Any]) -> str:
              for v in details["inputs"]]
     rows += [("output", f"{v['name']}  {v['dtype']} {shape(v['shape'])}")
              for v in details["outputs"]]
+    if details.get("input_quantization"):
+        scale, zero = details["input_quantization"]
+        rows.append(("input codes", f"integer input: float images are quantized with the "
+                     f"model's scale {scale:.6g} and zero point {zero}"))
     rows += [
         ("layout", str(details["layout"])),
         ("batch", str(details["batch"])),
         ("classes", str(details["num_classes"])),
         ("score", str(details["score_tensor"])
-         + (f" (Softmax {details['softmax_cut']} cut off)" if details["softmax_cut"] else "")),
-        ("layer", f"{details['layer']}  {shape(details['layer_shape'] or [])}"
+         + (f" (pre-softmax logits: {' → '.join(details['score_cut_ops'])} cut off at "
+            f"{details['softmax_cut']})" if details["softmax_cut"] else "")),
+        ("layer", f"{details['layer']}  (C, H, W) = {shape(details['layer_shape'] or [])}"
+         + (f", stored {details['layer_layout']}" if details.get("layer_layout") == "NHWC" else "")
          if details["layer"] else "–"),
         ("parameters", f"{details['parameters']:,}"),
         ("zero weights", f"{details['sparsity_percent']:.1f}% ({details['zero_weights']:,} of "

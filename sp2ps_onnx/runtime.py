@@ -296,7 +296,18 @@ class CamModel:
             next(i for i in self.graph.model.graph.input if i.name == self.input_name)
             .type.tensor_type.elem_type
         )
+        if self.input_quantization is not None and np.issubdtype(x.dtype, np.floating):
+            return quantize_input(x, *self.input_quantization, dtype)
         return np.ascontiguousarray(x, dtype=dtype)
+
+    @property
+    def input_quantization(self) -> tuple[float, int] | None:
+        """(scale, zero point) of an integer model input (full-integer TFLite), else ``None``.
+
+        Float images given to such a model are quantized with the model's own parameters:
+        ``clip(round(x / scale) + zero_point)``, after the usual float preprocessing.
+        """
+        return self.graph.info.input_quantization
 
     def _check_targets(self, targets, n: int) -> np.ndarray:
         if targets is None:
@@ -312,6 +323,13 @@ class CamModel:
                 f"(got {int(t.min())}..{int(t.max())})"
             )
         return t
+
+
+def quantize_input(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    """Float model input -> the integer codes an int8/uint8 model input expects."""
+    limits = np.iinfo(dtype)
+    codes = np.rint(np.asarray(x, dtype=np.float64) / scale) + zero_point
+    return np.ascontiguousarray(np.clip(codes, limits.min, limits.max).astype(dtype))
 
 
 _fallback_reported = False

@@ -49,6 +49,8 @@ class GraphInfo:
     size_values: dict[str, np.ndarray] = field(default_factory=dict)
     # Integer activation tensor -> (scale, zero point) tensor names that dequantize it.
     quant_params: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    # (scale, zero point) with which an integer (int8/uint8) model input is quantized.
+    input_quantization: tuple[float, int] | None = None
     batch_relaxed: bool = False
     fixed_batch: int | None = None  # set when the model only runs at this batch size
     _invariant: set[str] | None = field(default=None, repr=False)
@@ -156,6 +158,7 @@ def analyse(
         elif name not in info.value_dependent and name in info.input_dependent:
             info.size_values[name] = value
     info.input_shape = (info.fixed_batch or PROBE_BATCH, *concrete[1:])
+    info.input_quantization = _input_quantization(info)
     return info
 
 
@@ -171,6 +174,29 @@ def _check_image_dtype(vi: onnx.ValueInfoProto, where: str) -> None:
             f"{where}: input {vi.name!r} has element type {kind}, not an image batch of numbers; "
             "sp2ps explains image classifiers with a float or integer pixel input"
         )
+
+
+def _input_quantization(info: GraphInfo) -> tuple[float, int] | None:
+    """Scale and zero point of an integer model input (full-integer TFLite models take int8),
+    read off the DequantizeLinear that first turns it into real values."""
+    dtype = input_dtype(info.model, info.input_name)
+    if not np.issubdtype(dtype, np.integer):
+        return None
+    current = info.input_name
+    while True:
+        consumers = [info.node(i) for i in info.consumers.get(current, [])]
+        if len(consumers) != 1:
+            return None
+        node = consumers[0]
+        if node.op_type == "DequantizeLinear":
+            scale = info.constants.get(node.input[1])
+            zero = info.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else 0
+            if scale is None or zero is None or np.size(scale) != 1 or np.size(zero) != 1:
+                return None
+            return float(np.asarray(scale).reshape(())), int(np.asarray(zero).reshape(()))
+        if node.op_type not in ("Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze"):
+            return None
+        current = node.output[0]
 
 
 def _concrete_input_shape(dims, input_size, where) -> tuple[int, ...]:

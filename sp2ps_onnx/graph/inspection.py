@@ -57,6 +57,17 @@ def _inspect(
         target, layer_error = None, f"{path}: {exc}" if path else str(exc)
     ops = head_ops(info, target, score_tensor) if target else []
     layout = layout_of(info, target) if target else None
+    if target and layout is None and len(info.shapes.get(target, ())) == 4:
+        layer_error = (
+            f"cannot prove which axis of layer {target!r} holds the channels; choose a layer "
+            "whose layout is known with --layer (e.g. a Conv output or its activation)"
+        )
+    layer_shape = None
+    if target in info.shapes:
+        dims = info.shapes[target]
+        layer_shape = list(dims[1:])
+        if layout is not None and len(dims) == 4:
+            layer_shape = [dims[layout.channel_axis], *(dims[a] for a in layout.spatial_axes)]
     params, zeros = weight_statistics(proto)
     return {
         "path": path,
@@ -73,11 +84,13 @@ def _inspect(
         "input_layout": input_layout(info.declared_input_dims),
         "score_tensor": score_tensor,
         "softmax_cut": cut,
+        "score_cut_ops": score_cut_ops(info, score_tensor) if cut else [],
+        "input_quantization": info.input_quantization,
         "num_classes": int(np.prod(info.shapes[score_tensor][1:])),
         "layer": target,
         "layer_error": layer_error,
-        "layer_shape": list(info.shapes[target][1:]) if target in info.shapes else None,
-        "layer_layout": layout.name if layout else None,
+        "layer_shape": layer_shape,  # (C, H, W): channels first, as activations come back
+        "layer_layout": layout.name if layout else None,  # how the graph stores the layer
         "head_ops": [{"node": n, "op": op, "has_rule": ok} for n, op, ok in ops],
         "all_ops_have_rules": all(ok for _, _, ok in ops),
         "batch": "fixed, run per sample" if info.fixed_batch else (
@@ -161,6 +174,22 @@ def parameter_count(model: onnx.ModelProto) -> int:
         elif name in integer_params:
             total += int(value.size)
     return total
+
+
+def score_cut_ops(info, score_tensor: str) -> list[str]:
+    """Op types removed between the score and the model's first output (Softmax, Q/DQ, ...),
+    in graph order."""
+    output = next(o.name for o in info.graph.output if len(info.shapes.get(o.name, ())) >= 2)
+    ops: list[str] = []
+    current = output
+    while current != score_tensor and current in info.producer:
+        node = info.node(info.producer[current])
+        ops.append(node.op_type)
+        current = node.input[0]
+        if node.op_type == "Div":  # a softmax written out: Div(Exp(z), ReduceSum(Exp(z)))
+            ops += ["ReduceSum", "Exp"]
+            break
+    return ops[::-1]
 
 
 def weight_statistics(model: onnx.ModelProto) -> tuple[int, int]:
