@@ -211,7 +211,6 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
             stack.extend(i for i in info.node(idx).input if i)
     nodes = [info.node(i) for i in sorted(needed)]
     used = {i for n in nodes for i in n.input}
-    inits = [init for init in info.graph.initializer if init.name in used]
 
     b = GraphBuilder(info, prefix="sp2ps_head")
     acts_in = "activations"
@@ -221,9 +220,18 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
         inverse = [perm.index(i) for i in range(4)]
         source = b.op("Transpose", [source], perm=inverse)
     target_dtype = info.dtypes.get(target, np.dtype(np.float32))
-    if target_dtype != np.float32:
+    params = info.quant_params.get(target)
+    if params is not None and np.issubdtype(target_dtype, np.integer):
+        # A QOperator layer: activations come back dequantized, so quantize them again.
+        scale, zero = params
+        if info.static_value(scale) is None:
+            return None
+        used.update(n for n in params if n)
+        source = b.op("QuantizeLinear", [source, *(n for n in params if n)])
+    elif target_dtype != np.float32:
         to = helper.np_dtype_to_tensor_dtype(target_dtype)
         source = b.op("Cast", [source], to=to)
+    inits = [init for init in info.graph.initializer if init.name in used]
     glue = b.nodes + [helper.make_node("Identity", [source], [target], name=b.fresh("layer"))]
     b.nodes = []  # what follows runs after the head's own nodes
     score = b.fresh("score")

@@ -1,0 +1,443 @@
+"""Coverage sweep: the engine over a broad zoo of exported classifiers (not run in CI).
+
+For every model the engine picks its default layer and computes the gradient of the target
+class's pre-softmax score there; both are compared with an independent reference:
+
+- **timm** (random weights, ``pretrained=False``, legacy ``torch.onnx.export``): the layer must
+  be ``model.forward_features(x)`` (channels-first) and the gradient torch autograd's through
+  ``model.forward_head``;
+- **Keras applications** (random weights, tf2onnx, NHWC input): the layer must be the input
+  of the model's final pooling/flatten and the gradient TF's ``GradientTape`` through the
+  head layers with the final softmax removed;
+- **quantized variants** of three models (ONNX Runtime QDQ, QOperator and dynamic; TFLite
+  float, dynamic range, full integer with float and int8 I/O via tf2onnx): the Grad-CAM
+  Pearson correlation with the float model's CAMs on four real photos (skimage) and the
+  gradient of the classifier head against the straight-through reference (the dequantized
+  classifier weight row, for heads that are GlobalAveragePool → fc).
+
+A row passes when the layer's activations match (relative error < 1e-3) and the gradient
+matches (max |engine − reference| ≤ 1e-4 · max |reference|), or for quantized rows when the
+CAM Pearson is ≥ 0.9. Everything else is written down with its error message.
+
+    python benchmarks/bench_zoo.py [--only timm,keras,quantized] [--size 64] [--limit N]
+        [--out docs/coverage.md]
+
+Results are also kept as JSON next to the markdown (``coverage.json``) so that sections can
+be re-run one at a time and merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+from sp2ps_onnx import CamModel  # noqa: E402
+from sp2ps_onnx.graph import inspect_model  # noqa: E402
+
+REL_ACT, REL_GRAD, PEARSON_MIN = 1e-3, 1e-4, 0.9
+TIMEOUT_S = 240
+
+# One or two per family; the size is the smallest input the architecture accepts cleanly.
+TIMM = [
+    ("resnet18", 64), ("resnet50d", 64), ("resnext26ts", 64), ("seresnext26d_32x4d", 64),
+    ("resnest14d", 64), ("res2net50_14w_8s", 64), ("skresnet18", 64), ("resnetv2_50x1_bit", 64),
+    ("regnetx_002", 64), ("regnety_002", 64), ("efficientnet_b0", 64),
+    ("tf_efficientnet_lite0", 64), ("efficientnetv2_rw_t", 64), ("mobilenetv2_050", 64),
+    ("mobilenetv3_small_050", 64), ("mobilenetv4_conv_small", 64), ("mnasnet_050", 64),
+    ("fbnetc_100", 64), ("lcnet_050", 64), ("tinynet_e", 64), ("ghostnet_100", 64),
+    ("ghostnetv2_100", 64), ("rexnet_100", 64), ("densenet121", 64), ("dla34", 64),
+    ("dpn68", 64), ("vgg11_bn", 64), ("repvgg_a0", 64), ("mobileone_s0", 64),
+    ("convnext_atto", 64), ("convnextv2_atto", 64), ("edgenext_xx_small", 64),
+    ("fastvit_t8", 64), ("mobilevit_xxs", 64), ("mobilevitv2_050", 64), ("tresnet_m", 64),
+    ("inception_v3", 96), ("xception41", 96), ("cspresnet50", 64), ("cspdarknet53", 64),
+    ("darknet53", 64), ("hrnet_w18_small", 64), ("selecsls42b", 64), ("eca_nfnet_l0", 64),
+    ("coatnet_nano_rw_224", 224), ("convnext_tiny_hnf", 64), ("poolformer_s12", 64),
+    ("efficientformer_l1", 224), ("levit_128s", 224), ("vit_tiny_patch16_224", 224),
+]  # fmt: skip
+
+KERAS = [
+    ("MobileNetV2", 96), ("MobileNetV3Small", 96), ("ResNet50", 96), ("ResNet50V2", 96),
+    ("DenseNet121", 96), ("EfficientNetB0", 96), ("EfficientNetV2B0", 96), ("InceptionV3", 96),
+    ("Xception", 96), ("VGG16", 96), ("NASNetMobile", 224), ("ConvNeXtTiny", 96),
+    ("RegNetX002", 96), ("InceptionResNetV2", 96),
+]  # fmt: skip
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout(f"no result within {TIMEOUT_S} s")
+
+
+def _photos(size: int, nchw: bool, scale01: bool = False) -> np.ndarray:
+    from skimage import data, transform
+
+    images = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    x = np.stack([transform.resize(i, (size, size), anti_aliasing=True) for i in images])
+    if not scale01:
+        x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    return (x.transpose(0, 3, 1, 2) if nchw else x).astype(np.float32)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    values = [np.corrcoef(p.ravel(), q.ravel())[0, 1] for p, q in zip(a, b, strict=True)]
+    return float(np.nanmin(values)) if not np.all(np.isnan(values)) else float("nan")
+
+
+def _short(name: str, width: int = 48) -> str:
+    name = name.split(";")[0]
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+# -- timm ----------------------------------------------------------------------------------
+def run_timm(name: str, size: int, workdir: Path) -> dict:
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    kwargs = {"pretrained": False, "num_classes": 10}
+    model = timm.create_model(name, **kwargs).eval()
+    for module in model.modules():  # random BN statistics: BN folding must change numbers
+        if isinstance(module, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    x = torch.from_numpy(_photos(size, nchw=True))
+    path = workdir / f"{name}.onnx"
+    torch.onnx.export(
+        model, x[:2], str(path), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False,
+    )
+    cam = CamModel(path, input_size=(size, size))
+    result = cam.run(x.numpy())
+    features = model.forward_features(x)
+    if features.ndim != 4:
+        return {"status": "no 4-D feature map", "layer": _short(cam.layer)}
+    features = features.detach().requires_grad_(True)
+    logits = model.forward_head(features)
+    logits[torch.arange(len(x)), torch.from_numpy(result.targets)].sum().backward()
+    reference, gradient = features.detach().numpy(), features.grad.numpy()
+    if reference.shape != result.activations.shape:
+        permuted = reference.transpose(0, 3, 1, 2)
+        if permuted.shape == result.activations.shape:  # forward_features is NHWC (swin-like)
+            reference, gradient = permuted, gradient.transpose(0, 3, 1, 2)
+    row = {"layer": _short(cam.layer), "shape": list(result.activations.shape[1:])}
+    if reference.shape != result.activations.shape:
+        row["status"] = f"layer differs: engine {result.activations.shape[1:]}, forward_features {reference.shape[1:]}"
+        return row
+    row["act_err"] = _relative(result.activations, reference)
+    row["grad_err"] = _relative(result.gradients, gradient)
+    ok = row["act_err"] < REL_ACT and row["grad_err"] <= REL_GRAD
+    row["status"] = "pass" if ok else "mismatch"
+    return row
+
+
+# -- Keras applications ---------------------------------------------------------------------
+def _keras_feature_index(model) -> int:
+    import tensorflow as tf
+
+    collapse = (tf.keras.layers.GlobalAveragePooling2D, tf.keras.layers.Flatten)
+    return max(i for i, layer in enumerate(model.layers) if isinstance(layer, collapse))
+
+
+def run_keras(name: str, size: int, workdir: Path) -> dict:
+    import tensorflow as tf
+    import tf2onnx
+
+    tf.keras.utils.set_random_seed(0)
+    model = getattr(tf.keras.applications, name)(
+        input_shape=(size, size, 3), weights=None, classes=10
+    )
+    proto, _ = tf2onnx.convert.from_keras(model, opset=17)
+    x = _photos(size, nchw=False)
+    cam = CamModel(proto)
+    result = cam.run(x)
+    index = _keras_feature_index(model)
+    feature_tensor = model.layers[index].input
+    features = tf.Variable(tf.keras.Model(model.input, feature_tensor)(x))
+    last = model.layers[-1]
+    saved = last.activation
+    last.activation = tf.keras.activations.linear  # the pre-softmax score
+    try:
+        with tf.GradientTape() as tape:
+            h = features
+            for layer in model.layers[index:]:
+                h = layer(h)
+            picked = tf.gather(h, result.targets, axis=1, batch_dims=1)
+        gradient = tape.gradient(picked, features).numpy().transpose(0, 3, 1, 2)
+    finally:
+        last.activation = saved
+    reference = features.numpy().transpose(0, 3, 1, 2)
+    row = {"layer": _short(cam.layer), "shape": list(result.activations.shape[1:])}
+    if reference.shape != result.activations.shape:
+        row["status"] = f"layer differs: engine {result.activations.shape[1:]}, Keras {reference.shape[1:]}"
+        return row
+    row["act_err"] = _relative(result.activations, reference)
+    row["grad_err"] = _relative(result.gradients, gradient)
+    ok = row["act_err"] < REL_ACT and row["grad_err"] <= REL_GRAD
+    row["status"] = "pass" if ok else "mismatch"
+    return row
+
+
+# -- quantized variants ----------------------------------------------------------------------
+def _ort_variants(float_path: Path, x: np.ndarray, workdir: Path) -> dict[str, Path]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )  # fmt: skip
+
+    class Photos(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"input": x[i : i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    out = {}
+    stem = float_path.stem
+    for form in ("ort-dynamic", "ort-qdq", "ort-qoperator"):
+        target = workdir / f"{stem}-{form}.onnx"
+        try:
+            if form == "ort-dynamic":
+                quantize_dynamic(str(float_path), str(target), weight_type=QuantType.QInt8)
+            else:
+                fmt = QuantFormat.QDQ if form == "ort-qdq" else QuantFormat.QOperator
+                quantize_static(str(float_path), str(target), Photos(), quant_format=fmt, per_channel=True)
+            out[form] = target
+        except Exception as exc:  # the quantizer itself failed
+            out[form] = exc
+    return out
+
+
+def _tflite_variants(model, x: np.ndarray, workdir: Path, stem: str) -> dict[str, Path]:
+    import tensorflow as tf
+    import tf2onnx
+
+    out = {}
+    for form in ("tflite-float", "tflite-dynamic", "tflite-int8", "tflite-int8-io"):
+        try:
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            if form != "tflite-float":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if form.startswith("tflite-int8"):
+                converter.representative_dataset = lambda: ([x[i : i + 1]] for i in range(len(x)))
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            if form == "tflite-int8-io":
+                converter.inference_input_type = tf.int8
+                converter.inference_output_type = tf.int8
+            tflite = workdir / f"{stem}-{form}.tflite"
+            tflite.write_bytes(converter.convert())
+            proto, _ = tf2onnx.convert.from_tflite(str(tflite), opset=17)
+            target = tflite.with_suffix(".onnx")
+            onnx.save(proto, target)
+            out[form] = target
+        except Exception as exc:
+            out[form] = exc
+    return out
+
+
+def run_quantized(workdir: Path, size: int) -> list[dict]:
+    import tensorflow as tf
+    import timm
+    import torch
+
+    rows = []
+    for name in ("resnet18", "mobilenetv3_small_100", "efficientnet_b0"):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        x = _photos(size, nchw=True)
+        path = workdir / f"q-{name}.onnx"
+        torch.onnx.export(
+            model, torch.from_numpy(x[:2]), str(path), input_names=["input"],
+            output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17,
+            dynamo=False,
+        )
+        rows += _compare_variants(f"timm {name}", path, _ort_variants(path, x, workdir), x)
+    for name in ("MobileNetV2", "ResNet50", "EfficientNetB0"):
+        tf.keras.utils.set_random_seed(0)
+        model = getattr(tf.keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=10)
+        x = _photos(size, nchw=False)
+        variants = _tflite_variants(model, x, workdir, name)
+        float_path = variants.pop("tflite-float")
+        if isinstance(float_path, Exception):
+            rows.append({"model": f"keras {name}", "variant": "tflite-float", "status": f"error: {float_path}"})
+            continue
+        rows += _compare_variants(f"keras {name}", float_path, variants, x)
+    return rows
+
+
+def _compare_variants(label: str, float_path: Path, variants: dict, x: np.ndarray) -> list[dict]:
+    reference = CamModel(float_path)
+    float_cams, targets = reference.cams(x)
+    rows = []
+    for form, path in variants.items():
+        row = {"model": label, "variant": form}
+        if isinstance(path, Exception):
+            row["status"] = f"quantizer failed: {' '.join(str(path).split())[:160]}"
+            rows.append(row)
+            continue
+        try:
+            cam = CamModel(path)
+            maps, _ = cam.cams(x, targets=targets)
+            details = inspect_model(path)
+            row.update(
+                layer=_short(cam.layer),
+                pearson=_pearson(float_cams, maps),
+                score_cut=" → ".join(details["score_cut_ops"]) or "–",
+            )
+            row["status"] = "pass" if row["pearson"] >= PEARSON_MIN else "low CAM correlation"
+        except Exception as exc:
+            row["status"] = f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        rows.append(row)
+    return rows
+
+
+# -- driver ----------------------------------------------------------------------------------
+def _guarded(fn, *args) -> dict:
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(TIMEOUT_S)
+    started = time.perf_counter()
+    try:
+        row = fn(*args)
+    except Timeout as exc:
+        row = {"status": f"timeout: {exc}"}
+    except Exception as exc:
+        message = " ".join(str(exc).split())
+        row = {"status": f"error: {type(exc).__name__}: {message[:300]}"}
+        if os.environ.get("SP2PS_ZOO_TRACE"):
+            traceback.print_exc()
+    finally:
+        signal.alarm(0)
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="timm,keras,quantized")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--size", type=int, default=96, help="input size of the quantized section")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "coverage.md"))
+    args = parser.parse_args()
+    sections = set(args.only.split(","))
+    out = Path(args.out)
+    store = out.with_suffix(".json")
+    results = json.loads(store.read_text()) if store.exists() else {}
+    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if "timm" in sections:
+            results["timm"] = {}
+            for name, size in TIMM[: args.limit]:
+                row = _guarded(run_timm, name, size, workdir)
+                row["size"] = size
+                results["timm"][name] = row
+                print(f"timm {name}: {row['status']} ({row['seconds']} s)", flush=True)
+                store.write_text(json.dumps(results, indent=1))
+        if "keras" in sections:
+            results["keras"] = {}
+            for name, size in KERAS[: args.limit]:
+                row = _guarded(run_keras, name, size, workdir)
+                row["size"] = size
+                results["keras"][name] = row
+                print(f"keras {name}: {row['status']} ({row['seconds']} s)", flush=True)
+                store.write_text(json.dumps(results, indent=1))
+        if "quantized" in sections:
+            signal.signal(signal.SIGALRM, _alarm)
+            results["quantized"] = run_quantized(workdir, args.size)
+            for row in results["quantized"]:
+                print(f"{row['model']} {row['variant']}: {row['status']}", flush=True)
+            store.write_text(json.dumps(results, indent=1))
+    out.write_text(render(results))
+    print(f"wrote {out}")
+
+
+def _fmt(value, digits=1) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}e}" if isinstance(value, float) else str(value)
+
+
+def render(results: dict) -> str:
+    lines = [
+        "# Coverage: the engine over a zoo of exported classifiers",
+        "",
+        "Written by `benchmarks/bench_zoo.py` (not part of CI); the numbers below are from its",
+        f"last run on {results.get('machine', 'an unknown machine')}. Random weights everywhere",
+        "(timm `pretrained=False`, Keras `weights=None`), real photos from scikit-image.",
+        "",
+        "A float row **passes** when the default layer's activations equal the framework's",
+        f"feature map (relative error < {REL_ACT:g}) and the gradient equals the framework's",
+        f"autograd (max error ≤ {REL_GRAD:g} · max |reference|). A quantized row passes when",
+        f"its Grad-CAMs correlate with the float model's (Pearson ≥ {PEARSON_MIN}, the minimum",
+        "over four photos). Every other row is a limitation, listed with its message.",
+        "",
+    ]
+    for section, title, reference in (
+        ("timm", "timm, legacy torch.onnx export, opset 17", "`forward_features` / torch autograd"),
+        ("keras", "Keras applications via tf2onnx (NHWC input)", "pooling input / tf.GradientTape"),
+    ):
+        rows = results.get(section)
+        if not rows:
+            continue
+        passed = sum(r["status"] == "pass" for r in rows.values())
+        lines += [f"## {title}", "", f"Reference: {reference}. {passed} of {len(rows)} pass.", ""]
+        lines += ["| model | input | layer | (C, H, W) | act. err | grad. err | result | s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            shape = "×".join(map(str, r["shape"])) if r.get("shape") else "–"
+            lines.append(
+                f"| {name} | {r.get('size', '')} | `{r.get('layer', '–')}` | {shape} | "
+                f"{_fmt(r.get('act_err'))} | {_fmt(r.get('grad_err'))} | {r['status']} | {r['seconds']} |"
+            )
+        lines.append("")
+    rows = results.get("quantized")
+    if rows:
+        passed = sum(r["status"] == "pass" for r in rows)
+        lines += [
+            "## Quantized variants",
+            "",
+            "ONNX Runtime `quantize_dynamic` and `quantize_static` (QDQ and QOperator, per-channel,",
+            "calibrated on the four photos) of timm models; TFLite dynamic range and full integer",
+            "(float I/O and int8 I/O) of Keras applications via `tf2onnx.convert.from_tflite`.",
+            f"Pearson: minimum over the photos of the Grad-CAM correlation with the float model. {passed}"
+            f" of {len(rows)} pass.",
+            "",
+            "| model | variant | layer | score cut | Pearson | result |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            pearson = f"{r['pearson']:.3f}" if isinstance(r.get("pearson"), float) else "–"
+            lines.append(
+                f"| {r['model']} | {r['variant']} | `{r.get('layer', '–')}` | {r.get('score_cut', '–')} | "
+                f"{pearson} | {r['status']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
