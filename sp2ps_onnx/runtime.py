@@ -247,7 +247,8 @@ class CamModel:
     def _make_session(self, model: onnx.ModelProto):
         rt = ort()
         opts = rt.SessionOptions()
-        opts.log_severity_level = 3
+        # Fatal only: a failure reaches the user once, as our own error with ORT's message.
+        opts.log_severity_level = 4
         try:
             session = rt.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types

@@ -136,9 +136,7 @@ def analyse(
         relaxed = _relax_batch(model)
         fixed_batch = dims[0]
         try:
-            shapes, dtypes, values = _probe(
-                relaxed, vi.name, (PROBE_BATCH, *concrete[1:]), quiet=True
-            )
+            shapes, dtypes, values = _probe(relaxed, vi.name, (PROBE_BATCH, *concrete[1:]))
             if not _batch_consistent(model, relaxed, vi.name, concrete, fixed_batch):
                 raise RuntimeError("outputs differ from per-sample runs")
             info.model = relaxed
@@ -276,12 +274,12 @@ def input_dtype(model: onnx.ModelProto, name: str) -> np.dtype:
     raise KeyError(name)
 
 
-def cpu_session(model: onnx.ModelProto, quiet: bool = False):
+def cpu_session(model: onnx.ModelProto, quiet: bool = True):
     """An unoptimised CPU session for build-time probing of ``model``.
 
-    ``quiet=True`` is for probes whose failure is expected and handled (a model fixed at
-    batch 1 tried at batch 2): ONNX Runtime's own error log lines are suppressed, so the
-    only message a user sees is ours.
+    ONNX Runtime's own error log lines are suppressed (``quiet``): a probe whose failure is
+    expected (a model fixed at batch 1 tried at batch 2) must print nothing, and every other
+    failure is raised again as one error of ours that carries ORT's message.
     """
     rt = ort()
     opts = rt.SessionOptions()
@@ -299,9 +297,7 @@ def quiet_run(session, feeds: dict, outputs: list[str] | None = None) -> list[np
     return session.run(outputs, feeds, options)
 
 
-def _probe(
-    model: onnx.ModelProto, input_name: str, shape, quiet: bool = False
-) -> tuple[dict, dict, dict]:
+def _probe(model: onnx.ModelProto, input_name: str, shape) -> tuple[dict, dict, dict]:
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     existing = {o.name for o in exposed.graph.output}
@@ -313,9 +309,9 @@ def _probe(
                 existing.add(out)
                 names.append(out)
     try:
-        sess = cpu_session(exposed, quiet=quiet)
+        sess = cpu_session(exposed)
         x = _random_input(shape, input_dtype(model, input_name))
-        values = quiet_run(sess, {input_name: x}) if quiet else sess.run(None, {input_name: x})
+        values = quiet_run(sess, {input_name: x})
     except Exception as exc:
         raise ModelLoadError(
             f"ONNX Runtime cannot run the model at input shape {tuple(shape)} ({exc}); check "
@@ -335,8 +331,8 @@ def _batch_consistent(original, relaxed, input_name, concrete, fixed_batch) -> b
         return False
     dtype = input_dtype(original, input_name)
     x = _random_input((PROBE_BATCH, *concrete[1:]), dtype, seed=1)
-    batched = quiet_run(cpu_session(relaxed, quiet=True), {input_name: x})
-    single = cpu_session(original, quiet=True)
+    batched = quiet_run(cpu_session(relaxed), {input_name: x})
+    single = cpu_session(original)
     for i in range(PROBE_BATCH):
         one = quiet_run(single, {input_name: x[i : i + 1]})
         for b, s in zip(batched, one, strict=True):
@@ -358,7 +354,7 @@ def _batch_invariant_names(info: GraphInfo) -> set[str]:
     shape = (batch, *info.input_shape[1:])
     try:
         values = quiet_run(
-            cpu_session(exposed, quiet=True),
+            cpu_session(exposed),
             {info.input_name: _random_input(shape, input_dtype(info.model, info.input_name), 2)},
         )
     except Exception:
