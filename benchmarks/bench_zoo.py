@@ -152,6 +152,77 @@ def run_timm(name: str, size: int, workdir: Path) -> dict:
     return row
 
 
+# Models whose stage before the last brings in the ops of issue 8's "earlier layers" list.
+TIMM_EARLIER = [
+    ("tf_efficientnet_lite0", 64), ("tresnet_m", 64), ("ghostnetv2_100", 64),
+    ("mobilevitv2_050", 64), ("convnextv2_atto", 64), ("resnet18", 64), ("efficientnet_b0", 64),
+    ("densenet121", 64), ("convnext_atto", 64), ("regnety_002", 64), ("mobilenetv3_small_050", 64),
+    ("dla34", 64),
+]  # fmt: skip
+
+
+def run_timm_earlier(name: str, size: int, workdir: Path) -> dict:
+    """The layer one stage before the last (timm ``feature_info``), found in the ONNX graph
+    by its values, against torch autograd at that module's output."""
+    import onnxruntime as ort
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.from_numpy(_photos(size, nchw=True))
+    path = workdir / f"{name}-earlier.onnx"
+    torch.onnx.export(
+        model, x[:2], str(path), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False,
+    )
+    module_name = model.feature_info[-2]["module"]
+    module = dict(model.named_modules())[module_name]
+    captured = {}
+
+    def hook(mod, inputs, output):
+        output.retain_grad()
+        captured["map"] = output
+
+    handle = module.register_forward_hook(hook)
+    logits = model(x)
+    handle.remove()
+    feature = captured["map"]
+    reference = feature.detach().numpy()
+    # The ONNX tensor holding the same values: every 4-D float tensor of that shape is tried.
+    proto = onnx.load(path)
+    float_cam = CamModel(proto, input_size=(size, size))
+    info = float_cam.graph.info
+    candidates = [t for t, s in info.shapes.items() if tuple(s[1:]) == reference.shape[1:]]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=t) for t in candidates)
+    values = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()}
+    )
+    matches = [t for t, v in zip(candidates, values, strict=True) if _relative(v, reference) < REL_ACT]
+    if not matches:
+        return {"status": f"no ONNX tensor equals {module_name}'s output", "layer": module_name}
+    layer = matches[-1]
+    cam = CamModel(proto, layer=layer, input_size=(size, size))
+    result = cam.run(x.numpy())
+    logits[torch.arange(len(x)), torch.from_numpy(result.targets)].sum().backward()
+    gradient = feature.grad.numpy()
+    head = sorted({op for _, op, _ in cam.head_ops})
+    row = {
+        "layer": _short(layer),
+        "module": module_name,
+        "shape": list(result.activations.shape[1:]),
+        "act_err": _relative(result.activations, reference),
+        "grad_err": _relative(result.gradients, gradient),
+        "ops": ", ".join(head),
+    }
+    ok = row["act_err"] < REL_ACT and row["grad_err"] <= REL_GRAD
+    row["status"] = "pass" if ok else "mismatch"
+    return row
+
+
 # -- Keras applications ---------------------------------------------------------------------
 def _keras_feature_index(model) -> int:
     """The head's first layer: the last pooling/flatten layer that reads a map with H, W > 1."""
@@ -366,6 +437,14 @@ def main() -> None:
                 results["timm"][name] = row
                 print(f"timm {name}: {row['status']} ({row['seconds']} s)", flush=True)
                 store.write_text(json.dumps(results, indent=1))
+        if "timm-earlier" in sections:
+            results["timm-earlier"] = {}
+            for name, size in TIMM_EARLIER[: args.limit]:
+                row = _guarded(run_timm_earlier, name, size, workdir)
+                row["size"] = size
+                results["timm-earlier"][name] = row
+                print(f"timm-earlier {name}: {row['status']} ({row['seconds']} s)", flush=True)
+                store.write_text(json.dumps(results, indent=1))
         if "keras" in sections:
             results["keras"] = {}
             for name, size in KERAS[: args.limit]:
@@ -450,6 +529,28 @@ def render(results: dict) -> str:
         notes = [f"- **{name}**: {NOTES[name]}" for name, r in rows.items() if r["status"] != "pass" and name in NOTES]
         if notes:
             lines += ["Rows that do not pass:", "", *notes, ""]
+    rows = results.get("timm-earlier")
+    if rows:
+        passed = sum(r["status"] == "pass" for r in rows.values())
+        lines += [
+            "## timm, one stage earlier",
+            "",
+            "The layer is the output of the second-to-last stage (`feature_info[-2]`),",
+            "found in the ONNX graph by its values; the gradient there is compared with torch",
+            "autograd through the last stage, so the head holds convolutions, normalisations,",
+            "TF-\"SAME\" runtime pads, reflect pads, Resize, InstanceNormalization, ReduceL2 and",
+            f"whatever else the last stage uses. {passed} of {len(rows)} pass.",
+            "",
+            "| model | module | (C, H, W) | act. err | grad. err | ops in the head | result |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            shape = "×".join(map(str, r["shape"])) if r.get("shape") else "–"
+            lines.append(
+                f"| {name} | `{r.get('module', '–')}` | {shape} | {_fmt(r.get('act_err'))} | "
+                f"{_fmt(r.get('grad_err'))} | {r.get('ops', '–')} | {r['status']} |"
+            )
+        lines.append("")
     rows = results.get("quantized")
     if rows:
         passed = sum(r["status"] == "pass" for r in rows)
