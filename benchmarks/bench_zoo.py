@@ -19,8 +19,8 @@ A row passes when the layer's activations match (relative error < 1e-3) and the 
 matches (max |engine − reference| ≤ 1e-4 · max |reference|), or for quantized rows when the
 CAM Pearson is ≥ 0.9. Everything else is written down with its error message.
 
-    python benchmarks/bench_zoo.py [--only timm,keras,quantized] [--size 64] [--limit N]
-        [--out docs/coverage.md]
+    python benchmarks/bench_zoo.py [--only timm,timm-earlier,keras,quantized-ort,quantized-tflite]
+        [--names a,b] [--size 96] [--limit N] [--out docs/coverage.md]
 
 Results are also kept as JSON next to the markdown (``coverage.json``) so that sections can
 be re-run one at a time and merged.
@@ -339,8 +339,18 @@ def _tflite_variants(model, x: np.ndarray, workdir: Path, stem: str) -> dict[str
     return out
 
 
-def run_quantized(workdir: Path, size: int) -> list[dict]:
-    import tensorflow as tf
+def run_quantized(workdir: Path, size: int, toolchain: str) -> list[dict]:
+    """``toolchain``: "ort" (timm models) or "tflite" (Keras applications); one per process,
+    as TensorFlow and torch in one process crashed in the sweep."""
+    rows = []
+    if toolchain == "ort":
+        rows += _run_ort_quantized(workdir, size)
+    else:
+        rows += _run_tflite_quantized(workdir, size)
+    return rows
+
+
+def _run_ort_quantized(workdir: Path, size: int) -> list[dict]:
     import timm
     import torch
 
@@ -356,6 +366,13 @@ def run_quantized(workdir: Path, size: int) -> list[dict]:
             dynamo=False,
         )
         rows += _compare_variants(f"timm {name}", path, _ort_variants(path, x, workdir), x)
+    return rows
+
+
+def _run_tflite_quantized(workdir: Path, size: int) -> list[dict]:
+    import tensorflow as tf
+
+    rows = []
     for name in ("MobileNetV2", "ResNet50", "EfficientNetB0"):
         tf.keras.utils.set_random_seed(0)
         model = getattr(tf.keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=10)
@@ -417,12 +434,21 @@ def _guarded(fn, *args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="timm,keras,quantized")
+    parser.add_argument(
+        "--only", default="timm,timm-earlier,keras,quantized-ort,quantized-tflite",
+        help="sections; run quantized-ort and quantized-tflite in separate processes",
+    )
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--names", default=None, help="comma-separated models to run (default: all)")
     parser.add_argument("--size", type=int, default=96, help="input size of the quantized section")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "coverage.md"))
     args = parser.parse_args()
     sections = set(args.only.split(","))
+    wanted = set(args.names.split(",")) if args.names else None
+
+    def chosen(models):
+        return [(n, s) for n, s in models if wanted is None or n in wanted][: args.limit]
+
     out = Path(args.out)
     store = out.with_suffix(".json")
     results = json.loads(store.read_text()) if store.exists() else {}
@@ -430,33 +456,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if "timm" in sections:
-            results["timm"] = {}
-            for name, size in TIMM[: args.limit]:
+            results.setdefault("timm", {})
+            for name, size in chosen(TIMM):
                 row = _guarded(run_timm, name, size, workdir)
                 row["size"] = size
                 results["timm"][name] = row
                 print(f"timm {name}: {row['status']} ({row['seconds']} s)", flush=True)
                 store.write_text(json.dumps(results, indent=1))
         if "timm-earlier" in sections:
-            results["timm-earlier"] = {}
-            for name, size in TIMM_EARLIER[: args.limit]:
+            results.setdefault("timm-earlier", {})
+            for name, size in chosen(TIMM_EARLIER):
                 row = _guarded(run_timm_earlier, name, size, workdir)
                 row["size"] = size
                 results["timm-earlier"][name] = row
                 print(f"timm-earlier {name}: {row['status']} ({row['seconds']} s)", flush=True)
                 store.write_text(json.dumps(results, indent=1))
         if "keras" in sections:
-            results["keras"] = {}
-            for name, size in KERAS[: args.limit]:
+            results.setdefault("keras", {})
+            for name, size in chosen(KERAS):
                 row = _guarded(run_keras, name, size, workdir)
                 row["size"] = size
                 results["keras"][name] = row
                 print(f"keras {name}: {row['status']} ({row['seconds']} s)", flush=True)
                 store.write_text(json.dumps(results, indent=1))
-        if "quantized" in sections:
-            signal.signal(signal.SIGALRM, _alarm)
-            results["quantized"] = run_quantized(workdir, args.size)
-            for row in results["quantized"]:
+        for toolchain in ("ort", "tflite"):
+            if f"quantized-{toolchain}" not in sections:
+                continue
+            rows = run_quantized(workdir, args.size, toolchain)
+            kept = [r for r in results.get("quantized", []) if not r["variant"].startswith(toolchain)]
+            results["quantized"] = kept + rows
+            for row in rows:
                 print(f"{row['model']} {row['variant']}: {row['status']}", flush=True)
             store.write_text(json.dumps(results, indent=1))
     out.write_text(render(results))
@@ -526,6 +555,10 @@ def render(results: dict) -> str:
                 f"{_fmt(r.get('act_err'))} | {_fmt(r.get('grad_err'))} | {r['status']} | {r['seconds']} |"
             )
         lines.append("")
+        configured = {"timm": TIMM, "keras": KERAS}[section]
+        missing = [name for name, _ in configured if name not in rows]
+        if missing:
+            lines += [f"Not run in the last run (time or memory on the shared machine): {', '.join(missing)}.", ""]
         notes = [f"- **{name}**: {NOTES[name]}" for name, r in rows.items() if r["status"] != "pass" and name in NOTES]
         if notes:
             lines += ["Rows that do not pass:", "", *notes, ""]
