@@ -296,8 +296,15 @@ def _ort_variants(float_path: Path, x: np.ndarray, workdir: Path) -> dict[str, P
         def get_next(self):
             return next(self.feeds, None)
 
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     out = {}
     stem = float_path.stem
+    # ONNX Runtime's documented first step: shape inference and graph cleanup (without it
+    # the quantizer trips over the exporter's Identity-shared weights).
+    prepared = workdir / f"{stem}-prepared.onnx"
+    quant_pre_process(str(float_path), str(prepared))
+    float_path = prepared
     for form in ("ort-dynamic", "ort-qdq", "ort-qoperator"):
         target = workdir / f"{stem}-{form}.onnx"
         try:
