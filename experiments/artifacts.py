@@ -65,6 +65,7 @@ def export_keras(model, path: Path) -> Path:
 def quantize_qdq(source: Path, path: Path, calibration: np.ndarray) -> Path:
     """ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8
     activations (the defaults), calibrated by MinMax on ``calibration`` (model inputs)."""
+    import onnxruntime
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -72,8 +73,6 @@ def quantize_qdq(source: Path, path: Path, calibration: np.ndarray) -> Path:
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import onnxruntime
 
     input_name = onnxruntime.InferenceSession(
         str(source), providers=["CPUExecutionProvider"]).get_inputs()[0].name

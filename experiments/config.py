@@ -55,6 +55,7 @@ class StudyConfig:
             epochs=1,
             finetune_fraction=0.25,
             rates=(50,),
+            architectures=("torch-vgg", "keras-vgg"),
             cam_methods=("gradcam", "gradcam++"),
             calibration_images=32,
             score_batch=64,

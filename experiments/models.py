@@ -42,21 +42,28 @@ class Manifest:
     def __init__(self, cache: Path) -> None:
         self.path = cache / "manifest.json"
         self.entries: dict[str, Entry] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the file again: stages for different architectures may run in parallel
+        processes, each adding its own entries."""
         if self.path.is_file():
             for item in json.loads(self.path.read_text()):
                 self.entries[item["name"]] = Entry(**item)
 
     def add(self, entry: Entry) -> None:
+        self.reload()
         self.entries[entry.name] = entry
         self.save()
 
     def drop(self, predicate: Callable[[Entry], bool]) -> None:
+        self.reload()
         self.entries = {k: v for k, v in self.entries.items() if not predicate(v)}
         self.save()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps([asdict(e) for e in self.entries.values()], indent=1))
         tmp.replace(self.path)
 
@@ -139,8 +146,10 @@ def train_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest
         for retrain in (False, True):
             seed = config.seed + (config.retrain_seed_offset if retrain else 0)
             name = f"{arch}-retrain" if retrain else arch
-            if name in manifest.entries and _weights_path(cache, arch, retrain).is_file():
+            onnx_path = cache / "onnx" / f"{name}.onnx"
+            if _weights_path(cache, arch, retrain).is_file() and onnx_path.is_file():
                 log(f"train {name}: already trained, kept (delete {cache} to retrain)")
+                manifest.add(_trained_entry(name, onnx_path, arch, retrain, seed))
                 continue
             log(f"train {name} (seed {seed})")
             model = _train_one(arch, data, config, seed, log)
@@ -152,14 +161,18 @@ def train_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest
                 import torch
 
                 torch.save(model.state_dict(), weights)
-            path = _export(model, arch, cache / "onnx" / f"{name}.onnx")
+            path = _export(model, arch, onnx_path)
             accuracy = artifacts.onnx_accuracy(path, data["x_test"], data["y_test"])
             log(f"  {name}: test accuracy {100 * accuracy:.2f} %")
-            manifest.add(Entry(
-                name=name, path=str(path), framework=framework_of(arch), arch=arch,
-                base="" if not retrain else arch, kind="reference" if retrain else "original",
-                method="retrain" if retrain else "", note=f"seed {seed}",
-            ))
+            manifest.add(_trained_entry(name, path, arch, retrain, seed))
+
+
+def _trained_entry(name: str, path: Path, arch: str, retrain: bool, seed: int) -> Entry:
+    return Entry(
+        name=name, path=str(path), framework=framework_of(arch), arch=arch,
+        base=arch if retrain else "", kind="reference" if retrain else "original",
+        method="retrain" if retrain else "", note=f"seed {seed}",
+    )
 
 
 def prune_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest, log: Log) -> None:
@@ -229,7 +242,7 @@ def calibration_images(data: dict, config: StudyConfig, layout: str) -> np.ndarr
 
 def deploy_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest, log: Log) -> None:
     """ORT static int8 QDQ of every base model; full-int8 TFLite of the Keras model."""
-    manifest.drop(lambda e: e.kind == "deploy")
+    manifest.drop(lambda e: e.kind == "deploy" and e.arch in config.architectures)
     for arch in config.architectures:
         original = manifest.entries.get(arch)
         if original is None:

@@ -479,12 +479,12 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
         "points against the original; sparsity = exactly-zero Conv/Gemm weights (for "
         "quantized weights: values at the zero point); size = ONNX file.")
     add("")
-    add("| framework | architecture | method | rate % | fine-tuned | accuracy % | Δaccuracy pts | "
-        "top-1 agreement % | "
+    add("| model | framework | architecture | method | rate % | fine-tuned | accuracy % | "
+        "Δaccuracy pts | top-1 agreement % | "
         + " | ".join(f"Sp2PS {_method_label(m)} [95 % CI] | spatial | spectral"
                      for m in config.cam_methods)
         + " | parameters | sparsity % | size |")
-    add("|" + "---|" * (11 + 3 * len(config.cam_methods)))
+    add("|" + "---|" * (12 + 3 * len(config.cam_methods)))
     order = {"pruned": 0, "reference": 1, "deploy": 2}
     for row in sorted(rows, key=lambda r: (config.architectures.index(r["entry"].arch),
                                            order.get(r["entry"].kind, 3), r["entry"].method,
@@ -500,7 +500,7 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
                 cells.append(f"{_ci(r)} | {_f(r.get('mean_spatial'))} | "
                              f"{_f(r.get('mean_spectral'))}")
         parameters = record.get("parameters")
-        add(f"| {entry.framework} | {ARCH_LABELS.get(entry.arch, entry.arch)} | "
+        add(f"| `{entry.name}` | {entry.framework} | {ARCH_LABELS.get(entry.arch, entry.arch)} | "
             f"{METHOD_LABELS.get(entry.method, entry.method)} | {entry.rate or ''} | "
             f"{'yes' if entry.finetuned else ('no' if entry.kind == 'pruned' else '')} | "
             f"{_pct(record.get('accuracy'))} | {_f(_delta_accuracy(record), 2)} | "

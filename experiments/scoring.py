@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +40,12 @@ class ScoreStore:
         return self.records.get(name, {}).get(method)
 
     def put(self, name: str, method: str, record: dict[str, Any]) -> None:
+        if self.path.is_file():  # another process may score other architectures
+            for key, value in json.loads(self.path.read_text()).items():
+                self.records.setdefault(key, {}).update(
+                    {m: r for m, r in value.items() if key != name or m != method})
         self.records.setdefault(name, {})[method] = record
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.records, indent=1))
         tmp.replace(self.path)
 
