@@ -23,7 +23,7 @@ class StudyConfig:
     epochs: float = 2
     batch_size: int = 256
     learning_rate: float = 3e-3
-    finetune_fraction: float = 0.1  # fine-tune for this fraction of one epoch (6,000 images)
+    finetune_fraction: float = 0.05  # fine-tune for this fraction of one epoch (3,000 images)
     finetune_learning_rate: float = 5e-4
     rates: tuple[int, ...] = (10, 30, 50, 70, 90)
     methods: tuple[str, ...] = PRUNING_METHODS
