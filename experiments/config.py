@@ -20,7 +20,7 @@ class StudyConfig:
 
     train_images: int | None = None  # None: all 60,000
     test_images: int | None = None  # None: all 10,000 (scoring and accuracy)
-    epochs: float = 2
+    epochs: float = 3
     batch_size: int = 256
     learning_rate: float = 3e-3
     finetune_fraction: float = 0.05  # fine-tune for this fraction of one epoch (3,000 images)
@@ -38,7 +38,8 @@ class StudyConfig:
     examples: int = 4  # worst samples kept per model for the pictures
     photo_rates: tuple[int, ...] = (10, 20, 30, 40, 50)
     photos: bool = True
-    threads: int = 2
+    threads: int = 2  # TensorFlow intra-op threads
+    torch_threads: int = 1  # PyTorch: one thread needs a quarter of the CPU time of two on a loaded 2-core machine
     smoke: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -75,7 +75,7 @@ def framework_of(arch: str) -> str:
     return "pytorch" if arch.startswith("torch") else "keras"
 
 
-def set_threads(threads: int) -> None:
+def set_threads(threads: int, torch_threads: int) -> None:
     """Thread counts for both frameworks. PyTorch's lazily imported parts are imported
     before TensorFlow: importing torch._dynamo after TensorFlow crashes the process."""
     import torch
@@ -83,7 +83,7 @@ def set_threads(threads: int) -> None:
     import torch.onnx  # noqa: F401
     import torch_pruning  # noqa: F401
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import fmnist
     from .models import Manifest, deploy_stage, prune_stage, set_threads, train_stage
 
-    set_threads(config.threads)
+    set_threads(config.threads, config.torch_threads)
     data = fmnist.subset(fmnist.load(), config.train_images, config.test_images, config.seed)
     log(f"data: {len(data['y_train'])} training, {len(data['y_test'])} test images")
     manifest = Manifest(cache)
@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
             path = write_results(config, cache, manifest, args.out, runs, log)
             log(f"wrote {path}")
-        runs[stage] = {"seconds": round(time.time() - stage_started, 1),
-                       "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                       "command": " ".join(["python -m experiments.study", *(argv or sys.argv[1:])])}
+        key = stage + (f" ({args.archs})" if args.archs else "")
+        runs = _load_runs(cache)  # parallel processes (one per --archs) share the file
+        runs[key] = {"seconds": round(time.time() - stage_started, 1),
+                     "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                     "command": " ".join(["python -m experiments.study", *(argv or sys.argv[1:])])}
         (cache / "runs.json").write_text(json.dumps(runs, indent=1))
         log(f"== stage {stage} done in {time.time() - stage_started:.0f} s")
     return 0
