@@ -457,6 +457,13 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
         record = row["scores"].get(main_method) or {}
         errors = {m: (row["scores"].get(m) or {}).get("error") for m in config.cam_methods}
         note = entry.note
+        base = row["base"].get(main_method) or {}
+        if base.get("softmax_cut") and record and not record.get("softmax_cut"):
+            note += (f"; **engine limitation**: the original's score is its logits (Softmax "
+                     f"`{base['softmax_cut']}` cut off) but for this artifact the engine "
+                     f"explains `{record.get('score_tensor')}`, the output *after* the "
+                     "quantized Softmax: the two CAMs explain different quantities, so this "
+                     "Sp2PS is not comparable")
         if any(errors.values()):
             note += "; **engine error**: " + "; ".join(
                 f"{_method_label(m)}: `{e}`" for m, e in errors.items() if e)

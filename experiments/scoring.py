@@ -159,7 +159,10 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
                     report = None
                     seconds = None
                 for (entry, sha), model_score in results:
-                    store.put(entry.name, method, _record(model_score, sha, seconds or 0.0))
+                    record = _record(model_score, sha, seconds or 0.0)
+                    if entry.kind == "deploy":
+                        record.update(score_target(entry.path))
+                    store.put(entry.name, method, record)
                     _save_examples(store, entry.name, method, model_score)
                     log(f"  {entry.name}: Sp2PS {model_score.sp2ps:.3f}, accuracy "
                         f"{_pct(model_score.result.accuracy_pruned)}")
@@ -173,6 +176,7 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
                         "layer": report.original.layer,
                         "n": int(report.n),
                         "versions": report.config.get("versions"),
+                        **score_target(original.path),
                     }
                     store.put(arch, method, original_record)
             ceiling = f"{arch}-ceiling"
@@ -185,6 +189,15 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
                                                             config), "sha256": sha,
                                             "seconds": round(time.time() - began, 2)})
                 log(f"  {ceiling}: Sp2PS {store.get(ceiling, method)['sp2ps']:.3f}")
+
+
+def score_target(path: str) -> dict[str, Any]:
+    """Which tensor the engine explains, as ``sp2ps inspect`` shows it: the score tensor
+    and the Softmax it cut off (None when it explains the model's output as is)."""
+    from sp2ps_onnx import CamModel
+
+    graph = CamModel(path, providers=["CPUExecutionProvider"]).graph
+    return {"score_tensor": graph.score_tensor, "softmax_cut": graph.softmax_cut}
 
 
 def _pct(value: Any) -> str:
