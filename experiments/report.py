@@ -356,8 +356,16 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
     discussion = _discussion(rows, store, config, figures, main_method)
     add("## Findings")
     add("")
+    add("Computed from the tables below by the report stage.")
+    add("")
     lines.extend(discussion)
     add("")
+    notes = Path(__file__).with_name("discussion.md")
+    if notes.is_file() and not config.smoke:
+        add("## Discussion")
+        add("")
+        add(notes.read_text().strip())
+        add("")
 
     # Base models and reference points
     add("## Base models and reference points")
