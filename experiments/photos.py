@@ -138,7 +138,7 @@ def photos_stage(config: StudyConfig, cache: Path, out: Path, log: Log) -> None:
             results["classes"][Path(row["id"]).stem] = classes[row["pred_original"]]
         results["original"] = {"file_size": report.original.file_size,
                                "parameters": report.original.parameters}
-        figure = out / "figures" / f"photos_{method.replace('+', 'p')}.png"
+        figure = out / "figures" / "study" / f"photos_{method.replace('+', 'p')}.png"
         _overlay_figure(report, [name for name, _, _ in variants], classes, figure, method)
         log(f"photos: scored with {method}, figure {figure}")
     (cache / "photos.json").write_text(json.dumps(results, indent=1))
@@ -177,3 +177,13 @@ def _overlay_figure(report: Any, names: list[str], classes: list[str], path: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    shrink_png(path)
+
+
+def shrink_png(path: Path) -> None:
+    """Re-save a figure as a 256-colour palette PNG (a third of the size, same look)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+            path, optimize=True)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .config import StudyConfig
+from .photos import shrink_png
 from .scoring import ScoreStore
 
 Log = Callable[[str], None]
@@ -249,6 +250,7 @@ def examples_figure(cases: list[dict], store: ScoreStore, method: str, path: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    shrink_png(path)
     return True
 
 
@@ -333,7 +335,7 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
                   log: Log) -> Path:
     store = ScoreStore(cache)
     rows = _rows(manifest, store, config)
-    figures = out / "figures"
+    figures = out / "figures" / "study"
     main_method = config.cam_methods[0]
     lines: list[str] = []
     add = lines.append
@@ -416,14 +418,14 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
     add("")
     for method in config.cam_methods:
         rate_figure(rows, store, config, method, figures / f"rate_{_slug(method)}.png")
-        add(f"![Sp2PS against rate, {_method_label(method)}](figures/rate_{_slug(method)}.png)")
+        add(f"![Sp2PS against rate, {_method_label(method)}](figures/study/rate_{_slug(method)}.png)")
         add("")
     add("## Accuracy against Sp2PS")
     add("")
     for method in config.cam_methods:
         accuracy_figure(rows, store, config, method, figures / f"accuracy_{_slug(method)}.png")
         add(f"![Accuracy against Sp2PS, {_method_label(method)}]"
-            f"(figures/accuracy_{_slug(method)}.png)")
+            f"(figures/study/accuracy_{_slug(method)}.png)")
         add("")
 
     # Cross-framework
@@ -571,7 +573,7 @@ def _photos_section(photos: dict, config: StudyConfig) -> list[str]:
                      f"{_pct(first.get('top1_agreement'), 0)} | " + " | ".join(cells) + " |")
     lines.append("")
     for m in methods:
-        lines.append(f"![EfficientNet-Lite0 CAMs, {_method_label(m)}](figures/photos_{_slug(m)}.png)")
+        lines.append(f"![EfficientNet-Lite0 CAMs, {_method_label(m)}](figures/study/photos_{_slug(m)}.png)")
         lines.append("")
     return lines
 
@@ -644,7 +646,7 @@ def _discussion(rows: list[dict], store: ScoreStore, config: StudyConfig, figure
                      "the original's CAM, the pruned model's CAM; both explain the true class; "
                      "→ is each model's prediction):")
         lines.append("")
-        lines.append("![samples](figures/kept_accuracy_moved_attention.png)")
+        lines.append("![samples](figures/study/kept_accuracy_moved_attention.png)")
         lines.append("")
 
     # 2. Ranking by accuracy vs by Sp2PS.

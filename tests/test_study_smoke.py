@@ -98,7 +98,7 @@ def test_results_md_and_figures(smoke) -> None:
             assert f"| `{name}` |" in results, f"{name} has no row in results.md"
     for figure in ("rate_gradcam.png", "rate_gradcampp.png", "accuracy_gradcam.png",
                    "photos_gradcam.png"):
-        assert (smoke["out"] / "figures" / figure).stat().st_size > 1000
+        assert (smoke["out"] / "figures" / "study" / figure).stat().st_size > 1000
     models = smoke["photos"]["models"]
     assert "lite0-ort-qdq-int8" in models
     for model in models.values():
