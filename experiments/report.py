@@ -641,10 +641,36 @@ def _discussion(rows: list[dict], store: ScoreStore, config: StudyConfig, figure
     if len(cases) > 12:
         lines.append(f"- … and {len(cases) - 12} more (see the full table).")
     lines.append("")
-    if cases and examples_figure(cases[:4], store, method, figures / "kept_accuracy_moved_attention.png"):
-        lines.append("The least similar samples of the lowest-scoring such models (test image, "
-                     "the original's CAM, the pruned model's CAM; both explain the true class; "
-                     "→ is each model's prediction):")
+    pictured = cases[:3]
+    if not cases:
+        kept = []
+        for row in rows:
+            record = _main(row, config)
+            delta = _delta_accuracy(record)
+            if (record and delta is not None and abs(delta) <= ACCURACY_BAND
+                    and row["entry"].kind in ("pruned", "reference")):
+                kept.append({"entry": row["entry"], "record": record, "delta": delta})
+        kept.sort(key=lambda c: c["record"]["sp2ps"])
+        pruned_kept = [c for c in kept if c["entry"].kind == "pruned"]
+        if pruned_kept:
+            lines.append("The lowest Sp2PS among the pruned models that keep their accuracy "
+                         "within that band: " + "; ".join(
+                             f"`{c['entry'].name}` {c['record']['sp2ps']:.3f} "
+                             f"(Δaccuracy {c['delta']:+.2f} pts)" for c in pruned_kept[:4]) + ".")
+        retrains = [c for c in kept if c["entry"].method == "retrain"]
+        if retrains:
+            lines.append("The independent retrains are the clearest case of kept accuracy and "
+                         "moved attention: " + "; ".join(
+                             f"`{c['entry'].name}` Δaccuracy {c['delta']:+.2f} pts, Sp2PS "
+                             f"{c['record']['sp2ps']:.3f}" for c in retrains) + ".")
+        lines.append("")
+        pictured = (pruned_kept[:2] + retrains[:1])
+    if pictured and examples_figure(pictured, store, method,
+                                    figures / "kept_accuracy_moved_attention.png"):
+        lines.append("The least similar samples of " + ", ".join(
+            f"`{c['entry'].name}`" for c in pictured) + " (test image, the original's CAM, "
+                     "the other model's CAM; both explain the true class; → is each model's "
+                     "prediction):")
         lines.append("")
         lines.append("![samples](figures/study/kept_accuracy_moved_attention.png)")
         lines.append("")
