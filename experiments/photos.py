@@ -152,7 +152,7 @@ def _overlay_figure(report: Any, names: list[str], classes: list[str], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sp2ps_onnx.report import overlay
+    from sp2ps_onnx.figures import overlay
 
     by_model = [{e.sample_id: e for e in m.worst + m.best} for m in report.models]
     photos = sorted(by_model[0])

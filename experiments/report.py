@@ -212,7 +212,7 @@ def accuracy_figure(rows: list[dict], store: ScoreStore, config: StudyConfig, me
 
 def examples_figure(cases: list[dict], store: ScoreStore, method: str, path: Path) -> bool:
     """The worst samples of each case: image, original CAM, pruned CAM, with h."""
-    from sp2ps_onnx.report import overlay
+    from sp2ps_onnx.figures import overlay
 
     from .fmnist import CLASS_NAMES
 
