@@ -423,16 +423,34 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
 @click.option("--figures", "figure_formats", type=click.Choice(["png", "svg", "pdf"]),
               multiple=True, help="Also write the figures in this format (PNG and SVG are "
               "always written; --figures pdf adds PDF for papers). Repeatable.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS]", help="Run on Ray: a cluster address (auto, host:port, "
+              "ray://host:port) or, with no value, a Ray started on this machine. Needs the "
+              "ray extra; the data must be readable at the same path on every node.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors scoring in parallel (default: one per free CPU, or per GPU with "
+              "--gpus-per-worker).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0,
+              show_default=True, help="GPUs each Ray actor reserves (runs ONNX Runtime on CUDA).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same "
+              "--out, models, data and options (rows are saved under --out as they come).")
 def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: str, force: bool,
           no_report: bool, fmt: str, layer: str | None, device: str, size: str | None,
           allow_domains: tuple[str, ...], pruned_layer: str | None, method: str,
           target: str | None, batch_size: int, preset: str, mean: str | None, std: str | None,
           limit: int | None, classes: str | None, quiet: bool, strict: bool, spatial: str,
           spectral: str, aggregation: str, bootstrap: int, examples: int, seed: int, cmap: str,
-          figure_formats: tuple[str, ...]) -> None:
+          figure_formats: tuple[str, ...], ray_address: str | None, workers: int | None,
+          gpus_per_worker: float, resume: bool) -> None:
     """Score PRUNED models against ORIGINAL with Sp2PS over --data; prints the ranking and
     writes results.json, per_sample.csv, report.html and figures/ to --out."""
-    from .report import atomic_directory, check_report_packages, format_table, write_report
+    from .report import (
+        CHECKPOINT_DIR,
+        atomic_directory,
+        check_report_packages,
+        format_table,
+        write_report,
+    )
     from .scoring import score_models
 
     for path in (original, *pruned):
@@ -448,6 +466,9 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
     formats = ["png", "svg", *figure_formats]
     source = open_data(list(data), classes=classes, limit=limit, strict=strict)
 
+    if resume and no_report:
+        raise click.UsageError("--resume continues the rows saved under --out; drop --no-report")
+
     def run(converted: Path, final: Path | None) -> Any:
         models, conversions = _onnx_models([original, *pruned], converted, quiet, final)
         report = score_models(
@@ -456,7 +477,11 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
             preset=preset, mean=mean, std=std, size=size, limit=limit, spatial=spatial,
             spectral=spectral, aggregation=aggregation, n_bootstrap=bootstrap, seed=seed,
             examples=examples, progress=_show_progress(quiet), quiet=quiet,
-            allow_domains=allow_domains,
+            allow_domains=allow_domains, strict=strict,
+            checkpoint=None if no_report else Path(out) / CHECKPOINT_DIR, resume=resume,
+            backend="local" if ray_address is None else "ray",
+            ray_address=None if ray_address == "local" else ray_address, workers=workers,
+            gpus_per_worker=gpus_per_worker,
         )
         if conversions:
             report.config["conversions"] = conversions

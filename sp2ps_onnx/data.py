@@ -198,8 +198,9 @@ class DataSource:
         total = sum(len(p.array) if isinstance(p, _ArrayPart) else len(p.files) for p in self._parts)
         return total if self._limit is None else min(total, self._limit)
 
-    def batches(self, batch_size: int = 32) -> Iterator[Batch]:
-        """Yield the data in batches of at most ``batch_size`` samples."""
+    def batches(self, batch_size: int = 32, start: int = 0) -> Iterator[Batch]:
+        """Yield the data in batches of at most ``batch_size`` samples, from sample ``start``
+        on (the samples before it are not read)."""
         if batch_size < 1:
             raise InputDataError(f"batch size must be at least 1, not {batch_size}")
         iterables = [p for p in self._parts if isinstance(p, _IterablePart)]
@@ -208,29 +209,32 @@ class DataSource:
             yield from _iterable_batches(iterables[0], batch_size, limit)
             return
         remaining = len(self)
+        skip = max(0, int(start))
         with_labels = self.has_labels
         for part in self._parts:
             if remaining <= 0:
                 return
             if isinstance(part, _ArrayPart):
                 count = min(len(part.array), remaining)
-                for start in range(0, count, batch_size):
-                    stop = min(start + batch_size, count)
-                    chunk = np.asarray(part.array[start:stop])
+                first, skip = min(skip, count), max(0, skip - count)
+                for begin in range(first, count, batch_size):
+                    stop = min(begin + batch_size, count)
+                    chunk = np.asarray(part.array[begin:stop])
                     images: list[np.ndarray] | np.ndarray = (
                         chunk.astype(np.float32) if part.preprocessed else list(chunk)
                     )
                     labels = (
-                        np.asarray(part.labels[start:stop], dtype=np.int64) if with_labels else None
+                        np.asarray(part.labels[begin:stop], dtype=np.int64) if with_labels else None
                     )
-                    ids = [f"{part.name}[{i}]" for i in range(start, stop)]
+                    ids = [f"{part.name}[{i}]" for i in range(begin, stop)]
                     yield Batch(images, labels, ids)
                 remaining -= count
             else:
                 files = part.files[:remaining]
-                for start in range(0, len(files), batch_size):
+                first, skip = min(skip, len(files)), max(0, skip - len(files))
+                for begin in range(first, len(files), batch_size):
                     chunk_files, images = [], []
-                    for path, label in files[start : start + batch_size]:
+                    for path, label in files[begin : begin + batch_size]:
                         try:
                             images.append(read_image(path))
                         except InputDataError as exc:
@@ -601,7 +605,7 @@ def _open_npz(path: Path) -> _ArrayPart:
             "as x (and labels as y) with numpy.savez(path, x=images, y=labels)"
         )
     try:
-        x = archive["x"]
+        x = _npz_member(path, archive, "x")
         y = archive["y"] if "y" in keys else None
     except Exception as exc:
         raise InputDataError(f"cannot read the arrays in {path}: {exc}") from exc
@@ -616,6 +620,46 @@ def _open_npz(path: Path) -> _ArrayPart:
         if len(y) and y.min() < 0:
             raise InputDataError(f"labels 'y' in {path} contain negative values; use 0..K-1")
     return _ArrayPart(x, y, path.name, preprocessed)
+
+
+def _npz_member(path: Path, archive: Any, key: str) -> np.ndarray:
+    """Array ``key`` of an .npz: memory-mapped when stored uncompressed (numpy.savez), read
+    into memory when compressed, if it fits (else a hint to save it as .npy)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zipped:
+        info = zipped.getinfo(f"{key}.npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as handle:
+            handle.seek(info.header_offset)
+            local = handle.read(30)
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            handle.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+        if not dtype.hasobject and int(np.prod(shape)) > 0:
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                             order="F" if fortran else "C")
+    available = _available_memory()
+    if available is not None and info.file_size > available // 2:
+        raise InputDataError(
+            f"{key} in {path} is compressed and needs {info.file_size / 2**30:.1f} GiB of memory "
+            f"to read, with {available / 2**30:.1f} GiB available; save the images with "
+            "numpy.save as an .npy file (or numpy.savez, uncompressed): both are memory-mapped "
+            "and read batch by batch"
+        )
+    return archive[key]
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _open_npy(path: Path) -> _ArrayPart:

@@ -47,6 +47,7 @@ __all__ = [
     "UnknownComponentError",
     "aggregate_class_weighted",
     "aggregate_mean",
+    "bootstrap_ci",
     "harmonic",
     "normalize_maps",
     "pearson_similarity",
@@ -55,6 +56,7 @@ __all__ = [
     "spectral_tv",
     "ssim_batch",
     "ssim_similarity",
+    "summarize",
     "topk_iou",
 ]
 
@@ -777,26 +779,7 @@ class Sp2PSAccumulator:
         return per
 
     def _bootstrap(self, h: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
-        """Percentile 95% CI of the aggregate over resampled samples (fixed seed)."""
-        rng = np.random.default_rng(self.seed)
-        n = h.size
-        _, codes = np.unique(classes, return_inverse=True)
-        n_codes = int(codes.max()) + 1
-        # Resample in blocks so that the (rows, n) index array stays small for large N; each
-        # block's per-class sums come from one bincount over row-offset class codes.
-        rows_per_block = max(1, 4_000_000 // n)
-        stats = np.empty(self.n_bootstrap)
-        for start in range(0, self.n_bootstrap, rows_per_block):
-            rows = min(self.n_bootstrap, start + rows_per_block) - start
-            index = rng.integers(0, n, size=(rows, n))
-            flat = (codes[index] + n_codes * np.arange(rows)[:, None]).ravel()
-            sums = np.bincount(flat, weights=h[index].ravel(), minlength=rows * n_codes)
-            counts = np.bincount(flat, minlength=rows * n_codes)
-            stats[start : start + rows] = self._aggregate(
-                sums.reshape(rows, n_codes), counts.reshape(rows, n_codes)
-            )
-        low, high = np.percentile(stats, [2.5, 97.5])
-        return float(low), float(high)
+        return bootstrap_ci(h, classes, self._aggregate, self.n_bootstrap, self.seed)
 
     def result(self) -> Sp2PSResult:
         """Aggregate everything added so far."""
@@ -860,3 +843,134 @@ class Sp2PSAccumulator:
                 "definition": "Sp2PS v1",
             },
         )
+
+
+def bootstrap_ci(
+    h: np.ndarray,
+    classes: np.ndarray,
+    aggregate: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    n_bootstrap: int,
+    seed: int,
+) -> tuple[float, float]:
+    """Percentile 95% CI of ``aggregate`` over ``n_bootstrap`` resamples (fixed ``seed``).
+
+    ``aggregate(sums, counts)`` takes per-class sums of h and counts, one row per resample.
+    """
+    rng = np.random.default_rng(seed)
+    n = h.size
+    _, codes = np.unique(classes, return_inverse=True)
+    n_codes = int(codes.max()) + 1
+    # Resample in blocks so that the (rows, n) index array stays small for large N (about
+    # 4 MB per work array: peak memory must not grow with N); each block's per-class sums
+    # come from one bincount over row-offset class codes. Drawing in blocks gives the same
+    # random stream as one draw, so the CI does not depend on the block size.
+    rows_per_block = max(1, 500_000 // n)
+    stats = np.empty(n_bootstrap)
+    for start in range(0, n_bootstrap, rows_per_block):
+        rows = min(n_bootstrap, start + rows_per_block) - start
+        index = rng.integers(0, n, size=(rows, n))
+        flat = (codes[index] + n_codes * np.arange(rows)[:, None]).ravel()
+        sums = np.bincount(flat, weights=h[index].ravel(), minlength=rows * n_codes)
+        counts = np.bincount(flat, minlength=rows * n_codes)
+        stats[start : start + rows] = aggregate(
+            sums.reshape(rows, n_codes), counts.reshape(rows, n_codes)
+        )
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarize(
+    spatial: np.ndarray,
+    spectral: np.ndarray,
+    h: np.ndarray,
+    *,
+    labels: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    pred_original: np.ndarray | None = None,
+    pred_pruned: np.ndarray | None = None,
+    confidence_original: np.ndarray | None = None,
+    confidence_pruned: np.ndarray | None = None,
+    aggregation: str = "mean",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+) -> Sp2PSResult:
+    """Every aggregate number from a complete per-sample table (all ``(N,)`` arrays).
+
+    The table-based twin of :meth:`Sp2PSAccumulator.result`: samples are grouped by
+    ``labels`` (else ``targets``; ``-1`` means no class); ``pred_*`` are the top-1 classes
+    of both models (``-1``: the model gave no finite scores, which never agrees and is
+    never correct); ``confidence_*`` are both models' softmax confidences in the explained
+    class. The result is independent of how the samples were batched, so rows computed on
+    several machines give the same numbers as rows computed on one.
+    """
+    aggregate = _lookup(AGGREGATIONS, aggregation, "aggregation")
+    s = np.asarray(spatial, dtype=np.float64)
+    f = np.asarray(spectral, dtype=np.float64)
+    h = np.asarray(h, dtype=np.float64)
+    n = h.size
+    if n == 0:
+        raise MetricInputError("no samples to aggregate")
+    groups = labels if labels is not None else targets
+    codes = (
+        np.full(n, -1, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    )
+    if np.all(codes < 0) and aggregation != "mean":
+        raise MetricInputError(
+            f"the {aggregation!r} aggregation needs the class of every sample; give labels or "
+            "targets"
+        )
+    keys, inverse = np.unique(codes, return_inverse=True)
+    sums = np.bincount(inverse, weights=h, minlength=keys.size)
+    counts = np.bincount(inverse, minlength=keys.size)
+    known = keys >= 0
+    per_class = {
+        int(key): float(total / count)
+        for key, total, count in zip(keys, sums, counts, strict=True)
+        if key >= 0
+    }
+    class_weighted = (
+        float(aggregate_class_weighted(sums[known], counts[known])) if per_class else None
+    )
+    mean_s = float(s.sum() / n)
+    mean_f = float(f.sum() / n)
+
+    def share(hits: np.ndarray) -> float:
+        return float(np.count_nonzero(hits) / n)
+
+    labelled = labels is not None and bool(np.all(np.asarray(labels) >= 0))
+    top1 = accuracy_o = accuracy_p = confidence = None
+    if pred_original is not None and pred_pruned is not None:
+        top1 = share((pred_original == pred_pruned) & (pred_original >= 0))
+    if labelled and pred_original is not None:
+        accuracy_o = share(pred_original == labels)
+    if labelled and pred_pruned is not None:
+        accuracy_p = share(pred_pruned == labels)
+    if confidence_original is not None and confidence_pruned is not None:
+        change = np.abs(np.asarray(confidence_original) - np.asarray(confidence_pruned))
+        confidence = float(change.sum() / n)
+    return Sp2PSResult(
+        sp2ps=float(aggregate(sums, counts)),
+        mean_spatial=mean_s,
+        mean_spectral=mean_f,
+        median_h=float(np.median(h)),
+        p05_h=float(np.percentile(h, 5)),
+        attention_lost=share(h < 0.5),
+        ci95=bootstrap_ci(h, codes, aggregate, n_bootstrap, seed) if n_bootstrap > 0 else None,
+        harmonic_of_means=float(harmonic(mean_s, mean_f)),
+        per_class_h=per_class,
+        class_weighted_h=class_weighted,
+        n=n,
+        top1_agreement=top1,
+        accuracy_original=accuracy_o,
+        accuracy_pruned=accuracy_p,
+        mean_abs_confidence_change=confidence,
+        per_sample={"spatial": s, "spectral": f, "h": h, "class": codes},
+        config={
+            "aggregation": aggregation,
+            "n_bootstrap": int(n_bootstrap),
+            "seed": int(seed),
+            "definition": "Sp2PS v1",
+            **(config or {}),
+        },
+    )

@@ -457,7 +457,8 @@ def notebook_html(report: Any) -> str:
 
 
 PER_SAMPLE_COLUMNS = ["model", "index", "id", "label", "label_name", "target_original",
-                      "target_pruned", "pred_original", "pred_pruned", "spatial", "spectral", "h"]
+                      "target_pruned", "pred_original", "pred_pruned", "spatial", "spectral", "h",
+                      "confidence_original", "confidence_pruned", "fault"]
 
 
 def write_figures(
@@ -535,6 +536,10 @@ def write_report(
     return directory / "report.html"
 
 
+CHECKPOINT_DIR = ".sp2ps-rows"
+"""The folder under ``--out`` that holds the rows of a run until its report replaces it."""
+
+
 @contextlib.contextmanager
 def atomic_directory(
     target: str | os.PathLike[str], marker: str = "results.json", force: bool = False
@@ -553,7 +558,8 @@ def atomic_directory(
             raise InputDataError(
                 f"output {target} exists and is not a directory; choose another --out"
             )
-        if any(target.iterdir()):
+        # The rows of an interrupted run (CHECKPOINT_DIR) alone do not make an output.
+        if any(p.name != CHECKPOINT_DIR for p in target.iterdir()):
             if not (target / marker).exists():
                 raise InputDataError(
                     f"output directory {target} exists and is not an earlier sp2ps output "

@@ -69,7 +69,8 @@ class CamModel:
         )
         self.providers = list(providers) if providers else select_providers("auto", quiet=True)
         self.batch_size = max(1, int(batch_size))
-        self._session = self._make_session(self.graph.model)
+        self._session = self._make_session(self.graph.model, self.graph.serialized)
+        self.graph.serialized = None  # the session has its own copy
         self._forward_session = None
         self._head_session = None
         self._head_built = False
@@ -244,13 +245,13 @@ class CamModel:
         save_model(self.rewritten, path)
 
     # -- internals ---------------------------------------------------------------------
-    def _make_session(self, model: onnx.ModelProto):
+    def _make_session(self, model: onnx.ModelProto, serialized: bytes | None = None):
         rt = ort()
-        opts = rt.SessionOptions()
-        # Fatal only: a failure reaches the user once, as our own error with ORT's message.
-        opts.log_severity_level = 4
+        opts = session_options()
         try:
-            session = rt.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
+            session = rt.InferenceSession(
+                serialized or model.SerializeToString(), opts, providers=self.providers
+            )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(
                 f"ONNX Runtime cannot load the rewritten model of {self.path or 'the model'} "
@@ -331,6 +332,30 @@ def quantize_input(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.nd
     limits = np.iinfo(dtype)
     codes = np.rint(np.asarray(x, dtype=np.float64) / scale) + zero_point
     return np.ascontiguousarray(np.clip(codes, limits.min, limits.max).astype(dtype))
+
+
+def ort_threads() -> int:
+    """ONNX Runtime intra-op threads per session: $SP2PS_THREADS if set, else 0 (one per
+    physical core, ONNX Runtime's own choice)."""
+    configured = os.environ.get("SP2PS_THREADS", "").strip()
+    return int(configured) if configured.isdigit() and int(configured) > 0 else 0
+
+
+def session_options():
+    """The options of every session this package runs.
+
+    Spinning is off: a scoring run alternates between several sessions (and the metric),
+    and an idle session's threads that spin after each run take the cores from the next
+    one. With spinning off several models interleaved run at the cost of each alone.
+    """
+    rt = ort()
+    opts = rt.SessionOptions()
+    # Fatal only: a failure reaches the user once, as our own error with ORT's message.
+    opts.log_severity_level = 4
+    opts.intra_op_num_threads = ort_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
 
 
 _fallback_reported = False

@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data import DataSource, Preprocessing, open_data, parse_size
-from .errors import InputDataError, ModelLoadError, ModelMismatchError
+from .data import Batch, DataSource, Preprocessing, open_data, parse_size
+from .errors import InputDataError, ModelLoadError, ModelMismatchError, Sp2PSError
 from .progress import Progress, ProgressReporter
 
 TARGET_MODES = ("label", "original", "self")
@@ -205,6 +205,43 @@ class Example:
     pruned_map: np.ndarray
 
 
+class RowTable(Sequence[dict[str, Any]]):
+    """The per-sample rows of one pruned model, stored as columns.
+
+    Indexing or iterating gives one dict per sample (the columns of ``per_sample.csv``);
+    memory is a few numbers per sample, not a Python dict per sample.
+    """
+
+    def __init__(self, model: str, columns: dict[str, np.ndarray]) -> None:
+        self.model = model
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return int(self.columns["index"].size)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(len(self)))]
+        c = self.columns
+        label = int(c["label"][item])
+        return {
+            "model": self.model,
+            "index": int(c["index"][item]),
+            "id": str(c["id"][item]),
+            "label": None if label < 0 else label,
+            "target_original": int(c["target_original"][item]),
+            "target_pruned": int(c["target_pruned"][item]),
+            "pred_original": int(c["pred_original"][item]),
+            "pred_pruned": int(c["pred_pruned"][item]),
+            "spatial": float(c["spatial"][item]),
+            "spectral": float(c["spectral"][item]),
+            "h": float(c["h"][item]),
+            "confidence_original": float(c["confidence_original"][item]),
+            "confidence_pruned": float(c["confidence_pruned"][item]),
+            "fault": fault_names(int(c["flags"][item])),
+        }
+
+
 @dataclass
 class ModelScore:
     """The Sp2PS result of one pruned model."""
@@ -213,7 +250,7 @@ class ModelScore:
     result: Any  # sp2ps_onnx.metric.Sp2PSResult
     worst: list[Example] = field(default_factory=list)
     best: list[Example] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: Sequence[dict[str, Any]] = field(default_factory=list)
 
     @property
     def sp2ps(self) -> float:
@@ -233,6 +270,7 @@ class ScoreReport:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     faults: list[dict[str, str]] = field(default_factory=list)  # skipped samples: id, reason
+    model_faults: dict[str, Any] = field(default_factory=dict)  # NaN/Inf outputs, flat CAMs
 
     def ranked(self) -> list[ModelScore]:
         """Pruned models from the highest Sp2PS to the lowest (NaN last)."""
@@ -258,6 +296,7 @@ class ScoreReport:
             "ranking": [m.info.name for m in ranked],
             "notes": self.notes,
             "data_faults": self.faults,
+            "model_faults": _jsonable(self.model_faults),
             "models": [
                 {
                     "rank": ranked.index(m) + 1,
@@ -301,30 +340,6 @@ def _check_labels(labels: np.ndarray | None, num_classes: int, ids: list[str]) -
             f"sample {ids[first]} has label {int(labels[first])} but the model has "
             f"{num_classes} classes (0..{num_classes - 1}); check the labels or --classes"
         )
-
-
-class _ExampleKeeper:
-    """Keeps the ``k`` lowest-h and ``k`` highest-h samples while streaming."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.worst: list[Example] = []
-        self.best: list[Example] = []
-
-    def candidates(self, h: np.ndarray) -> list[int]:
-        """Indices of a batch that may enter the worst or best lists."""
-        if self.k <= 0 or h.size == 0:
-            return []
-        order = np.argsort(np.nan_to_num(h, nan=-1.0), kind="stable")
-        return sorted({int(i) for i in order[: self.k]} | {int(i) for i in order[-self.k :]})
-
-    def add(self, examples: list[Example]) -> None:
-        self.worst = sorted(self.worst + examples, key=lambda e: _h_key(e.h))[: self.k]
-        self.best = sorted(self.best + examples, key=lambda e: -_h_key(e.h))[: self.k]
-
-
-def _h_key(h: float) -> float:
-    return -1.0 if np.isnan(h) else h
 
 
 @dataclass(frozen=True)
@@ -433,6 +448,562 @@ def resolve_target(target: str | None, has_labels: bool) -> str:
     return target
 
 
+# --------------------------------------------------------------------------------------
+# Step 1: the per-batch kernel
+
+# Per-row fault flags. A sample whose original model gives NaN/Inf has no reference CAM and
+# is left out of every aggregate; a pruned model that gives NaN/Inf has lost the attention
+# entirely and scores s = f = h = 0; a constant (all-zero) CAM is scored by the metric's
+# own rule for constant maps and only counted.
+FLAG_ORIGINAL_NONFINITE = 1
+FLAG_PRUNED_NONFINITE = 2
+FLAG_ORIGINAL_CONSTANT = 4
+FLAG_PRUNED_CONSTANT = 8
+FAULTS = {
+    FLAG_ORIGINAL_NONFINITE: "original_nonfinite",
+    FLAG_PRUNED_NONFINITE: "pruned_nonfinite",
+    FLAG_ORIGINAL_CONSTANT: "original_constant_cam",
+    FLAG_PRUNED_CONSTANT: "pruned_constant_cam",
+}
+
+ROW_INT_COLUMNS = ("model", "index", "label", "target_original", "target_pruned",
+                   "pred_original", "pred_pruned", "flags")
+ROW_FLOAT_COLUMNS = ("spatial", "spectral", "h", "confidence_original", "confidence_pruned")
+ROW_COLUMNS = (*ROW_INT_COLUMNS, *ROW_FLOAT_COLUMNS, "id")
+"""The per-sample row table, one row per (pruned model, sample): ``model`` is the pruned
+model's position, ``index`` the sample's position in the data, ``label`` -1 when unknown,
+``pred_*`` -1 when the model gave no finite scores, ``confidence_*`` both models' softmax
+confidence in the original's target class, ``flags`` a sum of :data:`FAULTS` bits."""
+
+
+def fault_names(flags: int) -> str:
+    """The fault names of a row's ``flags``, joined by ``+`` (empty when none)."""
+    return "+".join(name for bit, name in FAULTS.items() if flags & bit)
+
+
+@dataclass
+class BatchOutput:
+    """What the kernel returns for one batch: its rows and its worst/best candidates."""
+
+    rows: dict[str, np.ndarray]
+    examples: list[list[Example]]  # per pruned model: this batch's candidates
+
+    def to_bytes(self) -> bytes:
+        """Serialise as an ``.npz`` archive (no pickle), for checkpoints and Ray."""
+        import io
+
+        arrays = {f"row.{key}": value for key, value in self.rows.items()}
+        for j, candidates in enumerate(self.examples):
+            arrays.update(_examples_to_arrays(candidates, f"ex{j}."))
+        arrays["n_models"] = np.array(len(self.examples))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BatchOutput:
+        import io
+
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        rows = {key[4:]: value for key, value in arrays.items() if key.startswith("row.")}
+        examples = [_examples_from_arrays(arrays, f"ex{j}.") for j in range(int(arrays["n_models"]))]
+        return cls(rows, examples)
+
+
+_EXAMPLE_SCALARS = ("index", "h", "spatial", "spectral", "label", "target_original",
+                    "target_pruned", "pred_original", "pred_pruned")
+
+
+def _examples_to_arrays(examples: list[Example], prefix: str) -> dict[str, np.ndarray]:
+    if not examples:
+        return {}
+    arrays = {
+        f"{prefix}{name}": np.array(
+            [-1 if getattr(e, name) is None else getattr(e, name) for e in examples]
+        )
+        for name in _EXAMPLE_SCALARS
+    }
+    arrays[f"{prefix}sample_id"] = np.array([e.sample_id for e in examples])
+    for name in ("image", "original_map", "pruned_map"):
+        arrays[f"{prefix}{name}"] = np.stack([getattr(e, name) for e in examples])
+    return arrays
+
+
+def _examples_from_arrays(arrays: dict[str, np.ndarray], prefix: str) -> list[Example]:
+    if f"{prefix}index" not in arrays:
+        return []
+    out = []
+    for i in range(arrays[f"{prefix}index"].size):
+        label = int(arrays[f"{prefix}label"][i])
+        out.append(
+            Example(
+                sample_id=str(arrays[f"{prefix}sample_id"][i]),
+                index=int(arrays[f"{prefix}index"][i]),
+                h=float(arrays[f"{prefix}h"][i]),
+                spatial=float(arrays[f"{prefix}spatial"][i]),
+                spectral=float(arrays[f"{prefix}spectral"][i]),
+                label=None if label < 0 else label,
+                target_original=int(arrays[f"{prefix}target_original"][i]),
+                target_pruned=int(arrays[f"{prefix}target_pruned"][i]),
+                pred_original=int(arrays[f"{prefix}pred_original"][i]),
+                pred_pruned=int(arrays[f"{prefix}pred_pruned"][i]),
+                image=arrays[f"{prefix}image"][i],
+                original_map=arrays[f"{prefix}original_map"][i],
+                pruned_map=arrays[f"{prefix}pruned_map"][i],
+            )
+        )
+    return out
+
+
+def _worst_key(example: Example) -> tuple[float, int]:
+    # NaN sorts as the worst; ties go to the earlier sample, whatever the batching.
+    return (-1.0 if np.isnan(example.h) else example.h, example.index)
+
+
+def _best_key(example: Example) -> tuple[float, int]:
+    return (-(-1.0 if np.isnan(example.h) else example.h), example.index)
+
+
+def keep_examples(examples: Sequence[Example], k: int) -> tuple[list[Example], list[Example]]:
+    """The ``k`` lowest-h and ``k`` highest-h examples (ties: the lower sample index)."""
+    worst = sorted(examples, key=_worst_key)[:k]
+    best = sorted(examples, key=_best_key)[:k]
+    return worst, best
+
+
+@dataclass
+class _Prepared:
+    ids: list[str]
+    indices: np.ndarray
+    labels: np.ndarray | None
+    x_original: np.ndarray
+    display: np.ndarray
+    x_pruned: list[np.ndarray]
+
+
+@dataclass
+class _ModelOutputs:
+    prepared: _Prepared
+    original: tuple[np.ndarray, np.ndarray, np.ndarray]  # maps, targets, scores
+    pruned: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class BatchScorer:
+    """The per-batch kernel: a batch of images to per-sample rows for every pruned model.
+
+    The original's CAMs are computed once per batch and reused for every pruned model.
+    Three steps, so that callers can overlap them: :meth:`prepare` (decode-side NumPy
+    work), :meth:`run_models` (ONNX Runtime, which releases the GIL) and :meth:`rows`
+    (the metric); :meth:`__call__` runs all three. Both backends (local and Ray) use it.
+    """
+
+    def __init__(
+        self,
+        original: Any,
+        pruned: Sequence[Any],
+        original_prep: Preprocessing,
+        pruned_preps: Sequence[Preprocessing],
+        *,
+        method: str,
+        mode: str,
+        spatial: str = "ssim",
+        spectral: str = "tv",
+        examples: int = 4,
+        strict: bool = False,
+    ) -> None:
+        self.original = original
+        self.pruned = list(pruned)
+        self.original_prep = original_prep
+        self.pruned_preps = list(pruned_preps)
+        self.method = method
+        self.mode = mode
+        self.spatial = spatial
+        self.spectral = spectral
+        self.examples = int(examples)
+        self.strict = strict
+        self.map_size = (original_prep.height, original_prep.width)
+
+    def __call__(self, batch: Batch, indices: np.ndarray) -> BatchOutput:
+        return self.rows(self.run_models(self.prepare(batch, indices)))
+
+    def prepare(self, batch: Batch, indices: np.ndarray) -> _Prepared:
+        """Check labels and preprocess the batch for every model (shared where equal)."""
+        _check_labels(batch.labels, int(self.original.num_classes), batch.ids)
+        x_original, display = self.original_prep.with_display(batch.images)
+        cache = {self.original_prep: x_original}
+        x_pruned = []
+        for prep in self.pruned_preps:
+            if prep not in cache:
+                cache[prep] = prep(batch.images)
+            x_pruned.append(cache[prep])
+        return _Prepared(
+            list(batch.ids), np.asarray(indices, dtype=np.int64), batch.labels, x_original,
+            display, x_pruned,
+        )
+
+    def run_models(self, prepared: _Prepared) -> _ModelOutputs:
+        """CAMs, targets and scores of the original and every pruned model."""
+        wanted = prepared.labels if self.mode == "label" else None
+        original = self._cams(self.original, prepared.x_original, wanted)
+        pruned_wanted = None if self.mode == "self" else original[1]
+        pruned = [
+            self._cams(model, x, pruned_wanted)
+            for model, x in zip(self.pruned, prepared.x_pruned, strict=True)
+        ]
+        return _ModelOutputs(prepared, original, pruned)
+
+    def _cams(self, model: Any, x: np.ndarray, targets: np.ndarray | None) -> tuple:
+        maps, used, scores = model.cams(
+            x, method=self.method, targets=targets, size=self.map_size, return_scores=True
+        )
+        return np.asarray(maps), np.asarray(used, dtype=np.int64), np.asarray(scores)
+
+    def rows(self, outputs: _ModelOutputs) -> BatchOutput:
+        """Per-sample rows and worst/best candidates for every pruned model."""
+        from . import metric
+
+        prepared = outputs.prepared
+        n = len(prepared.ids)
+        maps_o, targets_o, scores_o = outputs.original
+        bad_o = _nonfinite(maps_o, scores_o)
+        maps_o = np.where(bad_o[:, None, None], 0.0, maps_o).astype(maps_o.dtype, copy=False)
+        flat_o = _constant(maps_o) & ~bad_o
+        pred_o = _top1(scores_o, bad_o)
+        labels = (
+            np.full(n, -1, dtype=np.int64) if prepared.labels is None
+            else np.asarray(prepared.labels, dtype=np.int64)
+        )
+        explained = np.clip(targets_o, 0, scores_o.shape[1] - 1)
+        conf_o = _confidence(scores_o, explained, bad_o)
+        ids = np.array(prepared.ids, dtype=str)
+        parts, examples = [], []
+        for j, (maps_p, targets_p, scores_p) in enumerate(outputs.pruned):
+            bad_p = _nonfinite(maps_p, scores_p) & ~bad_o
+            maps_p = np.where(bad_p[:, None, None], 0.0, maps_p).astype(maps_p.dtype, copy=False)
+            per = metric.sp2ps(maps_o, maps_p, self.spatial, self.spectral, normalize=True)
+            lost = bad_o | bad_p
+            s = np.where(lost, 0.0, per.spatial)
+            f = np.where(lost, 0.0, per.spectral)
+            h = np.where(lost, 0.0, per.h)
+            flags = (
+                bad_o * FLAG_ORIGINAL_NONFINITE
+                + bad_p * FLAG_PRUNED_NONFINITE
+                + flat_o * FLAG_ORIGINAL_CONSTANT
+                + (_constant(maps_p) & ~lost) * FLAG_PRUNED_CONSTANT
+            ).astype(np.int64)
+            if self.strict and flags.any():
+                first = int(np.flatnonzero(flags)[0])
+                raise InputDataError(
+                    f"sample {prepared.ids[first]}: {fault_names(int(flags[first]))} "
+                    f"(pruned model #{j + 1}); --strict turns such samples into errors, "
+                    "drop it to score them with defined values instead"
+                )
+            pred_p = _top1(scores_p, bad_p | bad_o)
+            part = {
+                "model": np.full(n, j, dtype=np.int64),
+                "index": prepared.indices,
+                "label": labels,
+                "target_original": targets_o.astype(np.int64),
+                "target_pruned": targets_p.astype(np.int64),
+                "pred_original": pred_o,
+                "pred_pruned": pred_p,
+                "flags": flags,
+                "spatial": s.astype(np.float64),
+                "spectral": f.astype(np.float64),
+                "h": h.astype(np.float64),
+                "confidence_original": conf_o,
+                "confidence_pruned": _confidence(scores_p, explained, bad_p | bad_o),
+                "id": ids,
+            }
+            parts.append(part)
+            examples.append(self._candidates(part, prepared, maps_o, maps_p, bad_o))
+        rows = {key: np.concatenate([p[key] for p in parts]) for key in ROW_COLUMNS}
+        return BatchOutput(rows, examples)
+
+    def _candidates(
+        self, part: dict[str, np.ndarray], prepared: _Prepared, maps_o: np.ndarray,
+        maps_p: np.ndarray, skipped: np.ndarray,
+    ) -> list[Example]:
+        if self.examples <= 0:
+            return []
+        examples = [
+            Example(
+                sample_id=str(part["id"][i]),
+                index=int(part["index"][i]),
+                h=float(part["h"][i]),
+                spatial=float(part["spatial"][i]),
+                spectral=float(part["spectral"][i]),
+                label=None if part["label"][i] < 0 else int(part["label"][i]),
+                target_original=int(part["target_original"][i]),
+                target_pruned=int(part["target_pruned"][i]),
+                pred_original=int(part["pred_original"][i]),
+                pred_pruned=int(part["pred_pruned"][i]),
+                image=prepared.display[i],
+                original_map=maps_o[i],
+                pruned_map=maps_p[i],
+            )
+            for i in np.flatnonzero(~skipped)
+        ]
+        worst, best = keep_examples(examples, self.examples)
+        chosen = {e.index: e for e in worst + best}
+        return [
+            Example(**{**e.__dict__, "image": e.image.copy(),
+                       "original_map": np.array(e.original_map, dtype=np.float32),
+                       "pruned_map": np.array(e.pruned_map, dtype=np.float32)})
+            for e in sorted(chosen.values(), key=lambda e: e.index)
+        ]
+
+
+def _nonfinite(maps: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    return ~(
+        np.isfinite(scores).all(axis=1)
+        & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+    )
+
+
+def _constant(maps: np.ndarray) -> np.ndarray:
+    flat = maps.reshape(len(maps), -1)
+    return flat.max(axis=1) == flat.min(axis=1)
+
+
+def _top1(scores: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    safe = np.where(bad[:, None], 0.0, scores)
+    return np.where(bad, -1, safe.argmax(axis=1)).astype(np.int64)
+
+
+def _confidence(scores: np.ndarray, classes: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Softmax probability of ``classes`` (0 for samples without finite scores)."""
+    logits = np.where(bad[:, None], 0.0, scores).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    chosen = logits[np.arange(len(logits)), classes] / logits.sum(axis=1)
+    return np.where(bad, 0.0, chosen)
+
+
+# --------------------------------------------------------------------------------------
+# Step 2: aggregation of the rows
+
+
+@dataclass
+class Aggregate:
+    """Every reported number of every pruned model, from the rows of all batches."""
+
+    results: list[Any]  # metric.Sp2PSResult per pruned model
+    rows: list[RowTable]
+    worst: list[list[Example]]
+    best: list[list[Example]]
+    n: int
+    faults: dict[str, Any]
+
+
+def concat_rows(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One row table from several (in any order)."""
+    if not parts:
+        return {key: np.empty(0, dtype=np.int64) for key in ROW_COLUMNS}
+    return {key: np.concatenate([p[key] for p in parts]) for key in ROW_COLUMNS}
+
+
+def aggregate(
+    rows: dict[str, np.ndarray],
+    candidates: Sequence[Sequence[Example]],
+    names: Sequence[str],
+    *,
+    expected: int | None = None,
+    aggregation: str = "mean",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    examples: int = 4,
+    metric_config: dict[str, Any] | None = None,
+    max_listed: int = 100,
+) -> Aggregate:
+    """Step 2: turn the rows of all batches (any order) into every reported number.
+
+    ``names`` are the pruned models' names; ``candidates`` their worst/best candidates from
+    every batch. Each sample index must appear exactly once per model (and, with
+    ``expected``, the indices must be ``0..expected-1``): a lost or duplicated row is an
+    error, never a silently different score.
+    """
+    from . import metric
+
+    order = np.lexsort((rows["index"], rows["model"]))
+    table = {key: value[order] for key, value in rows.items()}
+    results, tables, worst, best = [], [], [], []
+    reference: np.ndarray | None = None
+    for j, name in enumerate(names):
+        lo, hi = np.searchsorted(table["model"], [j, j + 1])
+        cols = {key: value[lo:hi] for key, value in table.items()}
+        index = cols["index"]
+        if index.size > 1 and np.any(index[1:] == index[:-1]):
+            dup = int(index[1:][index[1:] == index[:-1]][0])
+            raise Sp2PSError(f"sample #{dup} was scored twice for model {name}; rows are corrupt")
+        if reference is None:
+            reference = index
+            if expected is not None and not np.array_equal(index, np.arange(expected)):
+                missing = np.setdiff1d(np.arange(expected), index)
+                raise Sp2PSError(
+                    f"{missing.size} of {expected} samples have no row for model {name} "
+                    f"(first: #{int(missing[0]) if missing.size else -1}); rows were lost"
+                )
+        elif not np.array_equal(index, reference):
+            raise Sp2PSError(f"model {name} has rows for other samples than {names[0]}")
+        kept = (cols["flags"] & FLAG_ORIGINAL_NONFINITE) == 0
+        if not kept.any():
+            raise InputDataError(
+                "the original model gave NaN or infinite outputs for every sample; check the "
+                "model and the preprocessing (--preset, --mean, --std)"
+            )
+        labels = cols["label"][kept]
+        results.append(
+            metric.summarize(
+                cols["spatial"][kept], cols["spectral"][kept], cols["h"][kept],
+                labels=labels if np.all(labels >= 0) else None,
+                targets=cols["target_original"][kept],
+                pred_original=cols["pred_original"][kept],
+                pred_pruned=cols["pred_pruned"][kept],
+                confidence_original=cols["confidence_original"][kept],
+                confidence_pruned=cols["confidence_pruned"][kept],
+                aggregation=aggregation,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                config=metric_config,
+            )
+        )
+        tables.append(RowTable(name, cols))
+        w, b = keep_examples(candidates[j] if j < len(candidates) else [], examples)
+        worst.append(w)
+        best.append(b)
+    faults = _fault_summary(table, names, max_listed)
+    return Aggregate(results, tables, worst, best,
+                     0 if reference is None else int(reference.size), faults)
+
+
+def _fault_summary(
+    table: dict[str, np.ndarray], names: Sequence[str], max_listed: int
+) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    listed: list[dict[str, Any]] = []
+    flags = table["flags"]
+    for bit, fault in FAULTS.items():
+        hit = (flags & bit) != 0
+        if bit in (FLAG_ORIGINAL_NONFINITE, FLAG_ORIGINAL_CONSTANT):
+            hit &= table["model"] == 0  # a property of the sample, counted once
+        counts[fault] = int(np.count_nonzero(hit))
+        for i in np.flatnonzero(hit)[: max(0, max_listed - len(listed))]:
+            listed.append({
+                "fault": fault,
+                "id": str(table["id"][i]),
+                "index": int(table["index"][i]),
+                "model": None if bit in (FLAG_ORIGINAL_NONFINITE, FLAG_ORIGINAL_CONSTANT)
+                else names[int(table["model"][i])],
+            })
+    total = sum(counts.values())
+    return {"counts": counts, "total": total, "samples": listed,
+            "listed": len(listed), "truncated": total > len(listed)}
+
+
+# --------------------------------------------------------------------------------------
+# The whole run
+
+
+def build_scorer(
+    original: ModelLike,
+    pruned: Sequence[ModelLike],
+    names: Sequence[str],
+    *,
+    mode: str,
+    method: str = "gradcam",
+    layer: str | None = None,
+    pruned_layer: str | None = None,
+    providers: list[str] | None = None,
+    batch_size: int = 32,
+    preset: str = "imagenet",
+    mean: str | Sequence[float] | None = None,
+    std: str | Sequence[float] | None = None,
+    size: str | int | Sequence[int] | None = None,
+    spatial: str = "ssim",
+    spectral: str = "tv",
+    examples: int = 4,
+    strict: bool = False,
+    allow_domains: Sequence[str] = (),
+) -> BatchScorer:
+    """Open every model once (rewrite, session) and build the per-batch kernel."""
+    original_cam = open_model(original, layer, providers, size, batch_size, allow_domains)
+    original_prep = Preprocessing.for_model(original_cam, preset, mean=mean, std=std, size=size)
+    map_size = (original_prep.height, original_prep.width)
+    pruned_cams, pruned_preps = [], []
+    for model, name in zip(pruned, names[1:], strict=True):
+        cam_model = open_model(
+            model, pruned_layer or layer, providers, size or map_size, batch_size, allow_domains
+        )
+        if int(cam_model.num_classes) != int(original_cam.num_classes):
+            raise ModelMismatchError(
+                f"pruned model {name} has {cam_model.num_classes} classes but the original "
+                f"{names[0]} has {original_cam.num_classes}; Sp2PS compares models of the same "
+                "classifier, so give a pruned version of the original model"
+            )
+        pruned_cams.append(cam_model)
+        pruned_preps.append(
+            Preprocessing.for_model(cam_model, preset, mean=mean, std=std, size=size or map_size)
+        )
+    return BatchScorer(
+        original_cam, pruned_cams, original_prep, pruned_preps, method=method, mode=mode,
+        spatial=spatial, spectral=spectral, examples=examples, strict=strict,
+    )
+
+
+def _run_local(
+    scorer: BatchScorer,
+    source: DataSource,
+    batch_size: int,
+    start: int,
+    on_output: Callable[[BatchOutput], None],
+) -> None:
+    """Stream ``source`` through the kernel from sample ``start`` on.
+
+    One thread decodes and preprocesses the next batch and one computes the metric of the
+    previous batch while ONNX Runtime runs the current one (ONNX Runtime, NumPy and SciPy's
+    FFT release the GIL). Outputs reach ``on_output`` in data order.
+    """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    batches = source.batches(batch_size, start=start)
+    offset = start
+
+    def load() -> _Prepared | None:
+        nonlocal offset
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        indices = np.arange(offset, offset + len(batch.ids))
+        offset += len(batch.ids)
+        return scorer.prepare(batch, indices)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="sp2ps-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="sp2ps-metric") as metric_pool:
+        next_batch = reader.submit(load)
+        pending: deque[Future[BatchOutput]] = deque()
+        try:
+            while True:
+                prepared = next_batch.result()
+                if prepared is None:
+                    break
+                next_batch = reader.submit(load)
+                outputs = scorer.run_models(prepared)
+                # At most one metric job waits, so memory stays at a few batches.
+                while pending and (len(pending) > 1 or pending[0].done()):
+                    on_output(pending.popleft().result())
+                pending.append(metric_pool.submit(scorer.rows, outputs))
+            while pending:
+                on_output(pending.popleft().result())
+        except BaseException:
+            for job in pending:
+                job.cancel()
+            next_batch.cancel()
+            raise
+
+
 def score_models(
     original: ModelLike,
     pruned: Sequence[ModelLike],
@@ -460,6 +1031,13 @@ def score_models(
     quiet: bool = True,
     strict: bool = False,
     allow_domains: Sequence[str] = (),
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    checkpoint_every: float = 10.0,
+    backend: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> ScoreReport:
     """Score each pruned model against the original with Sp2PS over ``data``.
 
@@ -475,15 +1053,26 @@ def score_models(
     empty folders are skipped and listed in the report (``strict=True``: an error);
     ``allow_domains`` names custom-op domains to accept.
 
+    NaN/Inf model outputs and constant CAMs get defined values and are counted in
+    ``ScoreReport.model_faults``; ``strict=True`` turns them into errors. With ``checkpoint``
+    (a directory) the per-sample rows are saved every ``checkpoint_every`` seconds and
+    when the run stops, and ``resume=True`` continues a run that was interrupted (Ctrl-C or
+    kill); the directory is left for the caller to remove once the report is written. ``backend="ray"`` runs the batches on a Ray
+    cluster (``ray_address``: ``None`` for a local Ray, ``"auto"`` or ``"ray://..."``) with
+    ``workers`` actors of ``gpus_per_worker`` GPUs each; the numbers are the same.
+
     Raises :class:`~sp2ps_onnx.errors.ModelMismatchError`, before any compute, when a pruned
     model's image size, channel count or class count differs from the original's, and :class:`~sp2ps_onnx.errors.InputDataError` for data
     that cannot be read or does not fit.
     """
-    from . import metric
     from ._ort import select_providers
 
     if not pruned:
         raise ModelMismatchError("no pruned model given; pass at least one pruned model to score")
+    if backend not in ("local", "ray"):
+        raise InputDataError(f"unknown backend {backend!r}; choose local or ray")
+    if resume and checkpoint is None:
+        raise InputDataError("resume=True continues the rows saved in checkpoint=; give it")
     started = time.perf_counter()
     source = data if isinstance(data, DataSource) else open_data(
         data, classes=classes, limit=limit, strict=strict
@@ -492,122 +1081,118 @@ def score_models(
     providers = select_providers(device, quiet=quiet)
     names = _unique_names([original, *pruned])
     check_comparable(original, pruned, names, size)
-    original_cam = open_model(original, layer, providers, size, batch_size, allow_domains)
-    check_label_range(source, int(original_cam.num_classes))
-    original_prep = Preprocessing.for_model(original_cam, preset, mean=mean, std=std, size=size)
-    map_size = (original_prep.height, original_prep.width)
-    pruned_cams, pruned_preps = [], []
-    for model, name in zip(pruned, names[1:], strict=True):
-        cam_model = open_model(
-            model, pruned_layer or layer, providers, size or map_size, batch_size, allow_domains
-        )
-        if int(cam_model.num_classes) != int(original_cam.num_classes):
-            raise ModelMismatchError(
-                f"pruned model {name} has {cam_model.num_classes} classes but the original "
-                f"{names[0]} has {original_cam.num_classes}; Sp2PS compares models of the same "
-                "classifier, so give a pruned version of the original model"
-            )
-        pruned_cams.append(cam_model)
-        pruned_preps.append(
-            Preprocessing.for_model(cam_model, preset, mean=mean, std=std, size=size or map_size)
-        )
-    accumulators = [
-        metric.Sp2PSAccumulator(
-            spatial=spatial,
-            spectral=spectral,
-            aggregation=aggregation,
-            keep_per_sample=True,
-            n_bootstrap=n_bootstrap,
-            seed=seed,
-            normalize=True,
-        )
-        for _ in pruned_cams
-    ]
-    keepers = [_ExampleKeeper(examples) for _ in pruned_cams]
-    rows: list[list[dict[str, Any]]] = [[] for _ in pruned_cams]
+    options = dict(
+        mode=mode, method=method, layer=layer, pruned_layer=pruned_layer, batch_size=batch_size,
+        preset=preset, mean=mean, std=std, size=size, spatial=spatial, spectral=spectral,
+        examples=examples, strict=strict, allow_domains=tuple(allow_domains),
+    )
+    scorer = build_scorer(original, pruned, names, providers=providers, **options)
+    check_label_range(source, int(scorer.original.num_classes))
     total = source.size_hint
     report_progress = ProgressReporter(progress, total, "score")
-    done = 0
-    for batch in source.batches(batch_size):
-        _check_labels(batch.labels, int(original_cam.num_classes), batch.ids)
-        x_original, display = original_prep.with_display(batch.images)
-        wanted = batch.labels if mode == "label" else None
-        original_maps, original_targets, original_scores = original_cam.cams(
-            x_original, method=method, targets=wanted, size=map_size, return_scores=True
-        )
-        original_targets = np.asarray(original_targets, dtype=np.int64)
-        for j, (cam_model, prep) in enumerate(zip(pruned_cams, pruned_preps, strict=True)):
-            x_pruned = prep(batch.images)
-            pruned_wanted = None if mode == "self" else original_targets
-            pruned_maps, pruned_targets, pruned_scores = cam_model.cams(
-                x_pruned, method=method, targets=pruned_wanted, size=map_size, return_scores=True
-            )
-            pruned_targets = np.asarray(pruned_targets, dtype=np.int64)
-            per_sample = accumulators[j].update(
-                original_maps,
-                pruned_maps,
-                batch.labels,
-                targets=original_targets,
-                original_scores=original_scores,
-                pruned_scores=pruned_scores,
-            )
-            h = np.asarray(per_sample.h, dtype=np.float64)
-            s = np.asarray(per_sample.spatial, dtype=np.float64)
-            f = np.asarray(per_sample.spectral, dtype=np.float64)
-            pred_o = original_scores.argmax(axis=1)
-            pred_p = pruned_scores.argmax(axis=1)
-            for i in range(len(h)):
-                rows[j].append(
-                    {
-                        "model": names[1 + j],
-                        "index": done + i,
-                        "id": batch.ids[i],
-                        "label": None if batch.labels is None else int(batch.labels[i]),
-                        "target_original": int(original_targets[i]),
-                        "target_pruned": int(pruned_targets[i]),
-                        "pred_original": int(pred_o[i]),
-                        "pred_pruned": int(pred_p[i]),
-                        "spatial": float(s[i]),
-                        "spectral": float(f[i]),
-                        "h": float(h[i]),
-                    }
-                )
+    store = None
+    if checkpoint is not None:
+        from .checkpoint import RowStore
 
-            keepers[j].add(
-                [
-                    Example(
-                        sample_id=batch.ids[i],
-                        index=done + i,
-                        h=float(h[i]),
-                        spatial=float(s[i]),
-                        spectral=float(f[i]),
-                        label=None if batch.labels is None else int(batch.labels[i]),
-                        target_original=int(original_targets[i]),
-                        target_pruned=int(pruned_targets[i]),
-                        pred_original=int(pred_o[i]),
-                        pred_pruned=int(pred_p[i]),
-                        image=display[i].copy(),
-                        original_map=np.array(original_maps[i], dtype=np.float32),
-                        pruned_map=np.array(pruned_maps[i], dtype=np.float32),
-                    )
-                    for i in keepers[j].candidates(h)
-                ]
-            )
-        done += len(batch.ids)
+        store = RowStore(
+            checkpoint,
+            fingerprint=_fingerprint(scorer, source, options, total),
+            resume=resume,
+            flush_seconds=checkpoint_every,
+        )
+    parts: list[dict[str, np.ndarray]] = []
+    candidates: list[list[Example]] = [[] for _ in scorer.pruned]
+    done = 0
+
+    def collect(output: BatchOutput) -> None:
+        nonlocal done
+        parts.append(output.rows)
+        for j, found in enumerate(output.examples):
+            candidates[j] = _merge_candidates(candidates[j], found, examples)
+        done += int(np.count_nonzero(output.rows["model"] == 0))
+        if store is not None:
+            store.add(output.rows, candidates, len(getattr(source, "faults", ())))
         report_progress(done, total)
+
+    if store is not None and store.done:
+        parts.append(store.saved_rows())
+        candidates = store.saved_examples(len(scorer.pruned))
+        done = store.done
+    try:
+        if backend == "ray":
+            from .distributed import run_ray
+
+            run_ray(
+                original, pruned, names, source, options=options, start=done,
+                on_output=collect, address=ray_address, workers=workers,
+                gpus_per_worker=gpus_per_worker, quiet=quiet,
+            )
+        else:
+            _run_local(scorer, source, batch_size, done, collect)
+    except BaseException:
+        report_progress.close()
+        if store is not None:
+            store.flush()  # on Ctrl-C too: every finished batch is kept for --resume
+            store.discard_if_empty()
+        raise
     report_progress.close()
+    if store is not None:
+        store.flush()
     if done == 0:
+        if store is not None:
+            store.discard_if_empty()
         skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
         raise InputDataError(f"no samples were read from {source.description}{skipped}")
-    results = [acc.result() for acc in accumulators]
+    result = aggregate(
+        concat_rows(parts), candidates, names[1:], expected=done, aggregation=aggregation,
+        n_bootstrap=n_bootstrap, seed=seed, examples=examples,
+        metric_config={"spatial": spatial, "spectral": spectral, "normalize": True},
+    )
+    report = _report(
+        original, pruned, names, scorer, source, result, options, providers,
+        device=device, limit=limit, aggregation=aggregation, n_bootstrap=n_bootstrap, seed=seed,
+        backend=backend,
+    )
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _merge_candidates(kept: list[Example], found: list[Example], k: int) -> list[Example]:
+    worst, best = keep_examples([*kept, *found], k)
+    return sorted({e.index: e for e in worst + best}.values(), key=lambda e: e.index)
+
+
+def _fingerprint(
+    scorer: BatchScorer, source: DataSource, options: dict[str, Any], total: int
+) -> dict[str, Any]:
+    """What must match for a saved run to be resumed."""
+    models = []
+    for cam_model in [scorer.original, *scorer.pruned]:
+        path = getattr(cam_model, "path", None)
+        models.append(file_sha256(path) if path else hashlib.sha256(
+            cam_model.rewritten.SerializeToString()).hexdigest())
+    return {
+        "models": models,
+        "data": source.description,
+        "n": total,
+        "options": _jsonable({k: v for k, v in options.items() if k != "examples"}),
+        "examples": options["examples"],
+    }
+
+
+def _report(
+    original: ModelLike, pruned: Sequence[ModelLike], names: Sequence[str], scorer: BatchScorer,
+    source: DataSource, result: Aggregate, options: dict[str, Any], providers: list[str], *,
+    device: str, limit: int | None, aggregation: str, n_bootstrap: int, seed: int, backend: str,
+) -> ScoreReport:
+    original_cam = scorer.original
     scores = []
-    for j, (model, cam_model) in enumerate(zip(pruned, pruned_cams, strict=True)):
+    for j, (model, cam_model) in enumerate(zip(pruned, scorer.pruned, strict=True)):
         info = model_info(_model_source(model, cam_model), cam_model, names[1 + j])
-        scores.append(
-            ModelScore(info, results[j], keepers[j].worst, keepers[j].best, rows[j])
-        )
+        scores.append(ModelScore(info, result.results[j], result.worst[j], result.best[j],
+                                 result.rows[j]))
     original_info = model_info(_model_source(original, original_cam), original_cam, names[0])
-    accuracy = getattr(results[0], "accuracy_original", None)
+    accuracy = getattr(result.results[0], "accuracy_original", None)
     notes = []
     if source.faults:
         listed = ", ".join(f.id for f in source.faults[:5])
@@ -623,39 +1208,50 @@ def score_models(
             f"{original_cam.num_classes}; labels are the positions in that list, so give "
             "--classes with all the model's class names in label order if they differ"
         )
+    if result.faults.get("total"):
+        counts = ", ".join(f"{count} {name.replace('_', ' ')}"
+                           for name, count in result.faults["counts"].items() if count)
+        notes.append(
+            f"faults: {counts}; NaN/Inf outputs of the original leave the sample out, of a "
+            "pruned model score h = 0; constant CAMs are scored by the metric's rule for "
+            "constant maps (see model_faults in results.json; --strict makes them errors)"
+        )
+    prep = scorer.original_prep
     config = {
-        "method": method,
-        "layer": layer,
-        "pruned_layer": pruned_layer,
+        "method": options["method"],
+        "layer": options["layer"],
+        "pruned_layer": options["pruned_layer"],
         "original_layer": str(original_cam.layer),
-        "target": mode,
-        "batch_size": batch_size,
+        "target": options["mode"],
+        "batch_size": options["batch_size"],
         "device": device,
         "providers": providers,
-        "preset": preset,
-        "mean": list(original_prep.mean),
-        "std": list(original_prep.std),
-        "size": list(map_size),
+        "preset": options["preset"],
+        "mean": list(prep.mean),
+        "std": list(prep.std),
+        "size": list(scorer.map_size),
         "limit": limit,
         "data": source.description,
         "data_preprocessed": source.preprocessed,
-        "spatial": spatial,
-        "spectral": spectral,
+        "spatial": options["spatial"],
+        "spectral": options["spectral"],
         "aggregation": aggregation,
         "n_bootstrap": n_bootstrap,
         "seed": seed,
+        "strict": options["strict"],
+        "backend": backend,
         "versions": package_versions(),
     }
     return ScoreReport(
         original=original_info,
         models=scores,
         config=config,
-        n=done,
+        n=result.n,
         class_names=source.class_names,
         accuracy_original=None if accuracy is None else float(accuracy),
-        seconds=time.perf_counter() - started,
         notes=notes,
         faults=[f.to_dict() for f in source.faults],
+        model_faults=result.faults,
     )
 
 

@@ -51,6 +51,7 @@ class CamGraph:
     path: str | None
     output_names: dict[str, str] = field(default_factory=dict)
     backward_nodes: int = 0
+    serialized: bytes | None = field(default=None, repr=False)  # ``model``, checked once
 
     @property
     def input_name(self) -> str:
@@ -166,8 +167,9 @@ def _build_cam_model(
             helper.make_tensor_value_info(names[TARGETS_USED], TensorProto.INT64, [batch_dim]),
         ]
     )
-    _check(model_out, info.model, path)
+    serialized = _check(model_out, info.model, path)
     return CamGraph(
+        serialized=serialized,
         model=model_out,
         forward_model=_forward_model(info, score_flat_source=score_tensor, batch_dim=batch_dim),
         info=info,
@@ -277,18 +279,25 @@ def _fresh_io_name(info: GraphInfo, name: str) -> str:
     return candidate
 
 
-def _check(model: onnx.ModelProto, original: onnx.ModelProto, path: str | None) -> None:
-    if model.ByteSize() > 2_000_000_000:
-        return  # the checker cannot serialise >2 GB protos; ORT validates on load instead
+def _check(model: onnx.ModelProto, original: onnx.ModelProto, path: str | None) -> bytes | None:
+    """Check the rewritten model; return its serialisation (made once: the session reuses
+    it), or None for a model over protobuf's 2 GB limit."""
     try:
-        onnx.checker.check_model(model)
+        serialized = model.SerializeToString()
+    except Exception:  # over 2 GB: protobuf cannot serialise it; ORT validates on load instead
+        return None
+    if len(serialized) > 2_000_000_000:
+        return None
+    try:
+        onnx.checker.check_model(serialized)
     except onnx.checker.ValidationError as exc:
         try:
             onnx.checker.check_model(original)
         except onnx.checker.ValidationError:
-            return  # the input model already fails the checker; ONNX Runtime accepts both
+            return serialized  # the input model already fails the checker; ORT accepts both
 
         raise ModelLoadError(
             f"internal error: the rewritten graph of {path or 'the model'} fails onnx.checker "
             f"({exc}); please report this with the model"
         ) from exc
+    return serialized

@@ -1,0 +1,240 @@
+"""The Ray backend of :func:`sp2ps_onnx.scoring.score_models`.
+
+The data becomes a Ray Dataset of batch ranges (``start``, ``stop``), streamed through
+``map_batches`` to an actor pool. Each actor builds its :class:`~sp2ps_onnx.CamModel`\\ s once,
+from ONNX bytes in the object store (workers need no copy of the model files), reads its
+batches itself (image files and memory-mapped arrays, so the data must be readable at the
+same path on every node: a shared or network file system) and runs the same per-batch
+kernel as the local backend. Rows and worst/best candidates come back to the driver in data
+order and are aggregated there by the same step as a local run, so every number is the same.
+
+A killed actor is restarted by Ray and its batch retried; rows carry their sample indices
+and the aggregation refuses lost or duplicated rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InputDataError, RuntimeMissingError
+
+_INSTALL_HINT = (
+    "the Ray backend needs Ray Data; install it with pip install 'sp2ps-onnx[ray]' "
+    "(ray[data]) on the driver and on every node of the cluster"
+)
+
+
+def import_ray() -> Any:
+    """The ``ray`` module with Ray Data, or a clear error naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeMissingError(_INSTALL_HINT) from exc
+    return ray
+
+
+def connect(address: str | None, quiet: bool = True) -> Any:
+    """Join the Ray cluster at ``address`` (``auto``, ``host:port``, ``ray://host:port``) or,
+    for ``None``, the one this process already joined or a new local one."""
+    ray = import_ray()
+    _probe(address)
+    if ray.is_initialized():
+        return ray
+    try:
+        ray.init(address=address or None, log_to_driver=not quiet, include_dashboard=False,
+                 logging_level="ERROR")
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError by address kind
+        where = address or "a new local Ray"
+        raise InputDataError(
+            f"cannot connect to the Ray cluster at {where}: {' '.join(str(exc).split())[:300]}; "
+            "check the address (ray status on the head node prints it; a Ray Client address "
+            "starts with ray://) or leave --ray without an address for a local Ray"
+        ) from exc
+    return ray
+
+
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """Fail within seconds when a host:port address does not answer (Ray itself retries for
+    minutes before it gives up)."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputDataError(
+            f"--ray {address} is not a Ray address; give auto, HOST:PORT (the GCS port, 6379 by "
+            "default) or ray://HOST:PORT (the Ray Client port, 10001 by default)"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise InputDataError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check that the "
+            "head node is up (ray status on it prints its address) and that this machine may "
+            "connect to that port"
+        ) from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mapped:
+    """A memory-mapped array, sent as its location instead of its bytes."""
+
+    filename: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    order: str
+
+    def open(self) -> np.memmap:
+        return np.memmap(self.filename, dtype=np.dtype(self.dtype), mode="r", offset=self.offset,
+                         shape=self.shape, order=self.order)
+
+
+def _portable(source: Any) -> Any:
+    """``source`` with its memory-mapped arrays replaced by their locations."""
+    parts = []
+    for part in source._parts:
+        array = getattr(part, "array", None)
+        if isinstance(array, np.memmap) and array.filename:
+            order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+            part = dataclasses.replace(part, array=_Mapped(
+                str(array.filename), int(array.offset), array.dtype.str, tuple(array.shape), order))
+        parts.append(part)
+    return dataclasses.replace(source, _parts=parts)
+
+
+def _local(source: Any) -> Any:
+    parts = [
+        dataclasses.replace(part, array=part.array.open())
+        if isinstance(getattr(part, "array", None), _Mapped) else part
+        for part in source._parts
+    ]
+    return dataclasses.replace(source, _parts=parts)
+
+
+def _model_bytes(model: Any) -> bytes:
+    from .scoring import load_onnx
+
+    if hasattr(model, "cams"):
+        path = getattr(model, "path", None)
+        if not path:
+            raise InputDataError("the Ray backend needs model files or ModelProtos, not CamModels")
+        model = path
+    return load_onnx(model).SerializeToString()
+
+
+class ScoreWorker:
+    """The callable class of ``map_batches``: builds the kernel once, then scores ranges."""
+
+    def __init__(self, payload: Any, names: Sequence[str], options: dict[str, Any],
+                 gpus: float) -> None:
+        import onnx
+        import ray
+
+        from ._ort import select_providers
+        from .scoring import build_scorer
+
+        payload = ray.get(payload[0])
+        models, source = payload
+        if not os.environ.get("SP2PS_THREADS"):
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            os.environ["SP2PS_THREADS"] = str(max(1, int(cpus)))
+        protos = [onnx.load_from_string(data) for data in models]
+        providers = select_providers("cuda" if gpus > 0 else "cpu", quiet=True)
+        self.source = _local(source)
+        self.scorer = build_scorer(protos[0], protos[1:], list(names), providers=providers,
+                                   **options)
+        self.batch_size = int(options["batch_size"])
+
+    def __call__(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = []
+        for start, stop in zip(ranges["start"].tolist(), ranges["stop"].tolist(), strict=True):
+            batch = next(self.source.batches(stop - start, start=start))
+            outputs.append(self.scorer(batch, np.arange(start, stop)).to_bytes())
+        return {"start": ranges["start"], "output": np.array(outputs, dtype=object)}
+
+
+def run_ray(
+    original: Any,
+    pruned: Sequence[Any],
+    names: Sequence[str],
+    source: Any,
+    *,
+    options: dict[str, Any],
+    start: int,
+    on_output: Callable[[Any], None],
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
+    quiet: bool = True,
+) -> None:
+    """Score ``source`` from sample ``start`` on with a Ray actor pool; hand each batch's
+    :class:`~sp2ps_onnx.scoring.BatchOutput` to ``on_output`` in data order.
+
+    ``options`` are the keyword arguments of :func:`~sp2ps_onnx.scoring.build_scorer`.
+    """
+    from .errors import Sp2PSError
+    from .scoring import BatchOutput
+
+    ray = connect(address, quiet)
+    total = len(source)
+    if start >= total:
+        return
+    if workers is None:
+        workers = max(1, int(ray.available_resources().get("GPU" if gpus_per_worker else "CPU",
+                                                            1) // max(gpus_per_worker, 1)))
+    if workers < 1:
+        raise InputDataError(f"--workers must be at least 1, not {workers}")
+    payload = ray.put(([_model_bytes(m) for m in (original, *pruned)], _portable(source)))
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows reach the checkpoint in order
+    context.enable_progress_bars = not quiet
+    batch_size = int(options["batch_size"])
+    starts = list(range(start, total, batch_size))
+    ranges = ray.data.from_items(
+        [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
+        override_num_blocks=max(1, min(len(starts), 4 * workers)),
+    )
+    # Ray Data's actor pools restart killed actors and retry their batches by default.
+    scored = ranges.map_batches(
+        ScoreWorker,
+        batch_size=1,
+        batch_format="numpy",
+        concurrency=workers,
+        # The reference is wrapped so that Ray hands it over as is; each actor fetches the
+        # models itself, also when it is restarted.
+        fn_constructor_kwargs={"payload": [payload], "names": list(names),
+                               "options": dict(options),
+                               "gpus": float(gpus_per_worker)},
+        num_gpus=gpus_per_worker or None,
+    )
+    try:
+        for row in scored.iter_rows():
+            on_output(BatchOutput.from_bytes(row["output"]))
+    except Exception as exc:
+        cause = _own_error(exc, Sp2PSError)
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _own_error(exc: BaseException, kind: type) -> BaseException | None:
+    """Our own error inside the wrappers Ray puts around an exception raised in a worker."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        stack.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
+    return None
