@@ -183,8 +183,13 @@ def run_ray(
     from .errors import Sp2PSError
     from .scoring import BatchOutput
 
+    total = source.size_hint
+    if total is None:
+        raise InputDataError(
+            "the Ray backend reads the data on the workers, so it needs files or arrays "
+            "(an image folder, image files, .npz, .npy), not an iterable of batches"
+        )
     ray = connect(address, quiet)
-    total = len(source)
     if start >= total:
         return
     if workers is None:
