@@ -237,7 +237,7 @@ def _keras_feature_index(model) -> int:
         and layer.input.shape[1] > 1
         and layer.input.shape[2] > 1
     ]
-    return found[-1]
+    return found[-1] if found else None
 
 
 def run_keras(name: str, size: int, workdir: Path) -> dict:
@@ -253,6 +253,13 @@ def run_keras(name: str, size: int, workdir: Path) -> dict:
     cam = CamModel(proto)
     result = cam.run(x)
     index = _keras_feature_index(model)
+    if index is None:
+        # The final map is 1x1 at this size: no Keras layer to compare with is known here.
+        return {
+            "layer": _short(cam.layer),
+            "shape": list(result.activations.shape[1:]),
+            "status": "no framework reference: the final map is 1×1 at this input size",
+        }
     feature_tensor = model.layers[index].input
     features = tf.Variable(tf.keras.Model(model.input, feature_tensor)(x))
     last = model.layers[-1]
@@ -514,6 +521,10 @@ NOTES = {
     "LeViT has no convolutional feature map at its end.",
     "vgg11_bn": "Exporter failure at 64 px (torch.onnx cannot export adaptive_avg_pool2d to a size "
     "that does not divide the map); torchvision's vgg11_bn is covered by the CI tests.",
+    "InceptionResNetV2": "At 96 px the final map (`conv_7b`) is 1×1; the engine takes the last map "
+    "with H, W > 1 that every path passes through (shape in the table). The sweep's Keras "
+    "reference reads the pooling layer's input, which is 1×1 here, so no framework comparison "
+    "is made at this size.",
     "selecsls42b": "At 64 px the final feature map is 1×1; the engine takes the last map with H, W > 1.",
     "efficientnetv2_rw_t": "Not an engine error: the exported ONNX model's own forward output differs "
     "from torch's by 30 % with these random weights (activations reach 2·10⁴ after random BN "
