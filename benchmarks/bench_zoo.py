@@ -469,29 +469,20 @@ def main() -> None:
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        if "timm" in sections:
-            results.setdefault("timm", {})
-            for name, size in chosen(TIMM):
-                row = _guarded(run_timm, name, size, workdir)
+        float_sections = (
+            ("timm", TIMM, run_timm),
+            ("timm-earlier", TIMM_EARLIER, run_timm_earlier),
+            ("keras", KERAS, run_keras),
+        )
+        for section, models, runner in float_sections:
+            if section not in sections:
+                continue
+            results.setdefault(section, {})
+            for name, size in chosen(models):
+                row = _guarded(runner, name, size, workdir)
                 row["size"] = size
-                results["timm"][name] = row
-                print(f"timm {name}: {row['status']} ({row['seconds']} s)", flush=True)
-                store.write_text(json.dumps(results, indent=1))
-        if "timm-earlier" in sections:
-            results.setdefault("timm-earlier", {})
-            for name, size in chosen(TIMM_EARLIER):
-                row = _guarded(run_timm_earlier, name, size, workdir)
-                row["size"] = size
-                results["timm-earlier"][name] = row
-                print(f"timm-earlier {name}: {row['status']} ({row['seconds']} s)", flush=True)
-                store.write_text(json.dumps(results, indent=1))
-        if "keras" in sections:
-            results.setdefault("keras", {})
-            for name, size in chosen(KERAS):
-                row = _guarded(run_keras, name, size, workdir)
-                row["size"] = size
-                results["keras"][name] = row
-                print(f"keras {name}: {row['status']} ({row['seconds']} s)", flush=True)
+                results[section][name] = row
+                print(f"{section} {name}: {row['status']} ({row['seconds']} s)", flush=True)
                 store.write_text(json.dumps(results, indent=1))
         for toolchain in ("ort", "tflite"):
             if f"quantized-{toolchain}" not in sections:
