@@ -521,13 +521,21 @@ def _lookup(registry: Mapping[str, Any], name: str, kind: str) -> Any:
 
 
 def sp2ps(
-    P: Any, Q: Any, spatial: str = "ssim", spectral: str = "tv", *, normalize: bool = True
+    P: Any,
+    Q: Any,
+    spatial: str = "ssim",
+    spectral: str = "tv",
+    *,
+    normalize: bool = True,
+    workers: int | None = None,
 ) -> PerSample:
     """Per-sample spatial, spectral and harmonic similarities of two CAM batches.
 
     ``P`` (original model) and ``Q`` (pruned model) are (N, H, W) or (H, W) CAMs for the
     same target classes. With ``normalize`` (default) each map is min-max normalised first
     (:func:`normalize_maps`); that is a no-op for maps already normalised to [0, 1].
+    ``workers`` threads share the chunks of the built-in components (default:
+    ``$SP2PS_THREADS`` if set, else up to 4 bounded by the CPU count).
     """
     spatial_fn = _lookup(SPATIAL, spatial, "spatial")
     spectral_fn = _lookup(SPECTRAL, spectral, "spectral")
@@ -552,7 +560,7 @@ def sp2ps(
                 x, y = _normalize(x, res_p), _normalize(y, res_q)
             return np.stack([spatial_impl(x, y), spectral_impl(x, y)], axis=1)
 
-        both = _chunked(chunk, P, Q, None).reshape(-1, 2)
+        both = _chunked(chunk, P, Q, workers).reshape(-1, 2)
         s, f = both[:, 0].copy(), both[:, 1].copy()
     return PerSample(spatial=s, spectral=f, h=harmonic(s, f))
 

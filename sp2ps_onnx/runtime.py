@@ -52,6 +52,9 @@ class CamModel:
         batch_size: samples per ONNX Runtime call.
         allow_domains: custom-op domains to accept (refused by default, since their ops
             run code from outside ONNX Runtime).
+        threads: ONNX Runtime intra-op threads of its sessions (default: $SP2PS_THREADS
+            if set, else one per physical core). Sessions may be run from several threads
+            at once.
     """
 
     def __init__(
@@ -63,7 +66,9 @@ class CamModel:
         input_size: tuple[int, int] | None = None,
         batch_size: int = DEFAULT_BATCH,
         allow_domains: Sequence[str] = (),
+        threads: int | None = None,
     ) -> None:
+        self.threads = threads
         self.graph: CamGraph = build_cam_model(
             model, layer=layer, score=score, input_size=input_size, allow_domains=allow_domains
         )
@@ -135,8 +140,10 @@ class CamModel:
             self._run(self._session, fetch, {self.input_name: xb, names[TARGET]: tb})[:4]
             for xb, tb in zip(self._batches(x), self._batches(wanted), strict=True)
         ]
+        # One batch (the usual case inside a scoring run) needs no copy.
         score, acts, grads, used = (
-            np.concatenate([p[i] for p in parts])[: len(x)] for i in range(4)
+            (parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts]))[: len(x)]
+            for i in range(4)
         )
         return CamResult(score=score, activations=acts, gradients=grads, targets=used)
 
@@ -247,7 +254,7 @@ class CamModel:
     # -- internals ---------------------------------------------------------------------
     def _make_session(self, model: onnx.ModelProto, serialized: bytes | None = None):
         rt = ort()
-        opts = session_options()
+        opts = session_options(self.threads)
         try:
             session = rt.InferenceSession(
                 serialized or model.SerializeToString(), opts, providers=self.providers
@@ -341,18 +348,52 @@ def ort_threads() -> int:
     return int(configured) if configured.isdigit() and int(configured) > 0 else 0
 
 
-def session_options():
+def logical_cores() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def physical_cores() -> int:
+    """Physical cores (ONNX Runtime's default intra-op thread count); the logical count
+    where /proc/cpuinfo does not tell them apart."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            text = info.read()
+    except OSError:
+        return logical_cores()
+    cores, physical = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            cores.add((physical, value.strip()))
+    return min(len(cores), logical_cores()) if cores else logical_cores()
+
+
+def thread_budget() -> int:
+    """Cores one scoring run may use: $SP2PS_THREADS if set, else the physical cores."""
+    configured = ort_threads()
+    return configured if configured > 0 else physical_cores()
+
+
+def session_options(threads: int | None = None):
     """The options of every session this package runs.
 
-    Spinning is off: a scoring run alternates between several sessions (and the metric),
-    and an idle session's threads that spin after each run take the cores from the next
-    one. With spinning off several models interleaved run at the cost of each alone.
+    ``threads``: intra-op threads (default: :func:`ort_threads`). Spinning is off: a
+    scoring run alternates between several sessions (and the metric), and an idle
+    session's threads that spin after each run take the cores from the next one. With
+    spinning off several models interleaved run at the cost of each alone.
     """
     rt = ort()
     opts = rt.SessionOptions()
     # Fatal only: a failure reaches the user once, as our own error with ORT's message.
     opts.log_severity_level = 4
-    opts.intra_op_num_threads = ort_threads()
+    opts.intra_op_num_threads = ort_threads() if threads is None else max(1, int(threads))
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts

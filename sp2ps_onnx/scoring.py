@@ -160,11 +160,13 @@ def open_model(
     size: str | int | Sequence[int] | None = None,
     batch_size: int = 32,
     allow_domains: Sequence[str] = (),
+    threads: int | None = None,
 ) -> Any:
     """A CamModel for a path or ModelProto (a CamModel is returned unchanged).
 
     ``size`` is the input (H, W) for models whose spatial input dims are dynamic;
-    ``allow_domains`` names custom-op domains to accept.
+    ``allow_domains`` names custom-op domains to accept; ``threads`` is the sessions'
+    intra-op thread count (default: ``$SP2PS_THREADS``, else one per physical core).
     """
     if hasattr(model, "cams") and hasattr(model, "rewritten"):
         return model
@@ -179,6 +181,7 @@ def open_model(
         input_size=parse_size(size),
         batch_size=batch_size,
         allow_domains=allow_domains,
+        threads=threads,
     )
 
 
@@ -659,8 +662,11 @@ class BatchScorer:
         )
         return np.asarray(maps), np.asarray(used, dtype=np.int64), np.asarray(scores)
 
-    def rows(self, outputs: _ModelOutputs) -> BatchOutput:
-        """Per-sample rows and worst/best candidates for every pruned model."""
+    def rows(self, outputs: _ModelOutputs, workers: int | None = None) -> BatchOutput:
+        """Per-sample rows and worst/best candidates for every pruned model.
+
+        ``workers``: threads of the metric (see :func:`~sp2ps_onnx.metric.sp2ps`).
+        """
         from . import metric
 
         prepared = outputs.prepared
@@ -677,15 +683,29 @@ class BatchScorer:
         explained = np.clip(targets_o, 0, scores_o.shape[1] - 1)
         conf_o = _confidence(scores_o, explained, bad_o)
         ids = np.array(prepared.ids, dtype=str)
-        parts, examples = [], []
-        for j, (maps_p, targets_p, scores_p) in enumerate(outputs.pruned):
+        # One metric call for all pruned models: the per-call overhead is paid once per
+        # batch, not once per model, which matters for small maps.
+        cleaned = []
+        for maps_p, _, scores_p in outputs.pruned:
             bad_p = _nonfinite(maps_p, scores_p) & ~bad_o
             maps_p = np.where(bad_p[:, None, None], 0.0, maps_p).astype(maps_p.dtype, copy=False)
-            per = metric.sp2ps(maps_o, maps_p, self.spatial, self.spectral, normalize=True)
+            cleaned.append((maps_p, bad_p))
+        per = None
+        if cleaned:
+            stacked_p = np.concatenate([maps_p for maps_p, _ in cleaned])
+            per = metric.sp2ps(
+                np.tile(maps_o, (len(cleaned), 1, 1)), stacked_p, self.spatial, self.spectral,
+                normalize=True, workers=workers,
+            )
+        parts, examples = [], []
+        for j, ((_, targets_p, scores_p), (maps_p, bad_p)) in enumerate(
+            zip(outputs.pruned, cleaned, strict=True)
+        ):
+            own = slice(j * n, (j + 1) * n)
             lost = bad_o | bad_p
-            s = np.where(lost, 0.0, per.spatial)
-            f = np.where(lost, 0.0, per.spectral)
-            h = np.where(lost, 0.0, per.h)
+            s = np.where(lost, 0.0, per.spatial[own])
+            f = np.where(lost, 0.0, per.spectral[own])
+            h = np.where(lost, 0.0, per.h[own])
             flags = (
                 bad_o * FLAG_ORIGINAL_NONFINITE
                 + bad_p * FLAG_PRUNED_NONFINITE
@@ -727,6 +747,14 @@ class BatchScorer:
     ) -> list[Example]:
         if self.examples <= 0:
             return []
+        usable = np.flatnonzero(~skipped)
+        h = part["h"][usable]
+        ranked_h = np.where(np.isnan(h), -1.0, h)
+        index = part["index"][usable]
+        # The same order as keep_examples' keys, found in NumPy so that Example objects
+        # are built only for the few samples that can be kept.
+        worst = usable[np.lexsort((index, ranked_h))[: self.examples]]
+        best = usable[np.lexsort((index, -ranked_h))[: self.examples]]
         examples = [
             Example(
                 sample_id=str(part["id"][i]),
@@ -743,7 +771,7 @@ class BatchScorer:
                 original_map=maps_o[i],
                 pruned_map=maps_p[i],
             )
-            for i in np.flatnonzero(~skipped)
+            for i in np.union1d(worst, best)
         ]
         worst, best = keep_examples(examples, self.examples)
         chosen = {e.index: e for e in worst + best}
@@ -926,15 +954,22 @@ def build_scorer(
     examples: int = 4,
     strict: bool = False,
     allow_domains: Sequence[str] = (),
+    session_threads: int | None = None,
 ) -> BatchScorer:
-    """Open every model once (rewrite, session) and build the per-batch kernel."""
-    original_cam = open_model(original, layer, providers, size, batch_size, allow_domains)
+    """Open every model once (rewrite, session) and build the per-batch kernel.
+
+    ``session_threads``: intra-op threads of every session (see :func:`plan_execution`).
+    """
+    original_cam = open_model(
+        original, layer, providers, size, batch_size, allow_domains, session_threads
+    )
     original_prep = Preprocessing.for_model(original_cam, preset, mean=mean, std=std, size=size)
     map_size = (original_prep.height, original_prep.width)
     pruned_cams, pruned_preps = [], []
     for model, name in zip(pruned, names[1:], strict=True):
         cam_model = open_model(
-            model, pruned_layer or layer, providers, size or map_size, batch_size, allow_domains
+            model, pruned_layer or layer, providers, size or map_size, batch_size, allow_domains,
+            session_threads,
         )
         if int(cam_model.num_classes) != int(original_cam.num_classes):
             raise ModelMismatchError(
@@ -952,56 +987,142 @@ def build_scorer(
     )
 
 
+#: At most this many batches are scored at once on the CPU: beyond it the gain is small
+#: and every batch in flight holds its own activations in each ONNX Runtime session.
+MAX_IN_FLIGHT = 4
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How a local scoring run uses the cores.
+
+    ``in_flight`` batches are scored at once, each by one worker thread that runs all the
+    models and the metric of its batch in turn; ``session_threads`` is the intra-op thread
+    count of every ONNX Runtime session (``None``: ONNX Runtime's default) and
+    ``metric_workers`` the metric's threads per batch (``None``: its default).
+    """
+
+    in_flight: int
+    session_threads: int | None
+    metric_workers: int | None
+
+
+def plan_execution(providers: Sequence[str] | None) -> ExecutionPlan:
+    """The execution plan for these ONNX Runtime providers on this machine.
+
+    On the CPU the run's thread budget (``$SP2PS_THREADS``, else the physical cores) is
+    split between batches, not spent inside each ONNX Runtime call: with ``k`` batches in
+    flight every session gets ``budget // k`` intra-op threads and the metric one thread,
+    so the threads never outnumber the budget. Scoring whole batches side by side needs
+    no synchronisation between them, whereas intra-op threads meet at a barrier after
+    every operator and the metric, run beside them, stalls that barrier; small models
+    (tens of microseconds per operator) lose a third of their speed to it. On a GPU
+    ONNX Runtime needs little CPU: two batches overlap so that one batch's metric runs
+    while the next one's models run on the device.
+    """
+    from .runtime import thread_budget
+
+    on_cpu = not providers or providers[0] == "CPUExecutionProvider"
+    if not on_cpu:
+        return ExecutionPlan(in_flight=2, session_threads=None, metric_workers=None)
+    budget = thread_budget()
+    in_flight = max(1, min(MAX_IN_FLIGHT, budget))
+    return ExecutionPlan(in_flight, max(1, budget // in_flight), 1)
+
+
+class _Prefetcher:
+    """Reads an iterator in a background thread, ``depth`` items ahead (decoding overlaps
+    the scoring of earlier batches). Exceptions reach the consumer in order."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator[Any], depth: int) -> None:
+        import queue
+        import threading
+
+        self._iterator = iterator
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="sp2ps-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for item in self._iterator:
+                if not self._put((item, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((self._END, exc))
+            return
+        self._put((self._END, None))
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item, error = self._queue.get()
+            if error is not None:
+                raise error
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _run_local(
     scorer: BatchScorer,
     source: DataSource,
     batch_size: int,
     start: int,
     on_output: Callable[[BatchOutput], None],
+    plan: ExecutionPlan | None = None,
 ) -> None:
     """Stream ``source`` through the kernel from sample ``start`` on.
 
-    One thread decodes and preprocesses the next batch and one computes the metric of the
-    previous batch while ONNX Runtime runs the current one (ONNX Runtime, NumPy and SciPy's
-    FFT release the GIL). Outputs reach ``on_output`` in data order.
+    A reader thread decodes batches ahead; ``plan.in_flight`` worker threads score whole
+    batches side by side (ONNX Runtime, NumPy and SciPy's FFT release the GIL). Outputs
+    reach ``on_output`` in data order, and at most ``in_flight + 1`` batches are held.
     """
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    batches = source.batches(batch_size, start=start)
+    plan = plan or ExecutionPlan(1, None, None)
+
+    def score(batch: Batch, indices: np.ndarray) -> BatchOutput:
+        outputs = scorer.run_models(scorer.prepare(batch, indices))
+        return scorer.rows(outputs, plan.metric_workers)
+
+    reader = _Prefetcher(source.batches(batch_size, start=start), plan.in_flight)
+    pending: deque[Future[BatchOutput]] = deque()
     offset = start
-
-    def load() -> _Prepared | None:
-        nonlocal offset
-        batch = next(batches, None)
-        if batch is None:
-            return None
-        indices = np.arange(offset, offset + len(batch.ids))
-        offset += len(batch.ids)
-        return scorer.prepare(batch, indices)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="sp2ps-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="sp2ps-metric") as metric_pool:
-        next_batch = reader.submit(load)
-        pending: deque[Future[BatchOutput]] = deque()
+    with ThreadPoolExecutor(plan.in_flight, thread_name_prefix="sp2ps-batch") as pool:
         try:
-            while True:
-                prepared = next_batch.result()
-                if prepared is None:
-                    break
-                next_batch = reader.submit(load)
-                outputs = scorer.run_models(prepared)
-                # At most one metric job waits, so memory stays at a few batches.
-                while pending and (len(pending) > 1 or pending[0].done()):
+            for batch in reader:
+                indices = np.arange(offset, offset + len(batch.ids))
+                offset += len(batch.ids)
+                pending.append(pool.submit(score, batch, indices))
+                while pending and (len(pending) > plan.in_flight or pending[0].done()):
                     on_output(pending.popleft().result())
-                pending.append(metric_pool.submit(scorer.rows, outputs))
             while pending:
                 on_output(pending.popleft().result())
         except BaseException:
             for job in pending:
                 job.cancel()
-            next_batch.cancel()
             raise
+        finally:
+            reader.close()
 
 
 def score_models(
@@ -1086,7 +1207,11 @@ def score_models(
         preset=preset, mean=mean, std=std, size=size, spatial=spatial, spectral=spectral,
         examples=examples, strict=strict, allow_domains=tuple(allow_domains),
     )
-    scorer = build_scorer(original, pruned, names, providers=providers, **options)
+    plan = plan_execution(providers)
+    scorer = build_scorer(
+        original, pruned, names, providers=providers, session_threads=plan.session_threads,
+        **options,
+    )
     check_label_range(source, int(scorer.original.num_classes))
     total = source.size_hint
     report_progress = ProgressReporter(progress, total, "score")
@@ -1128,7 +1253,7 @@ def score_models(
                 gpus_per_worker=gpus_per_worker, quiet=quiet,
             )
         else:
-            _run_local(scorer, source, batch_size, done, collect)
+            _run_local(scorer, source, batch_size, done, collect, plan)
     except BaseException:
         report_progress.close()
         if store is not None:

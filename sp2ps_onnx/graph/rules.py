@@ -364,8 +364,9 @@ def _log_softmax(b, node, dys, needs):
 def _global_average_pool(b, node, dys, needs):
     x = node.input[0]
     count = int(np.prod(b.static_shape(x)[2:]))
-    spread = b.op("Expand", [dys[0], b.shape_of(x)])
-    return [b.mul(spread, b.scalar(1.0 / count))]
+    # Scaling before spreading multiplies N*C values instead of N*C*H*W.
+    scaled = b.mul(dys[0], b.scalar(1.0 / count))
+    return [b.op("Expand", [scaled, b.shape_of(x)])]
 
 
 @vjp("GlobalMaxPool")
@@ -410,10 +411,10 @@ def _reduce(b, node, dys, needs):
         y_keep = y if keep else b.unsqueeze(y, axes)
         grad = _max_mask_grad(b, b.as_float(x), y_keep, dy_keep, axes)
     else:
-        grad = b.op("Expand", [dy_keep, b.shape_of(x)])
         if node.op_type == "ReduceMean":
             shape = b.static_shape(x)
-            grad = b.mul(grad, b.scalar(1.0 / int(np.prod([shape[a] for a in axes]))))
+            dy_keep = b.mul(dy_keep, b.scalar(1.0 / int(np.prod([shape[a] for a in axes]))))
+        grad = b.op("Expand", [dy_keep, b.shape_of(x)])
     return [grad] + [None] * (len(node.input) - 1)
 
 
@@ -1187,8 +1188,8 @@ def _qlinear_global_average_pool(b, node, dys, needs):
     x = node.input[0]
     shape = b.static_shape(x)
     spatial = shape[1:-1] if attribute(node, "channels_last", 0) else shape[2:]
-    spread = b.op("Expand", [dys[0], b.shape_of(x)])
-    return [b.mul(spread, b.scalar(1.0 / int(np.prod(spatial))))] + [None] * 4
+    scaled = b.mul(dys[0], b.scalar(1.0 / int(np.prod(spatial))))
+    return [b.op("Expand", [scaled, b.shape_of(x)])] + [None] * 4
 
 
 @vjp("QLinearAveragePool", domain="com.microsoft")
