@@ -14,7 +14,8 @@ Run: .venv/bin/python benchmarks/bench_score.py [--part fmnist,224,rss] [--n224 
 The baseline is plain inference of the same ONNX files with the same batch size, threads
 and session options, interleaved per batch, in the same process: once with the same data
 reading and preprocessing (``plain``), and its ONNX Runtime calls alone (``ort``). Both
-runs alternate (plain, score, plain, score) and the faster of each pair counts.
+runs alternate (plain, score, plain, score, ...; ``--repeats`` pairs) and the fastest of
+each kind counts, since the machine's noise only ever adds time.
 """
 
 from __future__ import annotations
@@ -106,10 +107,13 @@ def whole_run(original: Path, pruned: list[Path], data, preset: str, size=None) 
     return time.perf_counter() - started
 
 
+REPEATS = 3
+
+
 def compare(label: str, original: Path, pruned: list[Path], data, preset: str, n: int,
-            size=None, repeats: int = 2) -> dict:
+            size=None, repeats: int | None = None) -> dict:
     plain, ort_only, whole = [], [], []
-    for _ in range(repeats):
+    for _ in range(repeats or REPEATS):
         p, o = plain_inference([original, *pruned], data, preset, size)
         plain.append(p)
         ort_only.append(o)
@@ -251,8 +255,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", default="fmnist,224,rss")
     parser.add_argument("--n224", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=REPEATS,
+                        help="plain/score pairs per case (default %(default)s)")
     parser.add_argument("--rss-child", nargs=3, metavar=("FORMAT", "N", "DIR"))
     args = parser.parse_args()
+    global REPEATS
+    REPEATS = args.repeats
     if args.rss_child:
         rss_child(args.rss_child[0], int(args.rss_child[1]), Path(args.rss_child[2]))
         return

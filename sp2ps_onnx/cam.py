@@ -123,6 +123,13 @@ def _spatial_sum(array: np.ndarray) -> np.ndarray:
     return array.sum(axis=(2, 3), keepdims=True)
 
 
+def _spatial_mean(array: np.ndarray) -> np.ndarray:
+    # One matrix-vector product: several times faster than mean(axis=(2, 3)), whose short
+    # inner reductions (h * w values each) do not vectorise.
+    n, c, h, w = array.shape
+    return array.reshape(n, c, h * w) @ np.full(h * w, 1.0 / (h * w), dtype=array.dtype)
+
+
 def _channel_weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
     # A batched (1 x C) @ (C x hw) product: one BLAS call per image instead of einsum's loop.
     n, c, h, w = activations.shape
@@ -182,7 +189,7 @@ def gradient_weighted_cam(method: str, activations: Any, gradients: Any) -> np.n
     acts = acts.astype(np.float32, copy=False)
     grads = grads.astype(np.float32, copy=False)
     if method == "gradcam":
-        cam = _channel_weighted_sum(grads.mean(axis=(2, 3)), acts)
+        cam = _channel_weighted_sum(_spatial_mean(grads), acts)
     elif method == "gradcam++":
         grads_squared = grads * grads
         denominator = grads_squared * (2.0 + _spatial_sum(acts) * grads) + _GRADCAM_PLUSPLUS_EPS

@@ -852,11 +852,10 @@ def aggregate(
     ``expected``, the indices must be ``0..expected-1``): a lost or duplicated row is an
     error, never a silently different score.
     """
-    from . import metric
 
     order = np.lexsort((rows["index"], rows["model"]))
     table = {key: value[order] for key, value in rows.items()}
-    results, tables, worst, best = [], [], [], []
+    summaries, tables, worst, best = [], [], [], []
     reference: np.ndarray | None = None
     for j, name in enumerate(names):
         lo, hi = np.searchsorted(table["model"], [j, j + 1])
@@ -882,9 +881,10 @@ def aggregate(
                 "model and the preprocessing (--preset, --mean, --std)"
             )
         labels = cols["label"][kept]
-        results.append(
-            metric.summarize(
-                cols["spatial"][kept], cols["spectral"][kept], cols["h"][kept],
+        summaries.append(
+            dict(
+                spatial=cols["spatial"][kept], spectral=cols["spectral"][kept],
+                h=cols["h"][kept],
                 labels=labels if np.all(labels >= 0) else None,
                 targets=cols["target_original"][kept],
                 pred_original=cols["pred_original"][kept],
@@ -901,9 +901,33 @@ def aggregate(
         w, b = keep_examples(candidates[j] if j < len(candidates) else [], examples)
         worst.append(w)
         best.append(b)
+    results = _summarize_all(summaries)
     faults = _fault_summary(table, names, max_listed)
     return Aggregate(results, tables, worst, best,
                      0 if reference is None else int(reference.size), faults)
+
+
+def _summarize_all(summaries: list[dict[str, Any]]) -> list[Any]:
+    """:func:`~sp2ps_onnx.metric.summarize` for every model, models side by side.
+
+    Each model's bootstrap has its own seeded generator, so the numbers do not depend on
+    the threads; its random draws and indexing release the GIL.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import metric
+    from .runtime import thread_budget
+
+    def one(kwargs: dict[str, Any]) -> Any:
+        kwargs = dict(kwargs)
+        return metric.summarize(kwargs.pop("spatial"), kwargs.pop("spectral"), kwargs.pop("h"),
+                                **kwargs)
+
+    threads = min(len(summaries), thread_budget())
+    if threads <= 1:
+        return [one(kwargs) for kwargs in summaries]
+    with ThreadPoolExecutor(threads, thread_name_prefix="sp2ps-summary") as pool:
+        return list(pool.map(one, summaries))
 
 
 def _fault_summary(
