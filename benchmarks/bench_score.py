@@ -255,7 +255,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", default="fmnist,224,rss")
     parser.add_argument("--n224", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=REPEATS,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="plain/score pairs per case (default %(default)s)")
     parser.add_argument("--rss-child", nargs=3, metavar=("FORMAT", "N", "DIR"))
     args = parser.parse_args()
