@@ -258,6 +258,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="plain/score pairs per case (default %(default)s)")
     parser.add_argument("--rss-child", nargs=3, metavar=("FORMAT", "N", "DIR"))
+    parser.add_argument("--busy-core", type=int, default=None, metavar="CPU",
+                        help="run a CPU-bound busy loop pinned to this CPU during the benchmark "
+                             "(the issue's 'another CPU-bound process shares the machine')")
     args = parser.parse_args()
     global REPEATS
     REPEATS = args.repeats
@@ -269,6 +272,19 @@ def main() -> None:
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, "
           f"SP2PS_THREADS={os.environ.get('SP2PS_THREADS', '')!r}", flush=True)
+    busy = None
+    if args.busy_core is not None:
+        busy = subprocess.Popen(["taskset", "-c", str(args.busy_core), sys.executable, "-c",
+                                 "while True: pass"])
+        print(f"# busy loop pinned to CPU {args.busy_core} (pid {busy.pid})", flush=True)
+    try:
+        run_parts(args)
+    finally:
+        if busy is not None:
+            busy.kill()
+
+
+def run_parts(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="sp2ps-bench-") as tmp:
         work = Path(tmp)
         parts = args.part.split(",")
