@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +52,7 @@ __all__ = [
     "normalize_maps",
     "pearson_similarity",
     "sp2ps",
+    "sp2ps_many",
     "spectral_cosine",
     "spectral_tv",
     "ssim_batch",
@@ -168,12 +169,23 @@ def _is_constant(batch: np.ndarray) -> np.ndarray:
     return np.ptp(batch, axis=(1, 2)) == 0
 
 
-def _constant_rule(values: np.ndarray, P: np.ndarray, Q: np.ndarray) -> np.ndarray:
+def _constant_rule(values: np.ndarray, const_p: np.ndarray, const_q: np.ndarray) -> np.ndarray:
     """Both maps constant -> 1 (same absence of structure); exactly one constant -> 0."""
-    const_p = _is_constant(P)
-    const_q = _is_constant(Q)
     values = np.where(const_p & const_q, 1.0, values)
     return np.where(const_p ^ const_q, 0.0, values)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A built-in component split into the work on the original's maps alone
+    (``prepare(x)``), done once however many pruned models are compared with it, and the
+    work on each pair (``pair(prepared, x, y)``)."""
+
+    prepare: Callable[[np.ndarray], Any]
+    pair: Callable[[Any, np.ndarray, np.ndarray], np.ndarray]
+
+    def pairwise(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.pair(self.prepare(x), x, y)
 
 
 # --------------------------------------------------------------------------- spatial
@@ -222,22 +234,28 @@ def _valid_gaussian(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _ssim_chunk(x: np.ndarray, y: np.ndarray, weights: np.ndarray, c1: float, c2: float):
+    return _ssim_against(_valid_gaussian(x, weights), x, y, weights, c1, c2)
+
+
+def _ssim_against(
+    mu_x: np.ndarray, x: np.ndarray, y: np.ndarray, weights: np.ndarray, c1: float, c2: float
+) -> np.ndarray:
+    """Mean SSIM of each pair, given the filtered originals ``mu_x`` (shared by all the
+    pruned models compared with the same original)."""
     n = x.shape[0]
     # SSIM needs only the sum of the two variances, so x^2 + y^2 is filtered as one map.
-    stack = np.empty((4 * n, *x.shape[1:]))
-    stack[:n] = x
-    stack[n : 2 * n] = y
-    np.multiply(x, x, out=stack[2 * n : 3 * n])
-    np.multiply(y, y, out=stack[3 * n :])
-    stack[2 * n : 3 * n] += stack[3 * n :]
-    np.multiply(x, y, out=stack[3 * n :])
+    stack = np.empty((3 * n, *x.shape[1:]))
+    stack[:n] = y
+    np.multiply(x, x, out=stack[n : 2 * n])
+    np.multiply(y, y, out=stack[2 * n :])
+    stack[n : 2 * n] += stack[2 * n :]
+    np.multiply(x, y, out=stack[2 * n :])
     filtered = _valid_gaussian(stack, weights)
-    mu_x, mu_y, second, cross = (filtered[i * n : (i + 1) * n] for i in range(4))
+    mu_y, second, cross = (filtered[i * n : (i + 1) * n] for i in range(3))
 
     mu_xy = mu_x * mu_y
-    np.multiply(mu_x, mu_x, out=mu_x)
+    mu_sq = mu_x * mu_x  # a new array: mu_x is shared between calls
     np.multiply(mu_y, mu_y, out=mu_y)
-    mu_sq = mu_x
     mu_sq += mu_y
     second -= mu_sq  # sigma_x^2 + sigma_y^2
     second += c2
@@ -253,21 +271,28 @@ def _ssim_chunk(x: np.ndarray, y: np.ndarray, weights: np.ndarray, c1: float, c2
     return mu_xy.mean(axis=(1, 2), dtype=np.float64)
 
 
+def _map_chunks(
+    function: Callable[[slice], np.ndarray], shape: tuple[int, ...], workers: int | None
+) -> list[np.ndarray]:
+    """``function`` over consecutive chunks of the samples of an (N, H, W) batch, on
+    ``workers`` threads; the results in sample order."""
+    n, h, w = shape
+    step = max(1, _CHUNK_PIXELS // (h * w))
+    chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    workers = _default_workers() if workers is None else max(1, int(workers))
+    if workers == 1 or len(chunks) <= 1:
+        return [function(rows) for rows in chunks]
+    with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+        return list(pool.map(function, chunks))
+
+
 def _chunked(
     function: Callable[[np.ndarray, np.ndarray], np.ndarray],
     P: np.ndarray,
     Q: np.ndarray,
     workers: int | None,
 ) -> np.ndarray:
-    n, h, w = P.shape
-    step = max(1, _CHUNK_PIXELS // (h * w))
-    starts = range(0, n, step)
-    workers = _default_workers() if workers is None else max(1, int(workers))
-    if workers == 1 or len(starts) <= 1:
-        parts = [function(P[i : i + step], Q[i : i + step]) for i in starts]
-    else:
-        with ThreadPoolExecutor(max_workers=min(workers, len(starts))) as pool:
-            parts = list(pool.map(lambda i: function(P[i : i + step], Q[i : i + step]), starts))
+    parts = _map_chunks(lambda rows: function(P[rows], Q[rows]), P.shape, workers)
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -325,8 +350,12 @@ _SSIM_C1 = 0.01**2
 _SSIM_C2 = 0.03**2
 
 
-def _ssim_impl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    return np.clip(_ssim_chunk(P, Q, _SSIM_WEIGHTS, _SSIM_C1, _SSIM_C2), 0.0, 1.0)
+def _ssim_prepare(x: np.ndarray) -> np.ndarray:
+    return _valid_gaussian(x, _SSIM_WEIGHTS)
+
+
+def _ssim_pair(mu_x: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.clip(_ssim_against(mu_x, x, y, _SSIM_WEIGHTS, _SSIM_C1, _SSIM_C2), 0.0, 1.0)
 
 
 def pearson_similarity(P: Any, Q: Any) -> np.ndarray:
@@ -334,19 +363,23 @@ def pearson_similarity(P: Any, Q: Any) -> np.ndarray:
 
     Constant maps have no correlation: 1 when both are constant, 0 when exactly one is.
     """
-    return _pearson_impl(*_pair(P, Q))
+    return _PEARSON.pairwise(*_pair(P, Q))
 
 
-def _pearson_impl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    x = P.reshape(P.shape[0], P.shape[1] * P.shape[2])
-    y = Q.reshape(Q.shape[0], Q.shape[1] * Q.shape[2])
-    x = x - x.mean(axis=1, keepdims=True)
-    y = y - y.mean(axis=1, keepdims=True)
-    denom = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", y, y))
+def _centred(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    flat = maps.reshape(maps.shape[0], maps.shape[1] * maps.shape[2])
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    return flat, np.einsum("ij,ij->i", flat, flat), _is_constant(maps)
+
+
+def _pearson_pair(prepared: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    flat_x, squares_x, const_x = prepared
+    flat_y, squares_y, const_y = _centred(y)
+    denom = np.sqrt(squares_x * squares_y)
     with np.errstate(invalid="ignore", divide="ignore"):
-        corr = np.einsum("ij,ij->i", x, y) / denom
+        corr = np.einsum("ij,ij->i", flat_x, flat_y) / denom
     corr = np.where(denom > 0, corr, 0.0)
-    return np.clip(_constant_rule(corr, P, Q), 0.0, 1.0)
+    return np.clip(_constant_rule(corr, const_x, const_y), 0.0, 1.0)
 
 
 def topk_iou(P: Any, Q: Any, fraction: float = 0.1) -> np.ndarray:
@@ -358,65 +391,80 @@ def topk_iou(P: Any, Q: Any, fraction: float = 0.1) -> np.ndarray:
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
-    return _topk_impl(*_pair(P, Q), fraction)
+    P, Q = _pair(P, Q)
+    return _topk_pair(_top_region(P, fraction), P, Q, fraction)
 
 
-def _topk_impl(P: np.ndarray, Q: np.ndarray, fraction: float = 0.1) -> np.ndarray:
-    n = P.shape[0]
-    x = P.reshape(n, P.shape[1] * P.shape[2])
-    y = Q.reshape(n, Q.shape[1] * Q.shape[2])
-    size = x.shape[1]
+def _top_region(maps: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    flat = maps.reshape(maps.shape[0], maps.shape[1] * maps.shape[2])
+    size = flat.shape[1]
     k = min(size, max(1, math.ceil(fraction * size)))
     kth = size - k
-    mask_x = x >= np.partition(x, kth, axis=1)[:, kth : kth + 1]
-    mask_y = y >= np.partition(y, kth, axis=1)[:, kth : kth + 1]
+    return flat >= np.partition(flat, kth, axis=1)[:, kth : kth + 1], _is_constant(maps)
+
+
+def _topk_pair(
+    prepared: tuple, x: np.ndarray, y: np.ndarray, fraction: float = 0.1
+) -> np.ndarray:
+    mask_x, const_x = prepared
+    mask_y, const_y = _top_region(y, fraction)
     inter = np.count_nonzero(mask_x & mask_y, axis=1)
     union = np.count_nonzero(mask_x | mask_y, axis=1)
     iou = inter / np.maximum(union, 1)
-    return _constant_rule(iou.astype(np.float64), P, Q)
+    return _constant_rule(iou.astype(np.float64), const_x, const_y)
 
 
 # --------------------------------------------------------------------------- spectral
 
 
-def _half_spectra(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """|rfft2| of both batches with DC zeroed, and the weight of each half-plane column.
+def _half_spectrum(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """|rfft2| of a batch with DC zeroed, and the weight of each half-plane column.
 
     The spectrum of a real map is conjugate-symmetric, so every column of the full FFT2
     except column 0 (and W/2 for even W) appears twice with the same magnitudes; weighting
     the half-plane columns reproduces sums over the full spectrum at half the cost.
     """
-    width = P.shape[2]
-    mag_p = np.abs(scipy.fft.rfft2(P, axes=(1, 2)))
-    mag_q = np.abs(scipy.fft.rfft2(Q, axes=(1, 2)))
-    mag_p[:, 0, 0] = 0.0
-    mag_q[:, 0, 0] = 0.0
-    weight = np.full(mag_p.shape[2], 2.0)
+    width = maps.shape[2]
+    magnitude = np.abs(scipy.fft.rfft2(maps, axes=(1, 2)))
+    magnitude[:, 0, 0] = 0.0
+    weight = np.full(magnitude.shape[2], 2.0)
     weight[0] = 1.0
     if width % 2 == 0:
         weight[-1] = 1.0
-    return mag_p, mag_q, weight
+    return magnitude, weight
 
 
-def _tv_chunk(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    mag_p, mag_q, weight = _half_spectra(P, Q)
-    total_p = np.einsum("nij,j->n", mag_p, weight)
-    total_q = np.einsum("nij,j->n", mag_q, weight)
-    mag_p *= (1.0 / np.where(total_p > 0, total_p, 1.0))[:, None, None]
-    mag_q *= (1.0 / np.where(total_q > 0, total_q, 1.0))[:, None, None]
-    mag_p -= mag_q
-    np.abs(mag_p, out=mag_p)
-    return 1.0 - 0.5 * np.einsum("nij,j->n", mag_p, weight)
+def _spectral_distribution(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each map's magnitude spectrum as a distribution (summing to 1 over the full plane),
+    the half-plane weights, and which maps are constant."""
+    magnitude, weight = _half_spectrum(maps)
+    total = np.einsum("nij,j->n", magnitude, weight)
+    magnitude *= (1.0 / np.where(total > 0, total, 1.0))[:, None, None]
+    return magnitude, weight, _is_constant(maps)
 
 
-def _cosine_chunk(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    mag_p, mag_q, weight = _half_spectra(P, Q)
-    dot = np.einsum("nij,nij,j->n", mag_p, mag_q, weight)
-    norm = np.sqrt(
-        np.einsum("nij,nij,j->n", mag_p, mag_p, weight)
-        * np.einsum("nij,nij,j->n", mag_q, mag_q, weight)
-    )
-    return dot / np.where(norm > 0, norm, 1.0)
+def _tv_pair(prepared: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    dist_x, weight, const_x = prepared
+    dist_y, _, const_y = _spectral_distribution(y)
+    dist_y -= dist_x
+    np.abs(dist_y, out=dist_y)
+    similarity = 1.0 - 0.5 * np.einsum("nij,j->n", dist_y, weight)
+    return _constant_rule(np.clip(similarity, 0.0, 1.0), const_x, const_y)
+
+
+def _spectral_norms(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    magnitude, weight = _half_spectrum(maps)
+    squares = np.einsum("nij,nij,j->n", magnitude, magnitude, weight)
+    return magnitude, weight, squares, _is_constant(maps)
+
+
+def _cosine_pair(prepared: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    mag_x, weight, squares_x, const_x = prepared
+    mag_y, _, squares_y, const_y = _spectral_norms(y)
+    dot = np.einsum("nij,nij,j->n", mag_x, mag_y, weight)
+    norm = np.sqrt(squares_x * squares_y)
+    cosine = dot / np.where(norm > 0, norm, 1.0)
+    return _constant_rule(np.clip(cosine, 0.0, 1.0), const_x, const_y)
 
 
 def spectral_tv(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
@@ -425,7 +473,7 @@ def spectral_tv(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
     ``f = 1 - 0.5 * sum_k |p_k(P) - p_k(Q)|`` with ``p = M / sum M`` and ``M = |FFT2|``
     with the DC term set to 0. Constant maps: 1 when both are, 0 when exactly one is.
     """
-    return _chunked(_tv_impl, *_pair(P, Q), workers)
+    return _chunked(_TV.pairwise, *_pair(P, Q), workers)
 
 
 def spectral_cosine(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
@@ -433,15 +481,7 @@ def spectral_cosine(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray
 
     Constant maps: 1 when both are, 0 when exactly one is.
     """
-    return _chunked(_cosine_impl, *_pair(P, Q), workers)
-
-
-def _tv_impl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    return _constant_rule(np.clip(_tv_chunk(P, Q), 0.0, 1.0), P, Q)
-
-
-def _cosine_impl(P: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    return _constant_rule(np.clip(_cosine_chunk(P, Q), 0.0, 1.0), P, Q)
+    return _chunked(_COSINE.pairwise, *_pair(P, Q), workers)
 
 
 # --------------------------------------------------------------------------- combination
@@ -472,15 +512,21 @@ SPECTRAL: dict[str, SpatialFn] = {
 }
 
 
-# The built-in components on validated float64 batches, used by sp2ps() to run both
+_SSIM = _Split(_ssim_prepare, _ssim_pair)
+_PEARSON = _Split(_centred, _pearson_pair)
+_TOPK = _Split(_top_region, _topk_pair)
+_TV = _Split(_spectral_distribution, _tv_pair)
+_COSINE = _Split(_spectral_norms, _cosine_pair)
+
+# The built-in components on validated float64 batches, used by sp2ps_many() to run both
 # components over each chunk in one threaded pass. A component registered by a user is
 # simply called on the whole batch.
-_CHUNK_IMPLEMENTATIONS: dict[Callable[..., np.ndarray], SpatialFn] = {
-    ssim_similarity: _ssim_impl,
-    pearson_similarity: _pearson_impl,
-    topk_iou: _topk_impl,
-    spectral_tv: _tv_impl,
-    spectral_cosine: _cosine_impl,
+_SPLIT_IMPLEMENTATIONS: dict[Callable[..., np.ndarray], _Split] = {
+    ssim_similarity: _SSIM,
+    pearson_similarity: _PEARSON,
+    topk_iou: _TOPK,
+    spectral_tv: _TV,
+    spectral_cosine: _COSINE,
 }
 
 
@@ -538,32 +584,65 @@ def sp2ps(
     ``workers`` threads share the chunks of the built-in components (default:
     ``$SP2PS_THREADS`` if set, else up to 4 bounded by the CPU count).
     """
+    return sp2ps_many(P, [Q], spatial, spectral, normalize=normalize, workers=workers)[0]
+
+
+def sp2ps_many(
+    P: Any,
+    Qs: Sequence[Any],
+    spatial: str = "ssim",
+    spectral: str = "tv",
+    *,
+    normalize: bool = True,
+    workers: int | None = None,
+) -> list[PerSample]:
+    """:func:`sp2ps` of one original's CAMs ``P`` against several pruned models' ``Qs``.
+
+    Equals ``[sp2ps(P, Q, ...) for Q in Qs]``. With the built-in components the work on
+    the original's maps alone (validation, normalisation, its Gaussian-filtered means, its
+    spectrum) is done once per chunk of samples instead of once per pruned model.
+    """
     spatial_fn = _lookup(SPATIAL, spatial, "spatial")
     spectral_fn = _lookup(SPECTRAL, spectral, "spectral")
-    P, Q = np.asarray(P), np.asarray(Q)
-    res_p, res_q = _resolution(P.dtype), _resolution(Q.dtype)
-    P, Q = _pair(P, Q)
-    spatial_impl = _CHUNK_IMPLEMENTATIONS.get(spatial_fn)
-    spectral_impl = _CHUNK_IMPLEMENTATIONS.get(spectral_fn)
-    if spatial_impl is None or spectral_impl is None:
+    P = np.asarray(P)
+    raw_qs = [np.asarray(Q) for Q in Qs]
+    res_p = _resolution(P.dtype)
+    res_qs = [_resolution(Q.dtype) for Q in raw_qs]
+    P = _as_batch(P, "P (original CAMs)")
+    batches = [_pair(P, Q)[1] for Q in raw_qs]
+    spatial_split = _SPLIT_IMPLEMENTATIONS.get(spatial_fn)
+    spectral_split = _SPLIT_IMPLEMENTATIONS.get(spectral_fn)
+    if spatial_split is None or spectral_split is None:
         if normalize:
-            P, Q = _normalize(P, res_p), _normalize(Q, res_q)
-        s = np.asarray(spatial_fn(P, Q), dtype=np.float64)
-        f = np.asarray(spectral_fn(P, Q), dtype=np.float64)
-    else:
-        # Built-in components: one chunked pass (normalisation included) over the batch,
-        # so each chunk is read once while in cache and all of it runs on the threads.
-        if spatial_fn is ssim_similarity and min(P.shape[1:]) < _SSIM_WEIGHTS.size:
-            ssim_batch(P[:0], Q[:0])  # raises the same clear error as ssim_batch
+            P = _normalize(P, res_p)
+        out = []
+        for Q, res_q in zip(batches, res_qs, strict=True):
+            Q = _normalize(Q, res_q) if normalize else Q
+            s = np.asarray(spatial_fn(P, Q), dtype=np.float64)
+            f = np.asarray(spectral_fn(P, Q), dtype=np.float64)
+            out.append(PerSample(spatial=s, spectral=f, h=harmonic(s, f)))
+        return out
+    if spatial_fn is ssim_similarity and min(P.shape[1:]) < _SSIM_WEIGHTS.size:
+        ssim_batch(P[:0], P[:0])  # raises the same clear error as ssim_batch
 
-        def chunk(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            if normalize:
-                x, y = _normalize(x, res_p), _normalize(y, res_q)
-            return np.stack([spatial_impl(x, y), spectral_impl(x, y)], axis=1)
+    def chunk(rows: slice) -> np.ndarray:
+        # Both components over one chunk of samples, read once while in cache.
+        x = _normalize(P[rows], res_p) if normalize else P[rows]
+        spatial_prepared = spatial_split.prepare(x)
+        spectral_prepared = spectral_split.prepare(x)
+        both = np.empty((len(batches), x.shape[0], 2))
+        for j, (Q, res_q) in enumerate(zip(batches, res_qs, strict=True)):
+            y = _normalize(Q[rows], res_q) if normalize else Q[rows]
+            both[j, :, 0] = spatial_split.pair(spatial_prepared, x, y)
+            both[j, :, 1] = spectral_split.pair(spectral_prepared, x, y)
+        return both
 
-        both = _chunked(chunk, P, Q, workers).reshape(-1, 2)
-        s, f = both[:, 0].copy(), both[:, 1].copy()
-    return PerSample(spatial=s, spectral=f, h=harmonic(s, f))
+    parts = _map_chunks(chunk, P.shape, workers)
+    both = np.concatenate(parts, axis=1) if parts else np.zeros((len(batches), 0, 2))
+    return [
+        PerSample(spatial=b[:, 0].copy(), spectral=b[:, 1].copy(), h=harmonic(b[:, 0], b[:, 1]))
+        for b in both
+    ]
 
 
 # --------------------------------------------------------------------------- accumulator

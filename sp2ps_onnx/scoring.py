@@ -683,29 +683,25 @@ class BatchScorer:
         explained = np.clip(targets_o, 0, scores_o.shape[1] - 1)
         conf_o = _confidence(scores_o, explained, bad_o)
         ids = np.array(prepared.ids, dtype=str)
-        # One metric call for all pruned models: the per-call overhead is paid once per
-        # batch, not once per model, which matters for small maps.
         cleaned = []
         for maps_p, _, scores_p in outputs.pruned:
             bad_p = _nonfinite(maps_p, scores_p) & ~bad_o
             maps_p = np.where(bad_p[:, None, None], 0.0, maps_p).astype(maps_p.dtype, copy=False)
             cleaned.append((maps_p, bad_p))
-        per = None
-        if cleaned:
-            stacked_p = np.concatenate([maps_p for maps_p, _ in cleaned])
-            per = metric.sp2ps(
-                np.tile(maps_o, (len(cleaned), 1, 1)), stacked_p, self.spatial, self.spectral,
-                normalize=True, workers=workers,
-            )
+        # One metric call for all pruned models: the original's share of the work is done
+        # once per batch, and the per-call overhead too (it matters for small maps).
+        per_model = metric.sp2ps_many(
+            maps_o, [maps_p for maps_p, _ in cleaned], self.spatial, self.spectral,
+            normalize=True, workers=workers,
+        )
         parts, examples = [], []
-        for j, ((_, targets_p, scores_p), (maps_p, bad_p)) in enumerate(
-            zip(outputs.pruned, cleaned, strict=True)
+        for j, ((_, targets_p, scores_p), (maps_p, bad_p), per) in enumerate(
+            zip(outputs.pruned, cleaned, per_model, strict=True)
         ):
-            own = slice(j * n, (j + 1) * n)
             lost = bad_o | bad_p
-            s = np.where(lost, 0.0, per.spatial[own])
-            f = np.where(lost, 0.0, per.spectral[own])
-            h = np.where(lost, 0.0, per.h[own])
+            s = np.where(lost, 0.0, per.spatial)
+            f = np.where(lost, 0.0, per.spectral)
+            h = np.where(lost, 0.0, per.h)
             flags = (
                 bad_o * FLAG_ORIGINAL_NONFINITE
                 + bad_p * FLAG_PRUNED_NONFINITE

@@ -195,6 +195,43 @@ def test_sp2ps_equals_its_public_parts(spatial, spectral):
     np.testing.assert_allclose(per.h, m.harmonic(s, f), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(("spatial", "spectral"), [*COMBOS, ("half", "tv")])
+def test_one_original_against_many_equals_each_pair(monkeypatch, spatial, spectral):
+    # sp2ps_many() does the original's share of the work once per chunk; every pruned
+    # model must get what its own sp2ps() call gives, with maps of mixed dtypes, constant
+    # maps, several chunks and threads, and a user-registered component ("half").
+    monkeypatch.setitem(m.SPATIAL, "half", lambda P, Q: np.full(np.asarray(P).shape[0], 0.5))
+    monkeypatch.setattr(m, "_CHUNK_PIXELS", 3 * 30 * 26)  # 3 samples per chunk
+    rng = np.random.default_rng(23)
+    raw_p = (ndimage.gaussian_filter(rng.random((10, 30, 26)), (0, 2, 2)) * 5).astype(np.float32)
+    raw_p[4] = 2.0
+    raw_qs = []
+    for j in range(4):
+        q = ndimage.gaussian_filter(rng.random((10, 30, 26)), (0, 2, 2)) - j
+        q[(j + 3) % 10] = 0.0
+        raw_qs.append(q.astype(np.float32) if j % 2 else q)
+    raw_qs.append(raw_p.copy())
+    many = m.sp2ps_many(raw_p, raw_qs, spatial, spectral, workers=3)
+    assert len(many) == len(raw_qs)
+    for q, got in zip(raw_qs, many, strict=True):
+        alone = m.sp2ps(raw_p, q, spatial, spectral, workers=1)
+        for field in ("spatial", "spectral", "h"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(alone, field))
+    if spatial != "half":  # a map against itself
+        np.testing.assert_allclose(many[-1].h, 1.0, rtol=0, atol=1e-12)
+    assert m.sp2ps_many(raw_p, [], spatial, spectral) == []
+
+
+def test_one_original_against_many_checks_every_batch():
+    P = np.random.default_rng(0).random((3, 16, 16))
+    with pytest.raises(m.MetricInputError, match="differ in shape"):
+        m.sp2ps_many(P, [P, P[:2]])
+    bad = P.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(m.MetricInputError, match=r"Q \(pruned CAMs\)\[1\]"):
+        m.sp2ps_many(P, [P, bad])
+
+
 def test_shift_drops_spatial_but_keeps_spectral():
     reference = blob()
     previous = 1.0
