@@ -76,6 +76,7 @@ class CamModel:
         self.batch_size = max(1, int(batch_size))
         self._session = self._make_session(self.graph.model, self.graph.serialized)
         self.graph.serialized = None  # the session has its own copy
+        self._rewritten: onnx.ModelProto | None = None
         self._forward_session = None
         self._head_session = None
         self._head_built = False
@@ -83,8 +84,11 @@ class CamModel:
     # -- facts -------------------------------------------------------------------------
     @property
     def rewritten(self) -> onnx.ModelProto:
-        """The CAM-ready model: extra input ``target`` and outputs score/activations/gradients."""
-        return self.graph.model
+        """The CAM-ready model: extra input ``target`` and outputs score/activations/gradients
+        (of the activations' shape; the session may run a leaner equivalent graph)."""
+        if self._rewritten is None:
+            self._rewritten = self.graph.full_model()
+        return self._rewritten
 
     @property
     def layer(self) -> str:
@@ -145,6 +149,8 @@ class CamModel:
             (parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts]))[: len(x)]
             for i in range(4)
         )
+        if self.graph.gradient_spread is not None:
+            grads = _spread(grads, acts.shape, self.layer)
         return CamResult(score=score, activations=acts, gradients=grads, targets=used)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
@@ -332,6 +338,18 @@ class CamModel:
                 f"(got {int(t.min())}..{int(t.max())})"
             )
         return t
+
+
+def _spread(gradients: np.ndarray, shape: tuple[int, ...], layer: str) -> np.ndarray:
+    """The session's unspread gradients as a read-only view of the activations' shape (what
+    the Expand left out of the session's graph computes, without writing it out)."""
+    if np.broadcast_shapes(gradients.shape, shape) != tuple(shape):
+        raise ModelLoadError(
+            f"internal error: the gradients of layer {layer!r} have shape {gradients.shape}, "
+            f"which does not spread over the activations' shape {tuple(shape)}; please "
+            "report this model"
+        )
+    return np.broadcast_to(gradients, shape)
 
 
 def quantize_input(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:

@@ -52,10 +52,27 @@ class CamGraph:
     output_names: dict[str, str] = field(default_factory=dict)
     backward_nodes: int = 0
     serialized: bytes | None = field(default=None, repr=False)  # ``model``, checked once
+    # The Expand that spreads a gradient constant over the map (a global pooling head):
+    # left out of ``model``, whose gradients output is then the unspread (N, C, 1, 1)
+    # tensor that the runtime broadcasts, and put back by :meth:`full_model`.
+    gradient_spread: onnx.NodeProto | None = None
 
     @property
     def input_name(self) -> str:
         return self.info.input_name
+
+    def full_model(self) -> onnx.ModelProto:
+        """The rewritten model with gradients of the activations' full shape (what
+        ``sp2ps rewrite`` writes, for any ONNX runtime); ``model`` itself when it already is."""
+        if self.gradient_spread is None:
+            return self.model
+        full = onnx.ModelProto()
+        full.CopyFrom(self.model)
+        out = self.output_names[GRADIENTS]
+        index = next(i for i, node in enumerate(full.graph.node) if out in node.output)
+        full.graph.node[index].input[0] = self.gradient_spread.output[0]
+        full.graph.node.insert(index, self.gradient_spread)
+        return full
 
     @property
     def layout(self) -> str:
@@ -135,9 +152,12 @@ def _build_cam_model(
 
     activations, gradient = b.as_float(target), grads[target]
     perm = layout.to_channels_first
+    spread = None
     if perm:
         activations = b.op("Transpose", [activations], perm=perm)
         gradient = b.op("Transpose", [gradient], perm=perm)
+    else:
+        gradient, spread = _unspread(b, gradient, target)
 
     names = {
         SCORE: _fresh_io_name(info, SCORE),
@@ -181,8 +201,35 @@ def _build_cam_model(
         num_classes=num_classes,
         path=path,
         output_names=names | {TARGET: target_in},
-        backward_nodes=len(graph.node) - original_nodes,
+        backward_nodes=len(graph.node) - original_nodes + (spread is not None),
+        gradient_spread=spread,
     )
+
+
+def _unspread(
+    b: GraphBuilder, gradient: str, activations: str
+) -> tuple[str, onnx.NodeProto | None]:
+    """The gradient before a final ``Expand(g, Shape(activations))``, and that Expand.
+
+    A global pooling head gives every position of a channel the same gradient; spreading
+    it over the map in the graph costs a large write and copy per run for nothing, since
+    the runtime can broadcast it for free. Only that exact pattern is taken (ONNX Expand
+    broadcasts as NumPy does, and the runtime checks that the result has the activations'
+    shape); anything else keeps its gradient as is.
+    """
+    producers = {out: node for node in b.nodes for out in node.output}
+    expand = producers.get(gradient)
+    if expand is None or expand.op_type != "Expand":
+        return gradient, None
+    shape = producers.get(expand.input[1])
+    if shape is None or shape.op_type != "Shape" or shape.attribute:
+        return gradient, None
+    if shape.input[0] != activations:
+        return gradient, None
+    if any(gradient in node.input for node in b.nodes):
+        return gradient, None
+    b.nodes.remove(expand)
+    return expand.input[0], expand
 
 
 def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
