@@ -69,3 +69,16 @@ def test_other_heads_keep_their_gradient_graph(layer: str) -> None:
     result = model.run(x)
     np.testing.assert_array_equal(result.gradients, run_full(model, x)["gradients"])
     assert result.gradients.flags.writeable
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"])
+def test_maps_from_broadcast_gradients_equal_maps_from_full_ones(method: str) -> None:
+    from sp2ps_onnx.cam import gradient_weighted_cam
+
+    model = CamModel(str(FMNIST), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).random((6, 1, 28, 28), dtype=np.float32)
+    result = model.run(x)
+    full = run_full(model, x)
+    from_view = gradient_weighted_cam(method, result.activations, result.gradients)
+    from_full = gradient_weighted_cam(method, full["activations"], full["gradients"].copy())
+    np.testing.assert_allclose(from_view, from_full, rtol=1e-5, atol=1e-6)
