@@ -1476,18 +1476,24 @@ def explain(
     )
     check_label_range(source, int(cam_model.num_classes))
     prep = Preprocessing.for_model(cam_model, preset, mean=mean, std=std, size=size)
-    for batch in source.batches(batch_size):
-        _check_labels(batch.labels, int(cam_model.num_classes), batch.ids)
-        x, display = prep.with_display(batch.images)
-        wanted = batch.labels if mode == "label" else None
-        maps, targets, scores = cam_model.cams(
-            x, method=method, targets=wanted, size=(prep.height, prep.width), return_scores=True
-        )
-        yield CamBatch(
-            ids=batch.ids,
-            images=display,
-            maps=np.asarray(maps, dtype=np.float32),
-            targets=np.asarray(targets, dtype=np.int64),
-            scores=np.asarray(scores),
-            labels=batch.labels,
-        )
+    # The next batches are decoded in a thread while ONNX Runtime explains this one.
+    reader = _Prefetcher(source.batches(batch_size), depth=2)
+    try:
+        for batch in reader:
+            _check_labels(batch.labels, int(cam_model.num_classes), batch.ids)
+            x, display = prep.with_display(batch.images)
+            wanted = batch.labels if mode == "label" else None
+            maps, targets, scores = cam_model.cams(
+                x, method=method, targets=wanted, size=(prep.height, prep.width),
+                return_scores=True,
+            )
+            yield CamBatch(
+                ids=batch.ids,
+                images=display,
+                maps=np.asarray(maps, dtype=np.float32),
+                targets=np.asarray(targets, dtype=np.int64),
+                scores=np.asarray(scores),
+                labels=batch.labels,
+            )
+    finally:
+        reader.close()
