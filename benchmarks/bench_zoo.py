@@ -327,29 +327,15 @@ def _ort_variants(float_path: Path, x: np.ndarray, workdir: Path) -> dict[str, P
 
 
 def _tflite_variants(model, x: np.ndarray, workdir: Path, stem: str) -> dict[str, Path]:
-    import tensorflow as tf
-    import tf2onnx
+    from tests.tflite_export import TFLITE_FORMS, keras_to_onnx_via_tflite
 
     out = {}
-    for form in ("tflite-float", "tflite-dynamic", "tflite-int8", "tflite-int8-io"):
+    for form in TFLITE_FORMS:
+        name = f"tflite-{form}" if form != "int8io" else "tflite-int8-io"
         try:
-            converter = tf.lite.TFLiteConverter.from_keras_model(model)
-            if form != "tflite-float":
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            if form.startswith("tflite-int8"):
-                converter.representative_dataset = lambda: ([x[i : i + 1]] for i in range(len(x)))
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            if form == "tflite-int8-io":
-                converter.inference_input_type = tf.int8
-                converter.inference_output_type = tf.int8
-            tflite = workdir / f"{stem}-{form}.tflite"
-            tflite.write_bytes(converter.convert())
-            proto, _ = tf2onnx.convert.from_tflite(str(tflite), opset=17)
-            target = tflite.with_suffix(".onnx")
-            onnx.save(proto, target)
-            out[form] = target
+            out[name] = keras_to_onnx_via_tflite(model, x, form, workdir / f"{stem}-{name}.onnx")
         except Exception as exc:
-            out[form] = exc
+            out[name] = exc
     return out
 
 

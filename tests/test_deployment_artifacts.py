@@ -28,6 +28,7 @@ from sp2ps_onnx import CamModel
 from sp2ps_onnx.errors import LayerNotFoundError
 from sp2ps_onnx.graph import inspect_model, parameter_count, weight_statistics
 from tests.exports import cache_dir, export_torchvision
+from tests.tflite_export import TFLITE_FORMS, keras_to_onnx_via_tflite
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -169,9 +170,6 @@ def test_pruned_model_keeps_its_sparsity_after_quantization(tmp_path) -> None:
 # 1, 2: TFLite float / dynamic range / full integer (float and int8 I/O) through tf2onnx
 # ---------------------------------------------------------------------------------------------
 
-_TFLITE_FORMS = ("float", "dynamic", "int8", "int8io")
-
-
 def _keras_cnn(size: int):
     import tensorflow as tf
 
@@ -191,28 +189,13 @@ def _keras_cnn(size: int):
 
 @pytest.fixture(scope="module")
 def tflite_variants() -> dict[str, Path]:
-    import tensorflow as tf
-    import tf2onnx
-
     model = _keras_cnn(SIZE)
     x = _photos(SIZE, nchw=False)
     out = {}
-    for form in _TFLITE_FORMS:
+    for form in TFLITE_FORMS:
         target = cache_dir() / f"keras-cnn-{SIZE}-tflite-{form}.onnx"
         if not target.exists():
-            converter = tf.lite.TFLiteConverter.from_keras_model(model)
-            if form != "float":
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            if form.startswith("int8"):
-                converter.representative_dataset = lambda: ([x[i : i + 1]] for i in range(len(x)))
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            if form == "int8io":
-                converter.inference_input_type = tf.int8
-                converter.inference_output_type = tf.int8
-            tflite = target.with_suffix(".tflite")
-            tflite.write_bytes(converter.convert())
-            proto, _ = tf2onnx.convert.from_tflite(str(tflite), opset=17)
-            onnx.save(proto, target)
+            keras_to_onnx_via_tflite(model, x, form, target)
         out[form] = target
     return out
 
@@ -222,7 +205,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("form", _TFLITE_FORMS[1:])
+@pytest.mark.parametrize("form", TFLITE_FORMS[1:])
 def test_tflite_quantized_models_cut_the_softmax_and_follow_the_float_cams(
     tflite_variants, form: str
 ) -> None:
