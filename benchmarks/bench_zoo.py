@@ -99,6 +99,21 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def _compared_row(cam, result, reference: np.ndarray, gradient: np.ndarray, source: str) -> dict:
+    """The zoo row of one model: the engine's activations and gradients against the
+    framework's (``source``), or why they cannot be compared."""
+    row = {"layer": _short(cam.layer), "shape": list(result.activations.shape[1:])}
+    if reference.shape != result.activations.shape:
+        row["status"] = (f"layer differs: engine {result.activations.shape[1:]}, "
+                         f"{source} {reference.shape[1:]}")
+        return row
+    row["act_err"] = _relative(result.activations, reference)
+    row["grad_err"] = _relative(result.gradients, gradient)
+    ok = row["act_err"] < REL_ACT and row["grad_err"] <= REL_GRAD
+    row["status"] = "pass" if ok else "mismatch"
+    return row
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     values = [np.corrcoef(p.ravel(), q.ravel())[0, 1] for p, q in zip(a, b, strict=True)]
     return float(np.nanmin(values)) if not np.all(np.isnan(values)) else float("nan")
@@ -141,15 +156,7 @@ def run_timm(name: str, size: int, workdir: Path) -> dict:
         permuted = reference.transpose(0, 3, 1, 2)
         if permuted.shape == result.activations.shape:  # forward_features is NHWC (swin-like)
             reference, gradient = permuted, gradient.transpose(0, 3, 1, 2)
-    row = {"layer": _short(cam.layer), "shape": list(result.activations.shape[1:])}
-    if reference.shape != result.activations.shape:
-        row["status"] = f"layer differs: engine {result.activations.shape[1:]}, forward_features {reference.shape[1:]}"
-        return row
-    row["act_err"] = _relative(result.activations, reference)
-    row["grad_err"] = _relative(result.gradients, gradient)
-    ok = row["act_err"] < REL_ACT and row["grad_err"] <= REL_GRAD
-    row["status"] = "pass" if ok else "mismatch"
-    return row
+    return _compared_row(cam, result, reference, gradient, "forward_features")
 
 
 # Models whose stage before the last brings in the ops of issue 8's "earlier layers" list.
@@ -275,15 +282,7 @@ def run_keras(name: str, size: int, workdir: Path) -> dict:
     finally:
         last.activation = saved
     reference = features.numpy().transpose(0, 3, 1, 2)
-    row = {"layer": _short(cam.layer), "shape": list(result.activations.shape[1:])}
-    if reference.shape != result.activations.shape:
-        row["status"] = f"layer differs: engine {result.activations.shape[1:]}, Keras {reference.shape[1:]}"
-        return row
-    row["act_err"] = _relative(result.activations, reference)
-    row["grad_err"] = _relative(result.gradients, gradient)
-    ok = row["act_err"] < REL_ACT and row["grad_err"] <= REL_GRAD
-    row["status"] = "pass" if ok else "mismatch"
-    return row
+    return _compared_row(cam, result, reference, gradient, "Keras")
 
 
 # -- quantized variants ----------------------------------------------------------------------
