@@ -21,7 +21,6 @@ each kind counts, since the machine's noise only ever adds time.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -36,11 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.fmnist import DatasetMissing, load_split  # noqa: E402
 from sp2ps_onnx.data import Preprocessing, open_data  # noqa: E402
 from sp2ps_onnx.runtime import session_options  # noqa: E402
 from sp2ps_onnx.scoring import score_models  # noqa: E402
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 MODELS = ROOT / "models"
 BATCH = 32
 
@@ -55,20 +54,11 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def fmnist_test() -> tuple[np.ndarray, np.ndarray]:
-    if not (FMNIST / "t10k-images-idx3-ubyte.gz").exists():
-        sys.exit(f"{FMNIST} not found: apt-get install dataset-fashion-mnist")
-    return read_idx(FMNIST / "t10k-images-idx3-ubyte.gz"), read_idx(
-        FMNIST / "t10k-labels-idx1-ubyte.gz"
-    ).astype(np.int64)
+    try:
+        return load_split("test")
+    except DatasetMissing as exc:
+        sys.exit(str(exc))
 
 
 def plain_inference(paths: list[Path], data, preset: str, size=None) -> tuple[float, float]:

@@ -41,13 +41,22 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
+def load_split(
+    split: str, folder: str | os.PathLike[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) int64 of ``split`` ("train" or "test")."""
+    root = Path(folder or os.environ.get("FMNIST_DIR", DEFAULT_DIR))
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    return images, labels
+
+
 def load(folder: str | os.PathLike[str] | None = None) -> dict[str, np.ndarray]:
     """``x_train`` (60000, 28, 28) uint8, ``y_train`` int64, ``x_test``, ``y_test``."""
-    root = Path(folder or os.environ.get("FMNIST_DIR", DEFAULT_DIR))
     data = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        data[f"x_{split}"] = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
-        data[f"y_{split}"] = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    for split in ("train", "test"):
+        data[f"x_{split}"], data[f"y_{split}"] = load_split(split, folder)
     return data
 
 

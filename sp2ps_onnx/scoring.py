@@ -915,9 +915,7 @@ def _summarize_all(summaries: list[dict[str, Any]]) -> list[Any]:
     from .runtime import thread_budget
 
     def one(kwargs: dict[str, Any]) -> Any:
-        kwargs = dict(kwargs)
-        return metric.summarize(kwargs.pop("spatial"), kwargs.pop("spectral"), kwargs.pop("h"),
-                                **kwargs)
+        return metric.summarize(**kwargs)
 
     threads = min(len(summaries), thread_budget())
     if threads <= 1:
