@@ -28,15 +28,22 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_score import MODELS, fmnist_test, peak_rss  # noqa: E402
 
-from sp2ps_onnx.scoring import score_models  # noqa: E402
+from sp2ps_onnx.scoring import (  # noqa: E402
+    CamOptions,
+    DataOptions,
+    RayOptions,
+    RunOptions,
+    score_models,
+)
 
 PRUNED = sorted((MODELS / "pruned").glob("*.onnx"))
 
 
-def run(data: Path, n: int, **backend) -> float:
+def run(data: Path, n: int, ray: RayOptions | None = None) -> float:
     started = time.perf_counter()
-    score_models(MODELS / "fmnist_cnn.onnx", PRUNED, data, preset="unit", limit=n,
-                 batch_size=64, device="cpu", target="original", **backend)
+    score_models(MODELS / "fmnist_cnn.onnx", PRUNED, data, cam=CamOptions(target="original"),
+                 data_options=DataOptions(preset="unit", limit=n),
+                 run=RunOptions(batch_size=64, device="cpu", ray=ray))
     return time.perf_counter() - started
 
 
@@ -44,7 +51,7 @@ def driver_child(data: Path, n: int) -> None:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    run(data, n, backend="ray", workers=2)
+    run(data, n, RayOptions(workers=2))
     print(peak_rss())
 
 
@@ -66,8 +73,7 @@ def main() -> None:
         local = run(data, args.n)
         rows = {"images": args.n, "local_img_s": args.n / local}
         for workers in (1, 2):
-            rows[f"ray{workers}_img_s"] = args.n / run(data, args.n, backend="ray",
-                                                      workers=workers)
+            rows[f"ray{workers}_img_s"] = args.n / run(data, args.n, RayOptions(workers=workers))
         print(json.dumps(rows), flush=True)
         ray.shutdown()
         for n in map(int, args.sizes.split(",")):

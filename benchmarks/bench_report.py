@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from sp2ps_onnx.report import write_report
-from sp2ps_onnx.scoring import score_models
+from sp2ps_onnx.scoring import DataOptions, RunOptions, score_models
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -40,9 +40,13 @@ def main() -> None:
     args = parser.parse_args()
     pruned = sorted((MODELS / "pruned").glob("*.onnx"))
     started = time.perf_counter()
-    report = score_models(MODELS / "fmnist_cnn.onnx", pruned, MODELS / "samples" / "fmnist_test.npz",
-                          preset="unit", classes=str(MODELS / "samples" / "classes.txt"),
-                          device="cpu")
+    report = score_models(
+        MODELS / "fmnist_cnn.onnx",
+        pruned,
+        MODELS / "samples" / "fmnist_test.npz",
+        data_options=DataOptions(preset="unit", classes=str(MODELS / "samples" / "classes.txt")),
+        run=RunOptions(device="cpu"),
+    )
     scoring = time.perf_counter() - started
     root = Path(tempfile.mkdtemp(prefix="sp2ps-bench-report-"))
     try:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.fmnist import DatasetMissing, load_split  # noqa: E402
 from sp2ps_onnx.data import Preprocessing, open_data  # noqa: E402
 from sp2ps_onnx.runtime import session_options  # noqa: E402
-from sp2ps_onnx.scoring import score_models  # noqa: E402
+from sp2ps_onnx.scoring import CamOptions, DataOptions, RunOptions, score_models  # noqa: E402
 
 MODELS = ROOT / "models"
 BATCH = 32
@@ -70,7 +70,7 @@ def plain_inference(paths: list[Path], data, preset: str, size=None) -> tuple[fl
     started = time.perf_counter()
     sessions, preps = [], []
     for path in paths:
-        session = ort.InferenceSession(str(path), session_options(),
+        session = ort.InferenceSession(str(path), session_options(spinning=False),
                                        providers=["CPUExecutionProvider"])
         sessions.append(session)
         # Preprocessing needs the model's layout/size; a CamModel gives them (not timed).
@@ -92,8 +92,13 @@ def plain_inference(paths: list[Path], data, preset: str, size=None) -> tuple[fl
 
 def whole_run(original: Path, pruned: list[Path], data, preset: str, size=None) -> float:
     started = time.perf_counter()
-    score_models(original, pruned, data, preset=preset, batch_size=BATCH, device="cpu",
-                 size=size)
+    score_models(
+        original,
+        pruned,
+        data,
+        data_options=DataOptions(preset=preset, size=size),
+        run=RunOptions(batch_size=BATCH, device="cpu"),
+    )
     return time.perf_counter() - started
 
 
@@ -209,8 +214,14 @@ def part_224(work: Path, n: int) -> list[dict]:
 
 def rss_child(fmt: str, n: int, work: Path) -> None:
     data = work / {"npz": "x.npz", "npy": "x.npy", "folder": "folder"}[fmt]
-    score_models(MODELS / "fmnist_cnn.onnx", sorted((MODELS / "pruned").glob("*.onnx")), data,
-                 preset="unit", batch_size=BATCH, device="cpu", limit=n, target="original")
+    score_models(
+        MODELS / "fmnist_cnn.onnx",
+        sorted((MODELS / "pruned").glob("*.onnx")),
+        data,
+        cam=CamOptions(target="original"),
+        data_options=DataOptions(preset="unit", limit=n),
+        run=RunOptions(batch_size=BATCH, device="cpu"),
+    )
     print(peak_rss())
 
 

@@ -79,7 +79,13 @@ def photos_stage(config: StudyConfig, cache: Path, out: Path, log: Log) -> None:
 
     from sp2ps_onnx import CamModel
     from sp2ps_onnx.data import Preprocessing
-    from sp2ps_onnx.scoring import score_models
+    from sp2ps_onnx.scoring import (
+        CamOptions,
+        DataOptions,
+        MetricOptions,
+        RunOptions,
+        score_models,
+    )
 
     folder = cache / "photos"
     images = folder / "images"
@@ -110,10 +116,15 @@ def photos_stage(config: StudyConfig, cache: Path, out: Path, log: Log) -> None:
                                "classes": {}}
     for method in config.cam_methods:
         try:
-            report = score_models(str(original), [str(p) for _, p, _ in variants], str(images),
-                                  method=method, preset="imagenet", target="original",
-                                  batch_size=8, n_bootstrap=config.n_bootstrap, seed=config.seed,
-                                  examples=len(results["photos"]), device="cpu")
+            report = score_models(
+                str(original),
+                [str(p) for _, p, _ in variants],
+                str(images),
+                cam=CamOptions(method=method, target="original"),
+                data_options=DataOptions(preset="imagenet"),
+                metric=MetricOptions(n_bootstrap=config.n_bootstrap, seed=config.seed, examples=len(results["photos"])),
+                run=RunOptions(batch_size=8, device="cpu"),
+            )
         except Exception as exc:
             log(f"photos: scoring with {method} failed: {type(exc).__name__}: {exc}")
             results["models"].setdefault("error", {})[method] = f"{type(exc).__name__}: {exc}"

@@ -108,7 +108,14 @@ def _error_text(exc: BaseException) -> str:
 
 def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log: Log,
                 rescore: list[str]) -> None:
-    from sp2ps_onnx.scoring import file_sha256, score_models
+    from sp2ps_onnx.scoring import (
+        CamOptions,
+        DataOptions,
+        MetricOptions,
+        RunOptions,
+        file_sha256,
+        score_models,
+    )
 
     test_file = cache / "fmnist_test.npz"
     np.savez(test_file, x=data["x_test"], y=data["y_test"])
@@ -119,9 +126,15 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
         forced = any(fnmatch.fnmatch(entry.name, pattern) for pattern in rescore)
         return forced or record is None or record.get("sha256") != sha
 
-    options = dict(preset="unit", target="label", batch_size=config.score_batch,
-                   n_bootstrap=config.n_bootstrap, seed=config.seed, examples=config.examples,
-                   device="cpu")
+    data_options = DataOptions(preset="unit")
+    metric = MetricOptions(n_bootstrap=config.n_bootstrap, seed=config.seed,
+                           examples=config.examples)
+    run = RunOptions(batch_size=config.score_batch, device="cpu")
+
+    def options(method: str) -> dict[str, Any]:
+        return dict(cam=CamOptions(method=method, target="label"), data_options=data_options,
+                    metric=metric, run=run)
+
     for arch in config.architectures:
         original = manifest.entries.get(arch)
         if original is None:
@@ -140,7 +153,7 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
                 began = time.time()
                 try:
                     report = score_models(original.path, [e.path for e, _ in chunk], str(test_file),
-                                          method=method, **options)
+                                          **options(method))
                     seconds = (time.time() - began) / len(chunk)
                     results = list(zip(chunk, report.models, strict=True))
                 except Exception as exc:  # isolate the model the engine cannot score
@@ -150,7 +163,7 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
                         began = time.time()
                         try:
                             single = score_models(original.path, [entry.path], str(test_file),
-                                                  method=method, **options)
+                                                  **options(method))
                             results.append(((entry, sha), single.models[0]))
                         except Exception as single_exc:
                             log(f"  {entry.name}: {_error_text(single_exc)}")

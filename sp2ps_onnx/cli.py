@@ -16,57 +16,75 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+import numpy as np
 
 from . import __version__
 from .cam import METHODS
-from .data import PRESETS, open_data
-from .errors import ModelLoadError, Sp2PSError
+from .convert import check_converter, needs_conversion, to_onnx
+from .data import PRESETS, open_data, parse_size
+from .errors import LayerNotFoundError, ModelLoadError, Sp2PSError
+from .explain import explain
+from .figures import colormap, overlay, write_png
+from .graph import inspect_model
+from .graph.model_io import save_model
 from .metric import AGGREGATIONS, SPATIAL, SPECTRAL
-from .report import FORMATS
-
-
-class UserError(click.ClickException):
-    """A :class:`Sp2PSError` shown as one line, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"sp2ps: error: {self.message}", err=True)
+from .progress import ProgressReporter
+from .report import (
+    CHECKPOINT_DIR,
+    FORMATS,
+    atomic_directory,
+    check_report_packages,
+    format_table,
+    human_size,
+    write_report,
+)
+from .scoring import (
+    CamOptions,
+    DataOptions,
+    MetricOptions,
+    RayOptions,
+    RunOptions,
+    model_info,
+    open_model,
+    score_models,
+)
 
 
 def _one_line(message: str) -> str:
     return " ".join(message.split()) or "unknown error"
 
 
-class InternalError(UserError):
-    """An unexpected exception, shown as one line (exit status 3) unless ``--debug``."""
-
-    exit_code = 3
-
-
 _DEBUG = "sp2ps.debug"
+#: Exit status of an error in the user's input (a Sp2PSError), and of an unexpected one.
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    click.echo(f"sp2ps: error: {message}", err=True)
+    raise click.exceptions.Exit(status)
 
 
 class _Sp2PSGroup(click.Group):
+    """Ends every command that fails with one line on stderr (``--debug``: the traceback)."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Sp2PSError as exc:
             if ctx.meta.get(_DEBUG):
                 raise
-            raise UserError(_one_line(str(exc))) from None
+            _fail(_one_line(str(exc)), EXIT_USER_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:
             if ctx.meta.get(_DEBUG):
                 raise
-            raise InternalError(
-                f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); rerun with "
-                "--debug for the traceback and report it"
-            ) from None
+            _fail(f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); rerun with "
+                  "--debug for the traceback and report it", EXIT_INTERNAL_ERROR)
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -95,8 +113,6 @@ def _onnx_models(
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """The ONNX paths for ``paths``: framework files are converted into ``directory``
     (recorded as ``final_directory``, where a temporary output will be moved)."""
-    from .convert import check_converter, needs_conversion, to_onnx
-
     for path in paths:  # every missing converter is reported before any work
         check_converter(path)
     resolved, conversions = [], []
@@ -172,6 +188,39 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+# The commands take their shared options as ``**given`` and build the typed options of
+# sp2ps_onnx.scoring from them, so that the CLI and the Python API share one vocabulary.
+
+
+def _cam_options(given: dict[str, Any]) -> CamOptions:
+    return CamOptions(method=given["method"], layer=given["layer"],
+                      pruned_layer=given.get("pruned_layer"), target=given["target"],
+                      allow_domains=given["allow_domains"])
+
+
+def _read_options(given: dict[str, Any]) -> DataOptions:
+    return DataOptions(preset=given["preset"], mean=given["mean"], std=given["std"],
+                       size=given["size"], limit=given["limit"], classes=given["classes"],
+                       strict=given["strict"])
+
+
+def _metric_options(given: dict[str, Any]) -> MetricOptions:
+    return MetricOptions(spatial=given["spatial"], spectral=given["spectral"],
+                         aggregation=given["aggregation"], n_bootstrap=given["bootstrap"],
+                         seed=given["seed"], examples=given["examples"])
+
+
+def _run_options(given: dict[str, Any], checkpoint: Path | None = None) -> RunOptions:
+    address = given.get("ray_address")
+    ray = None if address is None else RayOptions(
+        address=None if address == "local" else address, workers=given["workers"],
+        gpus_per_worker=given["gpus_per_worker"],
+    )
+    return RunOptions(batch_size=given["batch_size"], device=given["device"],
+                      progress=_show_progress(given["quiet"]), quiet=given["quiet"],
+                      checkpoint=checkpoint, resume=given.get("resume", False), ray=ray)
+
+
 def _check_model_path(path: str) -> str:
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "does not exist"
@@ -209,17 +258,12 @@ def inspect(model: str, layer: str | None, device: str, size: str | None,
             allow_domains: tuple[str, ...], fmt: str) -> None:
     """Show a model's inputs, outputs, layout, classes, target layer, the ops between layer
     and score with their gradient-rule coverage, parameters and sparsity."""
-    from .data import parse_size
-    from .errors import LayerNotFoundError
-    from .graph import inspect_model
-    from .scoring import model_info
-
     _check_model_path(model)
     with tempfile.TemporaryDirectory(prefix="sp2ps-convert-") as converted:
         (onnx_path,), _ = _onnx_models([model], Path(converted), quiet=fmt == "json")
         found = inspect_model(onnx_path, layer=layer, input_size=parse_size(size),
                               allow_domains=allow_domains)
-        info = model_info(onnx_path)
+        info = model_info(onnx_path, allow_domains=allow_domains)
     details: dict[str, Any] = {
         "model": model,
         "sha256": info.sha256,
@@ -256,8 +300,6 @@ def inspect(model: str, layer: str | None, device: str, size: str | None,
 
 
 def _inspect_text(details: dict[str, Any]) -> str:
-    from .report import human_size
-
     def shape(dims: list[Any]) -> str:
         return "(" + ", ".join("?" if not isinstance(d, int) else str(d) for d in dims) + ")"
 
@@ -315,26 +357,19 @@ def _inspect_text(details: dict[str, Any]) -> str:
 @_model_options
 @_data_options
 @_cmap_option
-def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, layer: str | None,
-        device: str, size: str | None, allow_domains: tuple[str, ...], method: str,
-        target: str | None, batch_size: int, preset: str, mean: str | None, std: str | None,
-        limit: int | None, classes: str | None, quiet: bool, strict: bool, cmap: str) -> None:
+def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, cmap: str,
+        **given: Any) -> None:
     """Compute CAMs of MODEL for INPUT images (files, folders, .npz, .npy): writes a PNG
     overlay and a .npy map per sample, and cams.csv."""
-    import numpy as np
-
-    from .progress import ProgressReporter
-    from .report import atomic_directory, check_report_packages
-    from .scoring import explain
-
+    cam_options, data_options, run = _cam_options(given), _read_options(given), _run_options(given)
+    quiet = run.quiet
     _check_model_path(model)
     if Path(out).resolve() in {Path(p).resolve() for p in (model, *inputs)}:
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     check_report_packages()
-    from .figures import colormap, overlay, write_png
-
     colormap(cmap)
-    source = open_data(list(inputs), classes=classes, limit=limit, strict=strict)
+    source = open_data(list(inputs), classes=data_options.classes, limit=data_options.limit,
+                       strict=data_options.strict)
     names = source.class_names
     done = 0
     used: set[str] = set()
@@ -349,10 +384,8 @@ def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, layer: str |
             writer = csv.writer(handle)
             writer.writerow(["id", "file", "target", "target_name", "target_logit", "top1",
                              "top1_name", "label"])
-            for batch in explain(model, source, method=method, layer=layer, target=target,
-                                 batch_size=batch_size, device=device, preset=preset, mean=mean,
-                                 std=std, size=size, quiet=quiet,
-                                 allow_domains=allow_domains):
+            for batch in explain(model, source, cam=cam_options, data_options=data_options,
+                                 run=run):
                 for i, sample_id in enumerate(batch.ids):
                     stem = _safe_stem(sample_id, used)
                     np.save(directory / f"{stem}.npy", batch.maps[i])
@@ -376,7 +409,7 @@ def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, layer: str |
         _note(f"sp2ps: note: skipped {len(source.faults)} unreadable sample(s) or empty "
               f"folder(s) (listed in skipped.csv): "
               f"{', '.join(f.id for f in source.faults[:5])}", quiet)
-    _note(f"sp2ps: wrote {done} CAM(s) ({method}) to {out}", quiet)
+    _note(f"sp2ps: wrote {done} CAM(s) ({cam_options.method}) to {out}", quiet)
 
 
 def _name(index: int, names: list[str] | None) -> str:
@@ -435,24 +468,12 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same "
               "--out, models, data and options (rows are saved under --out as they come).")
 def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: str, force: bool,
-          no_report: bool, fmt: str, layer: str | None, device: str, size: str | None,
-          allow_domains: tuple[str, ...], pruned_layer: str | None, method: str,
-          target: str | None, batch_size: int, preset: str, mean: str | None, std: str | None,
-          limit: int | None, classes: str | None, quiet: bool, strict: bool, spatial: str,
-          spectral: str, aggregation: str, bootstrap: int, examples: int, seed: int, cmap: str,
-          figure_formats: tuple[str, ...], ray_address: str | None, workers: int | None,
-          gpus_per_worker: float, resume: bool) -> None:
+          no_report: bool, fmt: str, cmap: str, figure_formats: tuple[str, ...],
+          **given: Any) -> None:
     """Score PRUNED models against ORIGINAL with Sp2PS over --data; prints the ranking and
     writes results.json, per_sample.csv, report.html and figures/ to --out."""
-    from .report import (
-        CHECKPOINT_DIR,
-        atomic_directory,
-        check_report_packages,
-        format_table,
-        write_report,
-    )
-    from .scoring import score_models
-
+    if given["resume"] and no_report:
+        raise click.UsageError("--resume continues the rows saved under --out; drop --no-report")
     for path in (original, *pruned):
         _check_model_path(path)
     inputs = {Path(p).resolve() for p in (original, *pruned, *data)}
@@ -460,29 +481,20 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     if not no_report:
         check_report_packages(" (or pass --no-report for the table only)")
-        from .figures import colormap
-
         colormap(cmap)
     formats = ["png", "svg", *figure_formats]
-    source = open_data(list(data), classes=classes, limit=limit, strict=strict)
-
-    if resume and no_report:
-        raise click.UsageError("--resume continues the rows saved under --out; drop --no-report")
+    cam_options, data_options = _cam_options(given), _read_options(given)
+    metric = _metric_options(given)
+    quiet = given["quiet"]
+    source = open_data(list(data), classes=data_options.classes, limit=data_options.limit,
+                       strict=data_options.strict)
 
     def run(converted: Path, final: Path | None) -> Any:
         models, conversions = _onnx_models([original, *pruned], converted, quiet, final)
-        report = score_models(
-            models[0], models[1:], source, method=method, layer=layer,
-            pruned_layer=pruned_layer, target=target, batch_size=batch_size, device=device,
-            preset=preset, mean=mean, std=std, size=size, limit=limit, spatial=spatial,
-            spectral=spectral, aggregation=aggregation, n_bootstrap=bootstrap, seed=seed,
-            examples=examples, progress=_show_progress(quiet), quiet=quiet,
-            allow_domains=allow_domains, strict=strict,
-            checkpoint=None if no_report else Path(out) / CHECKPOINT_DIR, resume=resume,
-            backend="local" if ray_address is None else "ray",
-            ray_address=None if ray_address == "local" else ray_address, workers=workers,
-            gpus_per_worker=gpus_per_worker,
-        )
+        checkpoint = None if no_report else Path(out) / CHECKPOINT_DIR
+        report = score_models(models[0], models[1:], source, cam=cam_options,
+                              data_options=data_options, metric=metric,
+                              run=_run_options(given, checkpoint))
         if conversions:
             report.config["conversions"] = conversions
         report.config["cmap"] = cmap
@@ -511,9 +523,6 @@ def export(model: str, out: str, force: bool, layer: str | None, device: str,
            size: str | None, allow_domains: tuple[str, ...]) -> None:
     """Write MODEL rewritten for CAMs: extra input 'target', extra outputs activations and
     gradients (runs in any ONNX runtime)."""
-    from .graph.model_io import save_model
-    from .scoring import open_model
-
     _check_model_path(model)
     out_path = Path(out)
     if out_path.resolve() == Path(model).resolve() or (

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.cli import cli
 from sp2ps_onnx.metric import Sp2PSAccumulator
-from sp2ps_onnx.scoring import score_models
+from sp2ps_onnx.scoring import CamOptions, DataOptions, MetricOptions, RunOptions, score_models
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -206,8 +206,15 @@ def test_original_against_itself_scores_one(tiny, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", ["original", "self"])
 def test_score_target_modes(tiny, tmp_path: Path, target: str) -> None:
-    report = score_models(tiny["original"], [tiny["pruned"]], tiny["npz"], preset="unit",
-                          target=target, n_bootstrap=0, limit=10, device="cpu")
+    report = score_models(
+        tiny["original"],
+        [tiny["pruned"]],
+        tiny["npz"],
+        cam=CamOptions(target=target),
+        data_options=DataOptions(preset="unit", limit=10),
+        metric=MetricOptions(n_bootstrap=0),
+        run=RunOptions(device="cpu"),
+    )
     rows = report.models[0].rows
     assert len(rows) == 10 and report.config["target"] == target
     for row in rows:
@@ -226,8 +233,14 @@ def test_original_cams_are_computed_once_per_batch(tiny) -> None:
         return real(x, *args, **kwargs)
 
     original.cams = counting  # type: ignore[method-assign]
-    report = score_models(original, [tiny["pruned"], tiny["pruned_nhwc"], tiny["pruned"]],
-                          tiny["npz"], preset="unit", batch_size=7, n_bootstrap=0)
+    report = score_models(
+        original,
+        [tiny["pruned"], tiny["pruned_nhwc"], tiny["pruned"]],
+        tiny["npz"],
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+        run=RunOptions(batch_size=7),
+    )
     assert calls == [7, 7, 4]  # once per batch, not once per pruned model
     assert [m.info.name for m in report.models] == ["pruned", "pruned_nhwc", "pruned-2"]
     assert len(report.models[0].worst) == 4 and len(report.models[0].best) == 4
@@ -442,8 +455,14 @@ def test_progress_bar_only_on_request(tiny, tmp_path: Path, capsys) -> None:
     calls = []
     from sp2ps_onnx.scoring import score_models
 
-    report = score_models(tiny["original"], [tiny["pruned"]], tiny["npz"], preset="unit",
-                          batch_size=4, n_bootstrap=0, progress=lambda *a: calls.append(a))
+    report = score_models(
+        tiny["original"],
+        [tiny["pruned"]],
+        tiny["npz"],
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+        run=RunOptions(batch_size=4, progress=lambda *a: calls.append(a)),
+    )
     assert calls == [(min(4 * k, report.n), report.n) for k in range(1, len(calls) + 1)]
     assert calls[-1] == (report.n, report.n)
     # Under CliRunner stderr is not a terminal: only the closing note, no bar.
@@ -463,8 +482,13 @@ def test_dynamic_input_size_follows_size_option(tiny, tmp_path: Path) -> None:
     maps = [np.load(p) for p in sorted(out.glob("*.npy"))]
     assert len(maps) == 3 and all(m.shape == (24, 20) for m in maps)
     # The fixed-size original and its dynamic twin agree when run at the same size.
-    report = score_models(tiny["original"], [tiny["dynamic"]], tiny["npz"], preset="unit",
-                          limit=6, n_bootstrap=0)
+    report = score_models(
+        tiny["original"],
+        [tiny["dynamic"]],
+        tiny["npz"],
+        data_options=DataOptions(preset="unit", limit=6),
+        metric=MetricOptions(n_bootstrap=0),
+    )
     assert report.models[0].sp2ps == pytest.approx(1.0, abs=1e-6)
 
 

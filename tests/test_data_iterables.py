@@ -10,7 +10,7 @@ import pytest
 
 from sp2ps_onnx.data import open_data
 from sp2ps_onnx.errors import InputDataError
-from sp2ps_onnx.scoring import score_models
+from sp2ps_onnx.scoring import DataOptions, MetricOptions, RunOptions, score_models
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ORIGINAL = MODELS / "fmnist_cnn.onnx"
@@ -28,7 +28,13 @@ def samples() -> tuple[np.ndarray, np.ndarray]:
 def from_file(samples, tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("npz") / "data.npz"
     np.savez(path, x=samples[0], y=samples[1])
-    return _per_sample(score_models(ORIGINAL, PRUNED, path, preset="unit", n_bootstrap=0))
+    return _per_sample(score_models(
+        ORIGINAL,
+        PRUNED,
+        path,
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+    ))
 
 
 def _per_sample(report) -> dict:
@@ -52,8 +58,14 @@ def test_torch_dataloader_of_uint8_images(samples, from_file) -> None:
     x, y = samples
     loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=7)
     calls = []
-    report = score_models(ORIGINAL, PRUNED, loader, preset="unit", n_bootstrap=0,
-                          batch_size=5, progress=lambda *a: calls.append(a))
+    report = score_models(
+        ORIGINAL,
+        PRUNED,
+        loader,
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+        run=RunOptions(batch_size=5, progress=lambda *a: calls.append(a)),
+    )
     _assert_same(_per_sample(report), from_file)
     assert report.n == N and calls[-1] == (N, N)  # the DataLoader's dataset gives the total
     assert report.models[0].rows[8]["id"] == "DataLoader[8]"
@@ -77,7 +89,7 @@ def test_torch_dataloader_with_a_transform_gives_preprocessed_floats(samples, fr
             return torch.from_numpy(x[i]).float().div(255).unsqueeze(0), int(y[i])
 
     loader = DataLoader(ToUnitTensor(), batch_size=16)
-    report = score_models(ORIGINAL, PRUNED, loader, n_bootstrap=0)
+    report = score_models(ORIGINAL, PRUNED, loader, metric=MetricOptions(n_bootstrap=0))
     assert report.config["data_preprocessed"] is True
     # The NCHW float batches also feed the NHWC Keras model (transposed for it).
     _assert_same(_per_sample(report), from_file)
@@ -88,8 +100,13 @@ def test_tf_data_pipeline(samples, from_file) -> None:
 
     x, y = samples
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(9).prefetch(2)
-    report = score_models(ORIGINAL, PRUNED, dataset.as_numpy_iterator(), preset="unit",
-                          n_bootstrap=0)
+    report = score_models(
+        ORIGINAL,
+        PRUNED,
+        dataset.as_numpy_iterator(),
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+    )
     _assert_same(_per_sample(report), from_file)
 
 

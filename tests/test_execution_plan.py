@@ -11,23 +11,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sp2ps_onnx import CamModel
 from sp2ps_onnx.data import Batch, open_data
 from sp2ps_onnx.errors import InputDataError
+from sp2ps_onnx.prefetch import Prefetcher
 from sp2ps_onnx.runtime import physical_cores, thread_budget
 from sp2ps_onnx.scoring import (
-    MAX_IN_FLIGHT,
-    ExecutionPlan,
-    _Prefetcher,
-    _run_local,
+    CamOptions,
+    DataOptions,
+    MetricOptions,
+    RunOptions,
+    ScorerSpec,
     build_scorer,
-    plan_execution,
     score_models,
 )
+from sp2ps_onnx.scoring.run import MAX_IN_FLIGHT, ExecutionPlan, plan_execution, run_local
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ORIGINAL = MODELS / "fmnist_cnn.onnx"
 PRUNED = sorted((MODELS / "pruned").glob("*.onnx"))[:3]
 DATA = MODELS / "samples" / "fmnist_test.npz"
+
+
+def spec(batch_size: int = 32, examples: int = 4) -> ScorerSpec:
+    return ScorerSpec(CamOptions(), DataOptions(preset="unit"), MetricOptions(examples=examples),
+                      mode="original", batch_size=batch_size)
 
 
 @pytest.mark.parametrize("budget", [1, 2, 3, 5, 8, 16, 33])
@@ -56,7 +64,7 @@ def test_gpu_plan_overlaps_two_batches_and_leaves_cpu_threads_alone() -> None:
 
 
 def test_sessions_get_the_planned_intra_op_threads() -> None:
-    scorer = build_scorer(ORIGINAL, PRUNED[:1], ["o", "p"], mode="original", preset="unit",
+    scorer = build_scorer(ORIGINAL, PRUNED[:1], ["o", "p"], spec(),
                           providers=["CPUExecutionProvider"], session_threads=1)
     for model in (scorer.original, *scorer.pruned):
         assert model.threads == 1
@@ -64,12 +72,27 @@ def test_sessions_get_the_planned_intra_op_threads() -> None:
         assert options.intra_op_num_threads == 1
 
 
+def test_spinning_is_off_in_a_scoring_run_and_left_to_onnx_runtime_for_one_model() -> None:
+    key = "session.intra_op.allow_spinning"
+    plan = plan_execution(["CPUExecutionProvider"])
+    assert plan.session_spinning is False
+    scorer = build_scorer(ORIGINAL, PRUNED[:1], ["o", "p"], spec(),
+                          providers=["CPUExecutionProvider"], spinning=plan.session_spinning)
+    for model in (scorer.original, *scorer.pruned):
+        assert model._session.get_session_options().get_session_config_entry(key) == "0"
+    alone = CamModel(str(ORIGINAL), providers=["CPUExecutionProvider"])
+    options = alone._session.get_session_options()
+    # Not set: ONNX Runtime's own default (spinning) applies.
+    with pytest.raises(Exception, match=key):
+        options.get_session_config_entry(key)
+
+
 def _rows_of(plan: ExecutionPlan, batch_size: int = 7, start: int = 0) -> list:
     scorer = build_scorer(ORIGINAL, PRUNED, ["o", *map(str, range(len(PRUNED)))],
-                          mode="original", preset="unit", providers=["CPUExecutionProvider"],
-                          session_threads=plan.session_threads, examples=2)
+                          spec(batch_size, examples=2), providers=["CPUExecutionProvider"],
+                          session_threads=plan.session_threads)
     outputs: list = []
-    _run_local(scorer, open_data(DATA, limit=60), batch_size, start, outputs.append, plan)
+    run_local(scorer, open_data(DATA, limit=60), start, outputs.append, plan)
     return outputs
 
 
@@ -96,8 +119,15 @@ def test_a_run_resumed_mid_data_continues_with_the_right_indices() -> None:
 
 def test_whole_run_numbers_do_not_depend_on_the_thread_budget(monkeypatch) -> None:
     def run():
-        return score_models(ORIGINAL, PRUNED, DATA, preset="unit", limit=50, batch_size=8,
-                            device="cpu", n_bootstrap=50, target="original")
+        return score_models(
+            ORIGINAL,
+            PRUNED,
+            DATA,
+            cam=CamOptions(target="original"),
+            data_options=DataOptions(preset="unit", limit=50),
+            metric=MetricOptions(n_bootstrap=50),
+            run=RunOptions(batch_size=8, device="cpu"),
+        )
 
     monkeypatch.setenv("SP2PS_THREADS", "1")
     serial = run()
@@ -130,12 +160,11 @@ class _FailingSource:
 
 
 def test_a_read_error_reaches_the_caller_after_the_batches_before_it() -> None:
-    scorer = build_scorer(ORIGINAL, PRUNED[:1], ["o", "p"], mode="original", preset="unit",
+    scorer = build_scorer(ORIGINAL, PRUNED[:1], ["o", "p"], spec(8),
                           providers=["CPUExecutionProvider"], session_threads=1)
     outputs: list = []
     with pytest.raises(InputDataError, match="99.png"):
-        _run_local(scorer, _FailingSource(good=3), 8, 0, outputs.append,
-                   ExecutionPlan(2, 1, 1))
+        run_local(scorer, _FailingSource(good=3), 0, outputs.append, ExecutionPlan(2, 1, 1))
     assert len(outputs) <= 3
 
 
@@ -150,7 +179,7 @@ def test_prefetcher_stops_its_thread_when_the_consumer_leaves_early() -> None:
             i += 1
 
     before = threading.active_count()
-    reader = _Prefetcher(endless(), depth=2)
+    reader = Prefetcher(endless(), depth=2)
     for item in reader:
         if item == 3:
             break

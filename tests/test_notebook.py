@@ -15,11 +15,12 @@ CELLS = [
     f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
     "import numpy as np\n"
     "from sp2ps_onnx import CamModel\n"
-    "from sp2ps_onnx.scoring import score_models",
+    "from sp2ps_onnx.scoring import DataOptions, MetricOptions, RunOptions, score_models",
     "report = score_models('models/fmnist_cnn.onnx', ['models/pruned/fmnist_cnn_mag80.onnx',\n"
     "                      'models/pruned/fmnist_cnn_mag95.onnx'],\n"
-    "                      'models/samples/fmnist_test.npz', preset='unit', limit=24,\n"
-    "                      n_bootstrap=20, progress=True)\n"
+    "                      'models/samples/fmnist_test.npz',\n"
+    "                      data_options=DataOptions(preset='unit', limit=24),\n"
+    "                      metric=MetricOptions(n_bootstrap=20), run=RunOptions(progress=True))\n"
     "report",
     "model = CamModel('models/fmnist_cnn.onnx')\n"
     "x = np.load('models/samples/fmnist_test.npz')['x'][:1, None].astype(np.float32) / 255\n"

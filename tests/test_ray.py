@@ -14,17 +14,30 @@ import pytest
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
 from sp2ps_onnx.errors import InputDataError, RuntimeMissingError  # noqa: E402
-from sp2ps_onnx.scoring import score_models  # noqa: E402
+from sp2ps_onnx.scoring import (  # noqa: E402
+    DataOptions,
+    MetricOptions,
+    RayOptions,
+    RunOptions,
+    score_models,
+)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ORIGINAL = MODELS / "fmnist_cnn.onnx"
 PRUNED = [MODELS / "pruned" / "fmnist_cnn_mag80.onnx", MODELS / "keras" / "fmnist_keras_mag70.onnx"]
 DATA = MODELS / "samples" / "fmnist_test.npz"
-KWARGS = dict(preset="unit", limit=96, batch_size=8, n_bootstrap=200, seed=5, examples=3)
+def options(**run) -> dict:
+    """The options of every run here; ``run``: RunOptions fields (e.g. ray=...)."""
+    return dict(data_options=DataOptions(preset="unit", limit=96),
+                metric=MetricOptions(n_bootstrap=200, seed=5, examples=3),
+                run=RunOptions(batch_size=8, **run))
+
+
+KWARGS = options()
 
 
 def test_unreachable_address_is_one_clear_error() -> None:
-    from sp2ps_onnx.distributed import connect
+    from sp2ps_onnx.scoring.ray_backend import connect
 
     for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
         with pytest.raises(InputDataError, match="cannot reach the Ray cluster at"):
@@ -65,7 +78,7 @@ def assert_same(local, remote) -> None:
 
 
 def test_ray_gives_the_rows_and_numbers_of_a_local_run(local_ray, local_report) -> None:
-    remote = score_models(ORIGINAL, PRUNED, DATA, backend="ray", workers=2, **KWARGS)
+    remote = score_models(ORIGINAL, PRUNED, DATA, **options(ray=RayOptions(workers=2)))
     assert remote.config["backend"] == "ray"
     assert_same(local_report, remote)
 
@@ -83,8 +96,8 @@ def test_a_killed_actor_loses_and_duplicates_no_row(local_ray, local_report) -> 
                 killed.append(actor["Pid"])
                 return
 
-    remote = score_models(ORIGINAL, PRUNED, DATA, backend="ray", workers=2,
-                          progress=kill_one_worker, **KWARGS)
+    remote = score_models(ORIGINAL, PRUNED, DATA,
+                          **options(ray=RayOptions(workers=2), progress=kill_one_worker))
     assert killed, "no worker was running to be killed"
     assert_same(local_report, remote)
 
@@ -92,4 +105,4 @@ def test_a_killed_actor_loses_and_duplicates_no_row(local_ray, local_report) -> 
 def test_ray_not_installed_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RuntimeMissingError, match=r"sp2ps-onnx\[ray\]"):
-        score_models(ORIGINAL, PRUNED[:1], DATA, backend="ray", **KWARGS)
+        score_models(ORIGINAL, PRUNED[:1], DATA, **options(ray=RayOptions()))

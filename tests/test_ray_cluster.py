@@ -9,8 +9,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
-from sp2ps_onnx.scoring import score_models  # noqa: E402
-from tests.test_ray import DATA, KWARGS, ORIGINAL, PRUNED, assert_same  # noqa: E402
+from sp2ps_onnx.scoring import RayOptions, score_models  # noqa: E402
+from tests.test_ray import DATA, KWARGS, ORIGINAL, PRUNED, assert_same, options  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def two_nodes():
 
 def test_two_node_cluster_gives_the_numbers_of_a_local_run(two_nodes, tmp_path: Path) -> None:
     local = score_models(ORIGINAL, PRUNED, DATA, **KWARGS)
-    remote = score_models(ORIGINAL, PRUNED, DATA, backend="ray", ray_address=two_nodes.address,
-                          workers=2, **KWARGS)
+    remote = score_models(ORIGINAL, PRUNED, DATA, **options(
+        ray=RayOptions(address=two_nodes.address, workers=2)))
     assert len(ray.nodes()) == 2 and all(node["Alive"] for node in ray.nodes())
     assert_same(local, remote)

@@ -33,7 +33,7 @@ from sp2ps_onnx import (
 from sp2ps_onnx import data as data_module
 from sp2ps_onnx.cli import cli
 from sp2ps_onnx.data import open_data, read_image
-from sp2ps_onnx.scoring import score_models
+from sp2ps_onnx.scoring import DataOptions, MetricOptions, score_models
 from tests.tiny_models import cnn, mlp, segmenter, vector_model
 
 SIZE = 16
@@ -180,10 +180,22 @@ def test_nchw_and_nhwc_of_the_same_64x64_image_work_side_by_side(tmp_path) -> No
     nhwc = save(cnn(64, channels=3, seed=4, nhwc=True), tmp_path / "nhwc.onnx")
     rng = np.random.default_rng(5)
     np.savez(tmp_path / "rgb.npz", x=rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8))
-    report = score_models(nchw, [nhwc], tmp_path / "rgb.npz", preset="unit", n_bootstrap=0)
+    report = score_models(
+        nchw,
+        [nhwc],
+        tmp_path / "rgb.npz",
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+    )
     # The same function of the same image: the CAMs agree exactly, whatever the layout.
     assert report.models[0].sp2ps == pytest.approx(1.0, abs=1e-6)
-    report = score_models(nhwc, [nchw], tmp_path / "rgb.npz", preset="unit", n_bootstrap=0)
+    report = score_models(
+        nhwc,
+        [nchw],
+        tmp_path / "rgb.npz",
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+    )
     assert report.models[0].sp2ps == pytest.approx(1.0, abs=1e-6)
 
 
@@ -270,8 +282,13 @@ def test_unreadable_images_and_empty_folders_are_skipped_and_listed(
     assert any("broken.png" in f["reason"] for f in saved["data_faults"])
     assert saved["n"] == 9
     # The skipped files change nothing else: the score equals that of the clean folder.
-    clean = score_models(files["original"], [files["pruned"]], good, preset="unit",
-                         n_bootstrap=0)
+    clean = score_models(
+        files["original"],
+        [files["pruned"]],
+        good,
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+    )
     assert saved["models"][0]["result"]["sp2ps"] == pytest.approx(clean.models[0].sp2ps)
 
 

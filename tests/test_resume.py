@@ -25,7 +25,7 @@ from sp2ps_onnx.cli import cli
 from sp2ps_onnx.errors import InputDataError
 from sp2ps_onnx.metric import sp2ps
 from sp2ps_onnx.report import CHECKPOINT_DIR
-from sp2ps_onnx.scoring import score_models
+from sp2ps_onnx.scoring import CamOptions, DataOptions, MetricOptions, RunOptions, score_models
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -40,10 +40,12 @@ KILLED_RUN = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from sp2ps_onnx.scoring import score_models
-score_models({original!r}, {pruned!r}, {data!r}, preset="unit", limit=160, batch_size=8,
-             n_bootstrap=200, seed=3, checkpoint=Path({out!r}) / {checkpoint!r},
-             checkpoint_every=0, progress=lambda done, total: time.sleep(0.15))
+from sp2ps_onnx.scoring import CamOptions, DataOptions, MetricOptions, RunOptions, score_models
+score_models({original!r}, {pruned!r}, {data!r},
+             data_options=DataOptions(preset="unit", limit=160),
+             metric=MetricOptions(n_bootstrap=200, seed=3),
+             run=RunOptions(batch_size=8, checkpoint=Path({out!r}) / {checkpoint!r},
+                            checkpoint_every=0, progress=lambda done, total: time.sleep(0.15)))
 print("finished")
 """
 
@@ -99,8 +101,14 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path: Pat
 
 def test_resume_refuses_other_options(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    score_models(ORIGINAL, PRUNED[:1], DATA, preset="unit", limit=16, batch_size=8,
-                 n_bootstrap=0, checkpoint=out / CHECKPOINT_DIR)
+    score_models(
+        ORIGINAL,
+        PRUNED[:1],
+        DATA,
+        data_options=DataOptions(preset="unit", limit=16),
+        metric=MetricOptions(n_bootstrap=0),
+        run=RunOptions(batch_size=8, checkpoint=out / CHECKPOINT_DIR),
+    )
     result = invoke("score", ORIGINAL, PRUNED[0], "--data", DATA, "--preset", "unit", "--limit",
                     16, "--batch-size", 8, "--method", "hirescam", "--out", out, "--resume", "-q")
     assert result.exit_code != 0
@@ -133,7 +141,8 @@ class Faulty:
 
 
 def test_nonfinite_outputs_and_constant_cams_get_defined_values(tmp_path: Path) -> None:
-    kwargs = dict(preset="unit", limit=24, batch_size=8, n_bootstrap=0, target="original")
+    kwargs = dict(cam=CamOptions(target="original"),
+                  data_options=DataOptions(preset="unit", limit=24), metric=MetricOptions(n_bootstrap=0), run=RunOptions(batch_size=8))
     clean = score_models(ORIGINAL, PRUNED[:1], DATA, **kwargs)
     clean_rows = list(clean.models[0].rows)
     pruned = Faulty(CamModel(str(PRUNED[0])), nonfinite={3}, constant={5})
@@ -162,7 +171,8 @@ def test_nonfinite_outputs_and_constant_cams_get_defined_values(tmp_path: Path) 
 
     with pytest.raises(InputDataError, match="pruned_nonfinite"):
         score_models(ORIGINAL, [Faulty(CamModel(str(PRUNED[0])), nonfinite={3})], DATA,
-                     strict=True, **kwargs)
+                     **{**kwargs, "data_options": DataOptions(preset="unit", limit=24,
+                                                              strict=True)})
 
 
 def test_a_run_that_skipped_unreadable_files_is_not_resumed_out_of_line(tmp_path: Path) -> None:
@@ -174,8 +184,20 @@ def test_a_run_that_skipped_unreadable_files_is_not_resumed_out_of_line(tmp_path
     for i, image in enumerate(np.load(DATA)["x"][:6]):
         iio.imwrite(folder / f"{i + 1:02d}.png", image)
     rows = tmp_path / "out" / CHECKPOINT_DIR
-    score_models(ORIGINAL, PRUNED[:1], folder, preset="unit", batch_size=2, n_bootstrap=0,
-                 checkpoint=rows, checkpoint_every=0)
+    score_models(
+        ORIGINAL,
+        PRUNED[:1],
+        folder,
+        data_options=DataOptions(preset="unit"),
+        metric=MetricOptions(n_bootstrap=0),
+        run=RunOptions(batch_size=2, checkpoint=rows, checkpoint_every=0),
+    )
     with pytest.raises(InputDataError, match="skipped unreadable files"):
-        score_models(ORIGINAL, PRUNED[:1], folder, preset="unit", batch_size=2, n_bootstrap=0,
-                     checkpoint=rows, resume=True)
+        score_models(
+            ORIGINAL,
+            PRUNED[:1],
+            folder,
+            data_options=DataOptions(preset="unit"),
+            metric=MetricOptions(n_bootstrap=0),
+            run=RunOptions(batch_size=2, checkpoint=rows, resume=True),
+        )

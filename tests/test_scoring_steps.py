@@ -11,7 +11,15 @@ import pytest
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.errors import Sp2PSError
 from sp2ps_onnx.metric import Sp2PSAccumulator
-from sp2ps_onnx.scoring import BatchOutput, aggregate, concat_rows, score_models
+from sp2ps_onnx.scoring import (
+    BatchOutput,
+    DataOptions,
+    MetricOptions,
+    RunOptions,
+    aggregate,
+    concat_rows,
+    score_models,
+)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ORIGINAL = MODELS / "fmnist_cnn.onnx"
@@ -21,8 +29,14 @@ DATA = MODELS / "samples" / "fmnist_test.npz"
 
 @pytest.fixture(scope="module")
 def report():
-    return score_models(ORIGINAL, [PRUNED], DATA, preset="unit", limit=48, batch_size=16,
-                        n_bootstrap=300, seed=2, examples=3, aggregation="class-weighted")
+    return score_models(
+        ORIGINAL,
+        [PRUNED],
+        DATA,
+        data_options=DataOptions(preset="unit", limit=48),
+        metric=MetricOptions(n_bootstrap=300, seed=2, examples=3, aggregation="class-weighted"),
+        run=RunOptions(batch_size=16),
+    )
 
 
 def test_aggregates_equal_the_streaming_accumulator_over_the_maps(report) -> None:
@@ -56,8 +70,9 @@ def test_rows_in_any_order_give_the_same_numbers(report) -> None:
     shuffled = {key: value[order] for key, value in table.items()}
     chunks = np.array_split(np.arange(order.size), 5)
     parts = [{key: value[c] for key, value in shuffled.items()} for c in chunks]
-    again = aggregate(concat_rows(parts[::-1]), candidates, ["p"], expected=48,
-                      aggregation="class-weighted", n_bootstrap=300, seed=2, examples=3)
+    again = aggregate(concat_rows(parts[::-1]), candidates, ["p"],
+                      MetricOptions(aggregation="class-weighted", n_bootstrap=300, seed=2,
+                                    examples=3), expected=48)
     mine, theirs = again.results[0].to_dict(), report.models[0].result.to_dict()
     for key, value in theirs.items():
         if isinstance(value, float):
@@ -75,7 +90,7 @@ def test_a_lost_or_duplicated_row_is_an_error(report, fault: str) -> None:
     keep = np.append(keep, 7) if fault == "duplicate" else np.delete(keep, 7)
     broken = {key: value[keep] for key, value in table.items()}
     with pytest.raises(Sp2PSError, match="twice" if fault == "duplicate" else "lost"):
-        aggregate(broken, candidates, ["p"], expected=48, n_bootstrap=0)
+        aggregate(broken, candidates, ["p"], MetricOptions(n_bootstrap=0), expected=48)
 
 
 def test_batch_output_round_trips_through_bytes(report) -> None:

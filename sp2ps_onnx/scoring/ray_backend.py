@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 
-from .errors import InputDataError, RuntimeMissingError
+from .._ort import select_providers
+from ..errors import InputDataError, RuntimeMissingError, Sp2PSError
+from ..graph.model_io import load_model
+from .batch import ScorerSpec, build_scorer
+from .models import is_cam_model
+from .options import RayOptions
+from .rows import BatchOutput
 
 _INSTALL_HINT = (
     "the Ray backend needs Ray Data; install it with pip install 'sp2ps-onnx[ray]' "
@@ -62,8 +70,6 @@ def connect(address: str | None, quiet: bool = True) -> Any:
 def _probe(address: str | None, timeout: float = 5.0) -> None:
     """Fail within seconds when a host:port address does not answer (Ray itself retries for
     minutes before it gives up)."""
-    import socket
-
     if not address or address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -119,27 +125,21 @@ def _local(source: Any) -> Any:
     return dataclasses.replace(source, _parts=parts)
 
 
-def _model_bytes(model: Any) -> bytes:
-    from .scoring import load_onnx
-
-    if hasattr(model, "cams"):
+def _model_bytes(model: Any, allow_domains: Sequence[str]) -> bytes:
+    if is_cam_model(model):
         path = getattr(model, "path", None)
         if not path:
             raise InputDataError("the Ray backend needs model files or ModelProtos, not CamModels")
         model = path
-    return load_onnx(model).SerializeToString()
+    return load_model(model, allow_domains)[0].SerializeToString()
 
 
 class ScoreWorker:
     """The callable class of ``map_batches``: builds the kernel once, then scores ranges."""
 
-    def __init__(self, payload: Any, names: Sequence[str], options: dict[str, Any],
+    def __init__(self, payload: Any, names: Sequence[str], spec: ScorerSpec,
                  gpus: float) -> None:
-        import onnx
         import ray
-
-        from ._ort import select_providers
-        from .scoring import build_scorer
 
         payload = ray.get(payload[0])
         models, source = payload
@@ -149,9 +149,8 @@ class ScoreWorker:
         protos = [onnx.load_from_string(data) for data in models]
         providers = select_providers("cuda" if gpus > 0 else "cpu", quiet=True)
         self.source = _local(source)
-        self.scorer = build_scorer(protos[0], protos[1:], list(names), providers=providers,
-                                   **options)
-        self.batch_size = int(options["batch_size"])
+        self.scorer = build_scorer(protos[0], protos[1:], list(names), spec,
+                                   providers=providers, spinning=False)
 
     def __call__(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = []
@@ -166,42 +165,38 @@ def run_ray(
     pruned: Sequence[Any],
     names: Sequence[str],
     source: Any,
+    spec: ScorerSpec,
+    options: RayOptions,
     *,
-    options: dict[str, Any],
     start: int,
-    on_output: Callable[[Any], None],
-    address: str | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float = 0.0,
+    on_output: Callable[[BatchOutput], None],
     quiet: bool = True,
 ) -> None:
     """Score ``source`` from sample ``start`` on with a Ray actor pool; hand each batch's
-    :class:`~sp2ps_onnx.scoring.BatchOutput` to ``on_output`` in data order.
+    :class:`~sp2ps_onnx.scoring.rows.BatchOutput` to ``on_output`` in data order.
 
-    ``options`` are the keyword arguments of :func:`~sp2ps_onnx.scoring.build_scorer`.
+    Every actor builds the kernel of ``spec`` (:func:`~sp2ps_onnx.scoring.batch.build_scorer`).
     """
-    from .errors import Sp2PSError
-    from .scoring import BatchOutput
-
     total = source.size_hint
     if total is None:
         raise InputDataError(
             "the Ray backend reads the data on the workers, so it needs files or arrays "
             "(an image folder, image files, .npz, .npy), not an iterable of batches"
         )
-    ray = connect(address, quiet)
+    ray = connect(options.address, quiet)
     if start >= total:
         return
+    gpus_per_worker = options.gpus_per_worker
+    workers = options.workers
     if workers is None:
         workers = max(1, int(ray.available_resources().get("GPU" if gpus_per_worker else "CPU",
                                                             1) // max(gpus_per_worker, 1)))
-    if workers < 1:
-        raise InputDataError(f"--workers must be at least 1, not {workers}")
-    payload = ray.put(([_model_bytes(m) for m in (original, *pruned)], _portable(source)))
+    models = [_model_bytes(m, spec.cam.allow_domains) for m in (original, *pruned)]
+    payload = ray.put((models, _portable(source)))
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows reach the checkpoint in order
     context.enable_progress_bars = not quiet
-    batch_size = int(options["batch_size"])
+    batch_size = spec.batch_size
     starts = list(range(start, total, batch_size))
     ranges = ray.data.from_items(
         [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
@@ -216,7 +211,7 @@ def run_ray(
         # The reference is wrapped so that Ray hands it over as is; each actor fetches the
         # models itself, also when it is restarted.
         fn_constructor_kwargs={"payload": [payload], "names": list(names),
-                               "options": dict(options),
+                               "spec": spec,
                                "gpus": float(gpus_per_worker)},
         num_gpus=gpus_per_worker or None,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -21,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputDataError
+from ..errors import InputDataError
+from .rows import concat_rows, examples_from_arrays, examples_to_arrays, npz_bytes
 
 MANIFEST = "manifest.json"
 _CHUNK = re.compile(r"^(rows|examples)-(\d{6})\.npz$")
@@ -125,18 +127,14 @@ class RowStore:
 
     def saved_rows(self) -> dict[str, np.ndarray]:
         """The rows of the interrupted run, in one table."""
-        from .scoring import concat_rows
-
         return concat_rows(self._saved_rows)
 
     def saved_examples(self, n_models: int) -> list[list[Any]]:
         """The worst/best candidates of the interrupted run, per pruned model."""
-        from .scoring import _examples_from_arrays
-
         if not self._chunks:
             return [[] for _ in range(n_models)]
         arrays = self._read("examples", self._chunks)
-        return [_examples_from_arrays(arrays, f"ex{j}.") for j in range(n_models)]
+        return [examples_from_arrays(arrays, f"ex{j}.") for j in range(n_models)]
 
     # -- saving -----------------------------------------------------------------------
     def add(
@@ -156,19 +154,13 @@ class RowStore:
         """Write the queued rows as the next chunk (then its examples file)."""
         if not self._pending:
             return
-        import io
-
-        from .scoring import _examples_to_arrays, concat_rows
-
         number = self._chunks + 1
         self._write("rows", number, concat_rows(self._pending))
         arrays: dict[str, np.ndarray] = {}
         for j, found in enumerate(self._candidates):
-            arrays.update(_examples_to_arrays(found, f"ex{j}."))
+            arrays.update(examples_to_arrays(found, f"ex{j}."))
         arrays["data_faults"] = np.array(self._data_faults)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        _atomic_write(self._path("examples", number), buffer.getvalue())
+        _atomic_write(self._path("examples", number), npz_bytes(arrays))
         if number > 1:
             self._path("examples", number - 1).unlink(missing_ok=True)
         self._chunks = number
@@ -178,8 +170,6 @@ class RowStore:
     def discard_if_empty(self) -> None:
         """Remove the store (and the folder made for it) when no chunk was saved, so that
         a run that failed before its first chunk leaves nothing behind."""
-        import shutil
-
         if self._chunks:
             return
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -193,11 +183,7 @@ class RowStore:
         return self.directory / f"{kind}-{number:06d}.npz"
 
     def _write(self, kind: str, number: int, arrays: dict[str, np.ndarray]) -> None:
-        import io
-
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        _atomic_write(self._path(kind, number), buffer.getvalue())
+        _atomic_write(self._path(kind, number), npz_bytes(arrays))
 
     def _read(self, kind: str, number: int) -> dict[str, np.ndarray]:
         path = self._path(kind, number)

@@ -1,0 +1,308 @@
+"""The per-batch kernel, shared by the local and the Ray backends.
+
+:func:`build_scorer` opens every model once; :class:`BatchScorer` turns a batch of images
+into per-sample rows (:mod:`.rows`) for every pruned model, computing the original's CAMs
+once per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import metric
+from ..data import Batch, Preprocessing
+from ..errors import InputDataError, ModelMismatchError
+from .checks import check_labels
+from .models import ModelLike, open_model
+from .options import CamOptions, DataOptions, MetricOptions
+from .rows import (
+    FLAG_ORIGINAL_CONSTANT,
+    FLAG_ORIGINAL_NONFINITE,
+    FLAG_PRUNED_CONSTANT,
+    FLAG_PRUNED_NONFINITE,
+    ROW_COLUMNS,
+    BatchOutput,
+    Example,
+    fault_names,
+    keep_examples,
+)
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """Everything that decides the kernel's numbers: what a resumed run must repeat and
+    what every Ray worker receives.
+
+    ``mode`` is the resolved target (:func:`~sp2ps_onnx.scoring.checks.resolve_target`).
+    """
+
+    cam: CamOptions
+    data: DataOptions
+    metric: MetricOptions
+    mode: str
+    batch_size: int
+
+
+@dataclass
+class _Prepared:
+    ids: list[str]
+    indices: np.ndarray
+    labels: np.ndarray | None
+    x_original: np.ndarray
+    display: np.ndarray
+    x_pruned: list[np.ndarray]
+
+
+@dataclass
+class _ModelOutputs:
+    prepared: _Prepared
+    original: tuple[np.ndarray, np.ndarray, np.ndarray]  # maps, targets, scores
+    pruned: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class BatchScorer:
+    """The per-batch kernel: a batch of images to per-sample rows for every pruned model.
+
+    The original's CAMs are computed once per batch and reused for every pruned model.
+    Three steps, so that callers can overlap them: :meth:`prepare` (decode-side NumPy
+    work), :meth:`run_models` (ONNX Runtime, which releases the GIL) and :meth:`rows`
+    (the metric); :meth:`__call__` runs all three. Both backends (local and Ray) use it.
+    """
+
+    def __init__(
+        self,
+        original: Any,
+        pruned: Sequence[Any],
+        original_prep: Preprocessing,
+        pruned_preps: Sequence[Preprocessing],
+        spec: ScorerSpec,
+    ) -> None:
+        self.original = original
+        self.pruned = list(pruned)
+        self.original_prep = original_prep
+        self.pruned_preps = list(pruned_preps)
+        self.spec = spec
+        self.map_size = (original_prep.height, original_prep.width)
+
+    def __call__(self, batch: Batch, indices: np.ndarray) -> BatchOutput:
+        return self.rows(self.run_models(self.prepare(batch, indices)))
+
+    def prepare(self, batch: Batch, indices: np.ndarray) -> _Prepared:
+        """Check labels and preprocess the batch for every model (shared where equal)."""
+        check_labels(batch.labels, int(self.original.num_classes), batch.ids)
+        x_original, display = self.original_prep.with_display(batch.images)
+        cache = {self.original_prep: x_original}
+        x_pruned = []
+        for prep in self.pruned_preps:
+            if prep not in cache:
+                cache[prep] = prep(batch.images)
+            x_pruned.append(cache[prep])
+        return _Prepared(
+            list(batch.ids), np.asarray(indices, dtype=np.int64), batch.labels, x_original,
+            display, x_pruned,
+        )
+
+    def run_models(self, prepared: _Prepared) -> _ModelOutputs:
+        """CAMs, targets and scores of the original and every pruned model."""
+        wanted = prepared.labels if self.spec.mode == "label" else None
+        original = self._cams(self.original, prepared.x_original, wanted)
+        pruned_wanted = None if self.spec.mode == "self" else original[1]
+        pruned = [
+            self._cams(model, x, pruned_wanted)
+            for model, x in zip(self.pruned, prepared.x_pruned, strict=True)
+        ]
+        return _ModelOutputs(prepared, original, pruned)
+
+    def _cams(self, model: Any, x: np.ndarray, targets: np.ndarray | None) -> tuple:
+        maps, used, scores = model.cams(
+            x, method=self.spec.cam.method, targets=targets, size=self.map_size, return_scores=True
+        )
+        return np.asarray(maps), np.asarray(used, dtype=np.int64), np.asarray(scores)
+
+    def rows(self, outputs: _ModelOutputs, workers: int | None = None) -> BatchOutput:
+        """Per-sample rows and worst/best candidates for every pruned model.
+
+        ``workers``: threads of the metric (see :func:`~sp2ps_onnx.metric.sp2ps`).
+        """
+        prepared = outputs.prepared
+        n = len(prepared.ids)
+        maps_o, targets_o, scores_o = outputs.original
+        bad_o = _nonfinite(maps_o, scores_o)
+        maps_o = np.where(bad_o[:, None, None], 0.0, maps_o).astype(maps_o.dtype, copy=False)
+        flat_o = _constant(maps_o) & ~bad_o
+        pred_o = _top1(scores_o, bad_o)
+        labels = (
+            np.full(n, -1, dtype=np.int64) if prepared.labels is None
+            else np.asarray(prepared.labels, dtype=np.int64)
+        )
+        explained = np.clip(targets_o, 0, scores_o.shape[1] - 1)
+        conf_o = _confidence(scores_o, explained, bad_o)
+        ids = np.array(prepared.ids, dtype=str)
+        cleaned = []
+        for maps_p, _, scores_p in outputs.pruned:
+            bad_p = _nonfinite(maps_p, scores_p) & ~bad_o
+            maps_p = np.where(bad_p[:, None, None], 0.0, maps_p).astype(maps_p.dtype, copy=False)
+            cleaned.append((maps_p, bad_p))
+        # One metric call for all pruned models: the original's share of the work is done
+        # once per batch, and the per-call overhead too (it matters for small maps).
+        per_model = metric.sp2ps_many(
+            maps_o, [maps_p for maps_p, _ in cleaned], self.spec.metric.spatial,
+            self.spec.metric.spectral,
+            normalize=True, workers=workers,
+        )
+        parts, examples = [], []
+        for j, ((_, targets_p, scores_p), (maps_p, bad_p), per) in enumerate(
+            zip(outputs.pruned, cleaned, per_model, strict=True)
+        ):
+            lost = bad_o | bad_p
+            s = np.where(lost, 0.0, per.spatial)
+            f = np.where(lost, 0.0, per.spectral)
+            h = np.where(lost, 0.0, per.h)
+            flags = (
+                bad_o * FLAG_ORIGINAL_NONFINITE
+                + bad_p * FLAG_PRUNED_NONFINITE
+                + flat_o * FLAG_ORIGINAL_CONSTANT
+                + (_constant(maps_p) & ~lost) * FLAG_PRUNED_CONSTANT
+            ).astype(np.int64)
+            if self.spec.data.strict and flags.any():
+                first = int(np.flatnonzero(flags)[0])
+                raise InputDataError(
+                    f"sample {prepared.ids[first]}: {fault_names(int(flags[first]))} "
+                    f"(pruned model #{j + 1}); --strict turns such samples into errors, "
+                    "drop it to score them with defined values instead"
+                )
+            pred_p = _top1(scores_p, bad_p | bad_o)
+            part = {
+                "model": np.full(n, j, dtype=np.int64),
+                "index": prepared.indices,
+                "label": labels,
+                "target_original": targets_o.astype(np.int64),
+                "target_pruned": targets_p.astype(np.int64),
+                "pred_original": pred_o,
+                "pred_pruned": pred_p,
+                "flags": flags,
+                "spatial": s.astype(np.float64),
+                "spectral": f.astype(np.float64),
+                "h": h.astype(np.float64),
+                "confidence_original": conf_o,
+                "confidence_pruned": _confidence(scores_p, explained, bad_p | bad_o),
+                "id": ids,
+            }
+            parts.append(part)
+            examples.append(self._candidates(part, prepared, maps_o, maps_p, bad_o))
+        rows = {key: np.concatenate([p[key] for p in parts]) for key in ROW_COLUMNS}
+        return BatchOutput(rows, examples)
+
+    def _candidates(
+        self, part: dict[str, np.ndarray], prepared: _Prepared, maps_o: np.ndarray,
+        maps_p: np.ndarray, skipped: np.ndarray,
+    ) -> list[Example]:
+        keep = self.spec.metric.examples
+        if keep <= 0:
+            return []
+        usable = np.flatnonzero(~skipped)
+        h = part["h"][usable]
+        ranked_h = np.where(np.isnan(h), -1.0, h)
+        index = part["index"][usable]
+        # The same order as keep_examples' keys, found in NumPy so that Example objects
+        # are built only for the few samples that can be kept.
+        worst = usable[np.lexsort((index, ranked_h))[:keep]]
+        best = usable[np.lexsort((index, -ranked_h))[:keep]]
+        examples = [
+            Example(
+                sample_id=str(part["id"][i]),
+                index=int(part["index"][i]),
+                h=float(part["h"][i]),
+                spatial=float(part["spatial"][i]),
+                spectral=float(part["spectral"][i]),
+                label=None if part["label"][i] < 0 else int(part["label"][i]),
+                target_original=int(part["target_original"][i]),
+                target_pruned=int(part["target_pruned"][i]),
+                pred_original=int(part["pred_original"][i]),
+                pred_pruned=int(part["pred_pruned"][i]),
+                image=prepared.display[i],
+                original_map=maps_o[i],
+                pruned_map=maps_p[i],
+            )
+            for i in np.union1d(worst, best)
+        ]
+        worst, best = keep_examples(examples, keep)
+        chosen = {e.index: e for e in worst + best}
+        return [
+            Example(**{**e.__dict__, "image": e.image.copy(),
+                       "original_map": np.array(e.original_map, dtype=np.float32),
+                       "pruned_map": np.array(e.pruned_map, dtype=np.float32)})
+            for e in sorted(chosen.values(), key=lambda e: e.index)
+        ]
+
+
+def _nonfinite(maps: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    return ~(
+        np.isfinite(scores).all(axis=1)
+        & np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+    )
+
+
+def _constant(maps: np.ndarray) -> np.ndarray:
+    flat = maps.reshape(len(maps), -1)
+    return flat.max(axis=1) == flat.min(axis=1)
+
+
+def _top1(scores: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    safe = np.where(bad[:, None], 0.0, scores)
+    return np.where(bad, -1, safe.argmax(axis=1)).astype(np.int64)
+
+
+def _confidence(scores: np.ndarray, classes: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Softmax probability of ``classes`` (0 for samples without finite scores)."""
+    logits = np.where(bad[:, None], 0.0, scores).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    chosen = logits[np.arange(len(logits)), classes] / logits.sum(axis=1)
+    return np.where(bad, 0.0, chosen)
+
+
+def build_scorer(
+    original: ModelLike,
+    pruned: Sequence[ModelLike],
+    names: Sequence[str],
+    spec: ScorerSpec,
+    *,
+    providers: Sequence[str] | None = None,
+    session_threads: int | None = None,
+    spinning: bool = True,
+) -> BatchScorer:
+    """Open every model once (rewrite, session) and build the per-batch kernel.
+
+    ``session_threads`` and ``spinning`` set every session's intra-op threads and whether
+    they spin while idle (see :func:`~sp2ps_onnx.scoring.run.plan_execution`).
+    """
+    cam, data = spec.cam, spec.data
+
+    def opened(model: ModelLike, layer: str | None, size: Any) -> Any:
+        return open_model(model, layer, providers, size, spec.batch_size, cam.allow_domains,
+                          session_threads, spinning)
+
+    def preprocessing(cam_model: Any, size: Any) -> Preprocessing:
+        return Preprocessing.for_model(cam_model, data.preset, mean=data.mean, std=data.std,
+                                       size=size)
+
+    original_cam = opened(original, cam.layer, data.size)
+    original_prep = preprocessing(original_cam, data.size)
+    size = data.size or (original_prep.height, original_prep.width)
+    pruned_cams, pruned_preps = [], []
+    for model, name in zip(pruned, names[1:], strict=True):
+        cam_model = opened(model, cam.pruned_layer or cam.layer, size)
+        if int(cam_model.num_classes) != int(original_cam.num_classes):
+            raise ModelMismatchError(
+                f"pruned model {name} has {cam_model.num_classes} classes but the original "
+                f"{names[0]} has {original_cam.num_classes}; Sp2PS compares models of the same "
+                "classifier, so give a pruned version of the original model"
+            )
+        pruned_cams.append(cam_model)
+        pruned_preps.append(preprocessing(cam_model, size))
+    return BatchScorer(original_cam, pruned_cams, original_prep, pruned_preps, spec)

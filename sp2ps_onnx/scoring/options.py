@@ -1,0 +1,204 @@
+"""The options of a scoring run, as four typed groups.
+
+:func:`~sp2ps_onnx.scoring.score_models` takes one of each; the ``sp2ps score`` command
+builds the same objects from its flags, and the Ray workers receive them as they are. Each
+group is a frozen dataclass that checks its values when it is made, so a wrong name or
+number is reported before any model is opened.
+
+- :class:`CamOptions`: which CAM is computed, where, for which class.
+- :class:`DataOptions`: how the data is read and preprocessed for each model.
+- :class:`MetricOptions`: how two CAMs are compared and the per-sample scores aggregated.
+- :class:`RunOptions`: where and how the run executes (device, batches, checkpoint, Ray).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import cam, metric
+from ..data import PRESETS
+from ..errors import InputDataError
+from ..progress import Progress
+
+TARGET_MODES = ("label", "original", "self")
+"""``label``: the true class; ``original``: the original model's top-1 class, for both
+models; ``self``: each model's own top-1 class."""
+
+DEVICES = ("auto", "cpu", "cuda")
+
+Size = str | int | Sequence[int] | None
+Floats = str | Sequence[float] | None
+
+
+def _tuple(value: Any) -> Any:
+    # Sequences become tuples so that the options stay hashable and compare by value.
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return tuple(value)
+
+
+def _choose(value: str, allowed: Sequence[str], what: str) -> None:
+    if value not in allowed:
+        raise InputDataError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def _at_least(value: float | None, low: float, what: str) -> None:
+    if value is not None and value < low:
+        raise InputDataError(f"{what} must be at least {low:g}, not {value}")
+
+
+@dataclass(frozen=True)
+class CamOptions:
+    """Which CAM every model gets.
+
+    Attributes:
+        method: a CAM method of :data:`sp2ps_onnx.cam.METHODS`.
+        layer: target tensor or node name (default: the last spatial feature map before
+            the classifier head).
+        pruned_layer: the pruned models' target layer when it differs from ``layer``.
+        target: ``label``, ``original`` or ``self`` (:data:`TARGET_MODES`); ``None``:
+            ``label`` when the data has labels, else ``original``.
+        allow_domains: custom-op domains to accept (refused by default: their ops run code
+            from outside ONNX Runtime).
+    """
+
+    method: str = "gradcam"
+    layer: str | None = None
+    pruned_layer: str | None = None
+    target: str | None = None
+    allow_domains: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow_domains", tuple(self.allow_domains))
+        if self.method not in cam.METHODS:
+            raise cam.UnknownMethodError(
+                f"unknown CAM method {self.method!r}; choose one of: {', '.join(cam.METHODS)}"
+            )
+        if self.target not in (None, "auto"):
+            _choose(self.target, TARGET_MODES, "target")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How the data is read, and preprocessed for each model.
+
+    Attributes:
+        preset: normalisation preset of :data:`sp2ps_onnx.data.PRESETS`.
+        mean, std: per-channel values on the [0, 1] pixel scale (override the preset).
+        size: input (H, W) for models whose spatial input size is dynamic.
+        limit: use only the first ``limit`` samples.
+        classes: class names in label order (a file, a comma-separated string or a list).
+        strict: stop at the first unreadable sample, NaN/Inf output or constant CAM
+            instead of skipping it (data) or scoring it by a defined rule (models).
+    """
+
+    preset: str = "imagenet"
+    mean: Floats = None
+    std: Floats = None
+    size: Size = None
+    limit: int | None = None
+    classes: str | Sequence[str] | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std", "size", "classes"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        _choose(self.preset, tuple(PRESETS), "preset")
+        _at_least(self.limit, 1, "limit")
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """How CAMs are compared and per-sample scores aggregated.
+
+    Attributes:
+        spatial, spectral: component names of :data:`sp2ps_onnx.metric.SPATIAL` and
+            :data:`~sp2ps_onnx.metric.SPECTRAL`.
+        aggregation: a name of :data:`sp2ps_onnx.metric.AGGREGATIONS`.
+        n_bootstrap: bootstrap resamples of the 95 % confidence interval (0: none).
+        seed: seed of the bootstrap.
+        examples: worst and best samples per model kept for the report.
+    """
+
+    spatial: str = "ssim"
+    spectral: str = "tv"
+    aggregation: str = "mean"
+    n_bootstrap: int = 1000
+    seed: int = 0
+    examples: int = 4
+
+    def __post_init__(self) -> None:
+        for registry, name, kind in ((metric.SPATIAL, self.spatial, "spatial"),
+                                     (metric.SPECTRAL, self.spectral, "spectral"),
+                                     (metric.AGGREGATIONS, self.aggregation, "aggregation")):
+            if name not in registry:
+                raise metric.UnknownComponentError(
+                    f"unknown {kind} component {name!r}; valid names: "
+                    f"{', '.join(repr(key) for key in registry)}"
+                )
+        _at_least(self.n_bootstrap, 0, "n_bootstrap")
+        _at_least(self.examples, 0, "examples")
+
+    def component_config(self) -> dict[str, Any]:
+        """The metric configuration recorded with every result."""
+        return {"spatial": self.spatial, "spectral": self.spectral, "normalize": True}
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where a Ray run goes (docs/scale.md).
+
+    Attributes:
+        address: ``None`` for a Ray started on this machine, ``"auto"`` or
+            ``"ray://host:port"`` for a cluster.
+        workers: actors scoring in parallel (default: one per free CPU, or per GPU).
+        gpus_per_worker: GPUs each actor reserves (it then runs ONNX Runtime on CUDA).
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        _at_least(self.workers, 1, "workers")
+        _at_least(self.gpus_per_worker, 0, "gpus_per_worker")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how the run executes; none of these change a number.
+
+    Attributes:
+        batch_size: samples per batch.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        progress: ``True`` draws a tqdm bar; a callable is called as
+            ``progress(done, total)`` after each batch.
+        quiet: no notes on stderr.
+        checkpoint: a directory where the per-sample rows are saved as they come.
+        resume: continue the interrupted run saved in ``checkpoint``.
+        checkpoint_every: seconds between two saves.
+        ray: run the batches on Ray (``None``: on this machine).
+    """
+
+    batch_size: int = 32
+    device: str = "auto"
+    progress: Progress = False
+    quiet: bool = True
+    checkpoint: str | os.PathLike[str] | None = None
+    resume: bool = False
+    checkpoint_every: float = 10.0
+    ray: RayOptions | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        _at_least(self.batch_size, 1, "batch_size")
+        _choose(self.device, DEVICES, "device")
+        if self.resume and self.checkpoint is None:
+            raise InputDataError("resume=True continues the rows saved in checkpoint=; give it")
+
+    @property
+    def backend(self) -> str:
+        """``local`` or ``ray``."""
+        return "local" if self.ray is None else "ray"

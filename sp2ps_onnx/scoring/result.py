@@ -1,0 +1,101 @@
+"""What a scoring run returns: :class:`ScoreReport` with one :class:`ModelScore` per pruned
+model; :mod:`sp2ps_onnx.report` renders it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..report import notebook_html
+from .models import ModelInfo
+from .rows import Example
+
+
+@dataclass
+class ModelScore:
+    """The Sp2PS result of one pruned model."""
+
+    info: ModelInfo
+    result: Any  # sp2ps_onnx.metric.Sp2PSResult
+    worst: list[Example] = field(default_factory=list)
+    best: list[Example] = field(default_factory=list)
+    rows: Sequence[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def sp2ps(self) -> float:
+        return float(self.result.sp2ps)
+
+
+@dataclass
+class ScoreReport:
+    """Everything :func:`score_models` measured; :mod:`sp2ps_onnx.report` renders it."""
+
+    original: ModelInfo
+    models: list[ModelScore]
+    config: dict[str, Any]
+    n: int
+    class_names: list[str] | None = None
+    accuracy_original: float | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    faults: list[dict[str, str]] = field(default_factory=list)  # skipped samples: id, reason
+    model_faults: dict[str, Any] = field(default_factory=dict)  # NaN/Inf outputs, flat CAMs
+
+    def ranked(self) -> list[ModelScore]:
+        """Pruned models from the highest Sp2PS to the lowest (NaN last)."""
+        return sorted(
+            self.models, key=lambda m: (np.isnan(m.sp2ps), -np.nan_to_num(m.sp2ps, nan=0.0))
+        )
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the ranking and the Sp2PS-vs-accuracy scatter."""
+        return notebook_html(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number and the full configuration, JSON-ready."""
+        ranked = self.ranked()
+        return {
+            "config": self.config,
+            "n": self.n,
+            "class_names": self.class_names,
+            "seconds": self.seconds,
+            "original": {**self.original.to_dict(), "accuracy": self.accuracy_original},
+            "ranking": [m.info.name for m in ranked],
+            "notes": self.notes,
+            "data_faults": self.faults,
+            "model_faults": jsonable(self.model_faults),
+            "models": [
+                {
+                    "rank": ranked.index(m) + 1,
+                    **m.info.to_dict(),
+                    "result": jsonable(_result_dict(m.result)),
+                }
+                for m in self.models
+            ],
+        }
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    data = dict(result.to_dict())
+    data.pop("per_sample", None)  # per-sample values go to per_sample.csv
+    return data
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NumPy values as Python ones and NaN/Inf as ``None``, for JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if hasattr(value, "to_dict"):
+        return jsonable(value.to_dict())
+    return value
