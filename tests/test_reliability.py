@@ -165,7 +165,7 @@ def test_mismatched_models_are_refused_before_any_compute(
     def no_compute(*args, **kwargs):
         raise AssertionError("a model was opened before the mismatch was found")
 
-    monkeypatch.setattr("sp2ps_onnx.scoring.open_model", no_compute)
+    monkeypatch.setattr("sp2ps_onnx.scoring.batch.open_model", no_compute)
     with pytest.raises(ModelMismatchError) as info:
         score_models(files["original"], [files["pruned"], files[pruned]], files["npz"])
     for fragment in fragments:
@@ -228,7 +228,7 @@ def test_an_unexpected_exception_is_one_line_with_exit_status_3(files, tmp_path,
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("sp2ps_onnx.scoring.score_models", broken)
+    monkeypatch.setattr("sp2ps_onnx.cli.score_models", broken)
     result = invoke("score", files["original"], files["pruned"], "--data", files["npz"],
                     "--out", tmp_path / "r")
     assert_one_line_error(result, "internal error", "ZeroDivisionError", "--debug", code=3)
