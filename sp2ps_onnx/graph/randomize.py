@@ -62,6 +62,7 @@ _NORMALISATIONS = frozenset({"BatchNormalization", "InstanceNormalization", "Lay
 # Fewer weights than this per output channel: one channel's own mean and spread would pin
 # its few values, so the whole tensor's statistics are used instead.
 MIN_CHANNEL_SIZE = 4
+_FIT_ROUNDS = 50
 _SUB_BYTE_RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int2": (-2, 1), "uint2": (0, 3)}
 
 
@@ -468,20 +469,33 @@ def _redraw(values: np.ndarray, channel_axis: int | None, generator: np.random.G
     moved = np.moveaxis(values.astype(np.float64), channel_axis, 0) if per_channel else (
         values.astype(np.float64))
     groups = moved.reshape(moved.shape[0], -1) if per_channel else moved.reshape(1, -1)
-    draws = generator.standard_normal(groups.shape)
-    if groups.shape[1] > 1:  # exact moments: a small channel's sample would stray far
-        draws -= draws.mean(axis=1, keepdims=True)
-        draws /= draws.std(axis=1, keepdims=True)
-    else:
-        draws[:] = 0.0
-    fresh = groups.mean(axis=1, keepdims=True) + groups.std(axis=1, keepdims=True) * draws
+    mean = groups.mean(axis=1, keepdims=True)
+    spread = groups.std(axis=1, keepdims=True)
+    # exact moments: a small channel's sample moments would stray far from the original's
+    fresh = mean + spread * _standardised(generator.standard_normal(groups.shape))
+    integer_range = _integer_range(values.dtype)
+    if integer_range is not None:
+        # Quantizers map a channel's extreme weight to the end of the code range, so normal
+        # draws with its spread overshoot; clipping them alone would shrink the spread and
+        # shift the mean. Clip and restore the moments until the draws fit (the original
+        # codes show that they can).
+        for _ in range(_FIT_ROUNDS):
+            clipped = np.clip(fresh, *integer_range)
+            if np.array_equal(clipped, fresh):
+                break
+            fresh = mean + spread * _standardised(clipped)
+        fresh = np.clip(np.rint(fresh), *integer_range)
     fresh = fresh.reshape(moved.shape)
     if per_channel:
         fresh = np.moveaxis(fresh, 0, channel_axis)
-    integer_range = _integer_range(values.dtype)
-    if integer_range is not None:
-        fresh = np.clip(np.rint(fresh), *integer_range)
     return fresh.astype(values.dtype)
+
+
+def _standardised(rows: np.ndarray) -> np.ndarray:
+    """Each row shifted and scaled to mean 0 and standard deviation 1 (0 where constant)."""
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    spread = centred.std(axis=1, keepdims=True)
+    return np.divide(centred, spread, out=np.zeros_like(centred), where=spread > 0)
 
 
 def _integer_range(dtype: np.dtype) -> tuple[int, int] | None:
