@@ -35,11 +35,12 @@ _QUANT_META = {
     "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
     "QGemm": (1, 2, 4, 5, 7, 8), "ConvInteger": (2, 3), "MatMulInteger": (2, 3),
     "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearGlobalAveragePool": (1, 2, 3, 4),
+    "QLinearSoftmax": (1, 2, 3, 4),
 }
 # Integer slots that hold quantized weights and biases.
 _INTEGER_PARAMS = {
     "DequantizeLinear": (0,), "QLinearConv": (3, 8), "QGemm": (3, 6),
-    "ConvInteger": (1,), "MatMulInteger": (1,), "QLinearMatMul": (3,),
+    "ConvInteger": (1,), "MatMulInteger": (1,), "QLinearMatMul": (3,), "QLinearAdd": (0, 3),
 }
 # Slots that hold statistics of the activations, not learnt parameters.
 _RUNNING_STATS = {"BatchNormalization": (3, 4)}
@@ -105,7 +106,7 @@ def outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 
 
 class _Calibration:
-    def __init__(self, x: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray) -> None:  # ORT's CalibrationDataReader protocol
         self._batches = iter([{"input": x[i : i + 8]} for i in range(0, len(x), 8)])
 
     def get_next(self):
@@ -127,6 +128,12 @@ def artifacts(tmp_path_factory) -> dict[str, tuple[Path, bool]]:
         quantize_static(FLOAT, folder / f"{name}.onnx", _Calibration(x), quant_format=form,
                         per_channel=name == "qdq", weight_type=QuantType.QInt8)
         made[name] = (folder / f"{name}.onnx", False)
+    # the Keras twin's MatMul + Add head becomes QLinearMatMul + QLinearAdd (a quantized bias)
+    keras_onnx = made["keras"][0]
+    quantize_static(keras_onnx, folder / "keras_qoperator.onnx",
+                    _Calibration(fmnist(32, nhwc=True)[0]), quant_format=QuantFormat.QOperator,
+                    per_channel=True, weight_type=QuantType.QInt8)
+    made["keras_qoperator"] = (folder / "keras_qoperator.onnx", True)
     quantize_dynamic(FLOAT, folder / "dynamic.onnx", weight_type=QuantType.QInt8)
     made["dynamic"] = (folder / "dynamic.onnx", False)
     made["tflite"] = (Path(to_onnx(TFLITE, folder / "tflite.onnx").onnx), True)
@@ -146,8 +153,8 @@ def paddle_cls() -> Path:
     return Path(rapidocr.__file__).parent / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 
 
-ARTIFACTS = ("float", "keras", "qdq", "qoperator", "dynamic", "tflite", "tflite_dynamic",
-             "tflite_int8")
+ARTIFACTS = ("float", "keras", "qdq", "qoperator", "keras_qoperator", "dynamic", "tflite",
+             "tflite_dynamic", "tflite_int8")
 
 
 # ---------------------------------------------------------------- tests

@@ -144,9 +144,10 @@ def randomize_weights(
     weight whose channel axis cannot be traced through a ``Reshape``: the whole tensor's).
     Keeping each channel's scale keeps activations in the range the rest of the graph
     expects, so the floor measures random features rather than exploding or vanishing
-    activations. Quantized weights are drawn on their integer codes, rounded and clipped to
-    the dtype's range; a dequantized channel then keeps its mean and spread up to rounding.
-    A tensor whose values are all equal keeps them.
+    activations. Quantized weights are drawn on their integer codes and rounded; draws
+    beyond the dtype's range are clipped and the moments restored until they fit, so a
+    dequantized channel keeps its mean and spread up to rounding. A tensor whose values are
+    all equal keeps them.
 
     Deterministic: the same model, ``seed`` and ``layers`` give a byte-identical model. The
     ``i``-th layer of the cascade draws from its own generator, seeded by ``(seed, i)``, so
