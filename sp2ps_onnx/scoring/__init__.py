@@ -13,6 +13,7 @@ module importing only those below it (checked by import-linter, see ``pyproject.
 - :mod:`.result`: :class:`ScoreReport` and :class:`ModelScore`.
 - :mod:`.checkpoint`: the resume store.
 - :mod:`.ray_backend`: the Ray Data backend.
+- :mod:`.band`: the scale a score is read on (random floor, references, bands).
 - :mod:`.run`: the execution plan and :func:`score_models`.
 """
 
@@ -26,6 +27,7 @@ from .options import (
     DataOptions,
     MetricOptions,
     RayOptions,
+    ReferenceOptions,
     RunOptions,
 )
 from .result import ModelScore, ScoreReport
@@ -46,6 +48,7 @@ __all__ = [
     "ModelInfo",
     "ModelScore",
     "RayOptions",
+    "ReferenceOptions",
     "RowTable",
     "RunOptions",
     "ScoreReport",

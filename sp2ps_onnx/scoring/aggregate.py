@@ -24,6 +24,7 @@ from .rows import (
     Example,
     RowTable,
     keep_examples,
+    keep_moved,
 )
 
 
@@ -35,6 +36,7 @@ class Aggregate:
     rows: list[RowTable]
     worst: list[list[Example]]
     best: list[list[Example]]
+    moved: list[list[Example]]  # same answer, lowest h
     n: int
     faults: dict[str, Any]
 
@@ -58,7 +60,7 @@ def aggregate(
     """
     order = np.lexsort((rows["index"], rows["model"]))
     table = {key: value[order] for key, value in rows.items()}
-    summaries, tables, worst, best = [], [], [], []
+    summaries, tables, worst, best, moved = [], [], [], [], []
     reference: np.ndarray | None = None
     for j, name in enumerate(names):
         lo, hi = np.searchsorted(table["model"], [j, j + 1])
@@ -88,12 +90,14 @@ def aggregate(
             )
         )
         tables.append(RowTable(name, cols))
-        w, b = keep_examples(candidates[j] if j < len(candidates) else [], options.examples)
+        found = candidates[j] if j < len(candidates) else []
+        w, b = keep_examples(found, options.examples)
         worst.append(w)
         best.append(b)
+        moved.append(keep_moved(found, options.examples))
     results = _summarize_all(summaries)
     faults = _fault_summary(table, names, max_listed)
-    return Aggregate(results, tables, worst, best,
+    return Aggregate(results, tables, worst, best, moved,
                      0 if reference is None else int(reference.size), faults)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.spatial.distance import jensenshannon
 
 from .. import metric
 from ..data import Batch, Preprocessing
@@ -29,6 +30,7 @@ from .rows import (
     Example,
     fault_names,
     keep_examples,
+    keep_moved,
 )
 
 
@@ -141,6 +143,7 @@ class BatchScorer:
         )
         explained = np.clip(targets_o, 0, scores_o.shape[1] - 1)
         conf_o = _confidence(scores_o, explained, bad_o)
+        probs_o = _softmax(scores_o, bad_o)
         ids = np.array(prepared.ids, dtype=str)
         cleaned = []
         for maps_p, _, scores_p in outputs.pruned:
@@ -190,6 +193,7 @@ class BatchScorer:
                 "h": h.astype(np.float64),
                 "confidence_original": conf_o,
                 "confidence_pruned": _confidence(scores_p, explained, bad_p | bad_o),
+                "js_divergence": _js_divergence(probs_o, scores_p, bad_o, bad_p),
                 "id": ids,
             }
             parts.append(part)
@@ -212,6 +216,9 @@ class BatchScorer:
         # are built only for the few samples that can be kept.
         worst = usable[np.lexsort((index, ranked_h))[:keep]]
         best = usable[np.lexsort((index, -ranked_h))[:keep]]
+        pred = part["pred_original"][usable]
+        same = (pred >= 0) & (pred == part["pred_pruned"][usable])
+        moved = usable[same][np.lexsort((index[same], ranked_h[same]))[:keep]]
         examples = [
             Example(
                 sample_id=str(part["id"][i]),
@@ -228,10 +235,10 @@ class BatchScorer:
                 original_map=maps_o[i],
                 pruned_map=maps_p[i],
             )
-            for i in np.union1d(worst, best)
+            for i in np.union1d(np.union1d(worst, best), moved)
         ]
         worst, best = keep_examples(examples, keep)
-        chosen = {e.index: e for e in worst + best}
+        chosen = {e.index: e for e in worst + best + keep_moved(examples, keep)}
         return [
             Example(**{**e.__dict__, "image": e.image.copy(),
                        "original_map": np.array(e.original_map, dtype=np.float32),
@@ -255,6 +262,25 @@ def _constant(maps: np.ndarray) -> np.ndarray:
 def _top1(scores: np.ndarray, bad: np.ndarray) -> np.ndarray:
     safe = np.where(bad[:, None], 0.0, scores)
     return np.where(bad, -1, safe.argmax(axis=1)).astype(np.int64)
+
+
+def _softmax(scores: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    logits = np.where(bad[:, None], 0.0, scores).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+def _js_divergence(probs_o: np.ndarray, scores_p: np.ndarray, bad_o: np.ndarray,
+                   bad_p: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence (base 2: 0 for equal outputs, 1 for disjoint ones) of both
+    models' softmax outputs; 1 where the pruned model gave no finite scores, 0 where the
+    original did not (such samples are left out of every aggregate)."""
+    probs_p = _softmax(scores_p, bad_p)
+    distance = jensenshannon(probs_o, probs_p, base=2.0, axis=1)
+    divergence = np.clip(np.nan_to_num(distance, nan=0.0) ** 2, 0.0, 1.0)
+    return np.where(bad_o, 0.0, np.where(bad_p, 1.0, divergence))
 
 
 def _confidence(scores: np.ndarray, classes: np.ndarray, bad: np.ndarray) -> np.ndarray:

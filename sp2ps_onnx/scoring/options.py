@@ -1,4 +1,4 @@
-"""The options of a scoring run, as four typed groups.
+"""The options of a scoring run, as typed groups.
 
 :func:`~sp2ps_onnx.scoring.score_models` takes one of each; the ``sp2ps score`` command
 builds the same objects from its flags, and the Ray workers receive them as they are. Each
@@ -8,6 +8,8 @@ number is reported before any model is opened.
 - :class:`CamOptions`: which CAM is computed, where, for which class.
 - :class:`DataOptions`: how the data is read and preprocessed for each model.
 - :class:`MetricOptions`: how two CAMs are compared and the per-sample scores aggregated.
+- :class:`ReferenceOptions`: the models that put the scores on a scale (random floor,
+  independently trained references).
 - :class:`RunOptions`: where and how the run executes (device, batches, checkpoint, Ray).
 """
 
@@ -17,6 +19,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import onnx
 
 from .. import cam, metric
 from ..data import PRESETS
@@ -145,6 +149,24 @@ class MetricOptions:
     def component_config(self) -> dict[str, Any]:
         """The metric configuration recorded with every result."""
         return {"spatial": self.spatial, "spectral": self.spectral, "normalize": True}
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """The reference models of a run.
+
+    Attributes:
+        floor: score a random floor (the original with cascading randomisation of its
+            weights, seeded by ``MetricOptions.seed``); costs one more model pass.
+        models: independently trained models of the same classifier task (paths or
+            ModelProtos), scored like pruned models, shown as references and not ranked.
+    """
+
+    floor: bool = True
+    models: tuple[str | os.PathLike[str] | onnx.ModelProto, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,23 @@ from .rows import Example
 
 @dataclass
 class ModelScore:
-    """The Sp2PS result of one pruned model."""
+    """The Sp2PS result of one pruned model (or reference model: see ``role``).
+
+    ``worst``/``best`` are the samples with the lowest/highest h, ``moved`` those with the
+    lowest h among the samples both models classify identically ("same answer, attention
+    moved"). ``role`` is ``pruned``, ``floor`` or ``reference``; ``band`` where a pruned
+    model's Sp2PS lies relative to the floor and references
+    (:data:`~sp2ps_onnx.scoring.band.BANDS`, ``None`` without them).
+    """
 
     info: ModelInfo
     result: Any  # sp2ps_onnx.metric.Sp2PSResult
     worst: list[Example] = field(default_factory=list)
     best: list[Example] = field(default_factory=list)
     rows: Sequence[dict[str, Any]] = field(default_factory=list)
+    moved: list[Example] = field(default_factory=list)
+    role: str = "pruned"
+    band: str | None = None
 
     @property
     def sp2ps(self) -> float:
@@ -43,6 +53,13 @@ class ScoreReport:
     notes: list[str] = field(default_factory=list)
     faults: list[dict[str, str]] = field(default_factory=list)  # skipped samples: id, reason
     model_faults: dict[str, Any] = field(default_factory=dict)  # NaN/Inf outputs, flat CAMs
+    references: list[ModelScore] = field(default_factory=list)  # the floor, then references
+    correlations: dict[str, Any] = field(default_factory=dict)  # rank_correlations()
+
+    @property
+    def floor(self) -> ModelScore | None:
+        """The random floor's score, if the run has one."""
+        return next((m for m in self.references if m.role == "floor"), None)
 
     def ranked(self) -> list[ModelScore]:
         """Pruned models from the highest Sp2PS to the lowest (NaN last)."""
@@ -68,14 +85,26 @@ class ScoreReport:
             "data_faults": self.faults,
             "model_faults": jsonable(self.model_faults),
             "models": [
-                {
-                    "rank": ranked.index(m) + 1,
-                    **m.info.to_dict(),
-                    "result": jsonable(_result_dict(m.result)),
-                }
-                for m in self.models
+                {"rank": ranked.index(m) + 1, **_model_dict(m)} for m in self.models
             ],
+            "references": [_model_dict(m) for m in self.references],
+            "band": {
+                "floor": None if self.floor is None else self.floor.sp2ps,
+                "references": {m.info.name: m.sp2ps for m in self.references
+                               if m.role == "reference"},
+                "positions": {m.info.name: m.band for m in self.models},
+            },
+            "correlations": jsonable(self.correlations),
         }
+
+
+def _model_dict(model: ModelScore) -> dict[str, Any]:
+    return {
+        **model.info.to_dict(),
+        "role": model.role,
+        "band": model.band,
+        "result": jsonable(_result_dict(model.result)),
+    }
 
 
 def _result_dict(result: Any) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class RowTable(Sequence[dict[str, Any]]):
             "h": float(c["h"][item]),
             "confidence_original": float(c["confidence_original"][item]),
             "confidence_pruned": float(c["confidence_pruned"][item]),
+            "js_divergence": float(c["js_divergence"][item]),
             "fault": fault_names(int(c["flags"][item])),
         }
 
@@ -91,11 +92,13 @@ FAULTS = {
 
 ROW_INT_COLUMNS = ("model", "index", "label", "target_original", "target_pruned",
                    "pred_original", "pred_pruned", "flags")
-ROW_FLOAT_COLUMNS = ("spatial", "spectral", "h", "confidence_original", "confidence_pruned")
+ROW_FLOAT_COLUMNS = ("spatial", "spectral", "h", "confidence_original", "confidence_pruned",
+                     "js_divergence")
 ROW_COLUMNS = (*ROW_INT_COLUMNS, *ROW_FLOAT_COLUMNS, "id")
 """The per-sample row table, one row per (pruned model, sample): ``model`` is the pruned
 model's position, ``index`` the sample's position in the data, ``label`` -1 when unknown,
-``pred_*`` -1 when the model gave no finite scores, ``confidence_*`` both models' softmax
+``pred_*`` -1 when the model gave no finite scores, ``js_divergence`` the Jensen-Shannon
+divergence (base 2, in [0, 1]) of both models' softmax outputs, ``confidence_*`` both models' softmax
 confidence in the original's target class, ``flags`` a sum of :data:`FAULTS` bits."""
 
 
@@ -201,6 +204,17 @@ def keep_examples(examples: Sequence[Example], k: int) -> tuple[list[Example], l
     return worst, best
 
 
+def same_answer(example: Example) -> bool:
+    """Whether both models gave the sample the same (valid) top-1 class."""
+    return example.pred_original >= 0 and example.pred_original == example.pred_pruned
+
+
+def keep_moved(examples: Sequence[Example], k: int) -> list[Example]:
+    """"Same answer, attention moved": the ``k`` lowest-h examples that both models classify
+    identically (ties: the lower sample index)."""
+    return sorted((e for e in examples if same_answer(e)), key=_worst_key)[:k]
+
+
 def concat_rows(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """One row table from several (in any order)."""
     if not parts:
@@ -209,5 +223,9 @@ def concat_rows(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
 
 
 def merge_candidates(kept: list[Example], found: list[Example], k: int) -> list[Example]:
-    worst, best = keep_examples([*kept, *found], k)
-    return sorted({e.index: e for e in worst + best}.values(), key=lambda e: e.index)
+    """The examples of ``kept`` and ``found`` that can still be among the ``k`` worst, best
+    or same-answer-lowest, in sample order."""
+    both = [*kept, *found]
+    worst, best = keep_examples(both, k)
+    chosen = worst + best + keep_moved(both, k)
+    return sorted({e.index: e for e in chosen}.values(), key=lambda e: e.index)

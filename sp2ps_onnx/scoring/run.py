@@ -25,11 +25,12 @@ from ..prefetch import Prefetcher
 from ..progress import ProgressReporter
 from ..runtime import thread_budget
 from .aggregate import Aggregate, aggregate
+from .band import FLOOR, PRUNED, REFERENCE, band_of, floor_model, rank_correlations
 from .batch import BatchScorer, ScorerSpec, build_scorer
 from .checkpoint import RowStore
 from .checks import check_comparable, check_label_range, resolve_target
 from .models import ModelLike, model_hash, model_info, model_source, package_versions, unique_names
-from .options import CamOptions, DataOptions, MetricOptions, RunOptions
+from .options import CamOptions, DataOptions, MetricOptions, ReferenceOptions, RunOptions
 from .ray_backend import run_ray
 from .result import ModelScore, ScoreReport, jsonable
 from .rows import BatchOutput, Example, concat_rows, merge_candidates
@@ -168,6 +169,7 @@ def score_models(
     data_options: DataOptions = DataOptions(),
     metric: MetricOptions = MetricOptions(),
     run: RunOptions = RunOptions(),
+    references: ReferenceOptions = ReferenceOptions(),
 ) -> ScoreReport:
     """Score each pruned model against the original with Sp2PS over ``data``.
 
@@ -176,7 +178,10 @@ def score_models(
     ``cam`` says which CAM every model gets, ``data_options`` how the data is read and
     preprocessed (each model gets its own layout, channels and size), ``metric`` how CAMs
     are compared and aggregated, and ``run`` where the run executes (device, batches,
-    checkpoint and resume, Ray); see :mod:`sp2ps_onnx.scoring.options`.
+    checkpoint and resume, Ray), and ``references`` which models put the scores on a scale:
+    a random floor (on by default) and independently trained reference models, scored like
+    pruned models, reported apart and never ranked (:mod:`sp2ps_onnx.scoring.band`); see
+    :mod:`sp2ps_onnx.scoring.options`.
 
     The original model's CAMs are computed once per batch and reused for every pruned
     model. Unreadable images and empty folders are skipped and listed in the report; NaN/Inf
@@ -201,10 +206,11 @@ def score_models(
     spec = ScorerSpec(cam, data_options, metric, resolve_target(cam.target, source.has_labels),
                       run.batch_size)
     providers = select_providers(run.device, quiet=run.quiet)
-    names = unique_names([original, *pruned])
-    check_comparable(original, pruned, names, data_options.size)
+    compared = _Compared.of(original, pruned, references, metric.seed)
+    check_comparable(original, compared.checked, compared.names[:len(compared.checked) + 1],
+                     data_options.size)
     plan = plan_execution(providers)
-    scorer = build_scorer(original, pruned, names, spec, providers=providers,
+    scorer = build_scorer(original, compared.models, compared.names, spec, providers=providers,
                           session_threads=plan.session_threads, spinning=plan.session_spinning)
     check_label_range(source, int(scorer.original.num_classes))
     store = None if run.checkpoint is None else RowStore(
@@ -215,8 +221,8 @@ def score_models(
                          ProgressReporter(run.progress, source.size_hint, "score"))
     try:
         if run.ray is not None:
-            run_ray(original, pruned, names, source, spec, run.ray, start=collect.done,
-                    on_output=collect, quiet=run.quiet)
+            run_ray(original, compared.models, compared.names, source, spec, run.ray,
+                    start=collect.done, on_output=collect, quiet=run.quiet)
         else:
             run_local(scorer, source, collect.done, collect, plan)
     except BaseException:
@@ -226,11 +232,44 @@ def score_models(
     if collect.done == 0:
         skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
         raise InputDataError(f"no samples were read from {source.description}{skipped}")
-    result = aggregate(concat_rows(collect.parts), collect.candidates, names[1:], metric,
-                       expected=collect.done)
-    report = _report(original, pruned, names, scorer, source, result, run, providers)
+    result = aggregate(concat_rows(collect.parts), collect.candidates, compared.names[1:],
+                       metric, expected=collect.done)
+    report = _report(original, compared, scorer, source, result, run, providers)
     report.seconds = time.perf_counter() - started
     return report
+
+
+@dataclass
+class _Compared:
+    """The models compared with the original: the pruned ones, then the random floor (if
+    any), then the reference models; with their names and roles."""
+
+    models: list[ModelLike]
+    names: list[str]  # the original's first
+    roles: list[str]
+    checked: list[ModelLike]  # the user's models, whose sizes and classes are checked
+    notes: list[str]
+
+    @classmethod
+    def of(cls, original: ModelLike, pruned: Sequence[ModelLike],
+           references: ReferenceOptions, seed: int) -> _Compared:
+        given = [*pruned, *references.models]
+        names = unique_names([original, *given])
+        roles = [PRUNED] * len(pruned) + [REFERENCE] * len(references.models)
+        models, notes = list(given), []
+        if references.floor:
+            floor, why = floor_model(original, seed)
+            if floor is None:
+                notes.append(f"no random floor: {why}; the scores have no floor to be read "
+                             "against (--no-floor leaves it out without this note)")
+            else:
+                name, suffix = "random-floor", 2
+                while name in names:
+                    name, suffix = f"random-floor-{suffix}", suffix + 1
+                models.insert(len(pruned), floor)
+                names.insert(1 + len(pruned), name)
+                roles.insert(len(pruned), FLOOR)
+        return cls(models, names, roles, given, notes)
 
 
 def _fingerprint(scorer: BatchScorer, source: DataSource) -> dict[str, Any]:
@@ -313,25 +352,34 @@ def _config(scorer: BatchScorer, source: DataSource, run: RunOptions,
 
 
 def _report(
-    original: ModelLike, pruned: Sequence[ModelLike], names: Sequence[str], scorer: BatchScorer,
-    source: DataSource, result: Aggregate, run: RunOptions, providers: Sequence[str],
+    original: ModelLike, compared: _Compared, scorer: BatchScorer, source: DataSource,
+    result: Aggregate, run: RunOptions, providers: Sequence[str],
 ) -> ScoreReport:
     domains = scorer.spec.cam.allow_domains
     scores = []
-    for j, (model, cam_model) in enumerate(zip(pruned, scorer.pruned, strict=True)):
-        info = model_info(model_source(model), cam_model, names[1 + j], domains)
+    for j, (model, cam_model) in enumerate(zip(compared.models, scorer.pruned, strict=True)):
+        info = model_info(model_source(model), cam_model, compared.names[1 + j], domains)
         scores.append(ModelScore(info, result.results[j], result.worst[j], result.best[j],
-                                 result.rows[j]))
-    original_info = model_info(model_source(original), scorer.original, names[0], domains)
+                                 result.rows[j], result.moved[j], compared.roles[j]))
+    pruned = [m for m in scores if m.role == PRUNED]
+    references = [m for m in scores if m.role != PRUNED]
+    floor = next((m.sp2ps for m in references if m.role == FLOOR), None)
+    levels = [m.sp2ps for m in references if m.role == REFERENCE]
+    for model in pruned:
+        model.band = band_of(model.sp2ps, floor, levels)
+    original_info = model_info(model_source(original), scorer.original, compared.names[0],
+                               domains)
     accuracy = getattr(result.results[0], "accuracy_original", None)
     return ScoreReport(
         original=original_info,
-        models=scores,
+        models=pruned,
         config=_config(scorer, source, run, providers),
         n=result.n,
         class_names=source.class_names,
         accuracy_original=None if accuracy is None else float(accuracy),
-        notes=_notes(source, int(scorer.original.num_classes), result),
+        notes=compared.notes + _notes(source, int(scorer.original.num_classes), result),
         faults=[f.to_dict() for f in source.faults],
         model_faults=result.faults,
+        references=references,
+        correlations=rank_correlations(pruned),
     )
