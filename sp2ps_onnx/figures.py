@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputDataError, RuntimeMissingError
+from .formatting import ci_bounds
 
 try:
     import matplotlib
@@ -329,14 +330,6 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _ci(result: Any) -> tuple[float, float] | None:
-    ci = getattr(result, "ci95", None)
-    if ci is None:
-        return None
-    low, high = (_finite(v) for v in ci)
-    return None if low is None or high is None else (low, high)
-
-
 @_styled
 def scatter_figure(report: Any) -> Figure:
     """Sp2PS against top-1 accuracy (or top-1 agreement without labels), with CI bars."""
@@ -350,7 +343,7 @@ def scatter_figure(report: Any) -> Figure:
         x, y = _finite(getattr(model.result, name, None)), _finite(model.sp2ps)
         if x is None or y is None:
             continue
-        ci = _ci(model.result)
+        ci = ci_bounds(getattr(model.result, "ci95", None))
         error = None if ci is None else [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]]
         axis.errorbar(100 * x, y, yerr=error, fmt="o", markersize=7, capsize=4,
                       color=palette(index % 10), markeredgecolor="white", label=model.info.name)
@@ -398,7 +391,7 @@ def sp2ps_bar_figure(report: Any) -> Figure:
     values = [_finite(m.sp2ps) or 0.0 for m in ranked]
     errors = np.zeros((2, len(ranked)))
     for i, model in enumerate(ranked):
-        ci = _ci(model.result)
+        ci = ci_bounds(getattr(model.result, "ci95", None))
         if ci is not None:
             errors[:, i] = (max(0.0, values[i] - ci[0]), max(0.0, ci[1] - values[i]))
     cmap = colormaps["RdYlGn"]
