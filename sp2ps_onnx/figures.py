@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
 import numpy as np
+from skimage.transform import resize
 
 from .errors import InputDataError, RuntimeMissingError
 from .formatting import ci_bounds
@@ -100,8 +102,6 @@ def overlay(
     rgb = to_rgb(image)
     cam = np.asarray(cam, dtype=np.float64)
     if cam.shape != rgb.shape[:2]:
-        from skimage.transform import resize
-
         cam = resize(cam, rgb.shape[:2], order=1, preserve_range=True)
     heat = colorize(cam, cmap).astype(np.float64)
     blended = (1 - alpha) * rgb.astype(np.float64) + alpha * heat
@@ -110,8 +110,6 @@ def overlay(
 
 def png_bytes(image: np.ndarray) -> bytes:
     """Encode a uint8 RGB image as PNG."""
-    import imageio.v3 as iio
-
     return iio.imwrite("<bytes>", np.ascontiguousarray(image), extension=".png")
 
 
@@ -133,8 +131,6 @@ def display_size(image: np.ndarray, target: int = 128) -> np.ndarray:
         factor = max(1, target // longest)
         return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
     if longest > 2 * target:
-        from skimage.transform import resize
-
         scale = 2 * target / longest
         shape = (max(1, round(height * scale)), max(1, round(width * scale)), *image.shape[2:])
         return np.round(

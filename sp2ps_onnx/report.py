@@ -30,6 +30,10 @@ import numpy as np
 from .errors import InputDataError, RuntimeMissingError
 from .formatting import ci_bounds, ci_text, percent
 
+# jinja2 (with markupsafe), matplotlib and .figures (which needs matplotlib) are the
+# optional 'report' extra: they are imported inside the functions that need them, so the
+# text and CSV outputs work without them.
+
 FORMATS = ("table", "json", "csv", "markdown")
 
 
