@@ -43,11 +43,17 @@ class VJPRule:
     inputs: tuple[int, ...] | None  # None: every input
     domain: str = ""  # "" (ai.onnx) or "com.microsoft" for ONNX Runtime's contrib ops
 
+    @classmethod
+    def of(
+        cls, op_type: str, fn: RuleFn | VJPRule, inputs: tuple[int, ...] | None = (0,),
+        domain: str = "",
+    ) -> VJPRule:
+        """The registry entry for ``fn`` (a :class:`VJPRule` as it is)."""
+        return fn if isinstance(fn, VJPRule) else cls(op_type, fn, inputs, domain)
+
 
 #: op type -> its :class:`VJPRule`; filled by :func:`vjp`.
-VJP_RULES: Registry[VJPRule] = Registry(
-    "op", entry=lambda op_type, fn, inputs=(0,), domain="": VJPRule(op_type, fn, inputs, domain)
-)
+VJP_RULES: Registry[VJPRule] = Registry("op", entry=VJPRule.of)
 
 # Outputs of these ops carry no gradient: shape arithmetic, comparisons, indices.
 NON_DIFFERENTIABLE = frozenset(
