@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from sp2ps_onnx.formatting import MISSING, ci_text, percent
+
 from .config import StudyConfig
 from .photos import shrink_png
 from .scoring import ScoreStore
@@ -41,14 +43,15 @@ def _f(value: Any, digits: int = 3) -> str:
 
 
 def _pct(value: Any, digits: int = 2) -> str:
-    return "–" if value is None else f"{100 * value:.{digits}f}"
+    """Percentages in the write-up's tables: the columns name the unit, so no % sign."""
+    return percent(value, digits, suffix="")
 
 
-def _ci(record: dict | None) -> str:
+def _score_and_ci(record: dict | None) -> str:
     if not record or record.get("sp2ps") is None:
-        return "–"
+        return MISSING
     ci = record.get("ci95")
-    return f"{record['sp2ps']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return f"{record['sp2ps']:.3f}" + (f" {ci_text(ci)}" if ci else "")
 
 
 def _size(size: Any) -> str:
@@ -406,7 +409,7 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
             else:
                 label = f"cascade: {label}"
             add(f"| | {label} | {_pct(records[0].get('accuracy'))} | "
-                + " | ".join(_ci(r) for r in records)
+                + " | ".join(_score_and_ci(r) for r in records)
                 + f" | {_pct(records[0].get('top1_agreement'), 1)} |")
     add("")
 
@@ -480,7 +483,7 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
         add(f"| {entry.framework} | {ARCH_LABELS.get(entry.arch, entry.arch)} | {entry.method} | "
             f"{_pct(record.get('accuracy'))} | {_f(_delta_accuracy(record), 2)} | "
             f"{_pct(record.get('top1_agreement'), 1)} | "
-            + " | ".join(_ci(row["scores"].get(m)) for m in config.cam_methods)
+            + " | ".join(_score_and_ci(row["scores"].get(m)) for m in config.cam_methods)
             + f" | {_size(record.get('file_size'))} | {note} |")
     add("")
 
@@ -514,7 +517,7 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
             if r.get("error"):
                 cells.append(f"error: {str(r['error'])[:80]} | – | –")
             else:
-                cells.append(f"{_ci(r)} | {_f(r.get('mean_spatial'))} | "
+                cells.append(f"{_score_and_ci(r)} | {_f(r.get('mean_spatial'))} | "
                              f"{_f(r.get('mean_spectral'))}")
         parameters = record.get("parameters")
         add(f"| `{entry.name}` | {entry.framework} | {ARCH_LABELS.get(entry.arch, entry.arch)} | "
@@ -566,7 +569,7 @@ def _photos_section(photos: dict, config: StudyConfig) -> list[str]:
         cells = []
         for m in methods:
             r = model["methods"].get(m) or {}
-            cells.append(f"{_ci(r)} | {_f(r.get('mean_spatial'))} | {_f(r.get('mean_spectral'))}")
+            cells.append(f"{_score_and_ci(r)} | {_f(r.get('mean_spatial'))} | {_f(r.get('mean_spectral'))}")
         first = model["methods"].get(methods[0]) or {}
         lines.append(f"| {name} ({model['note']}) | {model.get('parameters', 0):,} | "
                      f"{_f(model.get('sparsity'), 1)} | {_size(model.get('file_size'))} | "
@@ -636,7 +639,7 @@ def _discussion(rows: list[dict], store: ScoreStore, config: StudyConfig, figure
         ceiling = store.get(f"{entry.arch}-ceiling", method) or {}
         retrain = store.get(f"{entry.arch}-retrain", method) or {}
         lines.append(f"- `{entry.name}`: Δaccuracy {case['delta']:+.2f} pts, Sp2PS "
-                     f"{_ci(record)} (ceiling {_f(ceiling.get('sp2ps'))}, independent retrain "
+                     f"{_score_and_ci(record)} (ceiling {_f(ceiling.get('sp2ps'))}, independent retrain "
                      f"{_f(retrain.get('sp2ps'))})")
     if len(cases) > 12:
         lines.append(f"- … and {len(cases) - 12} more (see the full table).")

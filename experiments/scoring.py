@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from sp2ps_onnx.formatting import percent
+
 from .config import StudyConfig
 
 Log = Callable[[str], None]
@@ -177,8 +179,9 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
                         record.update(score_target(entry.path))
                     store.put(entry.name, method, record)
                     _save_examples(store, entry.name, method, model_score)
-                    log(f"  {entry.name}: Sp2PS {model_score.sp2ps:.3f}, accuracy "
-                        f"{_pct(model_score.result.accuracy_pruned)}")
+                    accuracy = percent(model_score.result.accuracy_pruned, 2, suffix=" %",
+                                       missing="n/a")
+                    log(f"  {entry.name}: Sp2PS {model_score.sp2ps:.3f}, accuracy {accuracy}")
                 if report is not None:
                     original_record = {
                         "sha256": file_sha256(original.path),
@@ -211,10 +214,6 @@ def score_target(path: str) -> dict[str, Any]:
 
     graph = CamModel(path, providers=["CPUExecutionProvider"]).graph
     return {"score_tensor": graph.score_tensor, "softmax_cut": graph.softmax_cut}
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
 def noise_ceiling(model_path: str, test_file: Path, method: str,

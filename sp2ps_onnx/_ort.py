@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 from types import ModuleType
 
 from .errors import RuntimeMissingError
@@ -16,7 +17,7 @@ _INSTALL_HINT = (
 def ort() -> ModuleType:
     """Return the ``onnxruntime`` module, or raise a clear error naming the extra to install."""
     try:
-        import onnxruntime
+        import onnxruntime  # an optional dependency (extras cpu, gpu)
     except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         raise RuntimeMissingError(_INSTALL_HINT) from exc
     return onnxruntime
@@ -52,6 +53,4 @@ def select_providers(device: str = "auto", quiet: bool = False) -> list[str]:
 
 
 def _installed_distributions() -> set[str]:
-    from importlib import metadata
-
     return {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}

@@ -29,6 +29,17 @@ pytorch-grad-cam's ``get_2d_projection`` uses (single precision, NumPy's ``svd``
 the same arrays both choose the same sign. Because the post-processing applies a ReLU, the
 sign matters for the final map.
 
+Every method is one small function registered in :data:`CAM_METHODS` (a
+:class:`~sp2ps_onnx.registry.Registry`, like the graph's VJP rules and the metric's
+components), with the formula in its docstring. The entry declares what the method needs
+(:class:`CamMethod`): ``"gradient"`` methods get the activations and the gradients of the
+target score, ``"activations"`` methods the activations alone, ``"perturbation"`` methods
+re-run (part of) the model through the CAM model. :data:`METHODS`,
+:data:`GRADIENT_METHODS`, :data:`EIGEN_METHODS` and :data:`PERTURBATION_METHODS` are
+derived from the registry. Adding a method is one entry and one test: decorate a function
+with ``@CAM_METHODS.register("name", needs=...)`` below the others, and compare it with an
+independent reference (pytorch-grad-cam) in tests/test_cam.py.
+
 :func:`postprocess` reproduces pytorch-grad-cam's ``BaseCAM`` post-processing: ReLU, per-image
 min-max scaling ``(x - min) / (max(x - min) + 1e-7)``, bilinear resizing with half-pixel
 centres (OpenCV's ``INTER_LINEAR``) and a second min-max scaling. A constant map becomes all
@@ -37,20 +48,26 @@ zeros.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import special
 
-from .errors import InputDataError, Sp2PSError
+# UnknownMethodError lives in errors.py; importing it here keeps ``cam.UnknownMethodError``
+# working for callers.
+from .errors import InputDataError, UnknownMethodError
+from .registry import Registry
 
 __all__ = [
+    "CAM_METHODS",
     "EIGEN_METHODS",
     "GRADIENT_METHODS",
     "METHODS",
     "PERTURBATION_METHODS",
+    "CamMethod",
     "UnknownMethodError",
     "ablation_cam",
     "eigen_cam",
@@ -60,34 +77,6 @@ __all__ = [
     "score_cam",
 ]
 
-#: Methods computed from the activations and the gradient of the target score.
-GRADIENT_METHODS: tuple[str, ...] = (
-    "gradcam",
-    "gradcam++",
-    "xgradcam",
-    "hirescam",
-    "gradcam-elementwise",
-    "layercam",
-    "eigengradcam",
-)
-#: Methods computed from the activations alone.
-EIGEN_METHODS: tuple[str, ...] = ("eigencam",)
-#: Methods that re-run (part of) the model once per channel.
-PERTURBATION_METHODS: tuple[str, ...] = ("scorecam", "ablationcam")
-#: Every supported method name.
-METHODS: tuple[str, ...] = (
-    "gradcam",
-    "gradcam++",
-    "xgradcam",
-    "hirescam",
-    "gradcam-elementwise",
-    "layercam",
-    "eigencam",
-    "eigengradcam",
-    "scorecam",
-    "ablationcam",
-)
-
 # Constants of pytorch-grad-cam, kept so that maps agree with it.
 _GRADCAM_PLUSPLUS_EPS = 1e-6
 _XGRADCAM_EPS = 1e-7
@@ -96,17 +85,47 @@ _SCORECAM_MASK_EPS = 1e-8
 _ABLATION_OFFSET = np.float32(1e7)
 
 ScoreFunction = Callable[[np.ndarray], np.ndarray]
+Needs = Literal["gradient", "activations", "perturbation"]
 
 
-class UnknownMethodError(Sp2PSError, ValueError):
-    """The requested CAM method name is not one of :data:`METHODS`."""
+@dataclass(frozen=True)
+class CamMethod:
+    """A registered CAM method: ``compute`` returns raw maps ``(N, h, w)`` at feature
+    resolution, before :func:`postprocess`. What it is called with depends on ``needs``:
+
+    * ``"gradient"``: ``compute(activations, gradients)``, both ``(N, C, h, w)`` of the same
+      shape, in the dtype they were given;
+    * ``"activations"``: ``compute(activations)``, ``(N, C, h, w)``;
+    * ``"perturbation"``: ``compute(cam_model, x, activations, targets, batch_size)``: the
+      images in the model's layout, their activations, one class per image and the number
+      of perturbed inputs per model call.
+    """
+
+    name: str
+    compute: Callable[..., np.ndarray]
+    needs: Needs
+
+    @classmethod
+    def of(cls, name: str, compute: Any, needs: Needs | None = None) -> CamMethod:
+        """The registry entry for ``compute`` (a :class:`CamMethod` as it is)."""
+        if isinstance(compute, CamMethod):
+            return compute
+        if needs not in ("gradient", "activations", "perturbation"):
+            raise TypeError(
+                f"CAM method {name!r}: needs must be 'gradient', 'activations' or "
+                f"'perturbation', got {needs!r}"
+            )
+        return cls(name, compute, needs)
 
 
-def _check_method(method: str, allowed: Sequence[str]) -> None:
-    if method not in allowed:
-        raise UnknownMethodError(
-            f"unknown CAM method {method!r}; choose one of: {', '.join(allowed)}"
-        )
+#: Every CAM method: name -> :class:`CamMethod`, in the order of :data:`METHODS`.
+CAM_METHODS: Registry[CamMethod] = Registry(
+    "CAM method", entry=CamMethod.of, error=UnknownMethodError
+)
+
+
+def _methods_needing(needs: Needs) -> tuple[str, ...]:
+    return tuple(name for name, entry in CAM_METHODS.items() if entry.needs == needs)
 
 
 def _as_feature_maps(array: Any, name: str) -> np.ndarray:
@@ -177,39 +196,19 @@ def gradient_weighted_cam(method: str, activations: Any, gradients: Any) -> np.n
     Returns:
         The un-normalised map (before ReLU and scaling), float32.
     """
-    _check_method(method, GRADIENT_METHODS)
+    entry: CamMethod = CAM_METHODS.get(method)
+    if entry.needs != "gradient":
+        raise UnknownMethodError(
+            f"CAM method {method!r} does not use gradients; gradient_weighted_cam takes one "
+            f"of: {', '.join(GRADIENT_METHODS)}; compute {method!r} with explain()"
+        )
     acts = _as_feature_maps(activations, "activations")
     grads = _as_feature_maps(gradients, "gradients")
     if acts.shape != grads.shape:
         raise InputDataError(
             f"activations {acts.shape} and gradients {grads.shape} must have the same shape"
         )
-    if method == "eigengradcam":
-        return _eigen_projection(grads * acts)
-
-    # Single precision, like pytorch-grad-cam on torch's float32 tensors (and twice as fast).
-    acts = acts.astype(np.float32, copy=False)
-    grads = grads.astype(np.float32, copy=False)
-    if method == "gradcam":
-        cam = _channel_weighted_sum(_spatial_mean(grads), acts)
-    elif method == "gradcam++":
-        grads_squared = grads * grads
-        denominator = grads_squared * (2.0 + _spatial_sum(acts) * grads) + _GRADCAM_PLUSPLUS_EPS
-        usable = (grads != 0) & (denominator != 0)
-        alpha = np.divide(grads_squared, denominator, out=np.zeros_like(grads), where=usable)
-        weights = (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
-        cam = _channel_weighted_sum(weights, acts)
-    elif method == "xgradcam":
-        denominator = _spatial_sum(acts) + _XGRADCAM_EPS
-        share = np.divide(acts, denominator, out=np.zeros_like(acts), where=denominator != 0)
-        cam = _channel_weighted_sum((grads * share).sum(axis=(2, 3)), acts)
-    elif method == "hirescam":
-        cam = (grads * acts).sum(axis=1)
-    elif method == "gradcam-elementwise":
-        cam = np.maximum(grads * acts, 0).sum(axis=1)
-    else:  # layercam
-        cam = (np.maximum(grads, 0) * acts).sum(axis=1)
-    return cam.astype(np.float32)
+    return entry.compute(acts, grads).astype(np.float32)
 
 
 @lru_cache(maxsize=64)
@@ -369,6 +368,113 @@ def ablation_cam(
     return _channel_weighted_sum(drops / scale, acts).astype(np.float32)
 
 
+# --------------------------------------------------------------------------- the methods
+# One registered function per method, in the order of METHODS. Gradient methods run in
+# single precision, like pytorch-grad-cam on torch's float32 tensors (and twice as fast).
+
+
+def _single(activations: np.ndarray, gradients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return activations.astype(np.float32, copy=False), gradients.astype(np.float32, copy=False)
+
+
+@CAM_METHODS.register("gradcam", needs="gradient")
+def _gradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """``sum_c mean_hw(g) * A``."""
+    acts, grads = _single(activations, gradients)
+    return _channel_weighted_sum(_spatial_mean(grads), acts)
+
+
+@CAM_METHODS.register("gradcam++", needs="gradient")
+def _gradcam_plusplus(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """``sum_c w * A``, ``w = sum_hw relu(g) * a``, ``a = g^2 / (2 g^2 + sum_hw(A) g^3 +
+    1e-6)`` (``a = 0`` where ``g = 0``)."""
+    acts, grads = _single(activations, gradients)
+    grads_squared = grads * grads
+    denominator = grads_squared * (2.0 + _spatial_sum(acts) * grads) + _GRADCAM_PLUSPLUS_EPS
+    usable = (grads != 0) & (denominator != 0)
+    alpha = np.divide(grads_squared, denominator, out=np.zeros_like(grads), where=usable)
+    weights = (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
+    return _channel_weighted_sum(weights, acts)
+
+
+@CAM_METHODS.register("xgradcam", needs="gradient")
+def _xgradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """``sum_c w * A``, ``w = sum_hw g A / (sum_hw(A) + 1e-7)``."""
+    acts, grads = _single(activations, gradients)
+    denominator = _spatial_sum(acts) + _XGRADCAM_EPS
+    share = np.divide(acts, denominator, out=np.zeros_like(acts), where=denominator != 0)
+    return _channel_weighted_sum((grads * share).sum(axis=(2, 3)), acts)
+
+
+@CAM_METHODS.register("hirescam", needs="gradient")
+def _hirescam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """``sum_c g * A``."""
+    acts, grads = _single(activations, gradients)
+    return (grads * acts).sum(axis=1)
+
+
+@CAM_METHODS.register("gradcam-elementwise", needs="gradient")
+def _gradcam_elementwise(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """``sum_c relu(g * A)``."""
+    acts, grads = _single(activations, gradients)
+    return np.maximum(grads * acts, 0).sum(axis=1)
+
+
+@CAM_METHODS.register("layercam", needs="gradient")
+def _layercam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """``sum_c relu(g) * A``."""
+    acts, grads = _single(activations, gradients)
+    return (np.maximum(grads, 0) * acts).sum(axis=1)
+
+
+@CAM_METHODS.register("eigencam", needs="activations")
+def _eigencam(activations: np.ndarray) -> np.ndarray:
+    """Projection of the centred (hw x C) activations on their first right-singular
+    vector."""
+    return _eigen_projection(activations)
+
+
+@CAM_METHODS.register("eigengradcam", needs="gradient")
+def _eigengradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """The EigenCAM projection of ``g * A`` (in the inputs' precision, as pytorch-grad-cam
+    multiplies them)."""
+    return _eigen_projection(gradients * activations)
+
+
+@CAM_METHODS.register("scorecam", needs="perturbation")
+def _scorecam(
+    cam_model: Any, x: np.ndarray, activations: Any, targets: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """``sum_c softmax_c(s_c) * A``, ``s_c`` the target score of the input masked by the
+    min-max scaled, upsampled channel ``c`` (:func:`score_cam`)."""
+    return score_cam(
+        x, activations, targets, cam_model.scores, input_layout=cam_model.layout,
+        batch_size=batch_size,
+    )  # fmt: skip
+
+
+@CAM_METHODS.register("ablationcam", needs="perturbation")
+def _ablationcam(
+    cam_model: Any, x: np.ndarray, activations: Any, targets: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """``sum_c (s_0 - s_c) / s_0 * A``, ``s_c`` the target score with channel ``c`` ablated
+    (:func:`ablation_cam`)."""
+    return ablation_cam(activations, targets, cam_model.head_scores, batch_size=batch_size)
+
+
+#: Every supported method name.
+METHODS: tuple[str, ...] = CAM_METHODS.names()
+#: Methods computed from the activations and the gradient of the target score.
+GRADIENT_METHODS: tuple[str, ...] = _methods_needing("gradient")
+#: Methods computed from the activations alone.
+EIGEN_METHODS: tuple[str, ...] = _methods_needing("activations")
+#: Methods that re-run (part of) the model once per channel.
+PERTURBATION_METHODS: tuple[str, ...] = _methods_needing("perturbation")
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
 def _min_max(maps: np.ndarray) -> np.ndarray:
     shifted = maps - maps.min(axis=(1, 2), keepdims=True)
     return shifted / (shifted.max(axis=(1, 2), keepdims=True) + _MINMAX_EPS)
@@ -393,6 +499,9 @@ def postprocess(raw: Any, size: tuple[int, int] | None) -> np.ndarray:
     return _min_max(scaled).astype(np.float32)
 
 
+# --------------------------------------------------------------------------- running a model
+
+
 def _raw_maps(
     cam_model: Any, x: np.ndarray, method: str, targets: np.ndarray | None, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -405,23 +514,13 @@ def _maps_from_run(
     cam_model: Any, x: np.ndarray, method: str, result: Any, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     used_targets = np.asarray(result.targets, dtype=np.int64)
-    if method in GRADIENT_METHODS:
-        return gradient_weighted_cam(method, result.activations, result.gradients), used_targets
-    if method == "eigencam":
-        return eigen_cam(result.activations), used_targets
-    if method == "scorecam":
-        maps = score_cam(
-            x,
-            result.activations,
-            used_targets,
-            cam_model.scores,
-            input_layout=cam_model.layout,
-            batch_size=batch_size,
-        )
-        return maps, used_targets
-    maps = ablation_cam(
-        result.activations, used_targets, cam_model.head_scores, batch_size=batch_size
-    )
+    entry: CamMethod = CAM_METHODS.get(method)
+    if entry.needs == "gradient":
+        maps = gradient_weighted_cam(method, result.activations, result.gradients)
+    elif entry.needs == "activations":
+        maps = entry.compute(_as_feature_maps(result.activations, "activations"))
+    else:
+        maps = entry.compute(cam_model, x, result.activations, used_targets, batch_size)
     return maps, used_targets
 
 
@@ -457,7 +556,7 @@ def explain(
         class index used for each image (int64); ``(maps, targets, scores)`` with
         ``return_scores``.
     """
-    _check_method(method, METHODS)
+    CAM_METHODS.get(method)  # an unknown name fails before any model run
     images = np.asarray(x, dtype=np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise InputDataError(

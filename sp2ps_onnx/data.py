@@ -31,13 +31,19 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import imageio.v3 as iio
 import numpy as np
+from PIL import Image
+from skimage.color import rgb2gray
+from skimage.transform import resize
 
 from .errors import InputDataError
 
@@ -625,9 +631,6 @@ def _open_npz(path: Path) -> _ArrayPart:
 def _npz_member(path: Path, archive: Any, key: str) -> np.ndarray:
     """Array ``key`` of an .npz: memory-mapped when stored uncompressed (numpy.savez), read
     into memory when compressed, if it fits (else a hint to save it as .npy)."""
-    import struct
-    import zipfile
-
     with zipfile.ZipFile(path) as zipped:
         info = zipped.getinfo(f"{key}.npy")
     if info.compress_type == zipfile.ZIP_STORED:
@@ -679,9 +682,6 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> n
     :data:`MAX_IMAGE_PIXELS`) before decoding, so a small file that would expand to
     gigabytes (a decompression bomb) is refused with :class:`InputDataError`.
     """
-    import imageio.v3 as iio
-    from PIL import Image
-
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     kind = Path(path).suffix.lstrip(".").upper() or "image"
     try:
@@ -875,8 +875,6 @@ class Preprocessing:
             image = image[:, :, :-1]
         image = self._resize_crop(image)
         if self.channels == 1 and image.shape[-1] == 3:
-            from skimage.color import rgb2gray
-
             grey = rgb2gray(image.astype(np.float64) / 255.0)
             image = np.round(grey * 255.0).astype(np.uint8)[:, :, None]
         elif self.channels == 3 and image.shape[-1] == 1:
@@ -887,8 +885,6 @@ class Preprocessing:
         h, w = image.shape[:2]
         if (h, w) == (self.height, self.width):
             return image
-        from skimage.transform import resize
-
         scale = max(self.height / h, self.width / w)
         new_h = max(self.height, int(round(h * scale)))
         new_w = max(self.width, int(round(w * scale)))

@@ -56,3 +56,19 @@ class ModelMismatchError(Sp2PSError):
 class RuntimeMissingError(Sp2PSError):
     """A package a feature needs is not installed (ONNX Runtime; matplotlib and jinja2 for
     the report)."""
+
+
+class UnknownNameError(Sp2PSError, ValueError):
+    """A name that is not in its registry (a CAM method, a metric component, ...)."""
+
+
+class UnknownMethodError(UnknownNameError):
+    """The requested CAM method name is not one of :data:`sp2ps_onnx.cam.METHODS`."""
+
+
+class UnknownComponentError(UnknownNameError):
+    """A spatial/spectral/aggregation name that is not in its registry."""
+
+
+class MetricInputError(InputDataError, ValueError):
+    """CAM arrays, labels or scores that the metric cannot use."""

@@ -21,9 +21,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
 import numpy as np
+from skimage.transform import resize
 
 from .errors import InputDataError, RuntimeMissingError
+from .formatting import ci_bounds
 
 try:
     import matplotlib
@@ -99,8 +102,6 @@ def overlay(
     rgb = to_rgb(image)
     cam = np.asarray(cam, dtype=np.float64)
     if cam.shape != rgb.shape[:2]:
-        from skimage.transform import resize
-
         cam = resize(cam, rgb.shape[:2], order=1, preserve_range=True)
     heat = colorize(cam, cmap).astype(np.float64)
     blended = (1 - alpha) * rgb.astype(np.float64) + alpha * heat
@@ -109,8 +110,6 @@ def overlay(
 
 def png_bytes(image: np.ndarray) -> bytes:
     """Encode a uint8 RGB image as PNG."""
-    import imageio.v3 as iio
-
     return iio.imwrite("<bytes>", np.ascontiguousarray(image), extension=".png")
 
 
@@ -132,8 +131,6 @@ def display_size(image: np.ndarray, target: int = 128) -> np.ndarray:
         factor = max(1, target // longest)
         return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
     if longest > 2 * target:
-        from skimage.transform import resize
-
         scale = 2 * target / longest
         shape = (max(1, round(height * scale)), max(1, round(width * scale)), *image.shape[2:])
         return np.round(
@@ -329,14 +326,6 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _ci(result: Any) -> tuple[float, float] | None:
-    ci = getattr(result, "ci95", None)
-    if ci is None:
-        return None
-    low, high = (_finite(v) for v in ci)
-    return None if low is None or high is None else (low, high)
-
-
 @_styled
 def scatter_figure(report: Any) -> Figure:
     """Sp2PS against top-1 accuracy (or top-1 agreement without labels), with CI bars."""
@@ -350,7 +339,7 @@ def scatter_figure(report: Any) -> Figure:
         x, y = _finite(getattr(model.result, name, None)), _finite(model.sp2ps)
         if x is None or y is None:
             continue
-        ci = _ci(model.result)
+        ci = ci_bounds(getattr(model.result, "ci95", None))
         error = None if ci is None else [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]]
         axis.errorbar(100 * x, y, yerr=error, fmt="o", markersize=7, capsize=4,
                       color=palette(index % 10), markeredgecolor="white", label=model.info.name)
@@ -398,7 +387,7 @@ def sp2ps_bar_figure(report: Any) -> Figure:
     values = [_finite(m.sp2ps) or 0.0 for m in ranked]
     errors = np.zeros((2, len(ranked)))
     for i, model in enumerate(ranked):
-        ci = _ci(model.result)
+        ci = ci_bounds(getattr(model.result, "ci95", None))
         if ci is not None:
             errors[:, i] = (max(0.0, values[i] - ci[0]), max(0.0, ci[1] - values[i]))
     cmap = colormaps["RdYlGn"]

@@ -13,9 +13,22 @@ pruned model for the same target class, at input resolution, min-max normalised 
 * Sp2PS is the mean of ``h_i`` over the samples.
 
 Everything is vectorised over a batch ``(N, H, W)`` and computed in float64. The spatial and
-spectral components and the aggregation are looked up by name in :data:`SPATIAL`,
-:data:`SPECTRAL` and :data:`AGGREGATIONS`. See docs/metric.md for the rationale and the
-known deviations from the paper.
+spectral components and the aggregation are looked up by name in the registries
+:data:`SPATIAL`, :data:`SPECTRAL` and :data:`AGGREGATIONS`
+(:class:`~sp2ps_onnx.registry.Registry`, as for the graph's VJP rules and the CAM methods).
+See docs/metric.md for the rationale and the known deviations from the paper.
+
+Adding a component is one entry and one test: decorate a function ``fn(P, Q) -> (N,)``
+similarities in [0, 1] with ``@SPATIAL.register("name")`` (or ``SPECTRAL``), and test it
+against an independent reference in tests/test_metric.py. To let :func:`sp2ps_many` share
+the original's work between pruned models and run chunks on threads, also give
+``prepare=`` and ``pair=`` (see :class:`Component`); without them the function is called on
+whole batches. An aggregation is ``@AGGREGATIONS.register("name")`` on
+``fn(sums, counts)`` (see :data:`AGGREGATIONS`).
+
+The streaming :class:`Sp2PSAccumulator` and the table-based :func:`summarize` share one
+aggregation: both reduce their samples to :class:`Sp2PSTotals` (sums and counts) and finish
+with :func:`summarize_totals`, as torchmetrics separates ``update`` from ``compute``.
 
 Only NumPy and SciPy are used here (no ONNX Runtime), so the metric can be computed on CAMs
 produced anywhere.
@@ -25,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,16 +47,21 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-from .errors import InputDataError, Sp2PSError
+# The exceptions live in errors.py; importing them here keeps ``metric.MetricInputError``
+# and ``metric.UnknownComponentError`` working for callers.
+from .errors import MetricInputError, UnknownComponentError
+from .registry import Registry
 
 __all__ = [
     "AGGREGATIONS",
     "SPATIAL",
     "SPECTRAL",
+    "Component",
     "MetricInputError",
     "PerSample",
     "Sp2PSAccumulator",
     "Sp2PSResult",
+    "Sp2PSTotals",
     "UnknownComponentError",
     "aggregate_class_weighted",
     "aggregate_mean",
@@ -58,16 +76,9 @@ __all__ = [
     "ssim_batch",
     "ssim_similarity",
     "summarize",
+    "summarize_totals",
     "topk_iou",
 ]
-
-
-class UnknownComponentError(Sp2PSError, ValueError):
-    """A spatial/spectral/aggregation name that is not in its registry."""
-
-
-class MetricInputError(InputDataError, ValueError):
-    """CAM arrays, labels or scores that the metric cannot use."""
 
 
 # Maps are processed in chunks of about this many pixels per side, so that the SSIM work
@@ -175,17 +186,75 @@ def _constant_rule(values: np.ndarray, const_p: np.ndarray, const_q: np.ndarray)
     return np.where(const_p ^ const_q, 0.0, values)
 
 
+# --------------------------------------------------------------------------- registries
+
+
 @dataclass(frozen=True)
-class _Split:
-    """A built-in component split into the work on the original's maps alone
-    (``prepare(x)``), done once however many pruned models are compared with it, and the
-    work on each pair (``pair(prepared, x, y)``)."""
+class Component:
+    """A registered spatial or spectral similarity.
 
-    prepare: Callable[[np.ndarray], Any]
-    pair: Callable[[Any, np.ndarray, np.ndarray], np.ndarray]
+    ``function(P, Q) -> (N,)`` gives the similarities, in [0, 1], of two CAM batches; it is
+    the public entry point and what ``SPATIAL[name](P, Q)`` calls. A component may also be
+    split into the work on the original's maps alone, ``prepare(x)``, done once however
+    many pruned models are compared with it, and the work on each pair,
+    ``pair(prepared, x, y)``; both take validated, normalised float64 batches of a few
+    samples. :func:`sp2ps_many` runs split components chunk by chunk on threads; a
+    component without a split is called on the whole batch.
+    """
 
-    def pairwise(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return self.pair(self.prepare(x), x, y)
+    name: str
+    function: Callable[[Any, Any], np.ndarray]
+    prepare: Callable[[np.ndarray], Any] | None = None
+    pair: Callable[[Any, np.ndarray, np.ndarray], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prepare is None) != (self.pair is None):
+            raise TypeError(f"component {self.name!r}: give both prepare and pair, or neither")
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        obj: Any,
+        prepare: Callable[[np.ndarray], Any] | None = None,
+        pair: Callable[[Any, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    ) -> Component:
+        """The registry entry for ``obj``: a :class:`Component` as it is, or a function
+        ``fn(P, Q)`` with its optional split."""
+        if isinstance(obj, Component):
+            return obj
+        return cls(name, obj, prepare, pair)
+
+    def __call__(self, P: Any, Q: Any) -> np.ndarray:
+        return self.function(P, Q)
+
+
+def _pairwise(
+    prepare: Callable[[np.ndarray], Any], pair: Callable[[Any, np.ndarray, np.ndarray], np.ndarray]
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A split component as one function of a chunk of pairs."""
+    return lambda x, y: pair(prepare(x), x, y)
+
+
+AggregationFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+#: Spatial components: name -> :class:`Component`, ``SPATIAL[name](P, Q) -> (N,)``
+#: similarity in [0, 1].
+SPATIAL: Registry[Component] = Registry(
+    "spatial component", entry=Component.of, error=UnknownComponentError
+)
+
+#: Spectral components: name -> :class:`Component`, ``SPECTRAL[name](P, Q) -> (N,)``
+#: similarity in [0, 1].
+SPECTRAL: Registry[Component] = Registry(
+    "spectral component", entry=Component.of, error=UnknownComponentError
+)
+
+#: Aggregations: name -> ``fn(sums, counts)``: the per-class sums of h and sample counts,
+#: classes on the last axis (also batched, (B, C), for the bootstrap) -> the aggregate.
+#: Samples without a class form one extra column; aggregations other than "mean" need
+#: every sample to have a class.
+AGGREGATIONS: Registry[AggregationFn] = Registry("aggregation", error=UnknownComponentError)
 
 
 # --------------------------------------------------------------------------- spatial
@@ -340,11 +409,6 @@ def ssim_batch(
     return _chunked(chunk, P, Q, workers)
 
 
-def ssim_similarity(P: Any, Q: Any) -> np.ndarray:
-    """Spatial component "ssim": ``clip(SSIM, 0, 1)`` per pair."""
-    return np.clip(ssim_batch(P, Q), 0.0, 1.0)
-
-
 _SSIM_WEIGHTS = _gaussian_weights(1.5, 3.5)
 _SSIM_C1 = 0.01**2
 _SSIM_C2 = 0.03**2
@@ -358,12 +422,10 @@ def _ssim_pair(mu_x: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(_ssim_against(mu_x, x, y, _SSIM_WEIGHTS, _SSIM_C1, _SSIM_C2), 0.0, 1.0)
 
 
-def pearson_similarity(P: Any, Q: Any) -> np.ndarray:
-    """Spatial component "pearson": Pearson correlation of the pixels, clipped to [0, 1].
-
-    Constant maps have no correlation: 1 when both are constant, 0 when exactly one is.
-    """
-    return _PEARSON.pairwise(*_pair(P, Q))
+@SPATIAL.register("ssim", prepare=_ssim_prepare, pair=_ssim_pair)
+def ssim_similarity(P: Any, Q: Any) -> np.ndarray:
+    """Spatial component "ssim": ``clip(SSIM, 0, 1)`` per pair."""
+    return np.clip(ssim_batch(P, Q), 0.0, 1.0)
 
 
 def _centred(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -382,17 +444,14 @@ def _pearson_pair(prepared: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(_constant_rule(corr, const_x, const_y), 0.0, 1.0)
 
 
-def topk_iou(P: Any, Q: Any, fraction: float = 0.1) -> np.ndarray:
-    """Spatial component "iou": IoU of the top-``fraction`` regions of the two maps.
+@SPATIAL.register("pearson", prepare=_centred, pair=_pearson_pair)
+def pearson_similarity(P: Any, Q: Any) -> np.ndarray:
+    """Spatial component "pearson": Pearson correlation of the pixels, clipped to [0, 1].
 
-    Each map is binarised at the value of its ``ceil(fraction * H * W)``-th largest pixel
-    (pixels tied with that value are included), as in the PE-score of the same authors.
-    Constant maps have no top region: 1 when both are constant, 0 when exactly one is.
+    Constant maps have no correlation: 1 when both are constant, 0 when exactly one is.
     """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
     P, Q = _pair(P, Q)
-    return _topk_pair(_top_region(P, fraction), P, Q, fraction)
+    return _pearson_pair(_centred(P), P, Q)
 
 
 def _top_region(maps: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -412,6 +471,20 @@ def _topk_pair(
     union = np.count_nonzero(mask_x | mask_y, axis=1)
     iou = inter / np.maximum(union, 1)
     return _constant_rule(iou.astype(np.float64), const_x, const_y)
+
+
+@SPATIAL.register("iou", prepare=_top_region, pair=_topk_pair)
+def topk_iou(P: Any, Q: Any, fraction: float = 0.1) -> np.ndarray:
+    """Spatial component "iou": IoU of the top-``fraction`` regions of the two maps.
+
+    Each map is binarised at the value of its ``ceil(fraction * H * W)``-th largest pixel
+    (pixels tied with that value are included), as in the PE-score of the same authors.
+    Constant maps have no top region: 1 when both are constant, 0 when exactly one is.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    P, Q = _pair(P, Q)
+    return _topk_pair(_top_region(P, fraction), P, Q, fraction)
 
 
 # --------------------------------------------------------------------------- spectral
@@ -467,21 +540,23 @@ def _cosine_pair(prepared: tuple, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return _constant_rule(np.clip(cosine, 0.0, 1.0), const_x, const_y)
 
 
+@SPECTRAL.register("tv", prepare=_spectral_distribution, pair=_tv_pair)
 def spectral_tv(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
     """Spectral component "tv": one minus the total-variation distance of the spectra.
 
     ``f = 1 - 0.5 * sum_k |p_k(P) - p_k(Q)|`` with ``p = M / sum M`` and ``M = |FFT2|``
     with the DC term set to 0. Constant maps: 1 when both are, 0 when exactly one is.
     """
-    return _chunked(_TV.pairwise, *_pair(P, Q), workers)
+    return _chunked(_pairwise(_spectral_distribution, _tv_pair), *_pair(P, Q), workers)
 
 
+@SPECTRAL.register("cosine", prepare=_spectral_norms, pair=_cosine_pair)
 def spectral_cosine(P: Any, Q: Any, *, workers: int | None = None) -> np.ndarray:
     """Spectral component "cosine": cosine of the magnitude spectra with DC removed.
 
     Constant maps: 1 when both are, 0 when exactly one is.
     """
-    return _chunked(_COSINE.pairwise, *_pair(P, Q), workers)
+    return _chunked(_pairwise(_spectral_norms, _cosine_pair), *_pair(P, Q), workers)
 
 
 # --------------------------------------------------------------------------- combination
@@ -495,46 +570,13 @@ def harmonic(s: Any, f: Any) -> np.ndarray:
     return np.where(total > 0, 2.0 * s * f / np.where(total > 0, total, 1.0), 0.0)
 
 
-SpatialFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-AggregationFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-#: Spatial components: name -> ``fn(P, Q) -> (N,)`` similarity in [0, 1].
-SPATIAL: dict[str, SpatialFn] = {
-    "ssim": ssim_similarity,
-    "pearson": pearson_similarity,
-    "iou": topk_iou,
-}
-
-#: Spectral components: name -> ``fn(P, Q) -> (N,)`` similarity in [0, 1].
-SPECTRAL: dict[str, SpatialFn] = {
-    "tv": spectral_tv,
-    "cosine": spectral_cosine,
-}
-
-
-_SSIM = _Split(_ssim_prepare, _ssim_pair)
-_PEARSON = _Split(_centred, _pearson_pair)
-_TOPK = _Split(_top_region, _topk_pair)
-_TV = _Split(_spectral_distribution, _tv_pair)
-_COSINE = _Split(_spectral_norms, _cosine_pair)
-
-# The built-in components on validated float64 batches, used by sp2ps_many() to run both
-# components over each chunk in one threaded pass. A component registered by a user is
-# simply called on the whole batch.
-_SPLIT_IMPLEMENTATIONS: dict[Callable[..., np.ndarray], _Split] = {
-    ssim_similarity: _SSIM,
-    pearson_similarity: _PEARSON,
-    topk_iou: _TOPK,
-    spectral_tv: _TV,
-    spectral_cosine: _COSINE,
-}
-
-
+@AGGREGATIONS.register("mean")
 def aggregate_mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Aggregation "mean": the plain mean of h over all samples (Sp2PS v1)."""
     return np.sum(sums, axis=-1) / np.sum(counts, axis=-1)
 
 
+@AGGREGATIONS.register("class-weighted")
 def aggregate_class_weighted(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Aggregation "class-weighted": every class present counts equally.
 
@@ -545,26 +587,6 @@ def aggregate_class_weighted(sums: np.ndarray, counts: np.ndarray) -> np.ndarray
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(present, sums / np.where(present, counts, 1), 0.0)
     return np.sum(means, axis=-1) / np.sum(present, axis=-1)
-
-
-#: Aggregations: name -> ``fn(sums, counts)``: the per-class sums of h and sample counts,
-#: classes on the last axis (also batched, (B, C), for the bootstrap) -> the aggregate.
-#: Samples without a class form one extra column; aggregations other than "mean" need
-#: every sample to have a class.
-AGGREGATIONS: dict[str, AggregationFn] = {
-    "mean": aggregate_mean,
-    "class-weighted": aggregate_class_weighted,
-}
-
-
-def _lookup(registry: Mapping[str, Any], name: str, kind: str) -> Any:
-    try:
-        return registry[name]
-    except (KeyError, TypeError):
-        valid = ", ".join(repr(key) for key in registry)
-        raise UnknownComponentError(
-            f"unknown {kind} component {name!r}; valid names: {valid}"
-        ) from None
 
 
 def sp2ps(
@@ -602,39 +624,37 @@ def sp2ps_many(
     the original's maps alone (validation, normalisation, its Gaussian-filtered means, its
     spectrum) is done once per chunk of samples instead of once per pruned model.
     """
-    spatial_fn = _lookup(SPATIAL, spatial, "spatial")
-    spectral_fn = _lookup(SPECTRAL, spectral, "spectral")
+    spatial_component: Component = SPATIAL.get(spatial)
+    spectral_component: Component = SPECTRAL.get(spectral)
     P = np.asarray(P)
     raw_qs = [np.asarray(Q) for Q in Qs]
     res_p = _resolution(P.dtype)
     res_qs = [_resolution(Q.dtype) for Q in raw_qs]
     P = _as_batch(P, "P (original CAMs)")
     batches = [_pair(P, Q)[1] for Q in raw_qs]
-    spatial_split = _SPLIT_IMPLEMENTATIONS.get(spatial_fn)
-    spectral_split = _SPLIT_IMPLEMENTATIONS.get(spectral_fn)
-    if spatial_split is None or spectral_split is None:
+    if spatial_component.pair is None or spectral_component.pair is None:
         if normalize:
             P = _normalize(P, res_p)
         out = []
         for Q, res_q in zip(batches, res_qs, strict=True):
             Q = _normalize(Q, res_q) if normalize else Q
-            s = np.asarray(spatial_fn(P, Q), dtype=np.float64)
-            f = np.asarray(spectral_fn(P, Q), dtype=np.float64)
+            s = np.asarray(spatial_component(P, Q), dtype=np.float64)
+            f = np.asarray(spectral_component(P, Q), dtype=np.float64)
             out.append(PerSample(spatial=s, spectral=f, h=harmonic(s, f)))
         return out
-    if spatial_fn is ssim_similarity and min(P.shape[1:]) < _SSIM_WEIGHTS.size:
+    if spatial_component.function is ssim_similarity and min(P.shape[1:]) < _SSIM_WEIGHTS.size:
         ssim_batch(P[:0], P[:0])  # raises the same clear error as ssim_batch
 
     def chunk(rows: slice) -> np.ndarray:
         # Both components over one chunk of samples, read once while in cache.
         x = _normalize(P[rows], res_p) if normalize else P[rows]
-        spatial_prepared = spatial_split.prepare(x)
-        spectral_prepared = spectral_split.prepare(x)
+        spatial_prepared = spatial_component.prepare(x)
+        spectral_prepared = spectral_component.prepare(x)
         both = np.empty((len(batches), x.shape[0], 2))
         for j, (Q, res_q) in enumerate(zip(batches, res_qs, strict=True)):
             y = _normalize(Q[rows], res_q) if normalize else Q[rows]
-            both[j, :, 0] = spatial_split.pair(spatial_prepared, x, y)
-            both[j, :, 1] = spectral_split.pair(spectral_prepared, x, y)
+            both[j, :, 0] = spatial_component.pair(spatial_prepared, x, y)
+            both[j, :, 1] = spectral_component.pair(spectral_prepared, x, y)
         return both
 
     parts = _map_chunks(chunk, P.shape, workers)
@@ -645,7 +665,7 @@ def sp2ps_many(
     ]
 
 
-# --------------------------------------------------------------------------- accumulator
+# --------------------------------------------------------------------------- aggregation
 
 
 @dataclass
@@ -699,238 +719,90 @@ class Sp2PSResult:
         }
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=1, keepdims=True)
-    return shifted
+@dataclass
+class Sp2PSTotals:
+    """The streaming state of the metric: sums and counts over samples, no per-sample values.
 
-
-class Sp2PSAccumulator:
-    """Streaming Sp2PS over batches: memory does not grow with the number of samples,
-    except for the optional per-sample table (float32 similarities and int32 classes).
-
-    Call :meth:`update` per batch of CAMs and :meth:`result` at the end. The result of
-    several updates equals the result of one update over the concatenated batches.
+    The totals of two disjoint sets of samples :meth:`merge` into the totals of their union,
+    so the aggregate does not depend on how the samples were batched. Each ``n_*`` counts
+    the samples that a companion number is defined on (0: not given, the number is
+    ``None``).
     """
 
-    def __init__(
-        self,
-        spatial: str = "ssim",
-        spectral: str = "tv",
-        aggregation: str = "mean",
-        keep_per_sample: bool = True,
-        n_bootstrap: int = 1000,
-        seed: int = 0,
-        normalize: bool = True,
-    ) -> None:
-        _lookup(SPATIAL, spatial, "spatial")
-        _lookup(SPECTRAL, spectral, "spectral")
-        self._aggregate = _lookup(AGGREGATIONS, aggregation, "aggregation")
-        if n_bootstrap < 0:
-            raise ValueError("n_bootstrap must be >= 0")
-        self.spatial = spatial
-        self.spectral = spectral
-        self.aggregation = aggregation
-        self.keep_per_sample = keep_per_sample
-        self.n_bootstrap = int(n_bootstrap)
-        self.seed = int(seed)
-        self.normalize = normalize
-        self._n = 0
-        self._sum_s = 0.0
-        self._sum_f = 0.0
-        self._lost = 0
-        # Per-class sums of h and counts; key -1 collects samples without a class.
-        self._class_sum: dict[int, float] = {}
-        self._class_count: dict[int, int] = {}
-        self._agree = 0
-        self._n_pairs = 0
-        self._correct_original = 0
-        self._n_original = 0
-        self._correct_pruned = 0
-        self._n_pruned = 0
-        self._sum_conf_change = 0.0
-        self._table: dict[str, list[np.ndarray]] = {
-            "spatial": [],
-            "spectral": [],
-            "h": [],
-            "class": [],
-        }
+    n: int = 0
+    sum_spatial: float = 0.0
+    sum_spectral: float = 0.0
+    #: Samples with ``h < 0.5``.
+    lost: int = 0
+    #: Sum of h and sample count per class; class -1 collects samples without a class.
+    class_sums: dict[int, float] = field(default_factory=dict)
+    class_counts: dict[int, int] = field(default_factory=dict)
+    #: Samples where both models have the same top-1 class, out of ``n_compared``.
+    agree: int = 0
+    n_compared: int = 0
+    correct_original: int = 0
+    n_original: int = 0
+    correct_pruned: int = 0
+    n_pruned: int = 0
+    #: Sum of |softmax confidence change| in the explained class, over ``n_confidence``.
+    sum_confidence_change: float = 0.0
+    n_confidence: int = 0
 
-    @staticmethod
-    def _classes(values: Any, n: int, name: str) -> np.ndarray | None:
-        if values is None:
-            return None
-        array = np.asarray(values)
-        if array.shape != (n,) or not np.issubdtype(array.dtype, np.integer):
-            raise MetricInputError(
-                f"{name} must be {n} integer class indices (one per CAM); got shape "
-                f"{array.shape} and dtype {array.dtype}"
-            )
-        if np.any(array < 0):
-            raise MetricInputError(f"{name} must be non-negative class indices")
-        return array.astype(np.int64)
-
-    @staticmethod
-    def _scores(values: Any, n: int, name: str) -> np.ndarray | None:
-        if values is None:
-            return None
-        array = np.asarray(values, dtype=np.float64)
-        if array.ndim != 2 or array.shape[0] != n:
-            raise MetricInputError(
-                f"{name} must be logits of shape ({n}, K); got shape {array.shape}"
-            )
-        if not np.all(np.isfinite(array)):
-            raise MetricInputError(f"{name} contains NaN or infinite values")
-        return array
-
-    def update(
-        self,
-        P: Any,
-        Q: Any,
-        labels: Any = None,
+    @classmethod
+    def of_table(
+        cls,
+        spatial: np.ndarray,
+        spectral: np.ndarray,
+        h: np.ndarray,
+        classes: np.ndarray,
         *,
-        targets: Any = None,
-        original_scores: Any = None,
-        pruned_scores: Any = None,
-    ) -> PerSample:
-        """Add a batch of CAM pairs and return its per-sample similarities.
-
-        ``labels``: true classes (N,) or None. ``targets``: the classes the CAMs explain
-        (N,); they group samples per class when ``labels`` is None and select the class
-        whose softmax confidence change is reported (default: the original model's top-1).
-        ``original_scores`` / ``pruned_scores``: (N, K) logits of the two models.
-        """
-        P, Q = _pair(P, Q)
-        n = P.shape[0]
-        labels_arr = self._classes(labels, n, "labels")
-        targets_arr = self._classes(targets, n, "targets")
-        scores_o = self._scores(original_scores, n, "original_scores")
-        scores_p = self._scores(pruned_scores, n, "pruned_scores")
-        if scores_o is not None and scores_p is not None and scores_o.shape != scores_p.shape:
-            raise MetricInputError(
-                f"original and pruned scores differ in shape: {scores_o.shape} vs "
-                f"{scores_p.shape}; both models must have the same classes"
-            )
-        for scores, name in ((scores_o, "original_scores"), (scores_p, "pruned_scores")):
-            for classes, what in ((labels_arr, "labels"), (targets_arr, "targets")):
-                if scores is not None and classes is not None and np.any(
-                    classes >= scores.shape[1]
-                ):
-                    raise MetricInputError(
-                        f"{what} contain class indices >= {scores.shape[1]}, the number of "
-                        f"classes in {name}"
-                    )
-        groups = labels_arr if labels_arr is not None else targets_arr
-        if groups is None and self.aggregation != "mean":
-            raise MetricInputError(
-                f"the {self.aggregation!r} aggregation needs the class of every sample; "
-                f"pass labels= or targets= to update()"
-            )
-
-        per = sp2ps(P, Q, self.spatial, self.spectral, normalize=self.normalize)
-        self._n += n
-        self._sum_s += float(per.spatial.sum())
-        self._sum_f += float(per.spectral.sum())
-        self._lost += int(np.count_nonzero(per.h < 0.5))
-        group_codes = (
-            np.full(n, -1, dtype=np.int32) if groups is None else groups.astype(np.int32)
-        )
-        uniq, codes = np.unique(group_codes, return_inverse=True)
-        sums = np.bincount(codes, weights=per.h)
-        counts = np.bincount(codes)
-        for cls, total, count in zip(uniq.tolist(), sums.tolist(), counts.tolist(), strict=True):
-            self._class_sum[cls] = self._class_sum.get(cls, 0.0) + total
-            self._class_count[cls] = self._class_count.get(cls, 0) + count
-
-        if scores_o is not None and scores_p is not None:
-            top_o = scores_o.argmax(axis=1)
-            self._agree += int(np.count_nonzero(top_o == scores_p.argmax(axis=1)))
-            self._n_pairs += n
-            explained = targets_arr if targets_arr is not None else top_o
-            rows = np.arange(n)
-            change = _softmax(scores_o)[rows, explained] - _softmax(scores_p)[rows, explained]
-            self._sum_conf_change += float(np.abs(change).sum())
-        if labels_arr is not None:
-            if scores_o is not None:
-                self._correct_original += int(np.count_nonzero(scores_o.argmax(1) == labels_arr))
-                self._n_original += n
-            if scores_p is not None:
-                self._correct_pruned += int(np.count_nonzero(scores_p.argmax(1) == labels_arr))
-                self._n_pruned += n
-
-        if self.keep_per_sample:
-            self._table["spatial"].append(per.spatial.astype(np.float32))
-            self._table["spectral"].append(per.spectral.astype(np.float32))
-            self._table["h"].append(per.h.astype(np.float32))
-            self._table["class"].append(group_codes)
-        return per
-
-    def _bootstrap(self, h: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
-        return bootstrap_ci(h, classes, self._aggregate, self.n_bootstrap, self.seed)
-
-    def result(self) -> Sp2PSResult:
-        """Aggregate everything added so far."""
-        if self._n == 0:
-            raise MetricInputError("no CAM pairs were added; call update() before result()")
-        n = self._n
-        keys = sorted(self._class_sum)
-        all_sums = np.array([self._class_sum[key] for key in keys])
-        all_counts = np.array([self._class_count[key] for key in keys])
-        known = np.array(keys) >= 0
-        per_class = {
-            key: self._class_sum[key] / self._class_count[key] for key in keys if key >= 0
-        }
-        class_weighted = (
-            float(aggregate_class_weighted(all_sums[known], all_counts[known]))
-            if per_class
-            else None
-        )
-        score = float(self._aggregate(all_sums, all_counts))
-        mean_s = self._sum_s / n
-        mean_f = self._sum_f / n
-
-        per_sample = None
-        median_h = p05_h = None
-        ci95 = None
-        if self.keep_per_sample:
-            per_sample = {key: np.concatenate(parts) for key, parts in self._table.items()}
-            h = per_sample["h"].astype(np.float64)
-            median_h = float(np.median(h))
-            p05_h = float(np.percentile(h, 5))
-            if self.n_bootstrap > 0:
-                ci95 = self._bootstrap(h, per_sample["class"])
-
-        def ratio(count: float, total: int) -> float | None:
-            return count / total if total else None
-
-        return Sp2PSResult(
-            sp2ps=score,
-            mean_spatial=mean_s,
-            mean_spectral=mean_f,
-            median_h=median_h,
-            p05_h=p05_h,
-            attention_lost=self._lost / n,
-            ci95=ci95,
-            harmonic_of_means=float(harmonic(mean_s, mean_f)),
-            per_class_h=per_class,
-            class_weighted_h=class_weighted,
+        labels: np.ndarray | None = None,
+        pred_original: np.ndarray | None = None,
+        pred_pruned: np.ndarray | None = None,
+        confidence_original: np.ndarray | None = None,
+        confidence_pruned: np.ndarray | None = None,
+    ) -> Sp2PSTotals:
+        """The totals of a per-sample table: ``(N,)`` arrays as :func:`summarize` takes
+        them, with ``classes`` the group of every sample (-1: none)."""
+        n = h.size
+        keys, inverse = np.unique(classes, return_inverse=True)
+        sums = np.bincount(inverse, weights=h, minlength=keys.size)
+        counts = np.bincount(inverse, minlength=keys.size)
+        totals = cls(
             n=n,
-            top1_agreement=ratio(self._agree, self._n_pairs),
-            accuracy_original=ratio(self._correct_original, self._n_original),
-            accuracy_pruned=ratio(self._correct_pruned, self._n_pruned),
-            mean_abs_confidence_change=ratio(self._sum_conf_change, self._n_pairs),
-            per_sample=per_sample,
-            config={
-                "spatial": self.spatial,
-                "spectral": self.spectral,
-                "aggregation": self.aggregation,
-                "normalize": self.normalize,
-                "n_bootstrap": self.n_bootstrap,
-                "seed": self.seed,
-                "definition": "Sp2PS v1",
-            },
+            sum_spatial=float(spatial.sum()),
+            sum_spectral=float(spectral.sum()),
+            lost=int(np.count_nonzero(h < 0.5)),
+            class_sums=dict(zip(keys.tolist(), sums.tolist(), strict=True)),
+            class_counts=dict(zip(keys.tolist(), counts.tolist(), strict=True)),
         )
+        labelled = labels is not None and bool(np.all(np.asarray(labels) >= 0))
+        if pred_original is not None and pred_pruned is not None:
+            same = (pred_original == pred_pruned) & (pred_original >= 0)
+            totals.agree = int(np.count_nonzero(same))
+            totals.n_compared = n
+        if labelled and pred_original is not None:
+            totals.correct_original = int(np.count_nonzero(pred_original == labels))
+            totals.n_original = n
+        if labelled and pred_pruned is not None:
+            totals.correct_pruned = int(np.count_nonzero(pred_pruned == labels))
+            totals.n_pruned = n
+        if confidence_original is not None and confidence_pruned is not None:
+            change = np.abs(np.asarray(confidence_original) - np.asarray(confidence_pruned))
+            totals.sum_confidence_change = float(change.sum())
+            totals.n_confidence = n
+        return totals
+
+    def merge(self, other: Sp2PSTotals) -> None:
+        """Add the totals of other samples to these."""
+        for name in self.__dataclass_fields__:
+            mine = getattr(self, name)
+            if isinstance(mine, dict):
+                theirs = getattr(other, name)
+                for key, value in theirs.items():
+                    mine[key] = mine.get(key, 0) + value
+            else:
+                setattr(self, name, mine + getattr(other, name))
 
 
 def bootstrap_ci(
@@ -967,6 +839,73 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def summarize_totals(
+    totals: Sp2PSTotals,
+    per_sample: dict[str, np.ndarray] | None = None,
+    *,
+    aggregation: str = "mean",
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+) -> Sp2PSResult:
+    """Every aggregate number from the totals of the samples (the ``compute`` step).
+
+    ``per_sample``: the per-sample table (``"spatial"``, ``"spectral"``, ``"h"``,
+    ``"class"``); the median, 5th percentile and bootstrap CI of h need it and are ``None``
+    without it. ``config`` adds to (or overrides) the settings recorded in the result.
+    """
+    aggregate = AGGREGATIONS.get(aggregation)
+    n = totals.n
+    keys = sorted(totals.class_sums)
+    sums = np.array([totals.class_sums[key] for key in keys], dtype=np.float64)
+    counts = np.array([totals.class_counts[key] for key in keys], dtype=np.int64)
+    known = np.array(keys) >= 0
+    per_class = {
+        key: totals.class_sums[key] / totals.class_counts[key] for key in keys if key >= 0
+    }
+    class_weighted = (
+        float(aggregate_class_weighted(sums[known], counts[known])) if per_class else None
+    )
+    mean_s = totals.sum_spatial / n
+    mean_f = totals.sum_spectral / n
+    median_h = p05_h = ci95 = None
+    if per_sample is not None:
+        h = np.asarray(per_sample["h"], dtype=np.float64)
+        median_h = float(np.median(h))
+        p05_h = float(np.percentile(h, 5))
+        if n_bootstrap > 0:
+            ci95 = bootstrap_ci(h, per_sample["class"], aggregate, n_bootstrap, seed)
+
+    def ratio(count: float, total: int) -> float | None:
+        return count / total if total else None
+
+    return Sp2PSResult(
+        sp2ps=float(aggregate(sums, counts)),
+        mean_spatial=mean_s,
+        mean_spectral=mean_f,
+        median_h=median_h,
+        p05_h=p05_h,
+        attention_lost=totals.lost / n,
+        ci95=ci95,
+        harmonic_of_means=float(harmonic(mean_s, mean_f)),
+        per_class_h=per_class,
+        class_weighted_h=class_weighted,
+        n=n,
+        top1_agreement=ratio(totals.agree, totals.n_compared),
+        accuracy_original=ratio(totals.correct_original, totals.n_original),
+        accuracy_pruned=ratio(totals.correct_pruned, totals.n_pruned),
+        mean_abs_confidence_change=ratio(totals.sum_confidence_change, totals.n_confidence),
+        per_sample=per_sample,
+        config={
+            "aggregation": aggregation,
+            "n_bootstrap": int(n_bootstrap),
+            "seed": int(seed),
+            "definition": "Sp2PS v1",
+            **(config or {}),
+        },
+    )
+
+
 def summarize(
     spatial: np.ndarray,
     spectral: np.ndarray,
@@ -985,14 +924,15 @@ def summarize(
 ) -> Sp2PSResult:
     """Every aggregate number from a complete per-sample table (all ``(N,)`` arrays).
 
-    The table-based twin of :meth:`Sp2PSAccumulator.result`: samples are grouped by
-    ``labels`` (else ``targets``; ``-1`` means no class); ``pred_*`` are the top-1 classes
-    of both models (``-1``: the model gave no finite scores, which never agrees and is
-    never correct); ``confidence_*`` are both models' softmax confidences in the explained
-    class. The result is independent of how the samples were batched, so rows computed on
-    several machines give the same numbers as rows computed on one.
+    Samples are grouped by ``labels`` (else ``targets``; ``-1`` means no class); ``pred_*``
+    are the top-1 classes of both models (``-1``: the model gave no finite scores, which
+    never agrees and is never correct); ``confidence_*`` are both models' softmax
+    confidences in the explained class. The table is reduced to :class:`Sp2PSTotals` and
+    finished by :func:`summarize_totals`, as :class:`Sp2PSAccumulator` does with its
+    batches. The result is independent of how the samples were batched, so rows computed
+    on several machines give the same numbers as rows computed on one.
     """
-    aggregate = _lookup(AGGREGATIONS, aggregation, "aggregation")
+    AGGREGATIONS.get(aggregation)  # an unknown name fails before any work
     s = np.asarray(spatial, dtype=np.float64)
     f = np.asarray(spectral, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
@@ -1008,57 +948,197 @@ def summarize(
             f"the {aggregation!r} aggregation needs the class of every sample; give labels or "
             "targets"
         )
-    keys, inverse = np.unique(codes, return_inverse=True)
-    sums = np.bincount(inverse, weights=h, minlength=keys.size)
-    counts = np.bincount(inverse, minlength=keys.size)
-    known = keys >= 0
-    per_class = {
-        int(key): float(total / count)
-        for key, total, count in zip(keys, sums, counts, strict=True)
-        if key >= 0
-    }
-    class_weighted = (
-        float(aggregate_class_weighted(sums[known], counts[known])) if per_class else None
+    totals = Sp2PSTotals.of_table(
+        s, f, h, codes,
+        labels=labels,
+        pred_original=pred_original,
+        pred_pruned=pred_pruned,
+        confidence_original=confidence_original,
+        confidence_pruned=confidence_pruned,
+    )  # fmt: skip
+    return summarize_totals(
+        totals,
+        {"spatial": s, "spectral": f, "h": h, "class": codes},
+        aggregation=aggregation,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        config=config,
     )
-    mean_s = float(s.sum() / n)
-    mean_f = float(f.sum() / n)
 
-    def share(hits: np.ndarray) -> float:
-        return float(np.count_nonzero(hits) / n)
 
-    labelled = labels is not None and bool(np.all(np.asarray(labels) >= 0))
-    top1 = accuracy_o = accuracy_p = confidence = None
-    if pred_original is not None and pred_pruned is not None:
-        top1 = share((pred_original == pred_pruned) & (pred_original >= 0))
-    if labelled and pred_original is not None:
-        accuracy_o = share(pred_original == labels)
-    if labelled and pred_pruned is not None:
-        accuracy_p = share(pred_pruned == labels)
-    if confidence_original is not None and confidence_pruned is not None:
-        change = np.abs(np.asarray(confidence_original) - np.asarray(confidence_pruned))
-        confidence = float(change.sum() / n)
-    return Sp2PSResult(
-        sp2ps=float(aggregate(sums, counts)),
-        mean_spatial=mean_s,
-        mean_spectral=mean_f,
-        median_h=float(np.median(h)),
-        p05_h=float(np.percentile(h, 5)),
-        attention_lost=share(h < 0.5),
-        ci95=bootstrap_ci(h, codes, aggregate, n_bootstrap, seed) if n_bootstrap > 0 else None,
-        harmonic_of_means=float(harmonic(mean_s, mean_f)),
-        per_class_h=per_class,
-        class_weighted_h=class_weighted,
-        n=n,
-        top1_agreement=top1,
-        accuracy_original=accuracy_o,
-        accuracy_pruned=accuracy_p,
-        mean_abs_confidence_change=confidence,
-        per_sample={"spatial": s, "spectral": f, "h": h, "class": codes},
-        config={
-            "aggregation": aggregation,
-            "n_bootstrap": int(n_bootstrap),
-            "seed": int(seed),
-            "definition": "Sp2PS v1",
-            **(config or {}),
-        },
-    )
+# --------------------------------------------------------------------------- accumulator
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def _classes(values: Any, n: int, name: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    array = np.asarray(values)
+    if array.shape != (n,) or not np.issubdtype(array.dtype, np.integer):
+        raise MetricInputError(
+            f"{name} must be {n} integer class indices (one per CAM); got shape "
+            f"{array.shape} and dtype {array.dtype}"
+        )
+    if np.any(array < 0):
+        raise MetricInputError(f"{name} must be non-negative class indices")
+    return array.astype(np.int64)
+
+
+def _scores(values: Any, n: int, name: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] != n:
+        raise MetricInputError(f"{name} must be logits of shape ({n}, K); got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise MetricInputError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def _check_scores(
+    scores_o: np.ndarray | None,
+    scores_p: np.ndarray | None,
+    labels: np.ndarray | None,
+    targets: np.ndarray | None,
+) -> None:
+    """Both models' scores have the same classes, and every class index fits them."""
+    if scores_o is not None and scores_p is not None and scores_o.shape != scores_p.shape:
+        raise MetricInputError(
+            f"original and pruned scores differ in shape: {scores_o.shape} vs "
+            f"{scores_p.shape}; both models must have the same classes"
+        )
+    for scores, name in ((scores_o, "original_scores"), (scores_p, "pruned_scores")):
+        for classes, what in ((labels, "labels"), (targets, "targets")):
+            if scores is not None and classes is not None and np.any(classes >= scores.shape[1]):
+                raise MetricInputError(
+                    f"{what} contain class indices >= {scores.shape[1]}, the number of "
+                    f"classes in {name}"
+                )
+
+
+class Sp2PSAccumulator:
+    """Streaming Sp2PS over batches: memory does not grow with the number of samples,
+    except for the optional per-sample table (float32 similarities and int32 classes).
+
+    Call :meth:`update` per batch of CAMs and :meth:`result` at the end. :meth:`update`
+    adds each batch's :class:`Sp2PSTotals` to the running totals; :meth:`result` finishes
+    them with :func:`summarize_totals`, the aggregation :func:`summarize` (and so
+    ``score_models``) uses. The result of several updates equals the result of one update
+    over the concatenated batches.
+    """
+
+    def __init__(
+        self,
+        spatial: str = "ssim",
+        spectral: str = "tv",
+        aggregation: str = "mean",
+        keep_per_sample: bool = True,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+        normalize: bool = True,
+    ) -> None:
+        SPATIAL.get(spatial)
+        SPECTRAL.get(spectral)
+        AGGREGATIONS.get(aggregation)
+        if n_bootstrap < 0:
+            raise ValueError("n_bootstrap must be >= 0")
+        self.spatial = spatial
+        self.spectral = spectral
+        self.aggregation = aggregation
+        self.keep_per_sample = keep_per_sample
+        self.n_bootstrap = int(n_bootstrap)
+        self.seed = int(seed)
+        self.normalize = normalize
+        self._totals = Sp2PSTotals()
+        self._table: dict[str, list[np.ndarray]] = {
+            "spatial": [],
+            "spectral": [],
+            "h": [],
+            "class": [],
+        }
+
+    def update(
+        self,
+        P: Any,
+        Q: Any,
+        labels: Any = None,
+        *,
+        targets: Any = None,
+        original_scores: Any = None,
+        pruned_scores: Any = None,
+    ) -> PerSample:
+        """Add a batch of CAM pairs and return its per-sample similarities.
+
+        ``labels``: true classes (N,) or None. ``targets``: the classes the CAMs explain
+        (N,); they group samples per class when ``labels`` is None and select the class
+        whose softmax confidence change is reported (default: the original model's top-1).
+        ``original_scores`` / ``pruned_scores``: (N, K) logits of the two models.
+        """
+        P, Q = _pair(P, Q)
+        n = P.shape[0]
+        labels_arr = _classes(labels, n, "labels")
+        targets_arr = _classes(targets, n, "targets")
+        scores_o = _scores(original_scores, n, "original_scores")
+        scores_p = _scores(pruned_scores, n, "pruned_scores")
+        _check_scores(scores_o, scores_p, labels_arr, targets_arr)
+        groups = labels_arr if labels_arr is not None else targets_arr
+        if groups is None and self.aggregation != "mean":
+            raise MetricInputError(
+                f"the {self.aggregation!r} aggregation needs the class of every sample; "
+                f"pass labels= or targets= to update()"
+            )
+
+        per = sp2ps(P, Q, self.spatial, self.spectral, normalize=self.normalize)
+        group_codes = (
+            np.full(n, -1, dtype=np.int32) if groups is None else groups.astype(np.int32)
+        )
+        pred_o = None if scores_o is None else scores_o.argmax(axis=1)
+        pred_p = None if scores_p is None else scores_p.argmax(axis=1)
+        confidence_o = confidence_p = None
+        if scores_o is not None and scores_p is not None:
+            explained = targets_arr if targets_arr is not None else pred_o
+            rows = np.arange(n)
+            confidence_o = _softmax(scores_o)[rows, explained]
+            confidence_p = _softmax(scores_p)[rows, explained]
+        self._totals.merge(
+            Sp2PSTotals.of_table(
+                per.spatial, per.spectral, per.h, group_codes,
+                labels=labels_arr,
+                pred_original=pred_o,
+                pred_pruned=pred_p,
+                confidence_original=confidence_o,
+                confidence_pruned=confidence_p,
+            )  # fmt: skip
+        )
+        if self.keep_per_sample:
+            self._table["spatial"].append(per.spatial.astype(np.float32))
+            self._table["spectral"].append(per.spectral.astype(np.float32))
+            self._table["h"].append(per.h.astype(np.float32))
+            self._table["class"].append(group_codes)
+        return per
+
+    def result(self) -> Sp2PSResult:
+        """Aggregate everything added so far (with :func:`summarize_totals`)."""
+        if self._totals.n == 0:
+            raise MetricInputError("no CAM pairs were added; call update() before result()")
+        per_sample = None
+        if self.keep_per_sample:
+            per_sample = {key: np.concatenate(parts) for key, parts in self._table.items()}
+        return summarize_totals(
+            self._totals,
+            per_sample,
+            aggregation=self.aggregation,
+            n_bootstrap=self.n_bootstrap,
+            seed=self.seed,
+            config={
+                "spatial": self.spatial,
+                "spectral": self.spectral,
+                "normalize": self.normalize,
+            },
+        )

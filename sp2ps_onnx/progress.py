@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from tqdm.auto import tqdm
+
 ProgressCallback = Callable[[int, int | None], None]
 Progress = bool | ProgressCallback | None
 """``True`` draws a tqdm bar, ``False``/``None`` reports nothing, a callable is called as
@@ -25,8 +27,6 @@ class ProgressReporter:
         self._callback = progress if callable(progress) else None
         self._bar: Any = None
         if progress is True:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True)
 
     def __call__(self, done: int, total: int | None) -> None:

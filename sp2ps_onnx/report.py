@@ -28,6 +28,11 @@ from typing import Any
 import numpy as np
 
 from .errors import InputDataError, RuntimeMissingError
+from .formatting import ci_bounds, ci_text, percent
+
+# jinja2 (with markupsafe), matplotlib and .figures (which needs matplotlib) are the
+# optional 'report' extra: they are imported inside the functions that need them, so the
+# text and CSV outputs work without them.
 
 FORMATS = ("table", "json", "csv", "markdown")
 
@@ -51,27 +56,6 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{float(value):.{digits}f}"
 
 
-def _pct(value: Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{100 * float(value):.{digits}f}%"
-
-
-def _ci(value: Any) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return low, high
-
-
-def _ci_text(value: Any) -> str:
-    ci = _ci(value)
-    return "–" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
 def human_size(size: int | None) -> str:
     """Bytes as B/KB/MB/GB."""
     if size is None:
@@ -89,7 +73,7 @@ def ranking_rows(report: Any) -> list[dict[str, Any]]:
     rows = []
     for rank, model in enumerate(report.ranked(), start=1):
         result = model.result
-        ci = _ci(_field(result, "ci95"))
+        ci = ci_bounds(_field(result, "ci95"))
         rows.append(
             {
                 "rank": rank,
@@ -146,12 +130,12 @@ def format_table(report: Any, fmt: str = "table") -> str:
             str(row["rank"]),
             row["model"],
             _num(row["sp2ps"]),
-            _ci_text(None if row["ci95_low"] is None else (row["ci95_low"], row["ci95_high"])),
+            ci_text(None if row["ci95_low"] is None else (row["ci95_low"], row["ci95_high"])),
             _num(row["mean_spatial"]),
             _num(row["mean_spectral"]),
             _num(row["p05_h"]),
-            _pct(row["accuracy"]),
-            _pct(row["top1_agreement"]),
+            percent(row["accuracy"]),
+            percent(row["top1_agreement"]),
             _num(row["parameters"]),
             f"{row['sparsity_percent']:.1f}%",
             human_size(row["file_size_bytes"]),
@@ -161,7 +145,7 @@ def format_table(report: Any, fmt: str = "table") -> str:
     original = report.original
     reference = [
         "–", f"{original.name} (original)", "1.000", "", "", "", "",
-        _pct(report.accuracy_original), "", _num(original.parameters),
+        percent(report.accuracy_original), "", _num(original.parameters),
         f"{original.sparsity:.1f}%", human_size(original.file_size),
     ]
     right = {0, 2, 4, 5, 6, 7, 8, 9, 10, 11}
@@ -266,13 +250,13 @@ def _table_rows(report: Any) -> list[dict[str, Any]]:
             "sp2ps": _num(score),
             "bar_width": f"{100 * max(0.0, min(1.0, score)) if finite else 0.0:.1f}",
             "bar_color": _SCORE_COLORS.get(css, "#8c959f"),
-            "ci": _ci_text(ci),
+            "ci": ci_text(ci),
             "spatial": _num(row["mean_spatial"]),
             "spectral": _num(row["mean_spectral"]),
             "p05_h": _num(row["p05_h"]),
-            "accuracy": _pct(row["accuracy"]),
+            "accuracy": percent(row["accuracy"]),
             "delta": delta,
-            "top1": _pct(row["top1_agreement"]),
+            "top1": percent(row["top1_agreement"]),
             "parameters": _num(row["parameters"]),
             "sparsity": f"{row['sparsity_percent']:.1f}%",
             "size": human_size(row["file_size_bytes"]),
@@ -284,7 +268,7 @@ def _original_row(report: Any) -> dict[str, Any]:
     original = report.original
     return {
         "name": original.name,
-        "accuracy": _pct(report.accuracy_original),
+        "accuracy": percent(report.accuracy_original),
         "parameters": _num(original.parameters),
         "sparsity": f"{original.sparsity:.1f}%",
         "size": human_size(original.file_size),
@@ -383,7 +367,7 @@ def render_html(report: Any, cmap: str = "jet") -> str:
     ]
     cards = [
         {"key": "original", "value": original.name, "css": "",
-         "sub": f"accuracy {_pct(report.accuracy_original)} · {_num(original.parameters)} params"},
+         "sub": f"accuracy {percent(report.accuracy_original)} · {_num(original.parameters)} params"},
         {"key": "pruned models", "value": str(len(ranked)), "css": "",
          "sub": f"scored on {report.n:,} samples"},
     ]
@@ -399,9 +383,9 @@ def render_html(report: Any, cmap: str = "jet") -> str:
             "anchor": _anchor(model.info.name),
             "css": _score_class(model.sp2ps),
             "sp2ps": _num(model.sp2ps),
-            "accuracy": _pct(_field(result, "accuracy_pruned")),
-            "top1": _pct(_field(result, "top1_agreement")),
-            "attention_lost": _pct(_field(result, "attention_lost")),
+            "accuracy": percent(_field(result, "accuracy_pruned")),
+            "top1": percent(_field(result, "top1_agreement")),
+            "attention_lost": percent(_field(result, "attention_lost")),
             "sparsity": f"{model.info.sparsity:.1f}%",
             "groups": [
                 {"title": title, "samples": [_sample(e, report.class_names, cmap) for e in examples]}

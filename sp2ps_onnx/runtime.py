@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 
 from ._ort import ort, select_providers
-from .errors import InputDataError, ModelLoadError
+from .cam import explain
+from .data import _display_from_input
+from .errors import InputDataError, ModelLoadError, UnsupportedModelError
 from .graph.model_io import save_model
 from .graph.rewrite import (
     ACTIVATIONS,
@@ -177,8 +179,6 @@ class CamModel:
             self._head_session = self._make_session(head) if head is not None else None
             self._head_built = True
         if self._head_session is None:
-            from .errors import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"the head after layer {self.layer!r} also reads tensors computed before it, "
                 "so it cannot run from the activations alone; use another method or a later layer"
@@ -205,8 +205,6 @@ class CamModel:
         ``raw=True`` gives the un-normalised maps at feature resolution. With
         ``return_scores=True`` the class scores (N, K) of the same run come third.
         """
-        from .cam import explain
-
         return explain(
             self,
             x,
@@ -233,8 +231,7 @@ class CamModel:
         is the class to explain (default: the top-1). ``image`` is the picture to draw
         (uint8 (H, W[, C])); by default ``x`` itself, min-max scaled.
         """
-        from .data import _display_from_input
-        from .figures import cam_figure
+        from .figures import cam_figure  # needs matplotlib, an optional dependency
 
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == len(self.input_shape) - 1:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
+from ..convert import needs_conversion
 from ..errors import ModelLoadError, Sp2PSError, UnsupportedModelError, UntrustedModelError
 
 # Below opset 11 several ops (Clip, Pad, Slice, Resize) take attributes that later
@@ -91,8 +92,6 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "not found"
         raise ModelLoadError(f"model file {what}: {path}; give the path of an .onnx file")
-    from ..convert import needs_conversion
-
     if needs_conversion(path):
         raise ModelLoadError(
             f"{path} is a {Path(path).suffix} framework file, not ONNX; convert it first "

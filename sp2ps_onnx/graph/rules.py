@@ -8,7 +8,10 @@ speaks the graph's own opset. Gradients are float32; forward values are read thr
 ``b.as_float``.
 
 Adding an op: write one function, decorate it with ``@vjp("OpType", inputs=(...))`` naming
-the inputs a gradient can flow into, and add a finite-difference test (docs/ops.md).
+the inputs a gradient can flow into, add a finite-difference test, and list the op in
+docs/ops.md (a test keeps the table and :data:`VJP_RULES` in step). ``@vjp`` registers the
+function in :data:`VJP_RULES`, a :class:`~sp2ps_onnx.registry.Registry` like the CAM
+methods' and the metric components'.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import onnx
 from onnx import helper
 
 from ..errors import UnsupportedOpError
+from ..registry import Registry
 from .analysis import cpu_session
 from .builder import FLOAT, GraphBuilder
 from .model_io import attribute
@@ -39,8 +43,17 @@ class VJPRule:
     inputs: tuple[int, ...] | None  # None: every input
     domain: str = ""  # "" (ai.onnx) or "com.microsoft" for ONNX Runtime's contrib ops
 
+    @classmethod
+    def of(
+        cls, op_type: str, fn: RuleFn | VJPRule, inputs: tuple[int, ...] | None = (0,),
+        domain: str = "",
+    ) -> VJPRule:
+        """The registry entry for ``fn`` (a :class:`VJPRule` as it is)."""
+        return fn if isinstance(fn, VJPRule) else cls(op_type, fn, inputs, domain)
 
-VJP_RULES: dict[str, VJPRule] = {}
+
+#: op type -> its :class:`VJPRule`; filled by :func:`vjp`.
+VJP_RULES: Registry[VJPRule] = Registry("op", entry=VJPRule.of)
 
 # Outputs of these ops carry no gradient: shape arithmetic, comparisons, indices.
 NON_DIFFERENTIABLE = frozenset(
@@ -55,13 +68,7 @@ NON_DIFFERENTIABLE = frozenset(
 
 def vjp(*op_types: str, inputs: tuple[int, ...] | None = (0,), domain: str = ""):
     """Register ``fn`` as the VJP rule of ``op_types`` (in ``domain``)."""
-
-    def register(fn: RuleFn) -> RuleFn:
-        for op_type in op_types:
-            VJP_RULES[op_type] = VJPRule(op_type, fn, inputs, domain)
-        return fn
-
-    return register
+    return VJP_RULES.register(*op_types, inputs=inputs, domain=domain)
 
 
 def rule_for(node: onnx.NodeProto) -> VJPRule | None:
@@ -70,7 +77,7 @@ def rule_for(node: onnx.NodeProto) -> VJPRule | None:
     ONNX Runtime emits some QOperator ops (QLinearAdd, QGemm, ...) in com.microsoft and some
     (QLinearConv, QLinearMatMul) in the default domain; a rule declares which it covers.
     """
-    rule = VJP_RULES.get(node.op_type)
+    rule = VJP_RULES.get(node.op_type, None)
     domain = "" if node.domain == "ai.onnx" else node.domain
     if rule is None or domain != rule.domain:
         return None

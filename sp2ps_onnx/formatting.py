@@ -1,0 +1,46 @@
+"""How numbers are written for people: percentages and confidence intervals.
+
+One implementation each, shared by the text table and the HTML report
+(:mod:`sp2ps_onnx.report`), the figures (:mod:`sp2ps_onnx.figures`) and the experiment
+write-ups (``experiments/``). A bottom-layer module: it imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["MISSING", "ci_bounds", "ci_text", "percent"]
+
+#: What a table shows for a number that does not exist (no labels, no scores, NaN).
+MISSING = "–"
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def percent(value: Any, digits: int = 1, *, suffix: str = "%", missing: str = MISSING) -> str:
+    """A fraction as a percentage: ``percent(0.1234) == "12.3%"``; ``missing`` for
+    ``None`` or NaN."""
+    if _absent(value):
+        return missing
+    return f"{100 * float(value):.{digits}f}{suffix}"
+
+
+def ci_bounds(value: Any) -> tuple[float, float] | None:
+    """``(low, high)`` of a confidence interval given as any pair of numbers; ``None`` when
+    there is none, it is not a pair of numbers, or a bound is not finite."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+
+def ci_text(value: Any, digits: int = 3) -> str:
+    """A confidence interval as ``"[low, high]"``; :data:`MISSING` when there is none."""
+    bounds = ci_bounds(value)
+    return MISSING if bounds is None else f"[{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
