@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import scipy.fft
 from scipy import ndimage
+from scipy.spatial.distance import jensenshannon
 
 # The exceptions live in errors.py; importing them here keeps ``metric.MetricInputError``
 # and ``metric.UnknownComponentError`` working for callers.
@@ -61,7 +62,9 @@ __all__ = [
     "PerSample",
     "Sp2PSAccumulator",
     "Sp2PSResult",
+    "SampleTable",
     "Sp2PSTotals",
+    "output_divergence",
     "UnknownComponentError",
     "aggregate_class_weighted",
     "aggregate_mean",
@@ -676,6 +679,14 @@ class Sp2PSResult:
     the accumulator was created with ``keep_per_sample=False`` (``ci95`` also when
     ``n_bootstrap == 0``). Class statistics are ``None``/empty when no sample had a class;
     companion numbers are ``None`` when the scores (and labels) they need were not given.
+
+    The decision/attention split: ``same_answer_*`` over the samples both models give the
+    same top-1 class, ``different_answer_*`` over the others (the mean h of each group, and
+    its count; ``None`` for an empty group); ``same_answer_gap_share`` is the share of the
+    gap ``1 - mean h`` that the same-answer samples make up: near 1, the attention moved
+    while the decisions stayed; near 0, the gap is the changed decisions.
+    ``mean_js_divergence`` is the mean Jensen-Shannon divergence (base 2, in [0, 1]) of the
+    two models' softmax outputs.
     """
 
     sp2ps: float
@@ -693,6 +704,12 @@ class Sp2PSResult:
     accuracy_original: float | None = None
     accuracy_pruned: float | None = None
     mean_abs_confidence_change: float | None = None
+    mean_js_divergence: float | None = None
+    same_answer_n: int | None = None
+    same_answer_sp2ps: float | None = None
+    different_answer_n: int | None = None
+    different_answer_sp2ps: float | None = None
+    same_answer_gap_share: float | None = None
     per_sample: dict[str, np.ndarray] | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -717,6 +734,60 @@ class Sp2PSResult:
         return {
             name: plain(getattr(self, name)) for name in self.__dataclass_fields__
         }
+
+
+@dataclass
+class SampleTable:
+    """A complete per-sample table of one pruned model: all ``(N,)`` arrays.
+
+    ``classes`` groups the samples (the label, else the explained class; -1: none);
+    ``pred_*`` are the top-1 classes of both models (-1: the model gave no finite scores,
+    which never agrees and is never correct); ``confidence_*`` both models' softmax
+    confidence in the explained class; ``js_divergence`` the Jensen-Shannon divergence of
+    their softmax outputs (:func:`output_divergence`).
+    """
+
+    spatial: np.ndarray
+    spectral: np.ndarray
+    h: np.ndarray
+    classes: np.ndarray
+    labels: np.ndarray | None = None
+    pred_original: np.ndarray | None = None
+    pred_pruned: np.ndarray | None = None
+    confidence_original: np.ndarray | None = None
+    confidence_pruned: np.ndarray | None = None
+    js_divergence: np.ndarray | None = None
+
+    @classmethod
+    def of_rows(
+        cls,
+        spatial: Any,
+        spectral: Any,
+        h: Any,
+        *,
+        labels: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
+        **companions: np.ndarray | None,
+    ) -> SampleTable:
+        """A table from rows: samples are grouped by ``labels`` (else ``targets``; -1: no
+        class); ``companions`` are the other fields."""
+        h = np.asarray(h, dtype=np.float64)
+        groups = labels if labels is not None else targets
+        classes = (
+            np.full(h.size, -1, dtype=np.int64) if groups is None
+            else np.asarray(groups, dtype=np.int64)
+        )
+        return cls(np.asarray(spatial, dtype=np.float64), np.asarray(spectral, dtype=np.float64),
+                   h, classes, labels, **companions)
+
+
+def output_divergence(original_scores: Any, pruned_scores: Any) -> np.ndarray:
+    """Per-sample Jensen-Shannon divergence, base 2 (0: the same output distribution, 1:
+    disjoint ones), of the two models' softmax outputs; ``(N, K)`` logits in."""
+    p = _softmax(np.asarray(original_scores, dtype=np.float64))
+    q = _softmax(np.asarray(pruned_scores, dtype=np.float64))
+    distance = jensenshannon(p, q, base=2.0, axis=1)
+    return np.clip(np.nan_to_num(distance, nan=0.0) ** 2, 0.0, 1.0)
 
 
 @dataclass
@@ -747,50 +818,51 @@ class Sp2PSTotals:
     #: Sum of |softmax confidence change| in the explained class, over ``n_confidence``.
     sum_confidence_change: float = 0.0
     n_confidence: int = 0
+    #: Sum of h over the ``agree`` samples, and over all ``n_compared`` samples.
+    sum_h_agree: float = 0.0
+    sum_h_compared: float = 0.0
+    #: Sum of the Jensen-Shannon divergence of both softmax outputs, over ``n_divergence``.
+    sum_js_divergence: float = 0.0
+    n_divergence: int = 0
 
     @classmethod
-    def of_table(
-        cls,
-        spatial: np.ndarray,
-        spectral: np.ndarray,
-        h: np.ndarray,
-        classes: np.ndarray,
-        *,
-        labels: np.ndarray | None = None,
-        pred_original: np.ndarray | None = None,
-        pred_pruned: np.ndarray | None = None,
-        confidence_original: np.ndarray | None = None,
-        confidence_pruned: np.ndarray | None = None,
-    ) -> Sp2PSTotals:
-        """The totals of a per-sample table: ``(N,)`` arrays as :func:`summarize` takes
-        them, with ``classes`` the group of every sample (-1: none)."""
-        n = h.size
-        keys, inverse = np.unique(classes, return_inverse=True)
+    def of_table(cls, table: SampleTable) -> Sp2PSTotals:
+        """The totals of a per-sample table."""
+        h, n = table.h, table.h.size
+        keys, inverse = np.unique(table.classes, return_inverse=True)
         sums = np.bincount(inverse, weights=h, minlength=keys.size)
         counts = np.bincount(inverse, minlength=keys.size)
         totals = cls(
             n=n,
-            sum_spatial=float(spatial.sum()),
-            sum_spectral=float(spectral.sum()),
+            sum_spatial=float(table.spatial.sum()),
+            sum_spectral=float(table.spectral.sum()),
             lost=int(np.count_nonzero(h < 0.5)),
             class_sums=dict(zip(keys.tolist(), sums.tolist(), strict=True)),
             class_counts=dict(zip(keys.tolist(), counts.tolist(), strict=True)),
         )
+        labels = table.labels
         labelled = labels is not None and bool(np.all(np.asarray(labels) >= 0))
-        if pred_original is not None and pred_pruned is not None:
-            same = (pred_original == pred_pruned) & (pred_original >= 0)
+        pred_o, pred_p = table.pred_original, table.pred_pruned
+        if pred_o is not None and pred_p is not None:
+            same = (pred_o == pred_p) & (pred_o >= 0)
             totals.agree = int(np.count_nonzero(same))
             totals.n_compared = n
-        if labelled and pred_original is not None:
-            totals.correct_original = int(np.count_nonzero(pred_original == labels))
+            totals.sum_h_agree = float(h[same].sum())
+            totals.sum_h_compared = float(h.sum())
+        if labelled and pred_o is not None:
+            totals.correct_original = int(np.count_nonzero(pred_o == labels))
             totals.n_original = n
-        if labelled and pred_pruned is not None:
-            totals.correct_pruned = int(np.count_nonzero(pred_pruned == labels))
+        if labelled and pred_p is not None:
+            totals.correct_pruned = int(np.count_nonzero(pred_p == labels))
             totals.n_pruned = n
-        if confidence_original is not None and confidence_pruned is not None:
-            change = np.abs(np.asarray(confidence_original) - np.asarray(confidence_pruned))
+        if table.confidence_original is not None and table.confidence_pruned is not None:
+            change = np.abs(np.asarray(table.confidence_original)
+                            - np.asarray(table.confidence_pruned))
             totals.sum_confidence_change = float(change.sum())
             totals.n_confidence = n
+        if table.js_divergence is not None:
+            totals.sum_js_divergence = float(np.sum(table.js_divergence))
+            totals.n_divergence = n
         return totals
 
     def merge(self, other: Sp2PSTotals) -> None:
@@ -879,6 +951,9 @@ def summarize_totals(
     def ratio(count: float, total: int) -> float | None:
         return count / total if total else None
 
+    differ = totals.n_compared - totals.agree
+    gap = totals.n_compared - totals.sum_h_compared  # n (1 - mean h) over compared samples
+
     return Sp2PSResult(
         sp2ps=float(aggregate(sums, counts)),
         mean_spatial=mean_s,
@@ -895,6 +970,14 @@ def summarize_totals(
         accuracy_original=ratio(totals.correct_original, totals.n_original),
         accuracy_pruned=ratio(totals.correct_pruned, totals.n_pruned),
         mean_abs_confidence_change=ratio(totals.sum_confidence_change, totals.n_confidence),
+        mean_js_divergence=ratio(totals.sum_js_divergence, totals.n_divergence),
+        same_answer_n=totals.agree if totals.n_compared else None,
+        same_answer_sp2ps=ratio(totals.sum_h_agree, totals.agree),
+        different_answer_n=differ if totals.n_compared else None,
+        different_answer_sp2ps=ratio(totals.sum_h_compared - totals.sum_h_agree, differ),
+        same_answer_gap_share=(
+            (totals.agree - totals.sum_h_agree) / gap if totals.n_compared and gap > 0 else None
+        ),
         per_sample=per_sample,
         config={
             "aggregation": aggregation,
@@ -907,58 +990,32 @@ def summarize_totals(
 
 
 def summarize(
-    spatial: np.ndarray,
-    spectral: np.ndarray,
-    h: np.ndarray,
+    table: SampleTable,
     *,
-    labels: np.ndarray | None = None,
-    targets: np.ndarray | None = None,
-    pred_original: np.ndarray | None = None,
-    pred_pruned: np.ndarray | None = None,
-    confidence_original: np.ndarray | None = None,
-    confidence_pruned: np.ndarray | None = None,
     aggregation: str = "mean",
     n_bootstrap: int = 1000,
     seed: int = 0,
     config: dict[str, Any] | None = None,
 ) -> Sp2PSResult:
-    """Every aggregate number from a complete per-sample table (all ``(N,)`` arrays).
+    """Every aggregate number from a complete per-sample table.
 
-    Samples are grouped by ``labels`` (else ``targets``; ``-1`` means no class); ``pred_*``
-    are the top-1 classes of both models (``-1``: the model gave no finite scores, which
-    never agrees and is never correct); ``confidence_*`` are both models' softmax
-    confidences in the explained class. The table is reduced to :class:`Sp2PSTotals` and
-    finished by :func:`summarize_totals`, as :class:`Sp2PSAccumulator` does with its
-    batches. The result is independent of how the samples were batched, so rows computed
-    on several machines give the same numbers as rows computed on one.
+    The table is reduced to :class:`Sp2PSTotals` and finished by :func:`summarize_totals`,
+    as :class:`Sp2PSAccumulator` does with its batches. The result is independent of how
+    the samples were batched, so rows computed on several machines give the same numbers
+    as rows computed on one.
     """
     AGGREGATIONS.get(aggregation)  # an unknown name fails before any work
-    s = np.asarray(spatial, dtype=np.float64)
-    f = np.asarray(spectral, dtype=np.float64)
-    h = np.asarray(h, dtype=np.float64)
-    n = h.size
-    if n == 0:
+    if table.h.size == 0:
         raise MetricInputError("no samples to aggregate")
-    groups = labels if labels is not None else targets
-    codes = (
-        np.full(n, -1, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
-    )
-    if np.all(codes < 0) and aggregation != "mean":
+    if np.all(table.classes < 0) and aggregation != "mean":
         raise MetricInputError(
             f"the {aggregation!r} aggregation needs the class of every sample; give labels or "
             "targets"
         )
-    totals = Sp2PSTotals.of_table(
-        s, f, h, codes,
-        labels=labels,
-        pred_original=pred_original,
-        pred_pruned=pred_pruned,
-        confidence_original=confidence_original,
-        confidence_pruned=confidence_pruned,
-    )  # fmt: skip
     return summarize_totals(
-        totals,
-        {"spatial": s, "spectral": f, "h": h, "class": codes},
+        Sp2PSTotals.of_table(table),
+        {"spatial": table.spatial, "spectral": table.spectral, "h": table.h,
+         "class": table.classes},
         aggregation=aggregation,
         n_bootstrap=n_bootstrap,
         seed=seed,
@@ -1100,22 +1157,18 @@ class Sp2PSAccumulator:
         )
         pred_o = None if scores_o is None else scores_o.argmax(axis=1)
         pred_p = None if scores_p is None else scores_p.argmax(axis=1)
-        confidence_o = confidence_p = None
+        confidence_o = confidence_p = divergence = None
         if scores_o is not None and scores_p is not None:
             explained = targets_arr if targets_arr is not None else pred_o
             rows = np.arange(n)
             confidence_o = _softmax(scores_o)[rows, explained]
             confidence_p = _softmax(scores_p)[rows, explained]
-        self._totals.merge(
-            Sp2PSTotals.of_table(
-                per.spatial, per.spectral, per.h, group_codes,
-                labels=labels_arr,
-                pred_original=pred_o,
-                pred_pruned=pred_p,
-                confidence_original=confidence_o,
-                confidence_pruned=confidence_p,
-            )  # fmt: skip
-        )
+            divergence = output_divergence(scores_o, scores_p)
+        self._totals.merge(Sp2PSTotals.of_table(SampleTable(
+            per.spatial, per.spectral, per.h, group_codes, labels=labels_arr,
+            pred_original=pred_o, pred_pruned=pred_p, confidence_original=confidence_o,
+            confidence_pruned=confidence_p, js_divergence=divergence,
+        )))
         if self.keep_per_sample:
             self._table["spatial"].append(per.spatial.astype(np.float32))
             self._table["spectral"].append(per.spectral.astype(np.float32))

@@ -154,14 +154,19 @@ def test_accumulator_and_summarize_agree_on_the_same_samples():
     softmax_p = np.exp(logits_p) / np.exp(logits_p).sum(1, keepdims=True)
     rows = np.arange(25)
     table = m.summarize(
-        per.spatial, per.spectral, per.h, labels=labels, pred_original=pred_o,
-        pred_pruned=pred_p, confidence_original=softmax_o[rows, pred_o],
-        confidence_pruned=softmax_p[rows, pred_o], aggregation="class-weighted",
-        n_bootstrap=200, seed=5,
+        m.SampleTable.of_rows(
+            per.spatial, per.spectral, per.h, labels=labels, pred_original=pred_o,
+            pred_pruned=pred_p, confidence_original=softmax_o[rows, pred_o],
+            confidence_pruned=softmax_p[rows, pred_o],
+            js_divergence=m.output_divergence(logits_o, logits_p),
+        ),
+        aggregation="class-weighted", n_bootstrap=200, seed=5,
     )
     for name in ("sp2ps", "mean_spatial", "mean_spectral", "attention_lost",
                  "harmonic_of_means", "class_weighted_h", "top1_agreement",
-                 "accuracy_original", "accuracy_pruned", "mean_abs_confidence_change"):
+                 "accuracy_original", "accuracy_pruned", "mean_abs_confidence_change",
+                 "mean_js_divergence", "same_answer_sp2ps", "different_answer_sp2ps",
+                 "same_answer_gap_share"):
         assert getattr(streamed, name) == pytest.approx(getattr(table, name), rel=1e-12), name
     assert streamed.per_class_h.keys() == table.per_class_h.keys()
     # The accumulator keeps float32 per-sample values: order statistics agree to that.

@@ -73,29 +73,24 @@ def aggregate(
                 "model and the preprocessing (--preset, --mean, --std)"
             )
         labels = cols["label"][kept]
-        summaries.append(
-            dict(
-                spatial=cols["spatial"][kept], spectral=cols["spectral"][kept],
-                h=cols["h"][kept],
-                labels=labels if np.all(labels >= 0) else None,
-                targets=cols["target_original"][kept],
-                pred_original=cols["pred_original"][kept],
-                pred_pruned=cols["pred_pruned"][kept],
-                confidence_original=cols["confidence_original"][kept],
-                confidence_pruned=cols["confidence_pruned"][kept],
-                aggregation=options.aggregation,
-                n_bootstrap=options.n_bootstrap,
-                seed=options.seed,
-                config=options.component_config(),
-            )
+        samples = metric.SampleTable.of_rows(
+            cols["spatial"][kept], cols["spectral"][kept], cols["h"][kept],
+            labels=labels if np.all(labels >= 0) else None,
+            targets=cols["target_original"][kept],
+            pred_original=cols["pred_original"][kept],
+            pred_pruned=cols["pred_pruned"][kept],
+            confidence_original=cols["confidence_original"][kept],
+            confidence_pruned=cols["confidence_pruned"][kept],
+            js_divergence=cols["js_divergence"][kept],
         )
+        summaries.append(samples)
         tables.append(RowTable(name, cols))
         found = candidates[j] if j < len(candidates) else []
         w, b = keep_examples(found, options.examples)
         worst.append(w)
         best.append(b)
         moved.append(keep_moved(found, options.examples))
-    results = _summarize_all(summaries)
+    results = _summarize_all(summaries, options)
     faults = _fault_summary(table, names, max_listed)
     return Aggregate(results, tables, worst, best, moved,
                      0 if reference is None else int(reference.size), faults)
@@ -123,14 +118,16 @@ def _checked_indices(
     return reference
 
 
-def _summarize_all(summaries: list[dict[str, Any]]) -> list[Any]:
+def _summarize_all(summaries: list[metric.SampleTable], options: MetricOptions) -> list[Any]:
     """:func:`~sp2ps_onnx.metric.summarize` for every model, models side by side.
 
     Each model's bootstrap has its own seeded generator, so the numbers do not depend on
     the threads; its random draws and indexing release the GIL.
     """
-    def one(kwargs: dict[str, Any]) -> Any:
-        return metric.summarize(**kwargs)
+    def one(table: metric.SampleTable) -> Any:
+        return metric.summarize(table, aggregation=options.aggregation,
+                                n_bootstrap=options.n_bootstrap, seed=options.seed,
+                                config=options.component_config())
 
     threads = min(len(summaries), thread_budget())
     if threads <= 1:

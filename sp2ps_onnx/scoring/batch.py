@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.spatial.distance import jensenshannon
 
 from .. import metric
 from ..data import Batch, Preprocessing
@@ -143,7 +142,6 @@ class BatchScorer:
         )
         explained = np.clip(targets_o, 0, scores_o.shape[1] - 1)
         conf_o = _confidence(scores_o, explained, bad_o)
-        probs_o = _softmax(scores_o, bad_o)
         ids = np.array(prepared.ids, dtype=str)
         cleaned = []
         for maps_p, _, scores_p in outputs.pruned:
@@ -193,7 +191,7 @@ class BatchScorer:
                 "h": h.astype(np.float64),
                 "confidence_original": conf_o,
                 "confidence_pruned": _confidence(scores_p, explained, bad_p | bad_o),
-                "js_divergence": _js_divergence(probs_o, scores_p, bad_o, bad_p),
+                "js_divergence": _js_divergence(scores_o, scores_p, bad_o, bad_p),
                 "id": ids,
             }
             parts.append(part)
@@ -264,22 +262,14 @@ def _top1(scores: np.ndarray, bad: np.ndarray) -> np.ndarray:
     return np.where(bad, -1, safe.argmax(axis=1)).astype(np.int64)
 
 
-def _softmax(scores: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    logits = np.where(bad[:, None], 0.0, scores).astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    np.exp(logits, out=logits)
-    logits /= logits.sum(axis=1, keepdims=True)
-    return logits
-
-
-def _js_divergence(probs_o: np.ndarray, scores_p: np.ndarray, bad_o: np.ndarray,
+def _js_divergence(scores_o: np.ndarray, scores_p: np.ndarray, bad_o: np.ndarray,
                    bad_p: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon divergence (base 2: 0 for equal outputs, 1 for disjoint ones) of both
-    models' softmax outputs; 1 where the pruned model gave no finite scores, 0 where the
-    original did not (such samples are left out of every aggregate)."""
-    probs_p = _softmax(scores_p, bad_p)
-    distance = jensenshannon(probs_o, probs_p, base=2.0, axis=1)
-    divergence = np.clip(np.nan_to_num(distance, nan=0.0) ** 2, 0.0, 1.0)
+    """:func:`~sp2ps_onnx.metric.output_divergence`; 1 where the pruned model gave no finite
+    scores, 0 where the original did not (such samples are left out of every aggregate)."""
+    bad = bad_o | bad_p
+    safe_o = np.where(bad[:, None], 0.0, scores_o)
+    safe_p = np.where(bad[:, None], 0.0, scores_p)
+    divergence = metric.output_divergence(safe_o, safe_p)
     return np.where(bad_o, 0.0, np.where(bad_p, 1.0, divergence))
 
 
