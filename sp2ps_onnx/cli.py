@@ -46,6 +46,7 @@ from .scoring import (
     DataOptions,
     MetricOptions,
     RayOptions,
+    ReferenceOptions,
     RunOptions,
     model_info,
     open_model,
@@ -207,7 +208,8 @@ def _read_options(given: dict[str, Any]) -> DataOptions:
 def _metric_options(given: dict[str, Any]) -> MetricOptions:
     return MetricOptions(spatial=given["spatial"], spectral=given["spectral"],
                          aggregation=given["aggregation"], n_bootstrap=given["bootstrap"],
-                         seed=given["seed"], examples=given["examples"])
+                         seed=given["seed"], examples=given["examples"],
+                         faithfulness=given["faithfulness"])
 
 
 def _run_options(given: dict[str, Any], checkpoint: Path | None = None) -> RunOptions:
@@ -451,7 +453,8 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
               help="Bootstrap resamples for the 95% confidence interval (0: none).")
 @click.option("--examples", type=click.IntRange(min=0), default=4, show_default=True,
               help="Worst and best samples per model shown in the report.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap "
+              "and of the random floor.")
 @_cmap_option
 @click.option("--figures", "figure_formats", type=click.Choice(["png", "svg", "pdf"]),
               multiple=True, help="Also write the figures in this format (PNG and SVG are "
@@ -467,6 +470,16 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
               show_default=True, help="GPUs each Ray actor reserves (runs ONNX Runtime on CUDA).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same "
               "--out, models, data and options (rows are saved under --out as they come).")
+@click.option("--no-floor", is_flag=True, help="Leave out the random floor: a copy of the "
+              "original with its weights re-initialised layer by layer from the score "
+              "(seeded by --seed), scored as a reference (one more model pass).")
+@click.option("--reference", "references", multiple=True, metavar="MODEL",
+              help="An independently trained model of the same task (another seed, another "
+              "framework, a published checkpoint), scored as a reference and not ranked. "
+              "Repeatable.")
+@click.option("--faithfulness", is_flag=True, help="Also measure how faithfully each model's "
+              "own CAM explains it: deletion/insertion AUC, CAM-multiplied confidence change "
+              "and ROAD (costs about 40 extra passes per image).")
 def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: str, force: bool,
           no_report: bool, fmt: str, cmap: str, figure_formats: tuple[str, ...],
           **given: Any) -> None:
@@ -474,9 +487,10 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
     writes results.json, per_sample.csv, report.html and figures/ to --out."""
     if given["resume"] and no_report:
         raise click.UsageError("--resume continues the rows saved under --out; drop --no-report")
-    for path in (original, *pruned):
+    references = given["references"]
+    for path in (original, *pruned, *references):
         _check_model_path(path)
-    inputs = {Path(p).resolve() for p in (original, *pruned, *data)}
+    inputs = {Path(p).resolve() for p in (original, *pruned, *references, *data)}
     if not no_report and Path(out).resolve() in inputs:
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     if not no_report:
@@ -490,11 +504,14 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
                        strict=data_options.strict)
 
     def run(converted: Path, final: Path | None) -> Any:
-        models, conversions = _onnx_models([original, *pruned], converted, quiet, final)
+        models, conversions = _onnx_models([original, *pruned, *references], converted, quiet,
+                                           final)
         checkpoint = None if no_report else Path(out) / CHECKPOINT_DIR
-        report = score_models(models[0], models[1:], source, cam=cam_options,
+        compared = ReferenceOptions(floor=not given["no_floor"],
+                                    models=tuple(models[1 + len(pruned):]))
+        report = score_models(models[0], models[1:1 + len(pruned)], source, cam=cam_options,
                               data_options=data_options, metric=metric,
-                              run=_run_options(given, checkpoint))
+                              run=_run_options(given, checkpoint), references=compared)
         if conversions:
             report.config["conversions"] = conversions
         report.config["cmap"] = cmap

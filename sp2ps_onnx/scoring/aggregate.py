@@ -18,6 +18,7 @@ from ..errors import InputDataError, Sp2PSError
 from ..runtime import thread_budget
 from .options import MetricOptions
 from .rows import (
+    FAITHFULNESS,
     FAULTS,
     FLAG_ORIGINAL_CONSTANT,
     FLAG_ORIGINAL_NONFINITE,
@@ -37,6 +38,8 @@ class Aggregate:
     worst: list[list[Example]]
     best: list[list[Example]]
     moved: list[list[Example]]  # same answer, lowest h
+    faithfulness: list[dict[str, float] | None]  # per model, means over the samples
+    original_faithfulness: dict[str, float] | None
     n: int
     faults: dict[str, Any]
 
@@ -60,7 +63,8 @@ def aggregate(
     """
     order = np.lexsort((rows["index"], rows["model"]))
     table = {key: value[order] for key, value in rows.items()}
-    summaries, tables, worst, best, moved = [], [], [], [], []
+    summaries, tables, worst, best, moved, faithful = [], [], [], [], [], []
+    original_faithful = None
     reference: np.ndarray | None = None
     for j, name in enumerate(names):
         lo, hi = np.searchsorted(table["model"], [j, j + 1])
@@ -84,6 +88,9 @@ def aggregate(
             js_divergence=cols["js_divergence"][kept],
         )
         summaries.append(samples)
+        faithful.append(_faithfulness_means(cols, kept, "pruned"))
+        if original_faithful is None:
+            original_faithful = _faithfulness_means(cols, kept, "original")
         tables.append(RowTable(name, cols))
         found = candidates[j] if j < len(candidates) else []
         w, b = keep_examples(found, options.examples)
@@ -92,8 +99,21 @@ def aggregate(
         moved.append(keep_moved(found, options.examples))
     results = _summarize_all(summaries, options)
     faults = _fault_summary(table, names, max_listed)
-    return Aggregate(results, tables, worst, best, moved,
+    return Aggregate(results, tables, worst, best, moved, faithful, original_faithful,
                      0 if reference is None else int(reference.size), faults)
+
+
+def _faithfulness_means(
+    cols: dict[str, np.ndarray], kept: np.ndarray, who: str
+) -> dict[str, float] | None:
+    """The mean of each faithfulness figure of ``who`` over the samples where it is defined
+    (ROAD is undefined on some flat maps); ``None`` when it was not measured."""
+    means: dict[str, float] = {}
+    for name in FAITHFULNESS:
+        values = cols[f"{name}_{who}"][kept]
+        finite = values[np.isfinite(values)]
+        means[name] = float(finite.mean()) if finite.size else float("nan")
+    return None if all(np.isnan(v) for v in means.values()) else means
 
 
 def _checked_indices(

@@ -16,10 +16,12 @@ import numpy as np
 from .. import metric
 from ..data import Batch, Preprocessing
 from ..errors import InputDataError, ModelMismatchError
+from ..faithfulness import FaithfulnessOptions, FaithfulnessResult, evaluate_faithfulness
 from .checks import check_labels
 from .models import ModelLike, open_model
 from .options import CamOptions, DataOptions, MetricOptions
 from .rows import (
+    FAITHFULNESS,
     FLAG_ORIGINAL_CONSTANT,
     FLAG_ORIGINAL_NONFINITE,
     FLAG_PRUNED_CONSTANT,
@@ -63,6 +65,7 @@ class _ModelOutputs:
     prepared: _Prepared
     original: tuple[np.ndarray, np.ndarray, np.ndarray]  # maps, targets, scores
     pruned: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    faithfulness: list[FaithfulnessResult | None]  # the original's, then every pruned one's
 
 
 class BatchScorer:
@@ -116,7 +119,21 @@ class BatchScorer:
             self._cams(model, x, pruned_wanted)
             for model, x in zip(self.pruned, prepared.x_pruned, strict=True)
         ]
-        return _ModelOutputs(prepared, original, pruned)
+        models = [self.original, *self.pruned]
+        faithful: list[FaithfulnessResult | None] = [None] * len(models)
+        if self.spec.metric.faithfulness:
+            inputs = [prepared.x_original, *prepared.x_pruned]
+            faithful = [self._faithfulness(model, x, out)
+                        for model, x, out in zip(models, inputs, [original, *pruned], strict=True)]
+        return _ModelOutputs(prepared, original, pruned, faithful)
+
+    def _faithfulness(self, model: Any, x: np.ndarray, outputs: tuple) -> FaithfulnessResult:
+        """How faithfully ``model``'s own CAMs explain it, on this batch."""
+        maps, targets, scores = outputs
+        usable = np.where(_nonfinite(maps, scores)[:, None, None], 0.0, maps)
+        options = FaithfulnessOptions(layout=str(model.layout), seed=self.spec.metric.seed,
+                                      batch_size=max(self.spec.batch_size, 64))
+        return evaluate_faithfulness(x, usable, targets, model.scores, options)
 
     def _cams(self, model: Any, x: np.ndarray, targets: np.ndarray | None) -> tuple:
         maps, used, scores = model.cams(
@@ -194,6 +211,8 @@ class BatchScorer:
                 "js_divergence": _js_divergence(scores_o, scores_p, bad_o, bad_p),
                 "id": ids,
             }
+            part.update(_faithfulness_columns(outputs.faithfulness[0],
+                                              outputs.faithfulness[1 + j], n))
             parts.append(part)
             examples.append(self._candidates(part, prepared, maps_o, maps_p, bad_o))
         rows = {key: np.concatenate([p[key] for p in parts]) for key in ROW_COLUMNS}
@@ -243,6 +262,17 @@ class BatchScorer:
                        "pruned_map": np.array(e.pruned_map, dtype=np.float32)})
             for e in sorted(chosen.values(), key=lambda e: e.index)
         ]
+
+
+def _faithfulness_columns(original: FaithfulnessResult | None,
+                          pruned: FaithfulnessResult | None, n: int) -> dict[str, np.ndarray]:
+    """The faithfulness figures of both models as row columns (NaN when not measured)."""
+    columns = {}
+    for who, result in (("original", original), ("pruned", pruned)):
+        for name in FAITHFULNESS:
+            value = getattr(result, name) if result is not None else np.full(n, np.nan)
+            columns[f"{name}_{who}"] = np.asarray(value, dtype=np.float64)
+    return columns
 
 
 def _nonfinite(maps: np.ndarray, scores: np.ndarray) -> np.ndarray:

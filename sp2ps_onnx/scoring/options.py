@@ -125,6 +125,9 @@ class MetricOptions:
         n_bootstrap: bootstrap resamples of the 95 % confidence interval (0: none).
         seed: seed of the bootstrap.
         examples: worst and best samples per model kept for the report.
+        faithfulness: also measure how faithfully each model's own CAM explains it
+            (:mod:`sp2ps_onnx.faithfulness`: deletion and insertion AUC, CAM-multiplied
+            confidence change, ROAD); costs about 40 model passes per image and model.
     """
 
     spatial: str = "ssim"
@@ -133,6 +136,7 @@ class MetricOptions:
     n_bootstrap: int = 1000
     seed: int = 0
     examples: int = 4
+    faithfulness: bool = False
 
     def __post_init__(self) -> None:
         for registry, name, kind in ((metric.SPATIAL, self.spatial, "spatial"),

@@ -33,6 +33,7 @@ class ModelScore:
     moved: list[Example] = field(default_factory=list)
     role: str = "pruned"
     band: str | None = None
+    faithfulness: dict[str, float] | None = None  # means over the samples (--faithfulness)
 
     @property
     def sp2ps(self) -> float:
@@ -55,6 +56,7 @@ class ScoreReport:
     model_faults: dict[str, Any] = field(default_factory=dict)  # NaN/Inf outputs, flat CAMs
     references: list[ModelScore] = field(default_factory=list)  # the floor, then references
     correlations: dict[str, Any] = field(default_factory=dict)  # rank_correlations()
+    original_faithfulness: dict[str, float] | None = None
 
     @property
     def floor(self) -> ModelScore | None:
@@ -79,7 +81,8 @@ class ScoreReport:
             "n": self.n,
             "class_names": self.class_names,
             "seconds": self.seconds,
-            "original": {**self.original.to_dict(), "accuracy": self.accuracy_original},
+            "original": {**self.original.to_dict(), "accuracy": self.accuracy_original,
+                         "faithfulness": jsonable(self.original_faithfulness)},
             "ranking": [m.info.name for m in ranked],
             "notes": self.notes,
             "data_faults": self.faults,
@@ -104,6 +107,7 @@ def _model_dict(model: ModelScore) -> dict[str, Any]:
         "role": model.role,
         "band": model.band,
         "result": jsonable(_result_dict(model.result)),
+        "faithfulness": jsonable(model.faithfulness),
     }
 
 

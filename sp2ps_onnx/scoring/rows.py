@@ -92,13 +92,20 @@ FAULTS = {
 
 ROW_INT_COLUMNS = ("model", "index", "label", "target_original", "target_pruned",
                    "pred_original", "pred_pruned", "flags")
+FAITHFULNESS = ("deletion_auc", "insertion_auc", "cam_mult_change", "road_morf", "road_lerf",
+                "road_combined")
+"""The faithfulness figures of :class:`sp2ps_onnx.faithfulness.FaithfulnessResult`."""
+FAITHFULNESS_COLUMNS = tuple(f"{name}_{who}" for who in ("original", "pruned")
+                             for name in FAITHFULNESS)
 ROW_FLOAT_COLUMNS = ("spatial", "spectral", "h", "confidence_original", "confidence_pruned",
-                     "js_divergence")
+                     "js_divergence", *FAITHFULNESS_COLUMNS)
 ROW_COLUMNS = (*ROW_INT_COLUMNS, *ROW_FLOAT_COLUMNS, "id")
 """The per-sample row table, one row per (pruned model, sample): ``model`` is the pruned
 model's position, ``index`` the sample's position in the data, ``label`` -1 when unknown,
 ``pred_*`` -1 when the model gave no finite scores, ``js_divergence`` the Jensen-Shannon
-divergence (base 2, in [0, 1]) of both models' softmax outputs, ``confidence_*`` both models' softmax
+divergence (base 2, in [0, 1]) of both models' softmax outputs, ``<figure>_original`` and
+``<figure>_pruned`` each model's faithfulness figures (:data:`FAITHFULNESS`; NaN unless
+asked for), ``confidence_*`` both models' softmax
 confidence in the original's target class, ``flags`` a sum of :data:`FAULTS` bits."""
 
 

@@ -320,7 +320,7 @@ def _notes(source: DataSource, num_classes: int, result: Aggregate) -> list[str]
 
 
 def _config(scorer: BatchScorer, source: DataSource, run: RunOptions,
-            providers: Sequence[str]) -> dict[str, Any]:
+            providers: Sequence[str], compared: _Compared) -> dict[str, Any]:
     """The run's configuration as ``results.json`` records it."""
     spec, prep = scorer.spec, scorer.original_prep
     cam, data, metric = spec.cam, spec.data, spec.metric
@@ -346,6 +346,10 @@ def _config(scorer: BatchScorer, source: DataSource, run: RunOptions,
         "n_bootstrap": metric.n_bootstrap,
         "seed": metric.seed,
         "strict": data.strict,
+        "faithfulness": metric.faithfulness,
+        "floor": FLOOR in compared.roles,
+        "references": [name for name, role in zip(compared.names[1:], compared.roles,
+                                                   strict=True) if role == REFERENCE],
         "backend": run.backend,
         "versions": package_versions(),
     }
@@ -360,7 +364,8 @@ def _report(
     for j, (model, cam_model) in enumerate(zip(compared.models, scorer.pruned, strict=True)):
         info = model_info(model_source(model), cam_model, compared.names[1 + j], domains)
         scores.append(ModelScore(info, result.results[j], result.worst[j], result.best[j],
-                                 result.rows[j], result.moved[j], compared.roles[j]))
+                                 result.rows[j], result.moved[j], compared.roles[j],
+                                 faithfulness=result.faithfulness[j]))
     pruned = [m for m in scores if m.role == PRUNED]
     references = [m for m in scores if m.role != PRUNED]
     floor = next((m.sp2ps for m in references if m.role == FLOOR), None)
@@ -373,7 +378,7 @@ def _report(
     return ScoreReport(
         original=original_info,
         models=pruned,
-        config=_config(scorer, source, run, providers),
+        config=_config(scorer, source, run, providers, compared),
         n=result.n,
         class_names=source.class_names,
         accuracy_original=None if accuracy is None else float(accuracy),
@@ -382,4 +387,5 @@ def _report(
         model_faults=result.faults,
         references=references,
         correlations=rank_correlations(pruned),
+        original_faithfulness=result.original_faithfulness,
     )
