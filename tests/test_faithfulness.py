@@ -468,5 +468,9 @@ def test_clear_errors(model, data):
         fa.insertion(images, cams, targets, score_fn, class_score="probability")
     with pytest.raises(InputDataError, match="percentiles"):
         fa.road_most_relevant_first(images, cams, targets, score_fn, percentile=120)
+    with pytest.raises(InputDataError, match="original_scores have shape"):
+        fa.road_combined(images, cams, targets, score_fn, original_scores=np.zeros(2))
+    with pytest.raises(InputDataError, match="original_scores have shape"):
+        fa.insertion(images, cams, targets, score_fn, original_scores=np.zeros((N, 1)))
     with pytest.raises(InputDataError, match="images have shape"):
         fa.deletion(images[0], cams, targets, score_fn)
