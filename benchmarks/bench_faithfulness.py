@@ -87,33 +87,33 @@ def main() -> None:
     base = best_cpu_seconds(10 * args.repeats, plain)  # short: more runs for a stable best
     per_image = base / len(images)
     print(f"plain inference: {1e6 * per_image:8.1f} us/image")
-    original = fa.class_scores(images, labels, score_fn, batch_size=batch)
-    common = {"batch_size": batch}
+    options = fa.FaithfulnessOptions(batch_size=batch)
+    original = fa.class_scores(images, labels, score_fn, options)
     cases = {
         "deletion + insertion (K=16)": lambda: (
-            fa.deletion(images, cams, labels, score_fn, original_scores=original, **common),
-            fa.insertion(images, cams, labels, score_fn, original_scores=original, **common),
+            fa.deletion(images, cams, labels, score_fn, options, original_scores=original),
+            fa.insertion(images, cams, labels, score_fn, options, original_scores=original),
         ),
-        "deletion alone (K=16)": lambda: fa.deletion(images, cams, labels, score_fn, **common),
+        "deletion alone (K=16)": lambda: fa.deletion(images, cams, labels, score_fn, options),
         "CAM x image change": lambda: fa.cam_mult_image_confidence_change(
-            images, cams, labels, score_fn, **common
+            images, cams, labels, score_fn, options
         ),
         "ROAD MoRF, p=80": lambda: fa.road_most_relevant_first(
-            images, cams, labels, score_fn, **common
+            images, cams, labels, score_fn, options
         ),
         "ROAD MoRF 80 + LeRF 20 (shared)": lambda: (
             fa.road_most_relevant_first(
-                images, cams, labels, score_fn, original_scores=original, **common
+                images, cams, labels, score_fn, options, original_scores=original
             ),
             fa.road_least_relevant_first(
-                images, cams, labels, score_fn, original_scores=original, **common
+                images, cams, labels, score_fn, options, original_scores=original
             ),
         ),
         "ROAD combined, 9 percentiles": lambda: fa.road_combined(
-            images, cams, labels, score_fn, **common
+            images, cams, labels, score_fn, options
         ),
         "evaluate_faithfulness (all)": lambda: fa.evaluate_faithfulness(
-            images, cams, labels, score_fn, fa.FaithfulnessOptions(batch_size=batch)
+            images, cams, labels, score_fn, options
         ),
     }
     print(f"{'metric':32s} {'us/image':>10s} {'x plain':>8s}")

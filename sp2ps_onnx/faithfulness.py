@@ -19,7 +19,7 @@ The metrics
   Methods", ICML 2022), as pytorch-grad-cam defines it: the pixels selected by a percentile
   threshold of the CAM are replaced by a *noisy linear imputation* (each one the weighted mean
   of its 8 neighbours, 1/6 for edge and 1/12 for corner neighbours, solved as one sparse linear
-  system, plus Gaussian noise of standard deviation ``noise``), and the metric is
+  system, plus Gaussian noise of standard deviation ``road_noise``), and the metric is
   ``score(imputed) - score(image)``.
 
   - *Most relevant first* (MoRF), ``percentile`` p (default 80): the pixels whose CAM value is
@@ -50,13 +50,20 @@ Inputs
 of every sample. Perturbed images keep the images' dtype and layout. Results are float64.
 
 A CAM ranks pixels; ties are broken in raster order (row by row), so a constant CAM deletes
-pixels top-left first. ROAD's threshold rule (``ties="threshold"``, pytorch-grad-cam's) imputes
-every pixel tied at the threshold: when the lowest ``p`` % of a map are tied (the exact zeros a
-ReLU leaves, on about one FMNIST Grad-CAM in eight at p = 10), MoRF at percentile ``p`` would
-impute every pixel, which leaves nothing to impute from. That percentile is then undefined
-(NaN, as in pytorch-grad-cam, not a guess) and averages over percentiles use the defined ones.
-``ties="rank"`` instead imputes exactly ``round((100 - p) % of the pixels)``, ties in raster
-order, and is always defined.
+pixels top-left first. ROAD's threshold rule (``road_ties="threshold"``, pytorch-grad-cam's)
+imputes every pixel tied at the threshold: when the lowest ``p`` % of a map are tied (the
+exact zeros a ReLU leaves, on about one FMNIST Grad-CAM in eight at p = 10), MoRF at
+percentile ``p`` would impute every pixel, which leaves nothing to impute from. That
+percentile is then undefined (NaN, as in pytorch-grad-cam, not a guess) and averages over
+percentiles use the defined ones. ``road_ties="rank"`` instead imputes exactly
+``round((100 - p) % of the pixels)``, ties in raster order, and is always defined.
+
+Options
+-------
+The settings the metrics share (layout, class score, steps, baselines, blur, ROAD noise,
+ties and seed, batch size) are one :class:`FaithfulnessOptions`, passed to every metric
+function after ``score_fn``; a function's keyword arguments are only what is its own (a
+single-order ROAD ``percentile``, a ``baseline`` image, shared ``original_scores``).
 """
 
 from __future__ import annotations
@@ -160,7 +167,30 @@ class PerturbationCurve:
 
 @dataclass(frozen=True)
 class FaithfulnessOptions:
-    """Settings of :func:`evaluate_faithfulness`; see the module docstring for each metric."""
+    """Settings shared by the faithfulness metrics; see the module docstring for each metric.
+
+    Every metric function and :func:`evaluate_faithfulness` take one and read the fields they
+    use; what belongs to one call only (a single-order ROAD ``percentile``, a per-image
+    ``baseline`` array, shared ``original_scores``) is a keyword argument of that function.
+
+    Attributes:
+        layout: ``"NCHW"`` or ``"NHWC"``, the layout of the images and of ``score_fn``'s input.
+        class_score: ``"softmax"`` (the target class's softmax probability) or ``"raw"``
+            (``score_fn``'s target column as it is).
+        steps: deletion/insertion steps, each changing ``1 / steps`` of the pixels.
+        deletion_baseline: the value deleted pixels take, in the model's input units (RISE:
+            0); :func:`deletion`'s ``baseline`` argument overrides it with an image or one
+            image per sample.
+        blur_sigma: sigma in pixels of the Gaussian blur that insertion starts from.
+        road_percentiles: the percentiles that :func:`road_combined` and
+            :func:`evaluate_faithfulness` average ROAD over.
+        road_noise: standard deviation of the noise added to ROAD's imputed pixels, in input
+            units.
+        road_ties: ``"threshold"`` (pytorch-grad-cam's rule: pixels tied at the threshold are
+            imputed) or ``"rank"`` (impute exactly the stated share, ties in raster order).
+        seed: seed of ROAD's noise generator (``None``: fresh entropy, not reproducible).
+        batch_size: perturbed images per ``score_fn`` call.
+    """
 
     layout: Layout = "NCHW"
     class_score: ClassScore = "softmax"
@@ -394,17 +424,18 @@ def class_scores(
     images: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     score_fn: ScoreFn,
-    *,
-    layout: Layout = "NCHW",
-    class_score: ClassScore = "softmax",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    options: FaithfulnessOptions = FaithfulnessOptions(),
 ) -> np.ndarray:
     """The target-class score of every unperturbed image (N,), float64: pass it as
-    ``original_scores`` to several metrics so that the unperturbed pass runs once."""
-    _check_class_score(class_score)
-    _check_batch_size(batch_size)
+    ``original_scores`` to several metrics (with the same ``options``) so that the
+    unperturbed pass runs once. Reads ``layout``, ``class_score`` and ``batch_size``."""
+    _check_class_score(options.class_score)
+    _check_batch_size(options.batch_size)
     return _original_scores(
-        _validate(images, None, targets, layout), score_fn, class_score, batch_size
+        _validate(images, None, targets, options.layout),
+        score_fn,
+        options.class_score,
+        options.batch_size,
     )
 
 
@@ -433,14 +464,13 @@ def _curve(
     start_images: np.ndarray,
     end_images: np.ndarray,
     score_fn: ScoreFn,
-    steps: int,
-    class_score: ClassScore,
-    batch_size: int,
+    options: FaithfulnessOptions,
     known: dict[int, np.ndarray],
 ) -> PerturbationCurve:
     """Class score as the most relevant pixels switch from ``start_images`` to
     ``end_images`` in ``steps`` steps. ``known`` gives scores already computed for a step
     (the unperturbed image), so those passes are not repeated."""
+    steps = options.steps
     n, _, height, width = batch.images.shape
     pixels = height * width
     if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= pixels:
@@ -461,7 +491,12 @@ def _curve(
 
     scores = np.empty((n, steps + 1), dtype=np.float64)
     computed = _score_rows(
-        build_rows, batch.targets[row_image], score_fn, batch.layout, class_score, batch_size
+        build_rows,
+        batch.targets[row_image],
+        score_fn,
+        batch.layout,
+        options.class_score,
+        options.batch_size,
     )
     scores[:, todo] = computed.reshape(n, len(todo))
     for step, values in known.items():
@@ -476,30 +511,30 @@ def deletion(
     cams: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     score_fn: ScoreFn,
+    options: FaithfulnessOptions = FaithfulnessOptions(),
     *,
-    layout: Layout = "NCHW",
-    steps: int = DEFAULT_STEPS,
-    baseline: float | np.ndarray = 0.0,
-    class_score: ClassScore = "softmax",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    baseline: float | np.ndarray | None = None,
     original_scores: np.ndarray | None = None,
 ) -> PerturbationCurve:
-    """RISE deletion: the class score as the CAM's most relevant pixels are replaced by
-    ``baseline`` (a number in the model's input units, or an image / one per image in the
-    images' layout; RISE uses 0), ``round(k * H * W / steps)`` pixels after step k.
+    """RISE deletion: the class score as the CAM's most relevant pixels are replaced by the
+    baseline, ``round(k * H * W / steps)`` pixels after step k (``options.steps``).
 
-    A low AUC means the score collapses once the few pixels the CAM ranks highest are gone:
-    the CAM found the evidence. ``original_scores`` (the class scores of ``images``, as
-    :func:`evaluate_faithfulness` shares them) saves one model pass per image.
+    The baseline is ``options.deletion_baseline`` (a number in the model's input units; RISE
+    uses 0), or ``baseline`` when given: a number, an image or one image per sample, in the
+    images' layout. A low AUC means the score collapses once the few pixels the CAM ranks
+    highest are gone: the CAM found the evidence. ``original_scores`` (the class scores of
+    ``images``, as :func:`class_scores` gives them) saves one model pass per image.
     """
-    _check_class_score(class_score)
-    _check_batch_size(batch_size)
-    batch = _validate(images, cams, targets, layout)
-    end = _baseline_nchw(baseline, batch, "baseline")
+    _check_class_score(options.class_score)
+    _check_batch_size(options.batch_size)
+    batch = _validate(images, cams, targets, options.layout)
+    chosen = options.deletion_baseline if baseline is None else baseline
+    end = _baseline_nchw(chosen, batch, "baseline")
     known = {}
     if original_scores is not None:
-        known[0] = _given_or_computed_scores(original_scores, batch, score_fn, class_score, 1)
-    return _curve(batch, batch.images, end, score_fn, steps, class_score, batch_size, known)
+        known[0] = _given_or_computed_scores(original_scores, batch, score_fn,
+                                             options.class_score, 1)
+    return _curve(batch, batch.images, end, score_fn, options, known)
 
 
 def blurred(
@@ -518,32 +553,31 @@ def insertion(
     cams: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     score_fn: ScoreFn,
+    options: FaithfulnessOptions = FaithfulnessOptions(),
     *,
-    layout: Layout = "NCHW",
-    steps: int = DEFAULT_STEPS,
-    blur_sigma: float = DEFAULT_BLUR_SIGMA,
     baseline: float | np.ndarray | None = None,
-    class_score: ClassScore = "softmax",
-    batch_size: int = DEFAULT_BATCH_SIZE,
     original_scores: np.ndarray | None = None,
 ) -> PerturbationCurve:
-    """RISE insertion: starting from ``baseline`` (by default the images blurred with a
-    Gaussian of ``blur_sigma`` pixels, RISE's start), the CAM's most relevant pixels are
-    restored first, ``round(k * H * W / steps)`` of them after step k.
+    """RISE insertion: starting from the images blurred with a Gaussian of
+    ``options.blur_sigma`` pixels (RISE's start), or from ``baseline`` when given (a number,
+    an image or one image per sample, in the images' layout), the CAM's most relevant pixels
+    are restored first, ``round(k * H * W / steps)`` of them after step k.
 
     A high AUC means the score recovers from only the few pixels the CAM ranks highest.
     """
-    _check_class_score(class_score)
-    _check_batch_size(batch_size)
-    batch = _validate(images, cams, targets, layout)
+    _check_class_score(options.class_score)
+    _check_batch_size(options.batch_size)
+    batch = _validate(images, cams, targets, options.layout)
     if baseline is None:
-        start = blurred(batch.images, blur_sigma, "NCHW").astype(batch.images.dtype, copy=False)
+        start = blurred(batch.images, options.blur_sigma, "NCHW")
+        start = start.astype(batch.images.dtype, copy=False)
     else:
         start = _baseline_nchw(baseline, batch, "baseline")
     known = {}
     if original_scores is not None:
-        known[steps] = _given_or_computed_scores(original_scores, batch, score_fn, class_score, 1)
-    return _curve(batch, start, batch.images, score_fn, steps, class_score, batch_size, known)
+        known[options.steps] = _given_or_computed_scores(original_scores, batch, score_fn,
+                                                         options.class_score, 1)
+    return _curve(batch, start, batch.images, score_fn, options, known)
 
 
 # --------------------------------------------------------------------------- CAM x image
@@ -554,20 +588,19 @@ def cam_mult_image_confidence_change(
     cams: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     score_fn: ScoreFn,
+    options: FaithfulnessOptions = FaithfulnessOptions(),
     *,
-    layout: Layout = "NCHW",
-    class_score: ClassScore = "softmax",
-    batch_size: int = DEFAULT_BATCH_SIZE,
     original_scores: np.ndarray | None = None,
 ) -> np.ndarray:
     """``score(image * cam) - score(image)`` per sample, the CAM broadcast over the channels
     (pytorch-grad-cam's ``CamMultImageConfidenceChange``). Near 0 or positive: the pixels the
-    CAM keeps carry the class; strongly negative: the CAM dropped the evidence."""
-    _check_class_score(class_score)
-    _check_batch_size(batch_size)
-    batch = _validate(images, cams, targets, layout)
+    CAM keeps carry the class; strongly negative: the CAM dropped the evidence. Reads
+    ``layout``, ``class_score`` and ``batch_size`` from ``options``."""
+    _check_class_score(options.class_score)
+    _check_batch_size(options.batch_size)
+    batch = _validate(images, cams, targets, options.layout)
     original_scores = _given_or_computed_scores(
-        original_scores, batch, score_fn, class_score, batch_size
+        original_scores, batch, score_fn, options.class_score, options.batch_size
     )
     masked = _score_rows(
         lambda start, stop: (
@@ -577,8 +610,8 @@ def cam_mult_image_confidence_change(
         batch.targets,
         score_fn,
         batch.layout,
-        class_score,
-        batch_size,
+        options.class_score,
+        options.batch_size,
     )
     return masked - original_scores
 
@@ -750,11 +783,11 @@ def _road_setup(
     _check_batch_size(options.batch_size)
     if not np.isfinite(options.road_noise) or options.road_noise < 0:
         raise FaithfulnessInputError(
-            f"ROAD noise={options.road_noise!r}; pass a non-negative number"
+            f"road_noise={options.road_noise!r}; pass a non-negative number"
         )
     if options.road_ties not in ("threshold", "rank"):
         raise FaithfulnessInputError(
-            f"ROAD ties={options.road_ties!r}; pass 'threshold' (pytorch-grad-cam's rule) "
+            f"road_ties={options.road_ties!r}; pass 'threshold' (pytorch-grad-cam's rule) "
             f"or 'rank' (impute exactly the stated share of pixels)"
         )
     batch = _validate(images, cams, targets, options.layout)
@@ -786,12 +819,11 @@ def _road_one_order(
     cams: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     score_fn: ScoreFn,
+    options: FaithfulnessOptions,
     percentile: float | Sequence[float],
-    **kwargs,
+    original_scores: np.ndarray | None,
 ) -> np.ndarray:
     percentiles = _percentile_list(percentile)
-    original_scores = kwargs.pop("original_scores")
-    options = FaithfulnessOptions(**kwargs)
     batch, settings, original = _road_setup(
         images, cams, targets, score_fn, options, original_scores
     )
@@ -804,14 +836,9 @@ def road_most_relevant_first(
     cams: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     score_fn: ScoreFn,
+    options: FaithfulnessOptions = FaithfulnessOptions(),
     *,
     percentile: float | Sequence[float] = 80,
-    layout: Layout = "NCHW",
-    noise: float = DEFAULT_ROAD_NOISE,
-    seed: int | None = 0,
-    ties: RoadTies = "threshold",
-    class_score: ClassScore = "softmax",
-    batch_size: int = DEFAULT_BATCH_SIZE,
     original_scores: np.ndarray | None = None,
 ) -> np.ndarray:
     """ROAD, most relevant first: impute the pixels whose CAM value is at least the
@@ -820,17 +847,17 @@ def road_most_relevant_first(
     averages over them (``ROADMostRelevantFirstAverage``). The more negative, the more
     faithful.
 
-    With ``ties="threshold"`` a map whose lowest ``percentile`` % are tied (e.g. ReLU zeros)
-    would have every pixel imputed: that percentile is undefined (pytorch-grad-cam returns
-    NaN there too) and the average is over the defined ones; NaN if none is defined.
-    ``ties="rank"`` always imputes exactly the stated share. ``noise`` and ``seed``: the
-    imputation noise (standard deviation, input units) and its generator's seed.
+    With ``options.road_ties="threshold"`` a map whose lowest ``percentile`` % are tied (e.g.
+    ReLU zeros) would have every pixel imputed: that percentile is undefined (pytorch-grad-cam
+    returns NaN there too) and the average is over the defined ones; NaN if none is defined.
+    ``road_ties="rank"`` always imputes exactly the stated share. ``options.road_noise`` and
+    ``options.seed``: the imputation noise (standard deviation, input units) and its
+    generator's seed. ``options.road_percentiles`` is not used: ``percentile`` is this
+    function's own.
     """
     return _road_one_order(
-        True, images, cams, targets, score_fn, percentile, layout=layout, road_noise=noise,
-        seed=seed, road_ties=ties, class_score=class_score, batch_size=batch_size,
-        original_scores=original_scores,
-    )  # fmt: skip
+        True, images, cams, targets, score_fn, options, percentile, original_scores
+    )
 
 
 def road_least_relevant_first(
@@ -838,26 +865,19 @@ def road_least_relevant_first(
     cams: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     score_fn: ScoreFn,
+    options: FaithfulnessOptions = FaithfulnessOptions(),
     *,
     percentile: float | Sequence[float] = 20,
-    layout: Layout = "NCHW",
-    noise: float = DEFAULT_ROAD_NOISE,
-    seed: int | None = 0,
-    ties: RoadTies = "threshold",
-    class_score: ClassScore = "softmax",
-    batch_size: int = DEFAULT_BATCH_SIZE,
     original_scores: np.ndarray | None = None,
 ) -> np.ndarray:
     """ROAD, least relevant first: impute the pixels whose inverted map ``1 - cam`` is at
     least its ``percentile``-th percentile (the least relevant ``100 - percentile`` %) and
     return ``score(imputed) - score(image)`` (pytorch-grad-cam's ``ROADLeastRelevantFirst``;
-    a sequence averages, ``ROADLeastRelevantFirstAverage``). Near 0 is faithful. Ties and
-    undefined percentiles as in :func:`road_most_relevant_first`."""
+    a sequence averages, ``ROADLeastRelevantFirstAverage``). Near 0 is faithful. Ties,
+    noise and undefined percentiles as in :func:`road_most_relevant_first`."""
     return _road_one_order(
-        False, images, cams, targets, score_fn, percentile, layout=layout, road_noise=noise,
-        seed=seed, road_ties=ties, class_score=class_score, batch_size=batch_size,
-        original_scores=original_scores,
-    )  # fmt: skip
+        False, images, cams, targets, score_fn, options, percentile, original_scores
+    )
 
 
 def road_combined(
@@ -865,22 +885,12 @@ def road_combined(
     cams: np.ndarray,
     targets: Sequence[int] | np.ndarray,
     score_fn: ScoreFn,
+    options: FaithfulnessOptions = FaithfulnessOptions(),
     *,
-    percentiles: Sequence[float] = DEFAULT_ROAD_PERCENTILES,
-    layout: Layout = "NCHW",
-    noise: float = DEFAULT_ROAD_NOISE,
-    seed: int | None = 0,
-    ties: RoadTies = "threshold",
-    class_score: ClassScore = "softmax",
-    batch_size: int = DEFAULT_BATCH_SIZE,
     original_scores: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``(mean LeRF - mean MoRF) / 2`` over ``percentiles`` (pytorch-grad-cam's
+    """``(mean LeRF - mean MoRF) / 2`` over ``options.road_percentiles`` (pytorch-grad-cam's
     ``ROADCombined``): higher is more faithful."""
-    options = FaithfulnessOptions(
-        layout=layout, road_percentiles=tuple(_percentile_list(percentiles)), road_noise=noise,
-        seed=seed, road_ties=ties, class_score=class_score, batch_size=batch_size,
-    )  # fmt: skip
     morf, lerf = _road_pair(images, cams, targets, score_fn, options, original_scores)
     return (lerf - morf) / 2
 
@@ -921,31 +931,11 @@ def evaluate_faithfulness(
     _check_batch_size(options.batch_size)
     batch = _validate(images, cams, targets, options.layout)
     original = _original_scores(batch, score_fn, options.class_score, options.batch_size)
-    common = {
-        "layout": options.layout,
-        "class_score": options.class_score,
-        "batch_size": options.batch_size,
-        "original_scores": original,
-    }
-    deleted = deletion(
-        images,
-        cams,
-        targets,
-        score_fn,
-        steps=options.steps,
-        baseline=options.deletion_baseline,
-        **common,
+    deleted = deletion(images, cams, targets, score_fn, options, original_scores=original)
+    inserted = insertion(images, cams, targets, score_fn, options, original_scores=original)
+    mult = cam_mult_image_confidence_change(
+        images, cams, targets, score_fn, options, original_scores=original
     )
-    inserted = insertion(
-        images,
-        cams,
-        targets,
-        score_fn,
-        steps=options.steps,
-        blur_sigma=options.blur_sigma,
-        **common,
-    )
-    mult = cam_mult_image_confidence_change(images, cams, targets, score_fn, **common)
     morf, lerf = _road_pair(images, cams, targets, score_fn, options, original)
     return FaithfulnessResult(
         original_score=original,

@@ -93,8 +93,9 @@ def test_cam_mult_equals_pytorch_grad_cam(model, data, class_score):
     expected = CamMultImageConfidenceChange()(
         torch.from_numpy(images), cams, _grad_cam_targets(targets, class_score), model
     )
+    options = fa.FaithfulnessOptions(class_score=class_score, batch_size=2)
     ours = fa.cam_mult_image_confidence_change(
-        images, cams, targets, numpy_score_fn(model), class_score=class_score, batch_size=2
+        images, cams, targets, numpy_score_fn(model), options
     )
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
     assert np.abs(expected).max() > 1e-2  # the check is not vacuous
@@ -119,14 +120,22 @@ def test_road_morf_lerf_equal_pytorch_grad_cam(
     tensor = torch.from_numpy(images)
     gc_targets = _grad_cam_targets(targets, class_score)
     score_fn = numpy_score_fn(model)
-    kwargs = {"percentile": percentile, "noise": 0.0, "class_score": class_score}
+    options = fa.FaithfulnessOptions(road_noise=0.0, class_score=class_score)
     morf = road_module.ROADMostRelevantFirst(percentile)(tensor, cams, gc_targets, model)
     lerf = road_module.ROADLeastRelevantFirst(percentile)(tensor, cams, gc_targets, model)
     np.testing.assert_allclose(
-        fa.road_most_relevant_first(images, cams, targets, score_fn, **kwargs), morf, atol=1e-4
+        fa.road_most_relevant_first(
+            images, cams, targets, score_fn, options, percentile=percentile
+        ),
+        morf,
+        atol=1e-4,
     )
     np.testing.assert_allclose(
-        fa.road_least_relevant_first(images, cams, targets, score_fn, **kwargs), lerf, atol=1e-4
+        fa.road_least_relevant_first(
+            images, cams, targets, score_fn, options, percentile=percentile
+        ),
+        lerf,
+        atol=1e-4,
     )
     assert np.abs(morf).max() > 1e-3
 
@@ -140,21 +149,28 @@ def test_road_averages_and_combined_equal_pytorch_grad_cam(model, data, noiseles
     morf = road_module.ROADMostRelevantFirstAverage(percentiles)(tensor, cams, gc_targets, model)
     lerf = road_module.ROADLeastRelevantFirstAverage(percentiles)(tensor, cams, gc_targets, model)
     combined = road_module.ROADCombined(percentiles)(tensor, cams, gc_targets, model)
+    noiseless = fa.FaithfulnessOptions(road_noise=0)
     np.testing.assert_allclose(
         fa.road_most_relevant_first(
-            images, cams, targets, score_fn, percentile=percentiles, noise=0
+            images, cams, targets, score_fn, noiseless, percentile=percentiles
         ),
         morf,
         atol=1e-4,
     )
     np.testing.assert_allclose(
         fa.road_least_relevant_first(
-            images, cams, targets, score_fn, percentile=percentiles, noise=0
+            images, cams, targets, score_fn, noiseless, percentile=percentiles
         ),
         lerf,
         atol=1e-4,
     )
-    ours = fa.road_combined(images, cams, targets, score_fn, percentiles=percentiles, noise=0)
+    ours = fa.road_combined(
+        images,
+        cams,
+        targets,
+        score_fn,
+        fa.FaithfulnessOptions(road_percentiles=tuple(percentiles), road_noise=0),
+    )
     np.testing.assert_allclose(ours, combined, atol=1e-4)
     result = fa.evaluate_faithfulness(
         images,
@@ -170,8 +186,16 @@ def test_road_averages_and_combined_equal_pytorch_grad_cam(model, data, noiseles
 def test_road_nhwc_equals_nchw(model, data):
     images, cams, targets = data
     nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-    a = fa.road_combined(images, cams, targets, numpy_score_fn(model), seed=3)
-    b = fa.road_combined(nhwc, cams, targets, numpy_score_fn(model, "NHWC"), layout="NHWC", seed=3)
+    a = fa.road_combined(
+        images, cams, targets, numpy_score_fn(model), fa.FaithfulnessOptions(seed=3)
+    )
+    b = fa.road_combined(
+        nhwc,
+        cams,
+        targets,
+        numpy_score_fn(model, "NHWC"),
+        fa.FaithfulnessOptions(layout="NHWC", seed=3),
+    )
     np.testing.assert_allclose(a, b, atol=1e-9)
 
 
@@ -246,10 +270,8 @@ def _direct_curve(net, image, cam, target, steps, start, end, class_score):
 def test_deletion_equals_direct_loop(model, data, class_score, steps):
     images, cams, targets = data
     baseline = np.float32(-0.25)
-    curve = fa.deletion(
-        images, cams, targets, numpy_score_fn(model), steps=steps, baseline=baseline,
-        class_score=class_score, batch_size=5,
-    )  # fmt: skip
+    options = fa.FaithfulnessOptions(steps=steps, class_score=class_score, batch_size=5)
+    curve = fa.deletion(images, cams, targets, numpy_score_fn(model), options, baseline=baseline)
     assert curve.fractions[0] == 0 and curve.fractions[-1] == 1
     for i in range(N):
         end = np.full_like(images[i], baseline)
@@ -263,7 +285,8 @@ def test_deletion_equals_direct_loop(model, data, class_score, steps):
 
 def test_insertion_equals_direct_loop_from_blur(model, data):
     images, cams, targets = data
-    curve = fa.insertion(images, cams, targets, numpy_score_fn(model), steps=16, blur_sigma=2.0)
+    options = fa.FaithfulnessOptions(steps=16, blur_sigma=2.0)
+    curve = fa.insertion(images, cams, targets, numpy_score_fn(model), options)
     for i in range(N):
         start = np.stack(
             [ndimage.gaussian_filter(ch, 2.0, mode="nearest") for ch in images[i]]
@@ -280,6 +303,7 @@ def test_shared_original_scores_and_layouts_agree(model, data):
     score_fn = numpy_score_fn(model)
     nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
     nhwc_fn = numpy_score_fn(model, "NHWC")
+    nhwc_options = fa.FaithfulnessOptions(layout="NHWC")
     result = fa.evaluate_faithfulness(images, cams, targets, score_fn)
     alone = fa.deletion(images, cams, targets, score_fn)
     np.testing.assert_allclose(result.deletion_auc, alone.auc, atol=1e-12)
@@ -288,12 +312,12 @@ def test_shared_original_scores_and_layouts_agree(model, data):
     )
     np.testing.assert_allclose(
         result.deletion_auc,
-        fa.deletion(nhwc, cams, targets, nhwc_fn, layout="NHWC").auc,
+        fa.deletion(nhwc, cams, targets, nhwc_fn, nhwc_options).auc,
         atol=1e-6,
     )
     np.testing.assert_allclose(
         result.insertion_auc,
-        fa.insertion(nhwc, cams, targets, nhwc_fn, layout="NHWC").auc,
+        fa.insertion(nhwc, cams, targets, nhwc_fn, nhwc_options).auc,
         atol=1e-6,
     )
     with torch.no_grad():
@@ -314,7 +338,7 @@ def test_passes_are_batched(model, data):
         calls.append(len(x))
         return numpy_score_fn(model)(x)
 
-    fa.deletion(images, cams, targets, counting, steps=16, batch_size=32)
+    fa.deletion(images, cams, targets, counting, fa.FaithfulnessOptions(steps=16, batch_size=32))
     assert sum(calls) == N * 17 and max(calls) == 32
 
 
@@ -347,8 +371,9 @@ def test_true_evidence_gives_the_lowest_deletion_and_highest_insertion():
     random_cams = rng.random((200, size, size))
     reps = np.repeat(image, len(random_cams), axis=0)
     targets = np.zeros(len(random_cams), dtype=int)
+    large_batches = fa.FaithfulnessOptions(batch_size=512)
     true_deletion = fa.deletion(image, evidence, target, score_fn).auc[0]
-    random_deletion = fa.deletion(reps, random_cams, targets, score_fn, batch_size=512).auc
+    random_deletion = fa.deletion(reps, random_cams, targets, score_fn, large_batches).auc
     reverse = fa.deletion(image, 1 - evidence, target, score_fn).auc[0]
     assert true_deletion < random_deletion.min()
     assert true_deletion < reverse
@@ -357,7 +382,7 @@ def test_true_evidence_gives_the_lowest_deletion_and_highest_insertion():
     blur = fa.blurred(image)
     gain = normalised(weights[0] * (image - blur)[0, 0])[None]
     true_insertion = fa.insertion(image, gain, target, score_fn).auc[0]
-    random_insertion = fa.insertion(reps, random_cams, targets, score_fn, batch_size=512).auc
+    random_insertion = fa.insertion(reps, random_cams, targets, score_fn, large_batches).auc
     assert true_insertion > random_insertion.max()
 
     # A CAM that is the evidence keeps the image almost whole on the pixels that matter
@@ -388,12 +413,12 @@ def test_road_morf_drops_more_for_true_evidence(ties):
     random_cams = normalised(ndimage.gaussian_filter(rng.random((50, size, size)), (0, 1, 1)))
     reps = np.repeat(image, len(random_cams), axis=0)
     zeros = np.zeros(len(random_cams), dtype=int)
-    kw = {"class_score": "raw", "noise": 0.0, "ties": ties}
-    true_morf = fa.road_most_relevant_first(image, evidence, [0], score_fn, **kw)[0]
-    rand_morf = fa.road_most_relevant_first(reps, random_cams, zeros, score_fn, **kw)
+    opts = fa.FaithfulnessOptions(class_score="raw", road_noise=0.0, road_ties=ties)
+    true_morf = fa.road_most_relevant_first(image, evidence, [0], score_fn, opts)[0]
+    rand_morf = fa.road_most_relevant_first(reps, random_cams, zeros, score_fn, opts)
     assert true_morf < rand_morf.min()
-    true_combined = fa.road_combined(image, evidence, [0], score_fn, **kw)[0]
-    assert true_combined > fa.road_combined(reps, random_cams, zeros, score_fn, **kw).max()
+    true_combined = fa.road_combined(image, evidence, [0], score_fn, opts)[0]
+    assert true_combined > fa.road_combined(reps, random_cams, zeros, score_fn, opts).max()
 
 
 def test_road_rank_rule_imputes_exactly_the_stated_share(data):
@@ -408,12 +433,9 @@ def test_road_rank_rule_imputes_exactly_the_stated_share(data):
         )
         return np.zeros((len(x), 2))
 
-    fa.road_most_relevant_first(
-        images[:1], tied[:1], [0], spy, percentile=[20, 70], ties="rank", noise=0.0
-    )
-    fa.road_least_relevant_first(
-        images[:1], tied[:1], [0], spy, percentile=[20, 70], ties="rank", noise=0.0
-    )
+    rank = fa.FaithfulnessOptions(road_ties="rank", road_noise=0.0)
+    fa.road_most_relevant_first(images[:1], tied[:1], [0], spy, rank, percentile=[20, 70])
+    fa.road_least_relevant_first(images[:1], tied[:1], [0], spy, rank, percentile=[20, 70])
     # the first call of each scores the original image
     assert imputed_shares[1] == pytest.approx([0.8, 0.3], abs=1 / (H * W))
     assert imputed_shares[3] == pytest.approx([0.8, 0.3], abs=1 / (H * W))
@@ -425,17 +447,17 @@ def test_road_average_skips_undefined_percentiles(model, data):
     tied[:, : H // 4] = 0  # a quarter of every map tied at the minimum
     tied[:, H // 4 :] = np.maximum(tied[:, H // 4 :], 1e-3)
     score_fn = numpy_score_fn(model)
-    kw = {"noise": 0.0}
+    noiseless = fa.FaithfulnessOptions(road_noise=0.0)
     per_percentile = np.stack(
         [
-            fa.road_most_relevant_first(images, tied, targets, score_fn, percentile=p, **kw)
+            fa.road_most_relevant_first(images, tied, targets, score_fn, noiseless, percentile=p)
             for p in (10, 20, 50, 80)
         ],
         axis=1,
     )
     assert np.isnan(per_percentile[:, :2]).all() and np.isfinite(per_percentile[:, 2:]).all()
     averaged = fa.road_most_relevant_first(
-        images, tied, targets, score_fn, percentile=[10, 20, 50, 80], **kw
+        images, tied, targets, score_fn, noiseless, percentile=[10, 20, 50, 80]
     )
     np.testing.assert_allclose(averaged, per_percentile[:, 2:].mean(axis=1), atol=1e-6)
 
@@ -449,9 +471,10 @@ def test_clear_errors(model, data):
     with pytest.raises(InputDataError, match=r"cams have shape .* need \(5, 12, 12\)"):
         fa.deletion(images, cams[:, :6], targets, score_fn)
     with pytest.raises(InputDataError, match="layout"):
-        fa.deletion(images, cams, targets, score_fn, layout="CHW")
+        fa.deletion(images, cams, targets, score_fn, fa.FaithfulnessOptions(layout="CHW"))
     with pytest.raises(InputDataError, match="cams have shape"):
-        fa.deletion(images, cams, targets, score_fn, layout="NHWC")  # wrong layout named
+        nhwc = fa.FaithfulnessOptions(layout="NHWC")  # wrong layout named
+        fa.deletion(images, cams, targets, score_fn, nhwc)
     with pytest.raises(InputDataError, match=r"in \[0, 1\]"):
         fa.deletion(images, cams * 2, targets, score_fn)
     with pytest.raises(InputDataError, match="targets have shape"):
@@ -461,11 +484,12 @@ def test_clear_errors(model, data):
     with pytest.raises(InputDataError, match="score_fn returned shape"):
         fa.deletion(images, cams, targets, lambda x: score_fn(x)[:, 0])
     with pytest.raises(InputDataError, match="steps"):
-        fa.deletion(images, cams, targets, score_fn, steps=0)
+        fa.deletion(images, cams, targets, score_fn, fa.FaithfulnessOptions(steps=0))
     with pytest.raises(InputDataError, match="baseline has shape"):
         fa.deletion(images, cams, targets, score_fn, baseline=np.zeros((2, 2)))
     with pytest.raises(InputDataError, match="class_score"):
-        fa.insertion(images, cams, targets, score_fn, class_score="probability")
+        probability = fa.FaithfulnessOptions(class_score="probability")
+        fa.insertion(images, cams, targets, score_fn, probability)
     with pytest.raises(InputDataError, match="percentiles"):
         fa.road_most_relevant_first(images, cams, targets, score_fn, percentile=120)
     with pytest.raises(InputDataError, match="original_scores have shape"):
