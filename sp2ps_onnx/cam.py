@@ -36,7 +36,8 @@ components), with the formula in its docstring. The entry declares what the meth
 target score, ``"activations"`` methods the activations alone, ``"perturbation"`` methods
 re-run (part of) the model through the CAM model. :data:`METHODS`,
 :data:`GRADIENT_METHODS`, :data:`EIGEN_METHODS` and :data:`PERTURBATION_METHODS` are
-derived from the registry. Adding a method is one entry and one test: decorate a function
+derived from the registry once its entries below are registered; :func:`explain` looks
+names up in the registry itself. Adding a method is one entry and one test: decorate a function
 with ``@CAM_METHODS.register("name", needs=...)`` below the others, and compare it with an
 independent reference (pytorch-grad-cam) in tests/test_cam.py.
 

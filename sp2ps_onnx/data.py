@@ -41,9 +41,9 @@ from typing import Any, NamedTuple
 
 import imageio.v3 as iio
 import numpy as np
+import skimage.color
+import skimage.transform
 from PIL import Image
-from skimage.color import rgb2gray
-from skimage.transform import resize
 
 from .errors import InputDataError
 
@@ -875,7 +875,7 @@ class Preprocessing:
             image = image[:, :, :-1]
         image = self._resize_crop(image)
         if self.channels == 1 and image.shape[-1] == 3:
-            grey = rgb2gray(image.astype(np.float64) / 255.0)
+            grey = skimage.color.rgb2gray(image.astype(np.float64) / 255.0)
             image = np.round(grey * 255.0).astype(np.uint8)[:, :, None]
         elif self.channels == 3 and image.shape[-1] == 1:
             image = np.repeat(image, 3, axis=2)
@@ -888,7 +888,7 @@ class Preprocessing:
         scale = max(self.height / h, self.width / w)
         new_h = max(self.height, int(round(h * scale)))
         new_w = max(self.width, int(round(w * scale)))
-        resized = resize(
+        resized = skimage.transform.resize(
             image.astype(np.float64),
             (new_h, new_w, image.shape[2]),
             order=1,

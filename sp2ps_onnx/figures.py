@@ -23,7 +23,7 @@ from typing import Any
 
 import imageio.v3 as iio
 import numpy as np
-from skimage.transform import resize
+import skimage.transform
 
 from .errors import InputDataError, RuntimeMissingError
 from .formatting import ci_bounds
@@ -102,7 +102,7 @@ def overlay(
     rgb = to_rgb(image)
     cam = np.asarray(cam, dtype=np.float64)
     if cam.shape != rgb.shape[:2]:
-        cam = resize(cam, rgb.shape[:2], order=1, preserve_range=True)
+        cam = skimage.transform.resize(cam, rgb.shape[:2], order=1, preserve_range=True)
     heat = colorize(cam, cmap).astype(np.float64)
     blended = (1 - alpha) * rgb.astype(np.float64) + alpha * heat
     return np.round(blended).astype(np.uint8)
@@ -134,8 +134,9 @@ def display_size(image: np.ndarray, target: int = 128) -> np.ndarray:
         scale = 2 * target / longest
         shape = (max(1, round(height * scale)), max(1, round(width * scale)), *image.shape[2:])
         return np.round(
-            resize(image.astype(np.float64), shape, order=1, anti_aliasing=True,
-                   preserve_range=True)
+            skimage.transform.resize(
+                image.astype(np.float64), shape, order=1, anti_aliasing=True, preserve_range=True
+            )
         ).astype(np.uint8)
     return image
 
