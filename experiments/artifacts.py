@@ -35,22 +35,25 @@ def _check_session(path: Path, x: np.ndarray, expected: np.ndarray, rtol: float,
 
 
 def export_torch(model, path: Path, input_shape: tuple[int, ...] = (1, 1, 28, 28),
-                 check: bool = True) -> Path:
-    """``model`` as ONNX (input ``input``, output ``logits``, dynamic batch), checked against
-    torch on 8 random inputs of ``input_shape[1:]`` unless ``check`` is False."""
+                 check: bool = True, example=None) -> Path:
+    """``model`` as ONNX (input ``input``, output ``logits``, dynamic batch), traced on
+    ``example`` (zeros of ``input_shape`` when None) and checked against torch on 8 random
+    inputs of the same image shape unless ``check`` is False."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
+    if example is None:
+        example = torch.zeros(*input_shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (torch.zeros(*input_shape),), str(path), dynamo=False, opset_version=OPSET,
+            model, (example,), str(path), dynamo=False, opset_version=OPSET,
             input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     if check:
-        x = np.random.default_rng(0).random((8, *input_shape[1:]), dtype=np.float32)
+        x = np.random.default_rng(0).random((8, *example.shape[1:]), dtype=np.float32)
         with torch.no_grad():
             expected = model(torch.from_numpy(x)).numpy()
         _check_session(path, x, expected, rtol=1e-3, atol=1e-4)
@@ -58,8 +61,10 @@ def export_torch(model, path: Path, input_shape: tuple[int, ...] = (1, 1, 28, 28
 
 
 def export_keras(model, path: Path, output_name: str | None = None,
-                 batch_name: str | None = None) -> Path:
-    """A 28 x 28 x 1 Keras model as ONNX (input ``input``), checked against Keras.
+                 batch_name: str | None = None, input_shape: tuple[int, ...] = (28, 28, 1),
+                 check: bool = True) -> Path:
+    """A Keras model with NHWC ``input_shape`` as ONNX (input ``input``), checked against
+    Keras on 8 random inputs unless ``check`` is False.
 
     ``output_name`` renames the graph output (tf2onnx names it after the Keras layer);
     ``batch_name`` names the batch dimension of the input and output."""
@@ -68,7 +73,7 @@ def export_keras(model, path: Path, output_name: str | None = None,
     import tf2onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    signature = (tf.TensorSpec((None, 28, 28, 1), tf.float32, name="input"),)
+    signature = (tf.TensorSpec((None, *input_shape), tf.float32, name="input"),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
     if output_name is not None:
         _rename_graph_output(proto, output_name)
@@ -76,8 +81,9 @@ def export_keras(model, path: Path, output_name: str | None = None,
         for value in (*proto.graph.input, *proto.graph.output):
             value.type.tensor_type.shape.dim[0].dim_param = batch_name
     onnx.save(proto, str(path))
-    x = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
-    _check_session(path, x, model.predict(x, verbose=0), rtol=1e-3, atol=1e-5)
+    if check:
+        x = np.random.default_rng(0).random((8, *input_shape), dtype=np.float32)
+        _check_session(path, x, model.predict(x, verbose=0), rtol=1e-3, atol=1e-5)
     return path
 
 
