@@ -1,6 +1,6 @@
 """Speed of the vectorised CAM methods against per-image / per-channel loops.
 
-Run: .venv/bin/python benchmarks/bench_cam.py [--batch 32] [--repeats 5]
+Run from the repository root: .venv/bin/python -m benchmarks.bench_cam [--batch 32] [--repeats 5]
 
 For each layer shape (N images, C channels, 7x7 positions, like ResNet-18, EfficientNet-Lite0
 and ResNet-50 at 224x224) every method of ``sp2ps_onnx.cam`` is timed on random activations
@@ -26,31 +26,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from pytorch_grad_cam import (
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    XGradCAM,
-)
 from pytorch_grad_cam.utils.image import scale_cam_image
 
+from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import cam
 
 SHAPES = {"ResNet-18": 512, "EfficientNet-Lite0": 1280, "ResNet-50": 2048}
-REFERENCE_CLASSES = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "gradcam-elementwise": GradCAMElementWise,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-}
+# The methods whose cost is NumPy's; Score-CAM and Ablation-CAM cost C forward passes per
+# image, set by the runtime.
+METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise", "layercam",
+           "eigencam", "eigengradcam")
 
 
 def loop_channel_weights(method: str, acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
@@ -148,7 +133,7 @@ def main() -> None:
         shape = (options.batch, channels, 7, 7)
         acts = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
         grads = (0.01 * rng.standard_normal(shape)).astype(np.float32)
-        for method in REFERENCE_CLASSES:
+        for method in METHODS:
             ours = ours_raw_maps(method, acts, grads)
             eigen = method.startswith("eigen")
             theirs = reference_raw_maps(method, acts, grads)

@@ -1,6 +1,7 @@
 """Cost of explaining: CamModel.run (forward + in-graph head backward) vs a plain forward pass.
 
-Run: .venv/bin/python benchmarks/bench_engine.py [--size 224] [--batch 8] [--repeats 5]
+Run from the repository root: .venv/bin/python -m benchmarks.bench_engine [--size 224]
+[--batch 8] [--repeats 5]
 Needs the test extra (torch/torchvision) to export the models. Prints one row per model with
 the median times and their ratio, all measured in the same process, interleaved.
 """
@@ -12,7 +13,6 @@ import platform
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 import torchvision
 
+from experiments import artifacts
 from sp2ps_onnx import CamModel
 
 MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny"]
@@ -28,20 +29,7 @@ MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnex
 def export(name: str, size: int, folder: Path) -> Path:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=1000).eval()
-    path = folder / f"{name}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            torch.randn(1, 3, size, size),
-            str(path),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-            opset_version=17,
-        )
-    return path
+    return artifacts.export_torch(model, folder / f"{name}.onnx", (1, 3, size, size))
 
 
 def median_time(fn, repeats: int) -> float:

@@ -1,6 +1,7 @@
 """Speed of the batched Sp2PS metric against a per-image scikit-image + NumPy loop.
 
-Run: .venv/bin/python benchmarks/bench_metric.py [--sizes 64 256] [--repeats 3]
+Run from the repository root: .venv/bin/python -m benchmarks.bench_metric [--sizes 64 256]
+[--repeats 3]
 
 Both sides compute the same numbers on the same 224x224 float64 CAM pairs (smooth maps made
 by upsampling random 7x7 grids, like ResNet-style CAMs): per sample the clipped SSIM

@@ -1,7 +1,8 @@
 """Throughput of the Ray backend with 1 and 2 workers, and the driver's peak memory against
 the dataset size.
 
-Run: .venv/bin/python benchmarks/bench_ray.py [--n 2000] [--sizes 1000,4000]
+Run from the repository root: .venv/bin/python -m benchmarks.bench_ray [--n 2000]
+[--sizes 1000,4000]
 
 Scores the bundled Fashion-MNIST original against its five pruned models on the Debian
 ``dataset-fashion-mnist`` test set (an .npy, memory-mapped) on a local Ray started here
@@ -22,19 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bench_score import MODELS, fmnist_test, peak_rss  # noqa: E402
-
-from sp2ps_onnx.scoring import (  # noqa: E402
-    CamOptions,
-    DataOptions,
-    RayOptions,
-    RunOptions,
-    score_models,
-)
+from benchmarks.bench_score import MODELS, ROOT, fmnist_test, peak_rss
+from sp2ps_onnx.scoring import CamOptions, DataOptions, RayOptions, RunOptions, score_models
 
 PRUNED = sorted((MODELS / "pruned").glob("*.onnx"))
 
@@ -77,8 +67,9 @@ def main() -> None:
         print(json.dumps(rows), flush=True)
         ray.shutdown()
         for n in map(int, args.sizes.split(",")):
-            peak = subprocess.run([sys.executable, __file__, "--driver-child", str(data), str(n)],
-                                  check=True, capture_output=True, text=True).stdout.split()[-1]
+            peak = subprocess.run([sys.executable, "-m", "benchmarks.bench_ray", "--driver-child",
+                                   str(data), str(n)], check=True, capture_output=True, text=True,
+                                  cwd=ROOT).stdout.split()[-1]
             print(json.dumps({"images": n, "driver_peak_rss_mb": int(peak) / 2**20}), flush=True)
 
 

@@ -1,6 +1,6 @@
 """What the report costs next to the scoring it reports on.
 
-Run: .venv/bin/python benchmarks/bench_report.py [--repeats 3]
+Run from the repository root: .venv/bin/python -m benchmarks.bench_report [--repeats 3]
 
 Scores the bundled Fashion-MNIST original against its five pruned versions on the 300
 bundled test images (``score_models``, Grad-CAM, the README's job), then times

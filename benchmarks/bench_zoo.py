@@ -19,7 +19,7 @@ A row passes when the layer's activations match (relative error < 1e-3) and the 
 matches (max |engine − reference| ≤ 1e-4 · max |reference|), or for quantized rows when the
 CAM Pearson is ≥ 0.9. Everything else is written down with its error message.
 
-    python benchmarks/bench_zoo.py [--only timm,timm-earlier,keras,quantized-ort,quantized-tflite]
+    python -m benchmarks.bench_zoo [--only timm,timm-earlier,keras,quantized-ort,quantized-tflite]
         [--names a,b] [--size 96] [--limit N] [--out docs/coverage.md]
 
 Results are also kept as JSON next to the markdown (``coverage.json``) so that sections can
@@ -33,20 +33,19 @@ import json
 import os
 import platform
 import signal
-import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import onnx
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
+from experiments import artifacts
+from sp2ps_onnx import CamModel
+from sp2ps_onnx.graph import inspect_model
 
-from sp2ps_onnx import CamModel  # noqa: E402
-from sp2ps_onnx.graph import inspect_model  # noqa: E402
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow's (lazy) import
 
 REL_ACT, REL_GRAD, PEARSON_MIN = 1e-3, 1e-4, 0.9
 TIMEOUT_S = 240
@@ -138,11 +137,7 @@ def run_timm(name: str, size: int, workdir: Path) -> dict:
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
     x = torch.from_numpy(_photos(size, nchw=True))
-    path = workdir / f"{name}.onnx"
-    torch.onnx.export(
-        model, x[:2], str(path), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False,
-    )
+    path = artifacts.export_torch(model, workdir / f"{name}.onnx", example=x[:2], check=False)
     cam = CamModel(path, input_size=(size, size))
     result = cam.run(x.numpy())
     features = model.forward_features(x)
@@ -178,11 +173,8 @@ def run_timm_earlier(name: str, size: int, workdir: Path) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     x = torch.from_numpy(_photos(size, nchw=True))
-    path = workdir / f"{name}-earlier.onnx"
-    torch.onnx.export(
-        model, x[:2], str(path), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False,
-    )
+    path = artifacts.export_torch(model, workdir / f"{name}-earlier.onnx", example=x[:2],
+                                  check=False)
     module_name = model.feature_info[-2]["module"]
     module = dict(model.named_modules())[module_name]
     captured = {}
@@ -249,15 +241,15 @@ def _keras_feature_index(model) -> int:
 
 def run_keras(name: str, size: int, workdir: Path) -> dict:
     import tensorflow as tf
-    import tf2onnx
 
     tf.keras.utils.set_random_seed(0)
     model = getattr(tf.keras.applications, name)(
         input_shape=(size, size, 3), weights=None, classes=10
     )
-    proto, _ = tf2onnx.convert.from_keras(model, opset=17)
+    path = artifacts.export_keras(model, workdir / f"{name}.onnx", input_shape=(size, size, 3),
+                                  check=False)
     x = _photos(size, nchw=False)
-    cam = CamModel(proto)
+    cam = CamModel(path)
     result = cam.run(x)
     index = _keras_feature_index(model)
     if index is None:
@@ -326,13 +318,11 @@ def _ort_variants(float_path: Path, x: np.ndarray, workdir: Path) -> dict[str, P
 
 
 def _tflite_variants(model, x: np.ndarray, workdir: Path, stem: str) -> dict[str, Path]:
-    from tests.tflite_export import TFLITE_FORMS, keras_to_onnx_via_tflite
-
     out = {}
-    for form in TFLITE_FORMS:
+    for form in artifacts.TFLITE_FORMS:
         name = f"tflite-{form}" if form != "int8io" else "tflite-int8-io"
         try:
-            out[name] = keras_to_onnx_via_tflite(model, x, form, workdir / f"{stem}-{name}.onnx")
+            out[name] = artifacts.keras_to_onnx_via_tflite(model, x, form, workdir / f"{stem}-{name}.onnx")
         except Exception as exc:
             out[name] = exc
     return out
@@ -358,12 +348,8 @@ def _run_ort_quantized(workdir: Path, size: int) -> list[dict]:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=10).eval()
         x = _photos(size, nchw=True)
-        path = workdir / f"q-{name}.onnx"
-        torch.onnx.export(
-            model, torch.from_numpy(x[:2]), str(path), input_names=["input"],
-            output_names=["logits"], dynamic_axes={"input": {0: "N"}}, opset_version=17,
-            dynamo=False,
-        )
+        path = artifacts.export_torch(model, workdir / f"q-{name}.onnx",
+                                      example=torch.from_numpy(x[:2]), check=False)
         rows += _compare_variants(f"timm {name}", path, _ort_variants(path, x, workdir), x)
     return rows
 

@@ -1,4 +1,8 @@
-"""Fashion-MNIST from the original IDX files (Debian package ``dataset-fashion-mnist``)."""
+"""Fashion-MNIST from the original IDX files (Debian package ``dataset-fashion-mnist``).
+
+The one IDX reader of the repository: the study, ``models/build.py`` and the benchmarks all
+read the data set through :func:`load` or :func:`load_split`.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+#: The class names as folder names ("T-shirt/top" -> "T-shirt_top"), for image folders.
+FOLDER_NAMES = tuple(name.replace("/", "_").replace(" ", "_") for name in CLASS_NAMES)
 
 
 class DatasetMissing(RuntimeError):
-    """The Fashion-MNIST files are not where they should be."""
+    """The Fashion-MNIST files are not where they should be, or are not IDX files."""
 
 
 def _idx_file(folder: Path, stem: str) -> Path:
@@ -34,11 +40,18 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
         raw = handle.read()
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise DatasetMissing(f"{path} is not an unsigned-byte IDX file")
+    if len(raw) < 4 or raw[:2] != b"\x00\x00":
+        raise DatasetMissing(f"{path} is not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise DatasetMissing(f"{path}: expected unsigned-byte IDX data (code 0x08), "
+                             f"got {raw[2]:#x}")
     ndim = raw[3]
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DatasetMissing(f"{path}: the header says {dims} but the file holds "
+                             f"{data.size} bytes of data")
+    return data.reshape(dims).copy()
 
 
 def load_split(
@@ -49,6 +62,9 @@ def load_split(
     prefix = {"train": "train", "test": "t10k"}[split]
     images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise DatasetMissing(f"unexpected Fashion-MNIST {split} shapes in {root}: images "
+                             f"{images.shape}, labels {labels.shape}")
     return images, labels
 
 

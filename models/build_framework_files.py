@@ -1,6 +1,6 @@
 """Derive Keras and TFLite files of the bundled Keras CNN from its ONNX exports.
 
-    .venv/bin/python models/build_framework_files.py
+    .venv/bin/python -m models.build_framework_files
 
 Writes ``models/frameworks/fmnist_keras.keras`` (the original) and
 ``models/frameworks/fmnist_keras_mag70.tflite`` (its 70 % magnitude-pruned version), so that
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.artifacts import keras_to_tflite
+from models.build import POOL_AFTER, WIDTHS
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODELS = Path(__file__).resolve().parent
 OUT = MODELS / "frameworks"
-WIDTHS = (32, 32, 64, 64, 128)
-POOL_AFTER = (1, 3)
 
 
 def keras_twin(onnx_path: Path):
@@ -74,9 +75,8 @@ def main() -> None:
     print(f"wrote {OUT / 'fmnist_keras.keras'}")
 
     pruned = keras_twin(MODELS / "keras" / "fmnist_keras_mag70.onnx")
-    tflite = tf.lite.TFLiteConverter.from_keras_model(pruned).convert()
     path = OUT / "fmnist_keras_mag70.tflite"
-    path.write_bytes(tflite)
+    path.write_bytes(keras_to_tflite(pruned, "float"))
     interpreter = tf.lite.Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()

@@ -1,22 +1,15 @@
 """Shared pytest fixtures: one directory per session for the cached ONNX exports.
 
-Test modules import the export helpers as ``from tests.exports import ...``; the repository
-root is put on ``sys.path`` here so that this works under plain ``pytest`` as well as
-``python -m pytest``.
+Test modules import the export helpers as ``from tests.exports import ...`` and the shared
+references as ``from references... import ...``: ``pythonpath = ["."]`` in pyproject.toml puts
+the repository root on ``sys.path`` under plain ``pytest`` as well as ``python -m pytest``.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from tests import exports  # noqa: E402
+from tests import exports
 
 
 @pytest.fixture(scope="session", autouse=True)

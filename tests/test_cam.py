@@ -16,9 +16,9 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import cam
 from sp2ps_onnx.errors import InputDataError, Sp2PSError
-from tests.gradcam_reference import REFERENCE_CLASSES
 
 torch.set_num_threads(2)
 

@@ -29,9 +29,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import nn
 
+from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import CamModel
 from tests import exports
-from tests.gradcam_reference import REFERENCE_CLASSES
 
 CHEAP_METHODS = (
     "gradcam",

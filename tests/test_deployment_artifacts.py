@@ -24,11 +24,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from experiments.artifacts import TFLITE_FORMS, keras_to_onnx_via_tflite
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.errors import LayerNotFoundError
 from sp2ps_onnx.graph import inspect_model, parameter_count, weight_statistics
 from tests.exports import cache_dir, export_torchvision
-from tests.tflite_export import TFLITE_FORMS, keras_to_onnx_via_tflite
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

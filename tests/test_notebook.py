@@ -12,7 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 CELLS = [
-    f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+    # The kernel runs in REPO (resources below), which `python -m ipykernel_launcher` puts
+    # first on sys.path: the checkout's sp2ps_onnx is the one imported.
     "import numpy as np\n"
     "from sp2ps_onnx import CamModel\n"
     "from sp2ps_onnx.scoring import DataOptions, MetricOptions, RunOptions, score_models",

@@ -37,9 +37,8 @@ OPTIONS = ["--preset", "unit", "--limit", 160, "--batch-size", 8, "--bootstrap",
 
 # Runs score_models as the CLI would, slowed down per batch so that it can be killed midway.
 KILLED_RUN = """
-import sys, time
+import time
 from pathlib import Path
-sys.path.insert(0, {root!r})
 from sp2ps_onnx.scoring import CamOptions, DataOptions, MetricOptions, RunOptions, score_models
 score_models({original!r}, {pruned!r}, {data!r},
              data_options=DataOptions(preset="unit", limit=160),
@@ -70,10 +69,11 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path: Pat
     assert result.exit_code == 0, result.output
 
     out = tmp_path / "resumed"
-    script = KILLED_RUN.format(root=str(ROOT), original=str(ORIGINAL),
+    script = KILLED_RUN.format(original=str(ORIGINAL),
                                pruned=[str(p) for p in PRUNED], data=str(DATA), out=str(out),
                                checkpoint=CHECKPOINT_DIR)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    # `python -c` in ROOT imports the checkout's sp2ps_onnx (the working folder is on sys.path).
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=ROOT)
     rows = out / CHECKPOINT_DIR
     deadline = time.monotonic() + 120
     while len(list(rows.glob("rows-*.npz"))) < 4 and time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""pytorch-grad-cam's class for each of our method names (the reference in the CAM tests)."""
+"""pytorch-grad-cam's class for each of our method names: the reference of the CAM tests and
+of ``benchmarks/bench_cam.py``."""
 
 from pytorch_grad_cam import (
     AblationCAM,

@@ -1,0 +1,11 @@
+"""Independent references that the tests and the benchmarks both compare against.
+
+Not part of the installed package: it is imported from the repository root, where
+``python -m pytest`` (``pythonpath = ["."]`` in pyproject.toml) and
+``python -m benchmarks.<name>`` put it on ``sys.path``.
+
+* :mod:`references.gradcam`: pytorch-grad-cam's class for each of our CAM method names.
+
+The exporters that build the models compared here (torch, Keras and TFLite to ONNX) are in
+:mod:`experiments.artifacts`, shared with the pruning study and ``models/build.py``.
+"""
