@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputDataError, RuntimeMissingError
-from .formatting import ci_bounds, ci_text, percent
+from .formatting import band_label, ci_bounds, ci_text, percent
 
 # jinja2 (with markupsafe), matplotlib and .figures (which needs matplotlib) are the
 # optional 'report' extra: they are imported inside the functions that need them, so the
@@ -69,16 +69,6 @@ def human_size(size: int | None) -> str:
     return f"{value:.1f} GB"
 
 
-# The bands of sp2ps_onnx.scoring.band.BANDS (this module sits below scoring and cannot
-# import it; tests/test_report.py checks that every band has its label here).
-BAND_LABELS = {
-    "at or below the random floor": "≤ floor",
-    "above the floor, below the references": "floor–ref",
-    "within the references": "≈ ref",
-    "above the references": "> ref",
-}
-"""Short labels of the bands, for the columns of tables and figures."""
-
 ROLE_LABELS = {"floor": "random floor", "reference": "reference", "original": "original"}
 """How a row that is not a ranked pruned model is labelled after its name."""
 
@@ -92,15 +82,6 @@ FAITHFULNESS_COLUMNS = {
 }
 """The faithfulness figures of a model's own CAM (docs/metric.md), in the order shown, with
 the direction in which a CAM is more faithful."""
-
-
-def band_label(band: str | None, has_references: bool = True) -> str:
-    """A band's short label; without references, above the floor is just "> floor"."""
-    if band is None:
-        return ""
-    if band == "above the floor, below the references" and not has_references:
-        return "> floor"
-    return BAND_LABELS.get(band, band)
 
 
 def _has_references(report: Any) -> bool:
@@ -641,9 +622,11 @@ def notebook_html(report: Any) -> str:
 # Files
 
 
-PER_SAMPLE_COLUMNS = ["model", "index", "id", "label", "label_name", "target_original",
+PER_SAMPLE_COLUMNS = ["model", "role", "index", "id", "label", "label_name", "target_original",
                       "target_pruned", "pred_original", "pred_pruned", "spatial", "spectral", "h",
-                      "confidence_original", "confidence_pruned", "fault"]
+                      "confidence_original", "confidence_pruned", "js_divergence", "fault"]
+"""The columns of ``per_sample.csv``: one row per (compared model, sample), the pruned
+models first, then the random floor and the references (``role``)."""
 
 
 def write_figures(
@@ -654,9 +637,12 @@ def write_figures(
 ) -> list[Path]:
     """Write the report's figures into ``directory`` in each of ``formats``.
 
-    ``sp2ps_vs_accuracy``, ``sp2ps_by_model``, ``per_class_h`` (when there are classes),
-    and per pruned model ``<name>_worst`` and ``<name>_best`` (input, original CAM,
-    pruned CAM of the samples with the lowest and highest h).
+    ``sp2ps_vs_accuracy`` and ``sp2ps_by_model`` (both with the band: the random floor and
+    the references as lines), ``per_class_h`` (when there are classes), and per compared
+    model (pruned, then the floor and the references) ``<name>_worst``, ``<name>_best``
+    (input, original CAM, model CAM of the samples with the lowest and highest h) and, when
+    there are any, ``<name>_moved`` (same answer, attention moved: the lowest h among the
+    samples both models classify identically).
     """
     from .figures import (
         examples_figure,
@@ -674,11 +660,16 @@ def write_figures(
     per_class = per_class_figure(report)
     if per_class is not None:
         written += save_figure(per_class, directory / "per_class_h", formats)
-    for model in report.models:
+    for model in [*report.models, *(getattr(report, "references", None) or [])]:
         name = _anchor(model.info.name)
-        for kind, examples in (("worst", model.worst), ("best", model.best)):
+        groups = [("worst", "lowest h", model.worst), ("best", "highest h", model.best)]
+        moved = getattr(model, "moved", None) or []
+        if moved:
+            groups.append(("moved", "same answer, attention moved", moved))
+        for kind, title, examples in groups:
             figure = examples_figure(examples, report.class_names, cmap=cmap,
-                                     title=f"{model.info.name}: {kind} h")
+                                     title=f"{model.info.name}: {title}",
+                                     compared=getattr(model, "role", "pruned"))
             written += save_figure(figure, directory / f"{name}_{kind}", formats)
     return written
 
@@ -706,11 +697,12 @@ def write_report(
     with open(directory / "per_sample.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=PER_SAMPLE_COLUMNS)
         writer.writeheader()
-        for model in report.models:
+        for model in [*report.models, *(getattr(report, "references", None) or [])]:
             for row in model.rows:
                 writer.writerow(
                     {
                         **{k: ("" if v is None else v) for k, v in row.items()},
+                        "role": getattr(model, "role", "pruned"),
                         "label_name": ""
                         if row.get("label") is None
                         else class_name(row["label"], report.class_names),
