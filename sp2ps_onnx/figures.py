@@ -26,7 +26,7 @@ import numpy as np
 import skimage.transform
 
 from .errors import InputDataError, RuntimeMissingError
-from .formatting import ci_bounds
+from .formatting import band_label, ci_bounds
 
 try:
     import matplotlib
@@ -274,15 +274,20 @@ def examples_figure(
     class_names: Sequence[str] | None = None,
     cmap: str = DEFAULT_CMAP,
     title: str | None = None,
+    compared: str = "pruned",
 ) -> Figure:
-    """A grid, one row per kept sample: input | original CAM | pruned CAM, captioned with h."""
+    """A grid, one row per kept sample: input | original CAM | compared model's CAM,
+    captioned with the sample id, both predictions, the explained class and h.
+
+    ``compared`` names the third column (``pruned``, or ``reference``/``floor``).
+    """
     rows = max(1, len(examples))
-    height = 1.8 * rows + (0.3 if title else 0.0)
+    height = 1.95 * rows + (0.4 if title else 0.0)
     # A fixed grid instead of the constrained layout: the panels are alike, and the layout
     # solver would take ~40% of the drawing time of a report's many grids.
     figure = NotebookFigure(figsize=(5.4, height))
     figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02 / rows,
-                           top=1 - (0.45 if title else 0.2) / height, wspace=0.06, hspace=0.22)
+                           top=1 - (0.75 if title else 0.35) / height, wspace=0.06, hspace=0.3)
     axes = np.atleast_2d(figure.subplots(rows, 3, squeeze=False))
     for r in range(rows):
         for axis in axes[r]:
@@ -294,10 +299,14 @@ def examples_figure(
                   overlay(example.image, example.pruned_map, cmap=cmap))
         for axis, panel in zip(axes[r], panels, strict=True):
             axis.imshow(panel, interpolation="nearest")
-        axes[r, 0].set_title(_short(example.sample_id), fontsize=7, loc="left")
+        predicted = class_name(example.pred_original, class_names)
+        if example.pred_pruned != example.pred_original:
+            predicted += " → " + class_name(example.pred_pruned, class_names)
+        axes[r, 0].set_title(f"{_short(example.sample_id)}\npred {predicted}", fontsize=7,
+                             loc="left")
         target = class_name(example.target_original, class_names)
-        axes[r, 1].set_title(f"original · {target}", fontsize=7)
-        axes[r, 2].set_title(f"pruned · h={example.h:.2f}", fontsize=7)
+        axes[r, 1].set_title(f"original · CAM of {target}", fontsize=7)
+        axes[r, 2].set_title(f"{compared} · h={example.h:.2f}", fontsize=7)
     if title:
         figure.suptitle(title)
     return figure
@@ -327,11 +336,49 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+# The band's colours: the random floor in grey (attention with nothing of the original's
+# left), the references in blue; neither is one of tab10's first colours the points take.
+FLOOR_STYLE = {"color": "#57606a", "linestyle": ":", "linewidth": 1.4}
+REFERENCE_STYLE = {"color": "#0550ae", "linestyle": "--", "linewidth": 1.1}
+REFERENCE_RANGE_COLOR = "#0969da"
+
+
+def band_levels(report: Any) -> list[tuple[str, float, str]]:
+    """``(label, Sp2PS, role)`` of the random floor and each reference model of ``report``
+    with a finite score: the lines every Sp2PS figure draws."""
+    levels = []
+    for model in getattr(report, "references", None) or []:
+        value = _finite(model.sp2ps)
+        if value is None:
+            continue
+        name = "random floor" if model.role == "floor" else f"{model.info.name} (reference)"
+        levels.append((name, value, model.role))
+    return levels
+
+
+def _draw_band(axis: Any, levels: list[tuple[str, float, str]], vertical: bool) -> list[Any]:
+    """Draw the floor and reference lines (vertical ones on a horizontal Sp2PS axis), and
+    shade the references' range when there are several; return the artists, labelled for
+    a legend."""
+    line = axis.axvline if vertical else axis.axhline
+    span = axis.axvspan if vertical else axis.axhspan
+    artists = [line(value, label=f"{name} {value:.3f}", zorder=1,
+                    **(FLOOR_STYLE if role == "floor" else REFERENCE_STYLE))
+               for name, value, role in levels]
+    references = [value for _, value, role in levels if role == "reference"]
+    if len(references) > 1:
+        artists.append(span(min(references), max(references), color=REFERENCE_RANGE_COLOR,
+                            alpha=0.08, linewidth=0, label="references' range", zorder=0))
+    return artists
+
+
 @_styled
 def scatter_figure(report: Any) -> Figure:
-    """Sp2PS against top-1 accuracy (or top-1 agreement without labels), with CI bars."""
+    """Sp2PS against top-1 accuracy (or top-1 agreement without labels), with CI bars, and
+    the band: the random floor and the reference models as horizontal lines, named in a
+    legend below (several references: their range shaded)."""
     use_accuracy = report.accuracy_original is not None
-    figure = new_figure(6.4, 4.0)
+    figure = new_figure(6.4, 4.3)
     axis = figure.subplots()
     palette = colormaps["tab10"]
     labels = []
@@ -343,15 +390,24 @@ def scatter_figure(report: Any) -> Figure:
         ci = ci_bounds(getattr(model.result, "ci95", None))
         error = None if ci is None else [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]]
         axis.errorbar(100 * x, y, yerr=error, fmt="o", markersize=7, capsize=4,
-                      color=palette(index % 10), markeredgecolor="white", label=model.info.name)
+                      color=palette(index % 10), markeredgecolor="white", label=model.info.name,
+                      zorder=3)
         labels.append((model.info.name, 100 * x, y))
+    levels = band_levels(report)
+    band = _draw_band(axis, levels, vertical=False)
     axis.margins(x=0.15, y=0.1)
     _place_labels(axis, labels)
+    if band:
+        # A legend below the axes, not labels beside the lines: it cannot collide with the
+        # point labels, whatever the models' scores.
+        figure.legend(handles=band, loc="outside lower center", ncols=min(3, len(band)),
+                      fontsize=8, frameon=False)
     if use_accuracy:
         reference = 100 * report.accuracy_original
         axis.axvline(reference, color="#8250df", linestyle="--", linewidth=1)
-        axis.annotate(f"original {reference:.1f}%", (reference, 0), xycoords=("data", "axes fraction"),
-                      xytext=(-4, 6), textcoords="offset points", ha="right", color="#8250df",
+        axis.annotate(f"original {reference:.1f}%", (reference, 1.0),
+                      xycoords=("data", "axes fraction"), xytext=(-4, -4),
+                      textcoords="offset points", ha="right", va="top", color="#8250df",
                       fontsize=8)
     axis.set_xlabel("top-1 accuracy (%)" if use_accuracy
                     else "top-1 agreement with the original (%)")
@@ -372,17 +428,23 @@ def _place_labels(axis: Any, labels: list[tuple[str, float, float]]) -> None:
                   for other_x, other_y in placed):
             label_y -= gap / 2
         placed.append((x, label_y))
+        # A white backing keeps a label readable where a band line runs through it.
         axis.annotate(name, (x, y), xytext=(8, label_y), textcoords=("offset points", "data"),
-                      va="center", fontsize=8,
+                      va="center", fontsize=8, zorder=4,
+                      bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                            "edgecolor": "none", "alpha": 0.85},
                       arrowprops=None if label_y == y else {"arrowstyle": "-", "color": "#8c959f",
                                                             "linewidth": 0.6})
 
 
 @_styled
 def sp2ps_bar_figure(report: Any) -> Figure:
-    """Sp2PS of each pruned model, best first, with its 95% CI."""
+    """Sp2PS of each pruned model, best first, with its 95% CI and its band, the random
+    floor and the references as vertical lines named in a legend below."""
     ranked = report.ranked()
-    figure = new_figure(6.4, 0.9 + 0.38 * max(1, len(ranked)))
+    levels = band_levels(report)
+    has_references = any(role == "reference" for _, _, role in levels)
+    figure = new_figure(6.4, 0.9 + 0.38 * max(1, len(ranked)) + (0.35 if levels else 0.0))
     axis = figure.subplots()
     names = [m.info.name for m in ranked]
     values = [_finite(m.sp2ps) or 0.0 for m in ranked]
@@ -394,14 +456,19 @@ def sp2ps_bar_figure(report: Any) -> Figure:
     cmap = colormaps["RdYlGn"]
     positions = np.arange(len(ranked))[::-1]
     axis.barh(positions, values, xerr=errors, color=[cmap(v) for v in values],
-              edgecolor="#57606a", linewidth=0.5, capsize=3)
-    for position, value, above in zip(positions, values, errors[1], strict=True):
-        axis.text(min(value + above, 1.0) + 0.015, position, f"{value:.3f}", va="center",
-                  fontsize=8)
+              edgecolor="#57606a", linewidth=0.5, capsize=3, zorder=2)
+    for position, value, above, model in zip(positions, values, errors[1], ranked, strict=True):
+        band = band_label(getattr(model, "band", None), has_references)
+        axis.text(min(value + above, 1.0) + 0.015, position,
+                  f"{value:.3f}" + (f"  {band}" if band else ""), va="center", fontsize=8)
+    band = _draw_band(axis, levels, vertical=True)
     axis.set_yticks(positions, names)
-    axis.set_xlim(0, 1.1)
+    axis.set_xlim(0, 1.2 if levels else 1.1)
     axis.set_xlabel("Sp2PS (1 = same attention as the original)")
     axis.grid(axis="y", visible=False)
+    if band:
+        figure.legend(handles=band, loc="outside lower center", ncols=min(3, len(band)),
+                      fontsize=8, frameon=False)
     return figure
 
 

@@ -1,4 +1,4 @@
-"""How numbers are written for people: percentages and confidence intervals.
+"""How numbers are written for people: percentages, confidence intervals and bands.
 
 One implementation each, shared by the text table and the HTML report
 (:mod:`sp2ps_onnx.report`), the figures (:mod:`sp2ps_onnx.figures`) and the experiment
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["MISSING", "ci_bounds", "ci_text", "percent"]
+__all__ = ["BAND_LABELS", "MISSING", "band_label", "ci_bounds", "ci_text", "percent"]
 
 #: What a table shows for a number that does not exist (no labels, no scores, NaN).
 MISSING = "–"
@@ -44,3 +44,24 @@ def ci_text(value: Any, digits: int = 3) -> str:
     """A confidence interval as ``"[low, high]"``; :data:`MISSING` when there is none."""
     bounds = ci_bounds(value)
     return MISSING if bounds is None else f"[{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
+#: Short labels of the bands of :data:`sp2ps_onnx.scoring.band.BANDS`, for table columns
+#: and figures (this module imports nothing from the package; tests/test_report.py checks
+#: that every band has its label).
+BAND_LABELS = {
+    "at or below the random floor": "≤ floor",
+    "above the floor, below the references": "floor–ref",
+    "within the references": "≈ ref",
+    "above the references": "> ref",
+}
+
+
+def band_label(band: str | None, has_references: bool = True) -> str:
+    """A band's short label ("" for none); without reference models, "above the floor"
+    has no upper end and reads "> floor"."""
+    if band is None:
+        return ""
+    if band == "above the floor, below the references" and not has_references:
+        return "> floor"
+    return BAND_LABELS.get(band, band)

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import textwrap
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputDataError, RuntimeMissingError
-from .formatting import ci_bounds, ci_text, percent
+from .formatting import band_label, ci_bounds, ci_text, percent
 
 # jinja2 (with markupsafe), matplotlib and .figures (which needs matplotlib) are the
 # optional 'report' extra: they are imported inside the functions that need them, so the
@@ -68,110 +69,291 @@ def human_size(size: int | None) -> str:
     return f"{value:.1f} GB"
 
 
+ROLE_LABELS = {"floor": "random floor", "reference": "reference", "original": "original"}
+"""How a row that is not a ranked pruned model is labelled after its name."""
+
+FAITHFULNESS_COLUMNS = {
+    "deletion_auc": "deletion ↓",
+    "insertion_auc": "insertion ↑",
+    "cam_mult_change": "CAM × image",
+    "road_morf": "ROAD MoRF ↓",
+    "road_lerf": "ROAD LeRF",
+    "road_combined": "ROAD comb. ↑",
+}
+"""The faithfulness figures of a model's own CAM (docs/metric.md), in the order shown, with
+the direction in which a CAM is more faithful."""
+
+
+def _has_references(report: Any) -> bool:
+    return any(m.role == "reference" for m in getattr(report, "references", []) or [])
+
+
+def _faithfulness_keys(report: Any) -> list[str]:
+    """The faithfulness figures any model of ``report`` has, known ones first."""
+    found: dict[str, None] = {}
+    sources = [getattr(report, "original_faithfulness", None)]
+    sources += [getattr(m, "faithfulness", None)
+                for m in [*report.models, *(getattr(report, "references", []) or [])]]
+    for values in sources:
+        found.update(dict.fromkeys(values or {}))
+    return [k for k in FAITHFULNESS_COLUMNS if k in found] + sorted(
+        k for k in found if k not in FAITHFULNESS_COLUMNS)
+
+
+def _faithfulness_values(values: dict[str, Any] | None, keys: list[str]) -> dict[str, Any]:
+    values = values or {}
+    return {key: None if values.get(key) is None else float(values[key]) for key in keys}
+
+
+_RESULT_FIELDS = ("mean_spatial", "mean_spectral", "median_h", "p05_h", "attention_lost")
+_SPLIT_FIELDS = ("top1_agreement", "mean_js_divergence", "same_answer_n", "same_answer_sp2ps",
+                 "different_answer_n", "different_answer_sp2ps", "same_answer_gap_share")
+
+
+def _row_keys(faithfulness: list[str]) -> list[str]:
+    return ["rank", "model", "role", "band", "sp2ps", "ci95_low", "ci95_high", *_RESULT_FIELDS,
+            "accuracy", *_SPLIT_FIELDS, *faithfulness, "parameters", "sparsity_percent",
+            "file_size_bytes", "n"]
+
+
+def _model_row(model: Any, rank: int | None, faithfulness: list[str]) -> dict[str, Any]:
+    result = model.result
+    ci = ci_bounds(_field(result, "ci95"))
+    row = {
+        "rank": rank,
+        "model": model.info.name,
+        "role": getattr(model, "role", "pruned"),
+        "band": getattr(model, "band", None),
+        "sp2ps": _field(result, "sp2ps"),
+        "ci95_low": None if ci is None else ci[0],
+        "ci95_high": None if ci is None else ci[1],
+        **{name: _field(result, name) for name in _RESULT_FIELDS},
+        "accuracy": _field(result, "accuracy_pruned"),
+        **{name: _field(result, name) for name in _SPLIT_FIELDS},
+        **_faithfulness_values(getattr(model, "faithfulness", None), faithfulness),
+        "parameters": model.info.parameters,
+        "sparsity_percent": model.info.sparsity,
+        "file_size_bytes": model.info.file_size,
+        "n": _field(result, "n"),
+    }
+    return {key: row[key] for key in _row_keys(faithfulness)}
+
+
 def ranking_rows(report: Any) -> list[dict[str, Any]]:
-    """One dict per pruned model, ranked by Sp2PS: the numbers the table shows."""
-    rows = []
-    for rank, model in enumerate(report.ranked(), start=1):
-        result = model.result
-        ci = ci_bounds(_field(result, "ci95"))
-        rows.append(
-            {
-                "rank": rank,
-                "model": model.info.name,
-                "sp2ps": _field(result, "sp2ps"),
-                "ci95_low": None if ci is None else ci[0],
-                "ci95_high": None if ci is None else ci[1],
-                "mean_spatial": _field(result, "mean_spatial"),
-                "mean_spectral": _field(result, "mean_spectral"),
-                "median_h": _field(result, "median_h"),
-                "p05_h": _field(result, "p05_h"),
-                "accuracy": _field(result, "accuracy_pruned"),
-                "top1_agreement": _field(result, "top1_agreement"),
-                "parameters": model.info.parameters,
-                "sparsity_percent": model.info.sparsity,
-                "file_size_bytes": model.info.file_size,
-                "n": _field(result, "n"),
-            }
-        )
-    return rows
+    """One dict per pruned model, ranked by Sp2PS: every number the table shows and more
+    (the band's full text, the decision/attention split, the faithfulness figures)."""
+    keys = _faithfulness_keys(report)
+    return [_model_row(model, rank, keys) for rank, model in enumerate(report.ranked(), start=1)]
+
+
+def reference_rows(report: Any) -> list[dict[str, Any]]:
+    """One dict per reference model (the random floor first), with ``rank`` ``None``:
+    references put the ranking on a scale and are never ranked themselves."""
+    keys = _faithfulness_keys(report)
+    return [_model_row(model, None, keys) for model in getattr(report, "references", []) or []]
+
+
+def original_row(report: Any) -> dict[str, Any]:
+    """The original model as a row of the same columns: its accuracy, size and
+    faithfulness; the comparisons with itself are left empty, not assumed."""
+    original = report.original
+    keys = _faithfulness_keys(report)
+    return {
+        **dict.fromkeys(_row_keys(keys)),
+        "model": original.name,
+        "role": "original",
+        "accuracy": report.accuracy_original,
+        **_faithfulness_values(getattr(report, "original_faithfulness", None), keys),
+        "parameters": original.parameters,
+        "sparsity_percent": original.sparsity,
+        "file_size_bytes": original.file_size,
+        "n": report.n,
+    }
+
+
+def _split(value: Any, count: Any) -> str:
+    if not count:
+        return "–"
+    return f"{_num(value)} ({int(count):,})"
+
+
+def _display(row: dict[str, Any], has_references: bool, faithfulness: list[str]) -> dict[str, str]:
+    """A row's cells as text: the ranked ones numbered, the others labelled by role."""
+    role = row["role"]
+    name = row["model"] if role == "pruned" else f"{row['model']} ({ROLE_LABELS[role]})"
+    original = role == "original"
+    ci = None if row["ci95_low"] is None else (row["ci95_low"], row["ci95_high"])
+    return {
+        "#": str(row["rank"]) if row["rank"] is not None else "–",
+        "model": name,
+        # The original against itself: 1 by definition, shown as the top of the scale.
+        "Sp2PS": "1.000" if original else _num(row["sp2ps"]),
+        "95% CI": "" if original else ci_text(ci),
+        "band": band_label(row["band"], has_references),
+        "spatial": "" if original else _num(row["mean_spatial"]),
+        "spectral": "" if original else _num(row["mean_spectral"]),
+        "p05 h": "" if original else _num(row["p05_h"]),
+        "accuracy": percent(row["accuracy"]),
+        "top-1 agree": "" if original else percent(row["top1_agreement"]),
+        "JS div": "" if original else _num(row["mean_js_divergence"]),
+        "same answer (n)": _split(row["same_answer_sp2ps"], row["same_answer_n"]),
+        "different answer (n)": _split(row["different_answer_sp2ps"], row["different_answer_n"]),
+        "gap on same": "" if original else percent(row["same_answer_gap_share"], 0),
+        "params": _num(row["parameters"]),
+        "zeros": f"{row['sparsity_percent']:.1f}%",
+        "size": human_size(row["file_size_bytes"]),
+        **{FAITHFULNESS_COLUMNS.get(key, key): _num(row[key]) for key in faithfulness},
+    }
+
+
+# The blocks of the text and markdown tables: (columns, the columns the aligned text table
+# leaves out to stay within ~110 characters; markdown has them all).
+_RANKING = (["#", "model", "Sp2PS", "95% CI", "band", "spatial", "spectral", "p05 h", "accuracy",
+             "top-1 agree", "JS div", "params", "zeros", "size"],
+            {"spatial", "spectral", "p05 h", "params"})
+_SPLIT = ["model", "same answer (n)", "different answer (n)", "gap on same"]
+_LEFT = {"model", "band", "95% CI"}
+_ORIGINAL_KEYS = {"model", "role", "accuracy", "parameters", "sparsity_percent",
+                  "file_size_bytes", "n"}
+
+
+def _block(headers: list[str], cells: list[dict[str, str]], fmt: str) -> list[str]:
+    table = [[row.get(h, "") for h in headers] for row in cells]
+    right = [h not in _LEFT for h in headers]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(headers) + " |",
+                 "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table]
+        return lines
+    widths = [max(len(r[i]) for r in [headers, *table]) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate([headers, *table]):
+        lines.append("  ".join(c.rjust(w) if r else c.ljust(w)
+                               for c, w, r in zip(row, widths, right, strict=True)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def correlation_text(report: Any) -> str | None:
+    """The rank correlations of Sp2PS with accuracy and agreement across the run's pruned
+    models, as one sentence (``None`` when there are none)."""
+    correlations = getattr(report, "correlations", None) or {}
+    parts = [f"vs {what} ρ = {value:.2f}"
+             for what, key in (("accuracy", "sp2ps_vs_accuracy"),
+                               ("top-1 agreement", "sp2ps_vs_agreement"))
+             if (value := correlations.get(key)) is not None and math.isfinite(value)]
+    if not parts:
+        return None
+    return (f"Spearman rank correlation across the {correlations.get('models')} pruned models: "
+            f"Sp2PS {', '.join(parts)} (near 1: Sp2PS orders the models as their outputs do).")
+
+
+def band_text(report: Any) -> str | None:
+    """What the band column is measured against (``None`` without floor and references)."""
+    floor = getattr(report, "floor", None)
+    references = [m for m in getattr(report, "references", []) or [] if m.role == "reference"]
+    if floor is None and not references:
+        return None
+    against = []
+    if floor is not None:
+        against.append(f"the random floor ({_num(floor.sp2ps)})")
+    if references:
+        levels = ", ".join(f"{m.info.name} {_num(m.sp2ps)}" for m in references)
+        against.append(f"the reference{'s' if len(references) > 1 else ''} ({levels})")
+    if references:
+        labels = ["≤ floor", "floor–ref: between the floor and the lowest reference",
+                  "≈ ref: within the references' range", "> ref"]
+    else:
+        labels = ["≤ floor", "> floor"]
+    # No-break spaces keep each label on one line when the sentence is wrapped.
+    labels = [label.replace(" ", "\u00a0") for label in labels]
+    return f"band: where Sp2PS lies against {' and '.join(against)}: {'; '.join(labels)}."
+
+
+SPLIT_CAPTION = (
+    "Decision vs attention: Sp2PS over the samples both models give the same class (same "
+    "answer) and over the others, with their counts; gap on same: the share of the gap "
+    "1 − Sp2PS that the same-answer samples make up (near 100%: the attention moved while "
+    "the decisions stayed)."
+)
+FAITHFULNESS_CAPTION = (
+    "Faithfulness of each model's own CAM, means over the samples (docs/metric.md); arrows "
+    "point to the more faithful side. Compare each model with the original's row."
+)
+
+
+def _wrap(text: str, width: int = 100) -> list[str]:
+    lines = textwrap.wrap(text, width, break_on_hyphens=False)
+    return [line.replace("\u00a0", " ") for line in lines]
 
 
 def format_table(report: Any, fmt: str = "table") -> str:
-    """The ranking as ``table`` (aligned text), ``json``, ``csv`` or ``markdown``."""
+    """The ranking as ``table`` (aligned text), ``json``, ``csv`` or ``markdown``.
+
+    Every format has the original, the reference rows (random floor, ``--reference``
+    models; labelled, never ranked) and the ranked pruned models. JSON and CSV carry every
+    number: the band's full text, the decision/attention split, the mean Jensen-Shannon
+    divergence, the faithfulness figures and (JSON) the rank correlations. The text table
+    keeps the columns that fit ~110 characters; markdown has them all.
+    """
     rows = ranking_rows(report)
+    references = reference_rows(report)
+    original = original_row(report)
+    keys = _faithfulness_keys(report)
     if fmt == "json":
         payload = {
-            "original": {
-                "model": report.original.name,
-                "accuracy": report.accuracy_original,
-                "parameters": report.original.parameters,
-                "sparsity_percent": report.original.sparsity,
-                "file_size_bytes": report.original.file_size,
-            },
+            # The original's own numbers only; its comparisons with itself are not measured.
+            "original": {k: v for k, v in original.items() if k in _ORIGINAL_KEYS or k in keys},
             "n": report.n,
             "method": report.config.get("method"),
             "target": report.config.get("target"),
             "models": rows,
+            "references": references,
+            "band": {
+                "floor": next((r["sp2ps"] for r in references if r["role"] == "floor"), None),
+                "references": {r["model"]: r["sp2ps"] for r in references
+                               if r["role"] == "reference"},
+            },
+            "correlations": getattr(report, "correlations", None) or {},
         }
         return json.dumps(_clean(payload), indent=2)
     if fmt == "csv":
+        # The ranked models first (the first row is the best), then the original and the
+        # references, told apart by 'role'.
+        everything = [*rows, original, *references]
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["rank"])
+        writer = csv.DictWriter(buffer, fieldnames=list(everything[0]))
         writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        for row in everything:
+            writer.writerow({k: "" if v is None else v for k, v in _clean(row).items()})
         return buffer.getvalue().rstrip("\n")
     if fmt not in ("table", "markdown"):
         raise InputDataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    headers = ["#", "model", "Sp2PS", "95% CI", "spatial", "spectral", "p05 h", "accuracy",
-               "top-1 agree", "params", "zeros", "size"]
-    body = [
-        [
-            str(row["rank"]),
-            row["model"],
-            _num(row["sp2ps"]),
-            ci_text(None if row["ci95_low"] is None else (row["ci95_low"], row["ci95_high"])),
-            _num(row["mean_spatial"]),
-            _num(row["mean_spectral"]),
-            _num(row["p05_h"]),
-            percent(row["accuracy"]),
-            percent(row["top1_agreement"]),
-            _num(row["parameters"]),
-            f"{row['sparsity_percent']:.1f}%",
-            human_size(row["file_size_bytes"]),
-        ]
-        for row in rows
-    ]
-    original = report.original
-    reference = [
-        "–", f"{original.name} (original)", "1.000", "", "", "", "",
-        percent(report.accuracy_original), "", _num(original.parameters),
-        f"{original.sparsity:.1f}%", human_size(original.file_size),
-    ]
-    right = {0, 2, 4, 5, 6, 7, 8, 9, 10, 11}
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(headers) + " |"]
-        lines.append("|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|")
-        for cells in [reference, *body]:
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        return "\n".join(lines)
-    table = [headers, reference, *body]
-    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
-    lines = []
-    for n, cells in enumerate(table):
-        lines.append(
-            "  ".join(
-                c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)
-            ).rstrip()
-        )
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    has_references = _has_references(report)
+    cells = [_display(row, has_references, keys) for row in [original, *references, *rows]]
+    headers, wide = _RANKING
+    if fmt == "table":
+        headers = [h for h in headers if h not in wide]
+    if not references:
+        headers = [h for h in headers if h != "band"]
+    blocks = [_block(headers, cells, fmt)]
+    blocks.append([*_wrap(SPLIT_CAPTION), "", *_block(_SPLIT, cells[1:], fmt)])
+    if keys:
+        blocks.append([*_wrap(FAITHFULNESS_CAPTION), "",
+                       *_block(["model", *(FAITHFULNESS_COLUMNS.get(k, k) for k in keys)],
+                               cells, fmt)])
+    notes = [line for text in (band_text(report), correlation_text(report)) if text
+             for line in _wrap(text)]
+    if notes:
+        blocks.append(notes)
     summary = (
         f"Sp2PS ({report.config.get('spatial')}+{report.config.get('spectral')}, "
-        f"{report.config.get('aggregation')}) of {len(rows)} pruned model(s) vs {original.name}, "
-        f"{report.n} samples, {report.config.get('method')}, target={report.config.get('target')}"
+        f"{report.config.get('aggregation')}) of {len(rows)} pruned model(s) vs "
+        f"{report.original.name}, {report.n} samples, {report.config.get('method')}, "
+        f"target={report.config.get('target')}"
     )
-    return summary + "\n" + "\n".join(lines)
+    return summary + "\n" + "\n\n".join("\n".join(block) for block in blocks)
 
 
 def _clean(value: Any) -> Any:
@@ -440,9 +622,11 @@ def notebook_html(report: Any) -> str:
 # Files
 
 
-PER_SAMPLE_COLUMNS = ["model", "index", "id", "label", "label_name", "target_original",
+PER_SAMPLE_COLUMNS = ["model", "role", "index", "id", "label", "label_name", "target_original",
                       "target_pruned", "pred_original", "pred_pruned", "spatial", "spectral", "h",
-                      "confidence_original", "confidence_pruned", "fault"]
+                      "confidence_original", "confidence_pruned", "js_divergence", "fault"]
+"""The columns of ``per_sample.csv``: one row per (compared model, sample), the pruned
+models first, then the random floor and the references (``role``)."""
 
 
 def write_figures(
@@ -453,9 +637,12 @@ def write_figures(
 ) -> list[Path]:
     """Write the report's figures into ``directory`` in each of ``formats``.
 
-    ``sp2ps_vs_accuracy``, ``sp2ps_by_model``, ``per_class_h`` (when there are classes),
-    and per pruned model ``<name>_worst`` and ``<name>_best`` (input, original CAM,
-    pruned CAM of the samples with the lowest and highest h).
+    ``sp2ps_vs_accuracy`` and ``sp2ps_by_model`` (both with the band: the random floor and
+    the references as lines), ``per_class_h`` (when there are classes), and per compared
+    model (pruned, then the floor and the references) ``<name>_worst``, ``<name>_best``
+    (input, original CAM, model CAM of the samples with the lowest and highest h) and, when
+    there are any, ``<name>_moved`` (same answer, attention moved: the lowest h among the
+    samples both models classify identically).
     """
     from .figures import (
         examples_figure,
@@ -473,11 +660,16 @@ def write_figures(
     per_class = per_class_figure(report)
     if per_class is not None:
         written += save_figure(per_class, directory / "per_class_h", formats)
-    for model in report.models:
+    for model in [*report.models, *(getattr(report, "references", None) or [])]:
         name = _anchor(model.info.name)
-        for kind, examples in (("worst", model.worst), ("best", model.best)):
+        groups = [("worst", "lowest h", model.worst), ("best", "highest h", model.best)]
+        moved = getattr(model, "moved", None) or []
+        if moved:
+            groups.append(("moved", "same answer, attention moved", moved))
+        for kind, title, examples in groups:
             figure = examples_figure(examples, report.class_names, cmap=cmap,
-                                     title=f"{model.info.name}: {kind} h")
+                                     title=f"{model.info.name}: {title}",
+                                     compared=getattr(model, "role", "pruned"))
             written += save_figure(figure, directory / f"{name}_{kind}", formats)
     return written
 
@@ -505,11 +697,12 @@ def write_report(
     with open(directory / "per_sample.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=PER_SAMPLE_COLUMNS)
         writer.writeheader()
-        for model in report.models:
+        for model in [*report.models, *(getattr(report, "references", None) or [])]:
             for row in model.rows:
                 writer.writerow(
                     {
                         **{k: ("" if v is None else v) for k, v in row.items()},
+                        "role": getattr(model, "role", "pruned"),
                         "label_name": ""
                         if row.get("label") is None
                         else class_name(row["label"], report.class_names),
