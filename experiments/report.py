@@ -389,7 +389,8 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
     return path
 
 
-def _reference_section(config: StudyConfig, store: ScoreStore, manifest: Any, main_method: str) -> list[str]:
+def _reference_section(config: StudyConfig, store: ScoreStore, manifest: Any,
+                       main_method: str) -> list[str]:
     """Base models and reference points: noise ceiling, independent retrain, cascade."""
     lines: list[str] = []
     add = lines.append
@@ -436,7 +437,8 @@ def _reference_section(config: StudyConfig, store: ScoreStore, manifest: Any, ma
     return lines
 
 
-def _figure_sections(rows: list[dict], store: ScoreStore, config: StudyConfig, figures: Path) -> list[str]:
+def _figure_sections(rows: list[dict], store: ScoreStore, config: StudyConfig,
+                     figures: Path) -> list[str]:
     """Sp2PS against pruning rate and accuracy against Sp2PS, one figure per CAM method."""
     lines: list[str] = []
     add = lines.append
