@@ -664,7 +664,8 @@ def _discussion(rows: list[dict], store: ScoreStore, config: StudyConfig, figure
 
 
 def _kept_accuracy_moved_attention(rows: list[dict], pruned: list[dict], store: ScoreStore,
-                                   config: StudyConfig, figures: Path, method: str) -> list[str]:
+                                   config: StudyConfig, figures: Path,
+                                   method: str) -> list[str]:
     """Finding 1: pruned models that keep their accuracy while their attention moved."""
     lines: list[str] = []
     cases = []
@@ -788,8 +789,8 @@ def _down_to_retrain_level(pruned: list[dict], store: ScoreStore, config: StudyC
     return lines
 
 
-def _where_the_metric_does_not_separate(pruned: list[dict], store: ScoreStore, config: StudyConfig,
-                                        method: str) -> list[str]:
+def _where_the_metric_does_not_separate(pruned: list[dict], store: ScoreStore,
+                                        config: StudyConfig, method: str) -> list[str]:
     """Finding 4: pairs of models whose confidence intervals overlap."""
     lines: list[str] = []
     lines.append("**Where the metric does not separate cases.**")
