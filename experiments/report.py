@@ -372,7 +372,28 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
         add(notes.read_text().strip())
         add("")
 
-    # Base models and reference points
+    lines.extend(_reference_section(config, store, manifest, main_method))
+    lines.extend(_figure_sections(rows, store, config, figures))
+    lines.extend(_cross_framework_section(rows, config))
+    lines.extend(_deployment_section(rows, config, main_method))
+    # Real photos
+    photos_file = cache / "photos.json"
+    if photos_file.is_file():
+        lines.extend(_photos_section(json.loads(photos_file.read_text()), config))
+
+    lines.extend(_every_model_section(rows, config, main_method))
+    lines.extend(_provenance(config, store, runs))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _reference_section(config: StudyConfig, store: ScoreStore, manifest: Any,
+                       main_method: str) -> list[str]:
+    """Base models and reference points: noise ceiling, independent retrain, cascade."""
+    lines: list[str] = []
+    add = lines.append
     add("## Base models and reference points")
     add("")
     add("The *noise ceiling* scores the original against itself with Gaussian noise of "
@@ -413,7 +434,14 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
                 + f" | {_pct(records[0].get('top1_agreement'), 1)} |")
     add("")
 
-    # Figures
+    return lines
+
+
+def _figure_sections(rows: list[dict], store: ScoreStore, config: StudyConfig,
+                     figures: Path) -> list[str]:
+    """Sp2PS against pruning rate and accuracy against Sp2PS, one figure per CAM method."""
+    lines: list[str] = []
+    add = lines.append
     add("## Sp2PS against pruning rate")
     add("")
     add("Error bars: 95 % bootstrap CI. Lines: noise ceiling (green), independent retrain "
@@ -431,7 +459,13 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
             f"(figures/study/accuracy_{_slug(method)}.png)")
         add("")
 
-    # Cross-framework
+    return lines
+
+
+def _cross_framework_section(rows: list[dict], config: StudyConfig) -> list[str]:
+    """PyTorch VGG against Keras VGG under the same recipes."""
+    lines: list[str] = []
+    add = lines.append
     add("## Cross-framework check: PyTorch VGG vs Keras VGG")
     add("")
     add("The same recipes (method, rate, fine-tune) applied to the PyTorch and the Keras "
@@ -456,7 +490,13 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
                 f"{_f(item['p'], 3)} |")
         add("")
 
-    # Deployment artifacts
+    return lines
+
+
+def _deployment_section(rows: list[dict], config: StudyConfig, main_method: str) -> list[str]:
+    """The deployment artifacts and what the engine made of them."""
+    lines: list[str] = []
+    add = lines.append
     add("## Deployment artifacts")
     add("")
     add("| framework | architecture | artifact | accuracy % | Δaccuracy pts | top-1 agreement % | "
@@ -487,12 +527,13 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
             + f" | {_size(record.get('file_size'))} | {note} |")
     add("")
 
-    # Real photos
-    photos_file = cache / "photos.json"
-    if photos_file.is_file():
-        lines.extend(_photos_section(json.loads(photos_file.read_text()), config))
+    return lines
 
-    # Every model
+
+def _every_model_section(rows: list[dict], config: StudyConfig, main_method: str) -> list[str]:
+    """One row per scored model."""
+    lines: list[str] = []
+    add = lines.append
     add("## Every scored model")
     add("")
     add("Accuracy and top-1 agreement on the scored test images; Δaccuracy in percentage "
@@ -529,11 +570,7 @@ def write_results(config: StudyConfig, cache: Path, manifest: Any, out: Path, ru
               f"{_f(record.get('sparsity'), 1)} | {_size(record.get('file_size'))} |")
     add("")
 
-    lines.extend(_provenance(config, store, runs))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return lines
 
 
 def _n_test(store: ScoreStore, config: StudyConfig) -> str:
@@ -619,8 +656,18 @@ def _discussion(rows: list[dict], store: ScoreStore, config: StudyConfig, figure
     pruned = [r for r in rows if r["entry"].kind == "pruned" and _main(r, config)]
     if not pruned:
         return ["No pruned model was scored."]
+    lines += _kept_accuracy_moved_attention(rows, pruned, store, config, figures, method)
+    lines += _ranking_by_accuracy_and_sp2ps(pruned, config)
+    lines += _down_to_retrain_level(pruned, store, config, method)
+    lines += _where_the_metric_does_not_separate(pruned, store, config, method)
+    return lines
 
-    # 1. Accuracy kept, attention moved.
+
+def _kept_accuracy_moved_attention(rows: list[dict], pruned: list[dict], store: ScoreStore,
+                                   config: StudyConfig, figures: Path,
+                                   method: str) -> list[str]:
+    """Finding 1: pruned models that keep their accuracy while their attention moved."""
+    lines: list[str] = []
     cases = []
     for row in pruned:
         record = _main(row, config)
@@ -677,8 +724,12 @@ def _discussion(rows: list[dict], store: ScoreStore, config: StudyConfig, figure
         lines.append("")
         lines.append("![samples](figures/study/kept_accuracy_moved_attention.png)")
         lines.append("")
+    return lines
 
-    # 2. Ranking by accuracy vs by Sp2PS.
+
+def _ranking_by_accuracy_and_sp2ps(pruned: list[dict], config: StudyConfig) -> list[str]:
+    """Finding 2: pruning methods ranked by accuracy and by Sp2PS."""
+    lines: list[str] = []
     lines.append("**Ranking methods by accuracy and by Sp2PS.** Mean over rates of each "
                  "pruning method (fine-tuned and not):")
     lines.append("")
@@ -708,8 +759,13 @@ def _discussion(rows: list[dict], store: ScoreStore, config: StudyConfig, figure
                 + " > ".join(f"{METHOD_LABELS[m]} ({by_method[m][1]:.2f})" for m in by_sp2ps)
                 + f" | {_f(rho, 2)} |")
     lines.append("")
+    return lines
 
-    # 3. Down to the independent-retrain level.
+
+def _down_to_retrain_level(pruned: list[dict], store: ScoreStore, config: StudyConfig,
+                           method: str) -> list[str]:
+    """Finding 3: pruned models whose Sp2PS falls to the independent-retrain level."""
+    lines: list[str] = []
     lines.append("**Where Sp2PS falls to the independent-retrain level.** Pruned models whose "
                  "Sp2PS is at or below that of a model of the same architecture trained from "
                  "another seed, i.e. whose attention is no closer to the original's than an "
@@ -730,8 +786,13 @@ def _discussion(rows: list[dict], store: ScoreStore, config: StudyConfig, figure
                      f"{len(below)} of {len([r for r in pruned if r['entry'].arch == arch])}"
                      + (f": {names}" if names else ""))
     lines.append("")
+    return lines
 
-    # 4. Where the metric does not separate.
+
+def _where_the_metric_does_not_separate(pruned: list[dict], store: ScoreStore,
+                                        config: StudyConfig, method: str) -> list[str]:
+    """Finding 4: pairs of models whose confidence intervals overlap."""
+    lines: list[str] = []
     lines.append("**Where the metric does not separate cases.**")
     lines.append("")
     for arch in config.architectures:
