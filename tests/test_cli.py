@@ -180,9 +180,10 @@ def test_score_matches_the_python_api_and_writes_every_output(tiny, tmp_path: Pa
     assert by_name["pruned"]["zero_weights"] == tiny["zeros_expected"]
     assert by_name["pruned"]["weight_count"] == tiny["weights_expected"]
     assert data["config"]["versions"]["onnxruntime"]
-    # The per-sample table holds the same h values, 18 rows per model.
+    # The per-sample table holds the same h values, 18 rows per model (and the random floor's).
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
-    assert len(rows) == 36
+    assert len([r for r in rows if r["role"] == "pruned"]) == 36
+    assert len([r for r in rows if r["role"] == "floor"]) == 18
     h = np.array([float(r["h"]) for r in rows if r["model"] == "pruned"])
     assert h.mean() == pytest.approx(expected.sp2ps, abs=1e-5)
     # stdout: the ranking as JSON.
