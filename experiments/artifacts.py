@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -98,35 +99,39 @@ def _rename_graph_output(proto, new_name: str) -> None:
     output.name = new_name
 
 
-def quantize_qdq(source: Path, path: Path, calibration: np.ndarray) -> Path:
-    """ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8
-    activations (the defaults), calibrated by MinMax on ``calibration`` (model inputs)."""
-    import onnxruntime
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    input_name = onnxruntime.InferenceSession(
-        str(source), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+def calibration_reader(input_name: str, batches: Iterable[np.ndarray]):
+    """An ONNX Runtime ``CalibrationDataReader`` that feeds ``batches`` to ``input_name``,
+    once (make a new reader for each quantization)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
+            self.batches = iter(batches)
 
         def get_next(self):
             batch = next(self.batches, None)
             return None if batch is None else {input_name: batch}
 
+    return Reader()
+
+
+def quantize_qdq(source: Path, path: Path, calibration: np.ndarray) -> Path:
+    """ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8
+    activations (the defaults), calibrated by MinMax on ``calibration`` (model inputs)."""
+    import onnxruntime
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    input_name = onnxruntime.InferenceSession(
+        str(source), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    reader = calibration_reader(
+        input_name, np.array_split(calibration, max(1, len(calibration) // 64)))
     path.parent.mkdir(parents=True, exist_ok=True)
     prepared = path.with_suffix(".prep.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
     prepared.unlink(missing_ok=True)
