@@ -270,14 +270,6 @@ def run_keras(name: str, size: int, workdir: Path) -> dict:
 
 # -- quantized variants ----------------------------------------------------------------------
 def _ort_variants(float_path: Path, x: np.ndarray, workdir: Path) -> dict[str, Path]:
-    from onnxruntime.quantization import (
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )  # fmt: skip
-
-    photos = [x[i : i + 1] for i in range(len(x))]
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = {}
@@ -287,18 +279,12 @@ def _ort_variants(float_path: Path, x: np.ndarray, workdir: Path) -> dict[str, P
     prepared = workdir / f"{stem}-prepared.onnx"
     quant_pre_process(str(float_path), str(prepared))
     float_path = prepared
-    for form in ("ort-dynamic", "ort-qdq", "ort-qoperator"):
-        target = workdir / f"{stem}-{form}.onnx"
+    for form in artifacts.ORT_FORMS:
+        target = workdir / f"{stem}-ort-{form}.onnx"
         try:
-            if form == "ort-dynamic":
-                quantize_dynamic(str(float_path), str(target), weight_type=QuantType.QInt8)
-            else:
-                fmt = QuantFormat.QDQ if form == "ort-qdq" else QuantFormat.QOperator
-                reader = artifacts.calibration_reader("input", photos)
-                quantize_static(str(float_path), str(target), reader, quant_format=fmt, per_channel=True)
-            out[form] = target
+            out[f"ort-{form}"] = artifacts.quantize_ort(float_path, target, form, x)
         except Exception as exc:  # the quantizer itself failed
-            out[form] = exc
+            out[f"ort-{form}"] = exc
     return out
 
 

@@ -115,6 +115,28 @@ def calibration_reader(input_name: str, batches: Iterable[np.ndarray]):
     return Reader()
 
 
+ORT_FORMS = ("dynamic", "qdq", "qoperator")
+
+
+def quantize_ort(source: Path, target: Path, form: str, x: np.ndarray | None = None) -> Path:
+    """ONNX Runtime's quantizer with its default types: ``dynamic`` (int8 weights), or static
+    ``qdq`` / ``qoperator`` with per-channel weights, calibrated (MinMax) on the inputs ``x``
+    of the model's ``input``, one image at a time."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if form not in ORT_FORMS:
+        raise ValueError(f"unknown ONNX Runtime quantization {form!r}; choose one of {ORT_FORMS}")
+    if form == "dynamic":
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        return target
+    if x is None:
+        raise ValueError(f"static quantization {form!r} needs calibration inputs x")
+    reader = calibration_reader("input", [x[i : i + 1] for i in range(len(x))])
+    fmt = QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator
+    quantize_static(str(source), str(target), reader, quant_format=fmt, per_channel=True)
+    return target
+
+
 def quantize_qdq(source: Path, path: Path, calibration: np.ndarray) -> Path:
     """ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8
     activations (the defaults), calibrated by MinMax on ``calibration`` (model inputs)."""

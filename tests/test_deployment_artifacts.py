@@ -24,7 +24,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from experiments.artifacts import TFLITE_FORMS, calibration_reader, keras_to_onnx_via_tflite
+from experiments.artifacts import ORT_FORMS, TFLITE_FORMS, keras_to_onnx_via_tflite, quantize_ort
 from references.photos import per_image_pearson, sample_photos
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.errors import LayerNotFoundError
@@ -41,32 +41,16 @@ SIZE = 64
 # 1 and 5: ONNX Runtime quantization of a torchvision ResNet-18 (QDQ, QOperator, dynamic)
 # ---------------------------------------------------------------------------------------------
 
-_FORMS = ("dynamic", "qdq", "qoperator")
-
 
 @pytest.fixture(scope="module")
 def resnet_variants() -> dict[str, Path]:
-    from onnxruntime.quantization import (
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
     path, _, _ = export_torchvision("resnet18", False, SIZE)
     x = sample_photos(SIZE, nchw=True)
-    photos = [x[i : i + 1] for i in range(len(x))]
-
     out = {"float": path}
-    for form in _FORMS:
+    for form in ORT_FORMS:
         target = cache_dir() / f"resnet18-{SIZE}-{form}.onnx"
         if not target.exists():
-            if form == "dynamic":
-                quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8)
-            else:
-                fmt = QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator
-                reader = calibration_reader("input", photos)
-                quantize_static(str(path), str(target), reader, quant_format=fmt, per_channel=True)
+            quantize_ort(path, target, form, x)
         out[form] = target
     return out
 
@@ -97,7 +81,7 @@ def _fc_weight_as_quantized(model: onnx.ModelProto) -> np.ndarray:
     raise AssertionError("no classifier weight found")
 
 
-@pytest.mark.parametrize("form", _FORMS)
+@pytest.mark.parametrize("form", ORT_FORMS)
 def test_onnxruntime_quantized_model_matches_straight_through_and_float_cams(
     resnet_variants, form: str
 ) -> None:
@@ -123,7 +107,7 @@ def test_quantized_models_count_integer_weights(resnet_variants) -> None:
     float_model = onnx.load(resnet_variants["float"])
     float_weights, float_zeros = weight_statistics(float_model)
     assert float_zeros == 0
-    for form in _FORMS:
+    for form in ORT_FORMS:
         model = onnx.load(resnet_variants[form])
         assert parameter_count(model) == parameter_count(float_model), form
         weights, zeros = weight_statistics(model)
