@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 
 from experiments import artifacts
+from references.photos import per_image_pearson, sample_photos
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.graph import inspect_model
 
@@ -84,16 +85,6 @@ def _alarm(signum, frame):
     raise Timeout(f"no result within {TIMEOUT_S} s")
 
 
-def _photos(size: int, nchw: bool, scale01: bool = False) -> np.ndarray:
-    from skimage import data, transform
-
-    images = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    x = np.stack([transform.resize(i, (size, size), anti_aliasing=True) for i in images])
-    if not scale01:
-        x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    return (x.transpose(0, 3, 1, 2) if nchw else x).astype(np.float32)
-
-
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
@@ -114,7 +105,7 @@ def _compared_row(cam, result, reference: np.ndarray, gradient: np.ndarray, sour
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    values = [np.corrcoef(p.ravel(), q.ravel())[0, 1] for p, q in zip(a, b, strict=True)]
+    values = per_image_pearson(a, b)
     return float(np.nanmin(values)) if not np.all(np.isnan(values)) else float("nan")
 
 
@@ -136,7 +127,7 @@ def run_timm(name: str, size: int, workdir: Path) -> dict:
             with torch.no_grad():
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
-    x = torch.from_numpy(_photos(size, nchw=True))
+    x = torch.from_numpy(sample_photos(size, nchw=True))
     path = artifacts.export_torch(model, workdir / f"{name}.onnx", example=x[:2], check=False)
     cam = CamModel(path, input_size=(size, size))
     result = cam.run(x.numpy())
@@ -172,7 +163,7 @@ def run_timm_earlier(name: str, size: int, workdir: Path) -> dict:
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-    x = torch.from_numpy(_photos(size, nchw=True))
+    x = torch.from_numpy(sample_photos(size, nchw=True))
     path = artifacts.export_torch(model, workdir / f"{name}-earlier.onnx", example=x[:2],
                                   check=False)
     module_name = model.feature_info[-2]["module"]
@@ -248,7 +239,7 @@ def run_keras(name: str, size: int, workdir: Path) -> dict:
     )
     path = artifacts.export_keras(model, workdir / f"{name}.onnx", input_shape=(size, size, 3),
                                   check=False)
-    x = _photos(size, nchw=False)
+    x = sample_photos(size, nchw=False)
     cam = CamModel(path)
     result = cam.run(x)
     index = _keras_feature_index(model)
@@ -279,21 +270,6 @@ def run_keras(name: str, size: int, workdir: Path) -> dict:
 
 # -- quantized variants ----------------------------------------------------------------------
 def _ort_variants(float_path: Path, x: np.ndarray, workdir: Path) -> dict[str, Path]:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )  # fmt: skip
-
-    class Photos(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{"input": x[i : i + 1]} for i in range(len(x))])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = {}
@@ -303,17 +279,12 @@ def _ort_variants(float_path: Path, x: np.ndarray, workdir: Path) -> dict[str, P
     prepared = workdir / f"{stem}-prepared.onnx"
     quant_pre_process(str(float_path), str(prepared))
     float_path = prepared
-    for form in ("ort-dynamic", "ort-qdq", "ort-qoperator"):
-        target = workdir / f"{stem}-{form}.onnx"
+    for form in artifacts.ORT_FORMS:
+        target = workdir / f"{stem}-ort-{form}.onnx"
         try:
-            if form == "ort-dynamic":
-                quantize_dynamic(str(float_path), str(target), weight_type=QuantType.QInt8)
-            else:
-                fmt = QuantFormat.QDQ if form == "ort-qdq" else QuantFormat.QOperator
-                quantize_static(str(float_path), str(target), Photos(), quant_format=fmt, per_channel=True)
-            out[form] = target
+            out[f"ort-{form}"] = artifacts.quantize_ort(float_path, target, form, x)
         except Exception as exc:  # the quantizer itself failed
-            out[form] = exc
+            out[f"ort-{form}"] = exc
     return out
 
 
@@ -347,7 +318,7 @@ def _run_ort_quantized(workdir: Path, size: int) -> list[dict]:
     for name in ("resnet18", "mobilenetv3_small_100", "efficientnet_b0"):
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-        x = _photos(size, nchw=True)
+        x = sample_photos(size, nchw=True)
         path = artifacts.export_torch(model, workdir / f"q-{name}.onnx",
                                       example=torch.from_numpy(x[:2]), check=False)
         rows += _compare_variants(f"timm {name}", path, _ort_variants(path, x, workdir), x)
@@ -361,7 +332,7 @@ def _run_tflite_quantized(workdir: Path, size: int) -> list[dict]:
     for name in ("MobileNetV2", "ResNet50", "EfficientNetB0"):
         tf.keras.utils.set_random_seed(0)
         model = getattr(tf.keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=10)
-        x = _photos(size, nchw=False)
+        x = sample_photos(size, nchw=False)
         variants = _tflite_variants(model, x, workdir, name)
         float_path = variants.pop("tflite-float")
         if isinstance(float_path, Exception):

@@ -7,4 +7,9 @@ study can be rerun alone (``--only deploy,score,report``). See :mod:`experiments
 
 PyTorch, TensorFlow, tf2onnx and Torch-Pruning are needed here (the ``study`` extra), never
 by :mod:`sp2ps_onnx` itself: the models are scored through its public Python API.
+
+The Fashion-MNIST reader (:mod:`experiments.fmnist`), the training loop
+(:mod:`experiments.train`), the exporters and quantizers (:mod:`experiments.artifacts`) and
+the pruning methods (:mod:`experiments.prune`) are the repository's only ones:
+``models/build.py``, the benchmarks and the tests use them too.
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -98,35 +99,61 @@ def _rename_graph_output(proto, new_name: str) -> None:
     output.name = new_name
 
 
-def quantize_qdq(source: Path, path: Path, calibration: np.ndarray) -> Path:
-    """ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8
-    activations (the defaults), calibrated by MinMax on ``calibration`` (model inputs)."""
-    import onnxruntime
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    input_name = onnxruntime.InferenceSession(
-        str(source), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+def calibration_reader(input_name: str, batches: Iterable[np.ndarray]):
+    """An ONNX Runtime ``CalibrationDataReader`` that feeds ``batches`` to ``input_name``,
+    once (make a new reader for each quantization)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
+            self.batches = iter(batches)
 
         def get_next(self):
             batch = next(self.batches, None)
             return None if batch is None else {input_name: batch}
 
+    return Reader()
+
+
+ORT_FORMS = ("dynamic", "qdq", "qoperator")
+
+
+def quantize_ort(source: Path, target: Path, form: str, x: np.ndarray | None = None) -> Path:
+    """ONNX Runtime's quantizer with its default types: ``dynamic`` (int8 weights), or static
+    ``qdq`` / ``qoperator`` with per-channel weights, calibrated (MinMax) on the inputs ``x``
+    of the model's ``input``, one image at a time."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if form not in ORT_FORMS:
+        raise ValueError(f"unknown ONNX Runtime quantization {form!r}; choose one of {ORT_FORMS}")
+    if form == "dynamic":
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        return target
+    if x is None:
+        raise ValueError(f"static quantization {form!r} needs calibration inputs x")
+    reader = calibration_reader("input", [x[i : i + 1] for i in range(len(x))])
+    fmt = QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator
+    quantize_static(str(source), str(target), reader, quant_format=fmt, per_channel=True)
+    return target
+
+
+def quantize_qdq(source: Path, path: Path, calibration: np.ndarray) -> Path:
+    """ONNX Runtime static quantization, QDQ format, per-channel int8 weights, uint8
+    activations (the defaults), calibrated by MinMax on ``calibration`` (model inputs)."""
+    import onnxruntime
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    input_name = onnxruntime.InferenceSession(
+        str(source), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    reader = calibration_reader(
+        input_name, np.array_split(calibration, max(1, len(calibration) // 64)))
     path.parent.mkdir(parents=True, exist_ok=True)
     prepared = path.with_suffix(".prep.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
     prepared.unlink(missing_ok=True)

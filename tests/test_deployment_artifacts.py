@@ -24,7 +24,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from experiments.artifacts import TFLITE_FORMS, keras_to_onnx_via_tflite
+from experiments.artifacts import ORT_FORMS, TFLITE_FORMS, keras_to_onnx_via_tflite, quantize_ort
+from references.photos import per_image_pearson, sample_photos
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.errors import LayerNotFoundError
 from sp2ps_onnx.graph import inspect_model, parameter_count, weight_statistics
@@ -36,55 +37,20 @@ PEARSON_MIN = 0.9
 SIZE = 64
 
 
-def _photos(size: int, nchw: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-    from skimage import data, transform
-
-    images = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    x = np.stack([transform.resize(i, (size, size), anti_aliasing=True) for i in images])
-    x = (x - np.asarray(mean)) / np.asarray(std)
-    return (x.transpose(0, 3, 1, 2) if nchw else x).astype(np.float32)
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.array([np.corrcoef(p.ravel(), q.ravel())[0, 1] for p, q in zip(a, b, strict=True)])
-
-
 # ---------------------------------------------------------------------------------------------
 # 1 and 5: ONNX Runtime quantization of a torchvision ResNet-18 (QDQ, QOperator, dynamic)
 # ---------------------------------------------------------------------------------------------
 
-_FORMS = ("dynamic", "qdq", "qoperator")
-
 
 @pytest.fixture(scope="module")
 def resnet_variants() -> dict[str, Path]:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
     path, _, _ = export_torchvision("resnet18", False, SIZE)
-    x = _photos(SIZE, nchw=True)
-
-    class Photos(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{"input": x[i : i + 1]} for i in range(len(x))])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
+    x = sample_photos(SIZE, nchw=True)
     out = {"float": path}
-    for form in _FORMS:
+    for form in ORT_FORMS:
         target = cache_dir() / f"resnet18-{SIZE}-{form}.onnx"
         if not target.exists():
-            if form == "dynamic":
-                quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8)
-            else:
-                fmt = QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator
-                quantize_static(str(path), str(target), Photos(), quant_format=fmt, per_channel=True)
+            quantize_ort(path, target, form, x)
         out[form] = target
     return out
 
@@ -115,11 +81,11 @@ def _fc_weight_as_quantized(model: onnx.ModelProto) -> np.ndarray:
     raise AssertionError("no classifier weight found")
 
 
-@pytest.mark.parametrize("form", _FORMS)
+@pytest.mark.parametrize("form", ORT_FORMS)
 def test_onnxruntime_quantized_model_matches_straight_through_and_float_cams(
     resnet_variants, form: str
 ) -> None:
-    x = _photos(SIZE, nchw=True)
+    x = sample_photos(SIZE, nchw=True)
     float_cams, targets = CamModel(resnet_variants["float"]).cams(x)
     model = onnx.load(resnet_variants[form])
     quantized = CamModel(model)
@@ -133,7 +99,7 @@ def test_onnxruntime_quantized_model_matches_straight_through_and_float_cams(
     np.testing.assert_allclose(result.gradients, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
     maps, _ = quantized.cams(x, targets=targets)
-    correlation = _pearson(float_cams, maps)
+    correlation = per_image_pearson(float_cams, maps)
     assert correlation.min() >= PEARSON_MIN, f"{form}: CAM Pearson vs float {correlation}"
 
 
@@ -141,7 +107,7 @@ def test_quantized_models_count_integer_weights(resnet_variants) -> None:
     float_model = onnx.load(resnet_variants["float"])
     float_weights, float_zeros = weight_statistics(float_model)
     assert float_zeros == 0
-    for form in _FORMS:
+    for form in ORT_FORMS:
         model = onnx.load(resnet_variants[form])
         assert parameter_count(model) == parameter_count(float_model), form
         weights, zeros = weight_statistics(model)
@@ -190,7 +156,7 @@ def _keras_cnn(size: int):
 @pytest.fixture(scope="module")
 def tflite_variants() -> dict[str, Path]:
     model = _keras_cnn(SIZE)
-    x = _photos(SIZE, nchw=False)
+    x = sample_photos(SIZE, nchw=False)
     out = {}
     for form in TFLITE_FORMS:
         target = cache_dir() / f"keras-cnn-{SIZE}-tflite-{form}.onnx"
@@ -211,7 +177,7 @@ def test_tflite_quantized_models_cut_the_softmax_and_follow_the_float_cams(
 ) -> None:
     import onnxruntime as ort
 
-    x = _photos(SIZE, nchw=False)
+    x = sample_photos(SIZE, nchw=False)
     float_cams, targets = CamModel(tflite_variants["float"]).cams(x)
     quantized = CamModel(tflite_variants[form])
     details = inspect_model(tflite_variants[form])
@@ -233,7 +199,7 @@ def test_tflite_quantized_models_cut_the_softmax_and_follow_the_float_cams(
     np.testing.assert_allclose(_softmax(score.astype(np.float64)), output, atol=2 / 256)
 
     maps, _ = quantized.cams(x, targets=targets)
-    correlation = _pearson(float_cams, maps)
+    correlation = per_image_pearson(float_cams, maps)
     assert correlation.min() >= PEARSON_MIN, f"{form}: CAM Pearson vs float {correlation}"
 
 
@@ -285,7 +251,7 @@ def test_layernorm_sandwich_layer_is_channels_first_with_torch_gradient(tmp_path
     model = ConvNeXt(
         depths=(1, 1, 1, 1), dims=(16, 24, 32, 48), head_norm_first=True, num_classes=10
     ).eval()
-    x = torch.from_numpy(_photos(SIZE, nchw=True))
+    x = torch.from_numpy(sample_photos(SIZE, nchw=True))
     path = tmp_path / "convnext-hnf.onnx"
     torch.onnx.export(
         model, x, str(path), input_names=["input"], output_names=["logits"],
@@ -372,7 +338,7 @@ def test_default_layer_is_the_block_input_every_branch_reads(tmp_path) -> None:
     proto, _ = tf2onnx.convert.from_keras(model, opset=17)
 
     cam = CamModel(proto)
-    x = _photos(32, nchw=False)
+    x = sample_photos(32, nchw=False)
     result = cam.run(x)
     assert result.activations.shape[1:] == (16, 8, 8)  # mixed (16 ch), not branch_tensor (12)
     # The chosen tensor is the block input "mixed": TF's gradient there is the reference.
