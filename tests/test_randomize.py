@@ -119,7 +119,7 @@ def artifacts(tmp_path_factory) -> dict[str, tuple[Path, bool]]:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from sp2ps_onnx.convert import to_onnx
-    from tests.tflite_export import keras_to_onnx_via_tflite
+    from experiments.artifacts import keras_to_onnx_via_tflite
 
     folder = tmp_path_factory.mktemp("randomize")
     x, _ = fmnist(32)

@@ -6,7 +6,7 @@ the function the streaming :class:`~sp2ps_onnx.metric.Sp2PSAccumulator` also del
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,7 @@ def aggregate(
     *,
     expected: int | None = None,
     max_listed: int = 100,
+    uncounted: Collection[int] = (),
 ) -> Aggregate:
     """Step 2: turn the rows of all batches (any order) into every reported number.
 
@@ -59,7 +60,8 @@ def aggregate(
     every batch; ``options`` say how they are aggregated. Each sample index must appear
     exactly once per model (and, with ``expected``, the indices must be
     ``0..expected-1``): a lost or duplicated row is an error, never a silently different
-    score.
+    score. The faults of the models at the positions ``uncounted`` are not counted (the
+    random floor's flat CAMs are what a random network gives, not a fault).
     """
     order = np.lexsort((rows["index"], rows["model"]))
     table = {key: value[order] for key, value in rows.items()}
@@ -98,7 +100,7 @@ def aggregate(
         best.append(b)
         moved.append(keep_moved(found, options.examples))
     results = _summarize_all(summaries, options)
-    faults = _fault_summary(table, names, max_listed)
+    faults = _fault_summary(table, names, max_listed, uncounted)
     return Aggregate(results, tables, worst, best, moved, faithful, original_faithful,
                      0 if reference is None else int(reference.size), faults)
 
@@ -157,11 +159,12 @@ def _summarize_all(summaries: list[metric.SampleTable], options: MetricOptions) 
 
 
 def _fault_summary(
-    table: dict[str, np.ndarray], names: Sequence[str], max_listed: int
+    table: dict[str, np.ndarray], names: Sequence[str], max_listed: int,
+    uncounted: Collection[int],
 ) -> dict[str, Any]:
     counts: dict[str, int] = {}
     listed: list[dict[str, Any]] = []
-    flags = table["flags"]
+    flags = np.where(np.isin(table["model"], list(uncounted)), 0, table["flags"])
     for bit, fault in FAULTS.items():
         hit = (flags & bit) != 0
         if bit in (FLAG_ORIGINAL_NONFINITE, FLAG_ORIGINAL_CONSTANT):

@@ -232,8 +232,9 @@ def score_models(
     if collect.done == 0:
         skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
         raise InputDataError(f"no samples were read from {source.description}{skipped}")
+    floors = [j for j, role in enumerate(compared.roles) if role == FLOOR]
     result = aggregate(concat_rows(collect.parts), collect.candidates, compared.names[1:],
-                       metric, expected=collect.done)
+                       metric, expected=collect.done, uncounted=floors)
     report = _report(original, compared, scorer, source, result, run, providers)
     report.seconds = time.perf_counter() - started
     return report
