@@ -337,7 +337,7 @@ def _finite(value: Any) -> float | None:
 
 # The band's colours: the random floor in grey (attention with nothing of the original's
 # left), the references in blue; neither is one of tab10's first colours the points take.
-FLOOR_STYLE = {"color": "#57606a", "linestyle": ":", "linewidth": 1.4}
+FLOOR_STYLE = {"color": "#424a53", "linestyle": ":", "linewidth": 1.4}
 REFERENCE_STYLE = {"color": "#0550ae", "linestyle": "--", "linewidth": 1.1}
 REFERENCE_RANGE_COLOR = "#0969da"
 
