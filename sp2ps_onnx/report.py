@@ -731,11 +731,11 @@ def write_figures(
     """Write the report's figures into ``directory`` in each of ``formats``.
 
     ``sp2ps_vs_accuracy`` and ``sp2ps_by_model`` (both with the band: the random floor and
-    the references as lines), ``per_class_h`` (when there are classes), and per compared
-    model (pruned, then the floor and the references) ``<name>_worst``, ``<name>_best``
-    (input, original CAM, model CAM of the samples with the lowest and highest h) and, when
-    there are any, ``<name>_moved`` (same answer, attention moved: the lowest h among the
-    samples both models classify identically).
+    the references as lines), ``per_class_h`` (when there are classes), and per pruned
+    model ``<name>_worst``, ``<name>_best`` (input, original CAM, pruned CAM of the samples
+    with the lowest and highest h) and, when there are any, ``<name>_moved`` (same answer,
+    attention moved: the lowest h among the samples both models classify identically).
+    The reference models' samples are on the HTML page only.
     """
     from .figures import (
         examples_figure,
@@ -753,7 +753,9 @@ def write_figures(
     per_class = per_class_figure(report)
     if per_class is not None:
         written += save_figure(per_class, directory / "per_class_h", formats)
-    for model in [*report.models, *(getattr(report, "references", None) or [])]:
+    # Sample grids of the pruned models only: the references' are on the page, and each
+    # grid file costs about as much as scoring a model on a few hundred images.
+    for model in report.models:
         name = _anchor(model.info.name)
         groups = [("worst", "lowest h", model.worst), ("best", "highest h", model.best)]
         moved = getattr(model, "moved", None) or []

@@ -222,8 +222,23 @@ def test_cam_and_example_figures_show_input_cam_and_overlay() -> None:
     np.testing.assert_allclose(panels[1], example.original_map)
     np.testing.assert_array_equal(panels[2], overlay(example.image, example.original_map,
                                                      cmap="turbo"))
-    grid = examples_figure(report.models[0].worst, report.class_names)
-    assert len([a for a in grid.axes if a.images]) == 3 * len(report.models[0].worst)
+    worst = report.models[0].worst
+    grid = examples_figure(worst, report.class_names, compared="reference")
+    rows = [axis for axis in grid.axes if axis.images]
+    assert len(rows) == len(worst)
+    for axis, example in zip(rows, worst, strict=True):
+        strip = np.asarray(axis.images[0].get_array())
+        expected = (np.repeat(example.image, 3, axis=2), overlay(example.image, example.original_map),
+                    overlay(example.image, example.pruned_map))
+        width = example.image.shape[1]
+        gap = (strip.shape[1] - 3 * width) // 2
+        for k, panel in enumerate(expected):
+            np.testing.assert_array_equal(strip[:, k * (width + gap) : k * (width + gap) + width],
+                                          panel)
+        assert (strip[:, width : width + gap] == 255).all()  # white between the panels
+        captions = [text.get_text() for text in axis.texts]
+        assert captions[0].startswith(example.sample_id)
+        assert f"reference · h={example.h:.2f}" in captions
 
 
 def test_html_is_self_contained_and_complete() -> None:
@@ -556,9 +571,8 @@ def test_per_sample_csv_has_every_compared_model_and_its_js_divergence(tmp_path:
         assert entry["band"] == model.band
     assert [r["role"] for r in data["references"]] == ["floor", "reference"]
     figures = {p.stem for p in (tmp_path / "figures").iterdir()}
-    for model in compared:
-        name = model.info.name
-        assert {f"{name}_worst", f"{name}_best", f"{name}_moved"} <= figures
+    assert figures == {"sp2ps_vs_accuracy", "sp2ps_by_model", "per_class_h"} | {
+        f"{m.info.name}_{kind}" for m in report.models for kind in ("worst", "best", "moved")}
 
 
 def _band_artists(axis) -> dict[str, float]:
