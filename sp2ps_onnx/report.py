@@ -664,6 +664,7 @@ def render_html(report: Any, cmap: str = "jet") -> str:
         "rows": _table_rows(report),
         "references": _reference_table_rows(report),
         "has_band": bool(getattr(report, "references", None)),
+        "has_references": _has_references(report),
         "band_marks": _band_marks(report),
         "band_text": band_text(report),
         "correlation_text": correlation_text(report),
