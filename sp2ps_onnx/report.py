@@ -353,7 +353,9 @@ def format_table(report: Any, fmt: str = "table") -> str:
         f"{report.original.name}, {report.n} samples, {report.config.get('method')}, "
         f"target={report.config.get('target')}"
     )
-    return summary + "\n" + "\n\n".join("\n".join(block) for block in blocks)
+    body = "\n\n".join("\n".join(block) for block in blocks)
+    # Markdown starts with its table, so that it pastes into a document as one.
+    return body if fmt == "markdown" else summary + "\n" + body
 
 
 def _clean(value: Any) -> Any:

@@ -471,7 +471,7 @@ def _text_rows(text: str) -> list[list[str]]:
 
 
 def _markdown_rows(text: str) -> list[list[str]]:
-    block = text.split("\n\n")[0].splitlines()[1:]
+    block = text.split("\n\n")[0].splitlines()
     return [[c.strip() for c in line.strip("|").split("|")] for line in block[2:]]
 
 
@@ -482,7 +482,10 @@ def test_text_tables_show_references_after_the_original_unranked_and_bands(fmt: 
     report = _all_bands_report()
     text = format_table(report, fmt)
     rows = _text_rows(text) if fmt == "table" else _markdown_rows(text)
-    header = (text.split("\n\n")[0].splitlines()[1])
+    header = text.split("\n\n")[0].splitlines()[1 if fmt == "table" else 0]
+    if fmt == "markdown":  # a table from the first line
+        rule = text.splitlines()[1]
+        assert header.count("|") == rule.count("|") and set(rule) <= set("|-:")
     assert "band" in header and "JS div" in header
     assert [r[:2] for r in rows[:4]] == [["–", "orig (original)"],
                                          ["–", "random-floor (random floor)"],
