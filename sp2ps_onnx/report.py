@@ -353,7 +353,9 @@ def format_table(report: Any, fmt: str = "table") -> str:
         f"{report.original.name}, {report.n} samples, {report.config.get('method')}, "
         f"target={report.config.get('target')}"
     )
-    return summary + "\n" + "\n\n".join("\n".join(block) for block in blocks)
+    body = "\n\n".join("\n".join(block) for block in blocks)
+    # Markdown starts with its table, so that it pastes into a document as one.
+    return body if fmt == "markdown" else summary + "\n" + body
 
 
 def _clean(value: Any) -> Any:
@@ -413,37 +415,67 @@ def _anchor(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
+def _band_marks(report: Any) -> list[dict[str, str]]:
+    """Ticks of the floor and the references on the score bars of the HTML tables."""
+    marks = []
+    for model in getattr(report, "references", None) or []:
+        value = model.sp2ps
+        if math.isfinite(value):
+            marks.append({"left": f"{100 * max(0.0, min(1.0, value)):.1f}",
+                          "css": "floor" if model.role == "floor" else "refmark",
+                          "title": f"{model.info.name}: {_num(value)}"})
+    return marks
+
+
+def _html_row(row: dict[str, Any], report: Any, has_references: bool) -> dict[str, Any]:
+    """One table row as display strings, shared by the page and the notebook view."""
+    score = row["sp2ps"]
+    finite = score is not None and math.isfinite(score)
+    css = _score_class(score)
+    delta = None
+    if row["accuracy"] is not None and report.accuracy_original is not None:
+        delta = f"{100 * (row['accuracy'] - report.accuracy_original):+.1f}"
+    ci = None if row["ci95_low"] is None else (row["ci95_low"], row["ci95_high"])
+    role = row["role"]
+    return {
+        "rank": "–" if row["rank"] is None else row["rank"],
+        "model": row["model"],
+        "role": role,
+        "role_label": "" if role == "pruned" else ROLE_LABELS[role],
+        "anchor": _anchor(row["model"]),
+        "css": css,
+        "sp2ps": _num(score),
+        "bar_width": f"{100 * max(0.0, min(1.0, score)) if finite else 0.0:.1f}",
+        "bar_color": _SCORE_COLORS.get(css, "#8c959f") if role == "pruned" else "#8c959f",
+        "ci": ci_text(ci),
+        "band": band_label(row["band"], has_references),
+        "band_text": row["band"] or "",
+        "spatial": _num(row["mean_spatial"]),
+        "spectral": _num(row["mean_spectral"]),
+        "p05_h": _num(row["p05_h"]),
+        "accuracy": percent(row["accuracy"]),
+        "delta": delta,
+        "top1": percent(row["top1_agreement"]),
+        "js": _num(row["mean_js_divergence"]),
+        "same": _split(row["same_answer_sp2ps"], row["same_answer_n"]),
+        "different": _split(row["different_answer_sp2ps"], row["different_answer_n"]),
+        "gap_same": percent(row["same_answer_gap_share"], 0),
+        "parameters": _num(row["parameters"]),
+        "sparsity": f"{row['sparsity_percent']:.1f}%",
+        "size": human_size(row["file_size_bytes"]),
+    }
+
+
 def _table_rows(report: Any) -> list[dict[str, Any]]:
-    """The ranking rows as display strings, shared by the page and the notebook view."""
-    out = []
-    for row in ranking_rows(report):
-        score = row["sp2ps"]
-        finite = score is not None and math.isfinite(score)
-        css = _score_class(score)
-        delta = None
-        if row["accuracy"] is not None and report.accuracy_original is not None:
-            delta = f"{100 * (row['accuracy'] - report.accuracy_original):+.1f}"
-        ci = None if row["ci95_low"] is None else (row["ci95_low"], row["ci95_high"])
-        out.append({
-            "rank": row["rank"],
-            "model": row["model"],
-            "anchor": _anchor(row["model"]),
-            "css": css,
-            "sp2ps": _num(score),
-            "bar_width": f"{100 * max(0.0, min(1.0, score)) if finite else 0.0:.1f}",
-            "bar_color": _SCORE_COLORS.get(css, "#8c959f"),
-            "ci": ci_text(ci),
-            "spatial": _num(row["mean_spatial"]),
-            "spectral": _num(row["mean_spectral"]),
-            "p05_h": _num(row["p05_h"]),
-            "accuracy": percent(row["accuracy"]),
-            "delta": delta,
-            "top1": percent(row["top1_agreement"]),
-            "parameters": _num(row["parameters"]),
-            "sparsity": f"{row['sparsity_percent']:.1f}%",
-            "size": human_size(row["file_size_bytes"]),
-        })
-    return out
+    """The ranked pruned models as display strings."""
+    has_references = _has_references(report)
+    return [_html_row(row, report, has_references) for row in ranking_rows(report)]
+
+
+def _reference_table_rows(report: Any) -> list[dict[str, Any]]:
+    """The random floor and the reference models as display strings (never ranked)."""
+    has_references = _has_references(report)
+    return [_html_row(row, report, has_references) for row in reference_rows(report)]
 
 
 def _original_row(report: Any) -> dict[str, Any]:
@@ -454,6 +486,22 @@ def _original_row(report: Any) -> dict[str, Any]:
         "parameters": _num(original.parameters),
         "sparsity": f"{original.sparsity:.1f}%",
         "size": human_size(original.file_size),
+    }
+
+
+def _faithfulness_table(report: Any) -> dict[str, Any] | None:
+    """The faithfulness figures of the original, the references and the ranked models
+    (``None`` when the run has none)."""
+    keys = _faithfulness_keys(report)
+    if not keys:
+        return None
+    rows = [original_row(report), *reference_rows(report), *ranking_rows(report)]
+    return {
+        "headers": [FAITHFULNESS_COLUMNS.get(key, key) for key in keys],
+        "rows": [{"name": row["model"],
+                  "role_label": "" if row["role"] == "pruned" else ROLE_LABELS[row["role"]],
+                  "css": "" if row["role"] == "pruned" else "ref",
+                  "cells": [_num(row[key]) for key in keys]} for row in rows],
     }
 
 
@@ -529,6 +577,42 @@ def _sample(example: Any, names: list[str] | None, cmap: str) -> dict[str, Any]:
     }
 
 
+def _section(model: Any, report: Any, cmap: str, has_references: bool) -> dict[str, Any]:
+    """One compared model's part of the page: its numbers and its sample grids."""
+    result = model.result
+    role = getattr(model, "role", "pruned")
+    groups = [("lowest h", model.worst, ""), ("highest h", model.best, "")]
+    moved = getattr(model, "moved", None) or []
+    # The grid is left out where nothing was kept (no examples asked for); it stays, with
+    # its note, where the models never gave the same answer.
+    if moved or _field(result, "same_answer_n") == 0:
+        groups.append(("same answer, attention moved", moved, "wide moved"))
+    return {
+        "name": model.info.name,
+        "role": role,
+        "role_label": "" if role == "pruned" else ROLE_LABELS[role],
+        "anchor": _anchor(model.info.name),
+        "css": _score_class(model.sp2ps),
+        "sp2ps": _num(model.sp2ps),
+        "band": band_label(getattr(model, "band", None), has_references),
+        "band_text": getattr(model, "band", None) or "",
+        "accuracy": percent(_field(result, "accuracy_pruned")),
+        "top1": percent(_field(result, "top1_agreement")),
+        "js": _num(_field(result, "mean_js_divergence")),
+        "attention_lost": percent(_field(result, "attention_lost")),
+        "same": _split(_field(result, "same_answer_sp2ps"), _field(result, "same_answer_n")),
+        "different": _split(_field(result, "different_answer_sp2ps"),
+                            _field(result, "different_answer_n")),
+        "gap_same": percent(_field(result, "same_answer_gap_share"), 0),
+        "sparsity": f"{model.info.sparsity:.1f}%",
+        "groups": [
+            {"title": title, "css": css, "compared": role,
+             "samples": [_sample(e, report.class_names, cmap) for e in examples]}
+            for title, examples, css in groups
+        ],
+    }
+
+
 def render_html(report: Any, cmap: str = "jet") -> str:
     """The self-contained HTML report, CAMs drawn in the colour map ``cmap``."""
     from .figures import colorize, png_data_uri
@@ -557,23 +641,21 @@ def render_html(report: Any, cmap: str = "jet") -> str:
         for key, model in (("best Sp2PS", ranked[0]), ("lowest Sp2PS", ranked[-1])):
             cards.append({"key": key, "value": _num(model.sp2ps), "css": _score_class(model.sp2ps),
                           "sub": model.info.name})
-    sections = []
-    for model in ranked:
-        result = model.result
-        sections.append({
-            "name": model.info.name,
-            "anchor": _anchor(model.info.name),
-            "css": _score_class(model.sp2ps),
-            "sp2ps": _num(model.sp2ps),
-            "accuracy": percent(_field(result, "accuracy_pruned")),
-            "top1": percent(_field(result, "top1_agreement")),
-            "attention_lost": percent(_field(result, "attention_lost")),
-            "sparsity": f"{model.info.sparsity:.1f}%",
-            "groups": [
-                {"title": title, "samples": [_sample(e, report.class_names, cmap) for e in examples]}
-                for title, examples in (("lowest h", model.worst), ("highest h", model.best))
-            ],
-        })
+    floor = getattr(report, "floor", None)
+    if floor is not None:
+        cards.append({"key": "random floor", "value": _num(floor.sp2ps), "css": "",
+                      "sub": "the original with randomised weights"})
+    others = [m for m in getattr(report, "references", None) or [] if m.role == "reference"]
+    if others:
+        values = [m.sp2ps for m in others]
+        value = (_num(values[0]) if len(others) == 1
+                 else f"{_num(min(values))}–{_num(max(values))}")
+        cards.append({"key": "reference" + ("s" if len(others) > 1 else ""), "value": value,
+                      "css": "", "sub": ", ".join(m.info.name for m in others)})
+    has_references = bool(others)
+    sections = [_section(model, report, cmap, has_references) for model in ranked]
+    reference_sections = [_section(model, report, cmap, has_references)
+                          for model in getattr(report, "references", None) or []]
     versions = config.get("versions", {}) or {}
     context = {
         "original": _original_row(report),
@@ -582,6 +664,14 @@ def render_html(report: Any, cmap: str = "jet") -> str:
         "cards": cards,
         "notes": list(getattr(report, "notes", []) or []),
         "rows": _table_rows(report),
+        "references": _reference_table_rows(report),
+        "has_band": bool(getattr(report, "references", None)),
+        "has_references": _has_references(report),
+        "band_marks": _band_marks(report),
+        "band_text": band_text(report),
+        "correlation_text": correlation_text(report),
+        "faithfulness": _faithfulness_table(report),
+        "reference_sections": reference_sections,
         "x_what": "accuracy" if report.accuracy_original is not None else "top-1 agreement",
         "scatter_svg": _scatter_svg(report),
         "cmap": cmap,
@@ -591,7 +681,8 @@ def render_html(report: Any, cmap: str = "jet") -> str:
         "provenance": [
             {"name": info.name, "sha256": info.sha256 or "–", "layer": str(info.layer),
              "layout": str(info.layout)}
-            for info in [original, *(m.info for m in report.models)]
+            for info in [original, *(m.info for m in report.models),
+                         *(m.info for m in getattr(report, "references", None) or [])]
         ],
         "conversions": list(config.get("conversions") or []),
         "results_json": json.dumps(_clean(report.to_dict()), indent=2, default=str),
@@ -607,10 +698,15 @@ def render_html(report: Any, cmap: str = "jet") -> str:
 
 
 def notebook_html(report: Any) -> str:
-    """The ranking and the scatter plot as an HTML fragment, for Jupyter."""
+    """The ranking (with the reference rows, the band and the split) and the scatter plot
+    as an HTML fragment, for Jupyter."""
     return _environment().get_template("notebook.html.j2").render(
         original=_original_row(report),
         rows=_table_rows(report),
+        references=_reference_table_rows(report),
+        has_band=bool(getattr(report, "references", None)),
+        band_text=band_text(report),
+        correlation_text=correlation_text(report),
         n=f"{report.n:,}",
         config={k: report.config.get(k)
                 for k in ("method", "target", "spatial", "spectral", "aggregation")},
@@ -638,11 +734,11 @@ def write_figures(
     """Write the report's figures into ``directory`` in each of ``formats``.
 
     ``sp2ps_vs_accuracy`` and ``sp2ps_by_model`` (both with the band: the random floor and
-    the references as lines), ``per_class_h`` (when there are classes), and per compared
-    model (pruned, then the floor and the references) ``<name>_worst``, ``<name>_best``
-    (input, original CAM, model CAM of the samples with the lowest and highest h) and, when
-    there are any, ``<name>_moved`` (same answer, attention moved: the lowest h among the
-    samples both models classify identically).
+    the references as lines), ``per_class_h`` (when there are classes), and per pruned
+    model ``<name>_worst``, ``<name>_best`` (input, original CAM, pruned CAM of the samples
+    with the lowest and highest h) and, when there are any, ``<name>_moved`` (same answer,
+    attention moved: the lowest h among the samples both models classify identically).
+    The reference models' samples are on the HTML page only.
     """
     from .figures import (
         examples_figure,
@@ -660,7 +756,9 @@ def write_figures(
     per_class = per_class_figure(report)
     if per_class is not None:
         written += save_figure(per_class, directory / "per_class_h", formats)
-    for model in [*report.models, *(getattr(report, "references", None) or [])]:
+    # Sample grids of the pruned models only: the references' are on the page, and each
+    # grid file costs about as much as scoring a model on a few hundred images.
+    for model in report.models:
         name = _anchor(model.info.name)
         groups = [("worst", "lowest h", model.worst), ("best", "highest h", model.best)]
         moved = getattr(model, "moved", None) or []
