@@ -118,8 +118,8 @@ def artifacts(tmp_path_factory) -> dict[str, tuple[Path, bool]]:
     """name -> (ONNX file, whether its input is NHWC)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    from sp2ps_onnx.convert import to_onnx
     from experiments.artifacts import keras_to_onnx_via_tflite
+    from sp2ps_onnx.convert import to_onnx
 
     folder = tmp_path_factory.mktemp("randomize")
     x, _ = fmnist(32)
