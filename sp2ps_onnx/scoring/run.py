@@ -264,9 +264,10 @@ class _Compared:
                 notes.append(f"no random floor: {why}; the scores have no floor to be read "
                              "against (--no-floor leaves it out without this note)")
             else:
-                name, suffix = "random-floor", 2
+                base = f"{names[0]}_randomized"
+                name, suffix = base, 2
                 while name in names:
-                    name, suffix = f"random-floor-{suffix}", suffix + 1
+                    name, suffix = f"{base}-{suffix}", suffix + 1
                 models.insert(len(pruned), floor)
                 names.insert(1 + len(pruned), name)
                 roles.insert(len(pruned), FLOOR)
