@@ -76,13 +76,15 @@ def cam_example(path: Path, samples: tuple[int, ...] = (0, 1, 2, 7)) -> None:
 
 def report_screenshot(path: Path) -> Path:
     out = Path(tempfile.mkdtemp(prefix="sp2ps-docs-")) / "report"
-    # The README's command: the PyTorch original against its pruned variants.
+    # The README's command: the PyTorch original against its pruned variants, with the
+    # Keras twin (trained on its own) as a reference model.
     pruned = sorted((MODELS / "pruned").glob("*.onnx"))
     subprocess.run(
         [sys.executable, "-m", "sp2ps_onnx.cli", "score", "models/fmnist_cnn.onnx",
          *(p.relative_to(REPO).as_posix() for p in pruned),
          "--data", "models/samples/fmnist_test.npz", "--preset", "unit",
-         "--classes", "models/samples/classes.txt", "--out", str(out), "--quiet"],
+         "--classes", "models/samples/classes.txt", "--reference",
+         "models/keras/fmnist_keras.onnx", "--out", str(out), "--quiet"],
         check=True, cwd=REPO,
     )
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
