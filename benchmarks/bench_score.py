@@ -39,7 +39,13 @@ from experiments.fmnist import DatasetMissing, load_split
 from experiments.prune import torch_finalize, torch_magnitude
 from sp2ps_onnx.data import Preprocessing, open_data
 from sp2ps_onnx.runtime import session_options
-from sp2ps_onnx.scoring import CamOptions, DataOptions, RunOptions, score_models
+from sp2ps_onnx.scoring import (
+    CamOptions,
+    DataOptions,
+    ReferenceOptions,
+    RunOptions,
+    score_models,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -101,11 +107,15 @@ def whole_run(original: Path, pruned: list[Path], data, preset: str, size=None) 
         data,
         data_options=DataOptions(preset=preset, size=size),
         run=RunOptions(batch_size=BATCH, device="cpu"),
+        # Like for like with the plain loop, which runs the same models: no random floor
+        # unless --floor asks for its cost (one more model that plain inference lacks).
+        references=ReferenceOptions(floor=FLOOR),
     )
     return time.perf_counter() - started
 
 
 REPEATS = 3
+FLOOR = False
 
 
 def compare(label: str, original: Path, pruned: list[Path], data, preset: str, n: int,
@@ -198,6 +208,7 @@ def rss_child(fmt: str, n: int, work: Path) -> None:
         cam=CamOptions(target="original"),
         data_options=DataOptions(preset="unit", limit=n),
         run=RunOptions(batch_size=BATCH, device="cpu"),
+        references=ReferenceOptions(floor=False),  # the same models as earlier rounds
     )
     print(peak_rss())
 
@@ -240,9 +251,12 @@ def main() -> None:
     parser.add_argument("--busy-core", type=int, default=None, metavar="CPU",
                         help="run a CPU-bound busy loop pinned to this CPU during the benchmark "
                              "(the issue's 'another CPU-bound process shares the machine')")
+    parser.add_argument("--floor", action="store_true",
+                        help="score the random floor too (one more model than the plain loop)")
     args = parser.parse_args()
-    global REPEATS
+    global REPEATS, FLOOR
     REPEATS = args.repeats
+    FLOOR = args.floor
     if args.rss_child:
         rss_child(args.rss_child[0], int(args.rss_child[1]), Path(args.rss_child[2]))
         return
