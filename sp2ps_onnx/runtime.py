@@ -55,6 +55,9 @@ class CamModel:
         threads: ONNX Runtime intra-op threads of its sessions (default: $SP2PS_THREADS
             if set, else one per physical core). Sessions may be run from several threads
             at once.
+        grid: (H, W) of the patch grid of a token-sequence layer (N, T, C) whose grid the
+            graph does not prove; the T - H*W leading tokens (class tokens) are dropped.
+            A proven grid needs no statement; a contradicting one is refused.
     """
 
     def __init__(
@@ -67,10 +70,16 @@ class CamModel:
         batch_size: int = DEFAULT_BATCH,
         allow_domains: Sequence[str] = (),
         threads: int | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> None:
         self.threads = threads
         self.graph: CamGraph = build_cam_model(
-            model, layer=layer, score=score, input_size=input_size, allow_domains=allow_domains
+            model,
+            layer=layer,
+            score=score,
+            input_size=input_size,
+            allow_domains=allow_domains,
+            grid=grid,
         )
         self.providers = list(providers) if providers else select_providers("auto", quiet=True)
         self.batch_size = max(1, int(batch_size))
@@ -93,6 +102,11 @@ class CamModel:
     @property
     def layer(self) -> str:
         return self.graph.layer
+
+    @property
+    def layer_rule(self) -> str:
+        """Why this layer: named by the user, or which default rule chose it."""
+        return self.graph.layer_rule
 
     @property
     def input_name(self) -> str:

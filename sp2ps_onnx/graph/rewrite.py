@@ -15,12 +15,15 @@ from .analysis import GraphInfo, analyse, input_layout
 from .autodiff import backward
 from .builder import FLOAT, GraphBuilder
 from .locate import (
+    RULE_NAMED,
     Layout,
-    default_layer,
+    MapLayout,
+    TokenLayout,
+    choose_default_layer,
     find_score,
     head_nodes,
     head_ops,
-    layout_of,
+    map_layout,
     requires_grad,
     resolve_layer,
 )
@@ -43,7 +46,7 @@ class CamGraph:
     forward_model: onnx.ModelProto  # the original graph with only the score as output
     info: GraphInfo
     layer: str
-    layer_layout: Layout
+    layer_layout: MapLayout  # how the graph stores the layer: 4-D map or token sequence
     score_tensor: str
     softmax_cut: str | None
     head: list[int]
@@ -56,6 +59,7 @@ class CamGraph:
     # left out of ``model``, whose gradients output is then the unspread (N, C, 1, 1)
     # tensor that the runtime broadcasts, and put back by :meth:`full_model`.
     gradient_spread: onnx.NodeProto | None = None
+    layer_rule: str = RULE_NAMED  # why this layer (locate.RULE_*)
 
     @property
     def input_name(self) -> str:
@@ -88,17 +92,21 @@ def build_cam_model(
     score: str = "logits",
     input_size: tuple[int, int] | None = None,
     allow_domains: Iterable[str] = (),
+    grid: tuple[int, int] | None = None,
 ) -> CamGraph:
     """Rewrite ``model`` so that one run yields the score, the layer's activations and the
     gradient of the chosen class score with respect to them.
 
     The backbone runs once; the head's backward pass is appended as standard ONNX ops.
+    Activations and gradients come out channels-first (N, C, H, W): a channels-last map is
+    transposed, and a token sequence (N, T, C) loses its extra (class) tokens and is
+    folded into its H x W grid, proven from the graph or stated with ``grid=(H, W)``.
     ``allow_domains`` names custom-op domains to accept (see
     :func:`~sp2ps_onnx.graph.model_io.load_model`).
     """
     proto, path = load_model(model, allow_domains)
     with blame_invalid_model(proto, path), naming_the_model(path):
-        return _build_cam_model(proto, path, layer, score, input_size)
+        return _build_cam_model(proto, path, layer, score, input_size, grid)
 
 
 def _build_cam_model(
@@ -107,24 +115,16 @@ def _build_cam_model(
     layer: str | None,
     score: str,
     input_size: tuple[int, int] | None,
+    grid: tuple[int, int] | None = None,
 ) -> CamGraph:
     info = analyse(proto, input_size, path)
     score_tensor, cut = find_score(info, score)
-    target = resolve_layer(info, layer) if layer else default_layer(info, score_tensor)
-    if len(info.shapes.get(target, ())) != 4:
-        raise LayerNotFoundError(
-            f"layer {target!r} has shape {info.shapes.get(target)}; a CAM layer must be a 4-D "
-            "feature map (N, C, H, W) or (N, H, W, C)"
-        )
-    layout = layout_of(info, target)
-    if layout is None:
-        raise LayerNotFoundError(
-            f"cannot prove which axis of layer {target!r} (shape "
-            f"{tuple(info.shapes[target][1:])}) holds the channels in {path or 'the model'}: "
-            "no convolution, pooling or model input fixes its layout through layout-only ops; "
-            "choose a layer whose layout is known with layer=... (CLI: --layer), e.g. the "
-            "output of a Conv or its activation (`sp2ps inspect` lists candidates)"
-        )
+    if layer:
+        target, rule = resolve_layer(info, layer), RULE_NAMED
+    else:
+        target, rule = choose_default_layer(info, score_tensor)
+    layout = layer_layout(info, target, grid, path)
+
     path_nodes = head_nodes(info, target, score_tensor, path or "")
     requires = requires_grad(info, target, path_nodes)
     original_nodes = len(info.graph.node)
@@ -151,13 +151,12 @@ def _build_cam_model(
         raise ModelLoadError(f"internal error: no gradient reached layer {target!r}")
 
     activations, gradient = b.as_float(target), grads[target]
-    perm = layout.to_channels_first
     spread = None
-    if perm:
-        activations = b.op("Transpose", [activations], perm=perm)
-        gradient = b.op("Transpose", [gradient], perm=perm)
-    else:
+    if isinstance(layout, Layout) and layout.to_channels_first is None:
         gradient, spread = _unspread(b, gradient, target)
+    else:
+        activations = _channels_first(b, activations, layout, info.shapes[target])
+        gradient = _channels_first(b, gradient, layout, info.shapes[target])
 
     names = {
         SCORE: _fresh_io_name(info, SCORE),
@@ -203,7 +202,55 @@ def _build_cam_model(
         output_names=names | {TARGET: target_in},
         backward_nodes=len(graph.node) - original_nodes + (spread is not None),
         gradient_spread=spread,
+        layer_rule=rule,
     )
+
+
+def layer_layout(
+    info: GraphInfo, target: str, grid: tuple[int, int] | None, path: str | None
+) -> MapLayout:
+    """The proven layout of the CAM layer, or one clear refusal that says what to do."""
+    shape = info.shapes.get(target, ())
+    if len(shape) not in (3, 4):
+        raise LayerNotFoundError(
+            f"layer {target!r} has shape {info.shapes.get(target)}; a CAM layer must be a 4-D "
+            "feature map (N, C, H, W) or (N, H, W, C), or a token sequence (N, T, C)"
+        )
+    layout = map_layout(info, target, grid)
+    if layout is not None:
+        return layout
+    where = path or "the model"
+    if len(shape) == 3:
+        raise LayerNotFoundError(
+            f"cannot prove which tokens of layer {target!r} (shape {tuple(shape[1:])}) form "
+            f"an image grid in {where}: no patch-embedding Conv/Reshape, class-token Concat "
+            "or token Slice traces its token axis back to a feature map; state the grid with "
+            "grid=(H, W) (CLI: --grid HxW; the T - H*W leading tokens are dropped), or choose "
+            "another layer with layer=... (`sp2ps inspect` lists candidates)"
+        )
+    raise LayerNotFoundError(
+        f"cannot prove which axis of layer {target!r} (shape "
+        f"{tuple(shape[1:])}) holds the channels in {where}: "
+        "no convolution, pooling, LayerNormalization or model input fixes its layout through "
+        "ops with a known effect on the axes; choose a layer whose layout is known with "
+        "layer=... (CLI: --layer), e.g. the output of a Conv or its activation (`sp2ps "
+        "inspect` lists candidates)"
+    )
+
+
+def _channels_first(b: GraphBuilder, tensor: str, layout: MapLayout, shape) -> str:
+    """Emit the ops that turn ``tensor`` (stored as ``layout``) into (N, C, H, W)."""
+    if isinstance(layout, Layout):
+        return b.op("Transpose", [tensor], perm=layout.to_channels_first)
+    if layout.patches != layout.tokens:
+        end = layout.offset + layout.patches
+        tensor = b.op(
+            "Slice", [tensor, b.ints([layout.offset]), b.ints([end]), b.ints([layout.token_axis])]
+        )
+    if layout.token_axis == 1:
+        tensor = b.op("Transpose", [tensor], perm=[0, 2, 1])
+    channels = shape[layout.channel_axis]
+    return b.op("Reshape", [tensor, b.ints([0, channels, *layout.grid])])
 
 
 def _unspread(
@@ -264,8 +311,15 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
     b = GraphBuilder(info, prefix="sp2ps_head")
     acts_in = "activations"
     source = acts_in
-    perm = cam.layer_layout.to_channels_first
-    if perm:
+    layout = cam.layer_layout
+    if isinstance(layout, TokenLayout):
+        if layout.patches != layout.tokens:
+            return None  # the extra (class) tokens cannot be rebuilt from the map
+        source = b.op("Reshape", [source, b.ints([0, info.shapes[target][layout.channel_axis], -1])])
+        if layout.token_axis == 1:
+            source = b.op("Transpose", [source], perm=[0, 2, 1])
+    elif layout.to_channels_first:
+        perm = layout.to_channels_first
         inverse = [perm.index(i) for i in range(4)]
         source = b.op("Transpose", [source], perm=inverse)
     target_dtype = info.dtypes.get(target, np.dtype(np.float32))
