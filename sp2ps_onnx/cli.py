@@ -23,7 +23,7 @@ import click
 from . import __version__
 from .cam import METHODS
 from .data import PRESETS, open_data
-from .errors import ModelLoadError, Sp2PSError
+from .errors import InputDataError, ModelLoadError, Sp2PSError
 from .metric import AGGREGATIONS, SPATIAL, SPECTRAL
 from .report import FORMATS
 
@@ -172,6 +172,34 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+def _grid_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--grid", default=None, metavar="HxW",
+                        help="Patch grid of a token-sequence layer (N, T, C) when the graph "
+                        "does not prove it, e.g. 14x14; the T - H*W leading (class) tokens "
+                        "are dropped.")(function)
+
+
+def _parse_grid(grid: str | None) -> tuple[int, int] | None:
+    if grid is None:
+        return None
+    parts = [p for p in re.split(r"[x,\s]+", grid.strip().lower()) if p]
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise InputDataError(f"--grid {grid!r} is not valid; give rows x columns, e.g. 14x14")
+    return int(parts[0]), int(parts[1])
+
+
+def _model_with_grid(model: str, layer: str | None, providers: list[str], size: str | None,
+                     batch_size: int, allow_domains: tuple[str, ...], grid: str | None) -> Any:
+    """The model as the commands take it: its path, or a CamModel built with ``--grid``."""
+    if grid is None:
+        return model
+    from .data import parse_size
+    from .runtime import CamModel
+
+    return CamModel(model, layer=layer, providers=providers, input_size=parse_size(size),
+                    batch_size=batch_size, allow_domains=allow_domains, grid=_parse_grid(grid))
+
+
 def _check_model_path(path: str) -> str:
     if not Path(path).is_file():
         what = "is a directory" if Path(path).is_dir() else "does not exist"
@@ -203,10 +231,11 @@ def cli() -> None:
 @cli.command(short_help="Inputs, layout, classes, target layer, head ops, sparsity.")
 @click.argument("model")
 @_model_options
+@_grid_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output format.")
 def inspect(model: str, layer: str | None, device: str, size: str | None,
-            allow_domains: tuple[str, ...], fmt: str) -> None:
+            allow_domains: tuple[str, ...], grid: str | None, fmt: str) -> None:
     """Show a model's inputs, outputs, layout, classes, target layer, the ops between layer
     and score with their gradient-rule coverage, parameters and sparsity."""
     from .data import parse_size
@@ -218,7 +247,7 @@ def inspect(model: str, layer: str | None, device: str, size: str | None,
     with tempfile.TemporaryDirectory(prefix="sp2ps-convert-") as converted:
         (onnx_path,), _ = _onnx_models([model], Path(converted), quiet=fmt == "json")
         found = inspect_model(onnx_path, layer=layer, input_size=parse_size(size),
-                              allow_domains=allow_domains)
+                              allow_domains=allow_domains, grid=_parse_grid(grid))
         info = model_info(onnx_path)
     details: dict[str, Any] = {
         "model": model,
@@ -237,6 +266,9 @@ def inspect(model: str, layer: str | None, device: str, size: str | None,
         "layer": found["layer"],
         "layer_shape": found["layer_shape"],
         "layer_layout": found["layer_layout"],
+        "layer_stored_shape": found["layer_stored_shape"],
+        "layer_rule": found["layer_rule"],
+        "layer_reshape": found["layer_reshape"],
         "head_ops": found["head_ops"],
         "all_ops_have_rules": found["all_ops_have_rules"],
         "batch": found["batch"],
@@ -286,6 +318,9 @@ def _inspect_text(details: dict[str, Any]) -> str:
         ("layer", f"{details['layer']}  (C, H, W) = {shape(details['layer_shape'] or [])}"
          + (f", stored {details['layer_layout']}" if details.get("layer_layout") == "NHWC" else "")
          if details["layer"] else "–"),
+        *([("reshape", f"{shape(details['layer_stored_shape'])} {details['layer_layout']}: "
+            f"{details['layer_reshape']}")] if details.get("layer_reshape") else []),
+        *([("layer rule", details["layer_rule"])] if details.get("layer_rule") else []),
         ("parameters", f"{details['parameters']:,}"),
         ("zero weights", f"{details['sparsity_percent']:.1f}% ({details['zero_weights']:,} of "
          f"{details['weight_count']:,} Conv/Gemm/MatMul weights)"),
@@ -313,12 +348,14 @@ def _inspect_text(details: dict[str, Any]) -> str:
               "sp2ps cam output there is replaced only with --force).")
 @click.option("--force", is_flag=True, help="Replace an earlier sp2ps cam output in --out.")
 @_model_options
+@_grid_option
 @_data_options
 @_cmap_option
 def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, layer: str | None,
-        device: str, size: str | None, allow_domains: tuple[str, ...], method: str,
-        target: str | None, batch_size: int, preset: str, mean: str | None, std: str | None,
-        limit: int | None, classes: str | None, quiet: bool, strict: bool, cmap: str) -> None:
+        device: str, size: str | None, allow_domains: tuple[str, ...], grid: str | None,
+        method: str, target: str | None, batch_size: int, preset: str, mean: str | None,
+        std: str | None, limit: int | None, classes: str | None, quiet: bool, strict: bool,
+        cmap: str) -> None:
     """Compute CAMs of MODEL for INPUT images (files, folders, .npz, .npy): writes a PNG
     overlay and a .npy map per sample, and cams.csv."""
     import numpy as np
@@ -349,6 +386,11 @@ def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, layer: str |
             writer = csv.writer(handle)
             writer.writerow(["id", "file", "target", "target_name", "target_logit", "top1",
                              "top1_name", "label"])
+            if grid is not None:
+                from ._ort import select_providers
+
+                model = _model_with_grid(model, layer, select_providers(device, quiet=quiet),
+                                         size, batch_size, allow_domains, grid)
             for batch in explain(model, source, method=method, layer=layer, target=target,
                                  batch_size=batch_size, device=device, preset=preset, mean=mean,
                                  std=std, size=size, quiet=quiet,
@@ -507,8 +549,9 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
 @click.option("--out", "-o", required=True, help="Path of the rewritten .onnx file.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never MODEL itself).")
 @_model_options
+@_grid_option
 def export(model: str, out: str, force: bool, layer: str | None, device: str,
-           size: str | None, allow_domains: tuple[str, ...]) -> None:
+           size: str | None, allow_domains: tuple[str, ...], grid: str | None) -> None:
     """Write MODEL rewritten for CAMs: extra input 'target', extra outputs activations and
     gradients (runs in any ONNX runtime)."""
     from .graph.model_io import save_model
@@ -529,8 +572,10 @@ def export(model: str, out: str, force: bool, layer: str | None, device: str,
         raise ModelLoadError(f"{out} already exists; pass --force to overwrite it")
     with tempfile.TemporaryDirectory(prefix="sp2ps-convert-") as converted:
         (onnx_path,), _ = _onnx_models([model], Path(converted), quiet=False)
-        cam_model = open_model(onnx_path, layer, ["CPUExecutionProvider"], size,
-                               allow_domains=allow_domains)
+        cam_model = open_model(
+            _model_with_grid(onnx_path, layer, ["CPUExecutionProvider"], size, 32,
+                             allow_domains, grid),
+            layer, ["CPUExecutionProvider"], size, allow_domains=allow_domains)
     save_model(cam_model.rewritten, out_path)
     click.echo(
         f"sp2ps: wrote {out} (layer {cam_model.layer}; input 'target' int64 (N,), -1 = top-1; "

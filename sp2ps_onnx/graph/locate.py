@@ -93,15 +93,18 @@ class TokenLayout:
     def describe(self) -> str:
         """The reshape in words (``sp2ps inspect``)."""
         h, w = self.grid
-        dropped = self.tokens - self.patches
-        where = "" if not dropped else (
-            f", {self.offset} leading" if self.offset else ""
-        ) + (f", {dropped - self.offset} trailing" if dropped - self.offset else "")
-        extra = f" ({dropped} extra token{'s' * (dropped != 1)} dropped{where})" if dropped else ""
+        trailing = self.tokens - self.offset - self.patches
+        dropped = [
+            f"{count} {where} token{'s' * (count != 1)}"
+            for count, where in ((self.offset, "leading"), (trailing, "trailing"))
+            if count
+        ]
         source = "stated with grid=" if self.stated else "proven from the graph"
         return (
             f"tokens {self.offset}..{self.offset + self.patches - 1} of {self.tokens} -> "
-            f"{h}x{w} grid{extra}; grid {source}"
+            f"{h}x{w} grid"
+            + (f", {' and '.join(dropped)} dropped" if dropped else "")
+            + f" ({source})"
         )
 
 
