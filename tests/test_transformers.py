@@ -309,3 +309,92 @@ def test_exported_model_outputs_the_folded_maps(tmp_path) -> None:
     result = cam.run(x.numpy(), targets=None)
     assert outputs["activations"].shape == (2, 192, 14, 14)
     np.testing.assert_allclose(outputs["activations"], result.activations, atol=1e-5, rtol=0)
+
+
+def _scrambled_then_normalised(form: str | None) -> onnx.ModelProto:
+    """Conv -> NHWC -> Flatten -> Reshape back to (N, H, W, C): the reshape through one flat
+    axis loses every traced role. Then ``form``: a decomposed layer norm over the last axis
+    (``"div"``: (x - mean) / sqrt(var + eps); ``"reciprocal"``: (x - mean) * 1 / sqrt(...)),
+    or ``None`` (no norm); then the mean over H, W and a Gemm."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["c"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Flatten", ["nhwc"], ["flat"], axis=1),
+        helper.make_node("Reshape", ["flat", "shape"], ["map"]),
+    ]
+    last = "map"
+    if form is not None:
+        nodes += [
+            helper.make_node("ReduceMean", ["map"], ["mean"], axes=[-1], keepdims=1),
+            helper.make_node("Sub", ["map", "mean"], ["centred"]),
+            helper.make_node("Pow", ["centred", "two"], ["squared"]),
+            helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1], keepdims=1),
+            helper.make_node("Add", ["variance", "eps"], ["shifted"]),
+            helper.make_node("Sqrt", ["shifted"], ["deviation"]),
+        ]
+        if form == "div":
+            nodes.append(helper.make_node("Div", ["centred", "deviation"], ["normed"]))
+        else:
+            nodes += [
+                helper.make_node("Reciprocal", ["deviation"], ["inverse"]),
+                helper.make_node("Mul", ["centred", "inverse"], ["normed"]),
+            ]
+        nodes += [
+            helper.make_node("Mul", ["normed", "gamma"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "beta"], ["ln"]),
+        ]
+        last = "ln"
+    nodes += [
+        helper.make_node("ReduceMean", [last], ["pooled"], axes=[1, 2], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "w"], ["logits"]),
+    ]
+    values = {
+        "k": rng.standard_normal((6, 3, 3, 3)),
+        "shape": np.array([0, 8, 8, 6]),
+        "two": np.array(2.0),
+        "eps": np.array(1e-5),
+        "gamma": 1 + 0.1 * rng.standard_normal(6),
+        "beta": 0.1 * rng.standard_normal(6),
+        "w": rng.standard_normal((6, 4)),
+    }
+    initializers = [
+        numpy_helper.from_array(v.astype(np.int64 if k == "shape" else np.float32), k)
+        for k, v in values.items()
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "decomposed_layer_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("form", ["div", "reciprocal"])
+def test_decomposed_layer_norm_proves_the_channel_axis(form: str) -> None:
+    model = _scrambled_then_normalised(form)
+    cam = CamModel(model)
+    assert cam.layer == "ln"
+    assert cam.graph.layer_layout.channel_axis == 3
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    result = cam.run(x, targets=[1, 2])
+    # The layer's values, channels first, straight from ONNX Runtime: the rewrite only
+    # transposes them.
+    import onnxruntime as ort
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(helper.make_tensor_value_info("ln", TensorProto.FLOAT, None))
+    stored = ort.InferenceSession(exposed.SerializeToString()).run(["ln"], {"x": x})[0]
+    np.testing.assert_allclose(result.activations, stored.transpose(0, 3, 1, 2), atol=1e-6)
+    # The head is a mean over H, W and a Gemm: d logit_t / d map = w[:, t] / (H * W).
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
+    expected = np.broadcast_to(w.T[[1, 2], :, None, None] / 64, result.gradients.shape)
+    np.testing.assert_allclose(result.gradients, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_map_without_a_layout_proof_is_still_refused() -> None:
+    with pytest.raises(LayerNotFoundError, match="holds the channels"):
+        CamModel(_scrambled_then_normalised(None))
