@@ -211,6 +211,25 @@ def test_score_cam_equals_pytorch_grad_cam(name: str, kwargs: dict) -> None:
     assert worst(ours, theirs) <= TOLERANCE
 
 
+@pytest.mark.parametrize(("name", "kwargs"), [(DEIT, NARROW_DEIT), (SWIN, NARROW_SWIN)])
+def test_ablation_cam_equals_pytorch_grad_cam(name: str, kwargs: dict) -> None:
+    # AblationLayerVit, the ablation layer pytorch-grad-cam documents for transformers,
+    # ablates a channel in every token (class tokens too) of the raw layer output; the
+    # head (after a block's norm1 it also reads the block's input) re-runs per channel.
+    # batch_size=1: its minimum is then the one sp2ps_onnx.cam uses for every channel.
+    from pytorch_grad_cam.ablation_layer import AblationLayerVit
+
+    path, model, x = case(name, batch=1, **kwargs)
+    cam = CamModel(str(path))
+    expected = ("extra_tokens", "images") if name == DEIT else ()
+    assert cam.head_inputs == expected
+    ours, targets = cam.cams(x.numpy(), method="ablationcam")
+    theirs = reference_cams(
+        "ablationcam", name, model, x, targets, batch_size=1, ablation_layer=AblationLayerVit()
+    )
+    assert worst(ours, theirs) <= TOLERANCE
+
+
 def test_planted_pattern_comes_back_at_its_place() -> None:
     # The class token and a 3x5 grid of patch tokens, one channel: the value of patch
     # (r, c) is 10 * r + c, the class token -1. The graph prepends the class token with

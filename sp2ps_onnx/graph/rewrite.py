@@ -29,12 +29,13 @@ from .locate import (
 )
 from .model_io import blame_invalid_model, load_model, naming_the_model
 
-SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED = (
+SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
     "score",
     "activations",
     "gradients",
     "target",
     "targets",
+    "extra_tokens",
 )
 
 
@@ -164,12 +165,20 @@ def _build_cam_model(
         GRADIENTS: _fresh_io_name(info, GRADIENTS),
         TARGETS_USED: _fresh_io_name(info, TARGETS_USED),
     }
-    for key, source in (
+    sources = [
         (SCORE, score_flat),
         (ACTIVATIONS, activations),
         (GRADIENTS, gradient),
         (TARGETS_USED, chosen),
-    ):
+    ]
+    extra = _extra_tokens(b, b.as_float(target), layout)
+    if extra is not None:
+        # What the fold into a map drops (class tokens), channels first (N, C, k): the
+        # ablation of a channel sets it in these tokens too, as pytorch-grad-cam's
+        # AblationLayerVit does.
+        names[EXTRA_TOKENS] = _fresh_io_name(info, EXTRA_TOKENS)
+        sources.append((EXTRA_TOKENS, extra))
+    for key, source in sources:
         b.nodes.append(helper.make_node("Identity", [source], [names[key]], name=b.fresh("out")))
 
     model_out = onnx.ModelProto()
@@ -186,6 +195,10 @@ def _build_cam_model(
             helper.make_tensor_value_info(names[TARGETS_USED], TensorProto.INT64, [batch_dim]),
         ]
     )
+    if EXTRA_TOKENS in names:
+        graph.output.append(
+            helper.make_tensor_value_info(names[EXTRA_TOKENS], FLOAT, [batch_dim, None, None])
+        )
     serialized = _check(model_out, info.model, path)
     return CamGraph(
         serialized=serialized,
@@ -238,6 +251,20 @@ def layer_layout(
     )
 
 
+def _extra_tokens(b: GraphBuilder, tensor: str, layout: MapLayout) -> str | None:
+    """The tokens outside the grid, (N, C, k): leading ones first, then trailing ones."""
+    if not isinstance(layout, TokenLayout) or layout.patches == layout.tokens:
+        return None
+    axis, end = layout.token_axis, layout.offset + layout.patches
+    parts = [
+        b.op("Slice", [tensor, b.ints([start]), b.ints([stop]), b.ints([axis])])
+        for start, stop in ((0, layout.offset), (end, layout.tokens))
+        if stop > start
+    ]
+    extra = parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=axis)
+    return b.op("Transpose", [extra], perm=[0, 2, 1]) if axis == 1 else extra
+
+
 def _channels_first(b: GraphBuilder, tensor: str, layout: MapLayout, shape) -> str:
     """Emit the ops that turn ``tensor`` (stored as ``layout``) into (N, C, H, W)."""
     if isinstance(layout, Layout):
@@ -279,25 +306,33 @@ def _unspread(
     return expand.input[0], expand
 
 
-def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
-    """The head alone: channels-first activations in, class scores (N, K) out.
+HEAD_ACTIVATIONS = "activations"
+HEAD_EXTRA_TOKENS = "extra_tokens"
 
-    Used by AblationCAM so that only the head re-runs on ablated activations. Returns
-    ``None`` when the head also reads tensors computed before the layer (then it cannot
-    run from the activations alone).
+
+def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
+    """The head: channels-first activations in, class scores (N, K) out.
+
+    Used by AblationCAM so that only the head re-runs on ablated activations. A token
+    layer with extra (class) tokens also takes them, as ``extra_tokens`` (N, C, k). A head
+    that also reads tensors computed before the layer (the residual stream around a
+    transformer block's norm) also takes the model's image input and recomputes those.
+    Returns ``None`` where the layer's quantization cannot be redone.
     """
     info, target = cam.info, cam.layer
     needed: list[int] = []
     seen: set[int] = set()
     stack = [cam.score_tensor]
     visited: set[str] = set()
+    reads_image = False
     while stack:
         tensor = stack.pop()
         if tensor in visited or tensor == target:
             continue
         visited.add(tensor)
         if tensor == info.input_name:
-            return None
+            reads_image = True
+            continue
         idx = info.producer.get(tensor)
         if idx is None:
             continue
@@ -309,13 +344,24 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
     used = {i for n in nodes for i in n.input}
 
     b = GraphBuilder(info, prefix="sp2ps_head")
-    acts_in = "activations"
+    acts_in = HEAD_ACTIVATIONS
     source = acts_in
     layout = cam.layer_layout
+    batch_dim = info.fixed_batch if info.fixed_batch else "N"
+    inputs = [helper.make_tensor_value_info(acts_in, FLOAT, [batch_dim, None, None, None])]
     if isinstance(layout, TokenLayout):
+        channels = info.shapes[target][layout.channel_axis]
+        source = b.op("Reshape", [source, b.ints([0, channels, -1])])
         if layout.patches != layout.tokens:
-            return None  # the extra (class) tokens cannot be rebuilt from the map
-        source = b.op("Reshape", [source, b.ints([0, info.shapes[target][layout.channel_axis], -1])])
+            inputs.append(helper.make_tensor_value_info(HEAD_EXTRA_TOKENS, FLOAT, [batch_dim, channels, None]))
+            leading = layout.offset
+            parts = []
+            if leading:
+                parts.append(b.op("Slice", [HEAD_EXTRA_TOKENS, b.ints([0]), b.ints([leading]), b.ints([2])]))
+            parts.append(source)
+            if layout.tokens - layout.patches > leading:
+                parts.append(b.op("Slice", [HEAD_EXTRA_TOKENS, b.ints([leading]), b.ints([layout.tokens]), b.ints([2])]))
+            source = b.op("Concat", parts, axis=2)
         if layout.token_axis == 1:
             source = b.op("Transpose", [source], perm=[0, 2, 1])
     elif layout.to_channels_first:
@@ -342,11 +388,12 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
     if len(info.shapes[cam.score_tensor]) != 2:
         score_src = b.op("Flatten", [score_src], axis=1)
     b.nodes.append(helper.make_node("Identity", [score_src], [score], name=b.fresh("out")))
-    batch_dim = info.fixed_batch if info.fixed_batch else "N"
+    if reads_image:
+        inputs.append(next(vi for vi in info.graph.input if vi.name == info.input_name))
     graph = helper.make_graph(
         glue + nodes + b.nodes,
         "sp2ps_head",
-        [helper.make_tensor_value_info(acts_in, FLOAT, [batch_dim, None, None, None])],
+        inputs,
         [helper.make_tensor_value_info(score, FLOAT, [batch_dim, cam.num_classes])],
         initializer=inits + b.initializers,
     )
