@@ -19,7 +19,8 @@ A row passes when the layer's activations match (relative error < 1e-3) and the 
 matches (max |engine − reference| ≤ 1e-4 · max |reference|), or for quantized rows when the
 CAM Pearson is ≥ 0.9. Everything else is written down with its error message.
 
-    python benchmarks/bench_zoo.py [--only timm,timm-earlier,keras,quantized-ort,quantized-tflite]
+    python benchmarks/bench_zoo.py [--only timm,timm-earlier,transformers,keras,quantized-ort,
+        quantized-tflite]
         [--names a,b] [--size 96] [--limit N] [--out docs/coverage.md]
 
 Results are also kept as JSON next to the markdown (``coverage.json``) so that sections can
@@ -67,6 +68,19 @@ TIMM = [
     ("darknet53", 64), ("hrnet_w18_small", 64), ("selecsls42b", 64), ("eca_nfnet_l0", 64),
     ("coatnet_nano_rw_224", 224), ("convnext_tiny_hnf", 64), ("poolformer_s12", 64),
     ("efficientformer_l1", 224), ("levit_128s", 224), ("vit_tiny_patch16_224", 224),
+]  # fmt: skip
+
+# Transformers and hybrids (issue 19): token maps, channels-last maps, class-token heads.
+TRANSFORMERS = [
+    ("vit_tiny_patch16_224", 224), ("deit_tiny_patch16_224", 224),
+    ("deit_tiny_distilled_patch16_224", 224), ("vit_tiny_r_s16_p8_224", 224),
+    ("swin_tiny_patch4_window7_224", 224), ("swinv2_cr_tiny_ns_224", 224),
+    ("beit_base_patch16_224", 224), ("cait_xxs24_224", 224), ("xcit_nano_12_p16_224", 224),
+    ("pit_ti_224", 224), ("pvt_v2_b0", 224), ("twins_svt_small", 224),
+    ("efficientformer_l1", 224), ("efficientformerv2_s0", 224), ("levit_128s", 224),
+    ("mobilevit_xxs", 256), ("mobilevitv2_050", 256), ("fastvit_t8", 256),
+    ("coatnet_nano_rw_224", 224), ("maxvit_nano_rw_256", 256), ("convit_tiny", 224),
+    ("tiny_vit_5m_224", 224), ("eva02_tiny_patch14_224", 224), ("gcvit_xxtiny", 224),
 ]  # fmt: skip
 
 KERAS = [
@@ -157,6 +171,97 @@ def run_timm(name: str, size: int, workdir: Path) -> dict:
         if permuted.shape == result.activations.shape:  # forward_features is NHWC (swin-like)
             reference, gradient = permuted, gradient.transpose(0, 3, 1, 2)
     return _compared_row(cam, result, reference, gradient, "forward_features")
+
+
+def run_transformer(name: str, size: int, workdir: Path) -> dict:
+    """The default layer of a transformer or hybrid, matched by value to the torch module
+    whose output it is (after the engine's own fold: class tokens dropped and tokens laid
+    out on the grid, or channels-last maps transposed), and the gradient there against
+    torch autograd. A row whose fold were transposed or shifted would match no module."""
+    import timm
+    import torch
+
+    from sp2ps_onnx.graph.locate import TokenLayout
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.from_numpy(_photos(size, nchw=True)[:2])
+    path = workdir / f"{name}.onnx"
+    torch.onnx.export(
+        model, x, str(path), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False,
+    )
+    cam = CamModel(path, input_size=(size, size))
+    result = cam.run(x.numpy())
+    layout = cam.graph.layer_layout
+    row = {
+        "layer": _short(cam.layer),
+        "shape": list(result.activations.shape[1:]),
+        "rule": _rule_name(cam.layer_rule),
+        "fold": layout.describe() if isinstance(layout, TokenLayout) else f"stored {layout.name}",
+    }
+    captured: list[tuple[str, torch.Tensor]] = []
+
+    def keep(module_name):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.ndim in (3, 4) and output.requires_grad:
+                output.retain_grad()
+                captured.append((module_name, output))
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits[torch.arange(len(x)), torch.from_numpy(result.targets)].sum().backward()
+    # With random weights some blocks are near identities (LayerScale 1e-5, zero-initialised
+    # BatchNorm on residual branches), so several modules may hold nearly the same values:
+    # the one whose gradient matches best is the layer's module.
+    matches = []
+    for module_name, output in captured:
+        for folded, grad in _folds(output, result.activations.shape, layout):
+            if grad is None or folded.shape != result.activations.shape:
+                continue
+            act_err = _relative(result.activations, folded)
+            if act_err < REL_ACT:
+                matches.append((_relative(result.gradients, grad), act_err, module_name))
+    if not matches:
+        row["status"] = "no torch module output equals the engine's layer"
+        return row
+    row["grad_err"], row["act_err"], row["module"] = min(matches)
+    row["status"] = "pass" if row["grad_err"] <= REL_GRAD else "mismatch"
+    return row
+
+
+def _folds(output, shape, layout):
+    """``output`` (a module's output and its gradient) as channels-first maps of ``shape``:
+    as it is, channels-last transposed, or token-folded with the engine's grid."""
+    from sp2ps_onnx.graph.locate import TokenLayout
+
+    value = output.detach().numpy()
+    grad = None if output.grad is None else output.grad.numpy()
+    pairs = []
+    if value.ndim == 4:
+        pairs.append((value, grad))
+        pairs.append((value.transpose(0, 3, 1, 2), None if grad is None else grad.transpose(0, 3, 1, 2)))
+    elif value.ndim == 3 and isinstance(layout, TokenLayout) and value.shape[1:] == (layout.tokens, shape[1]):
+        n, c, (h, w) = shape[0], shape[1], layout.grid
+        start, stop = layout.offset, layout.offset + layout.patches
+
+        def fold(a):
+            return a[:, start:stop].reshape(n, h, w, c).transpose(0, 3, 1, 2)
+
+        pairs.append((fold(value), None if grad is None else fold(grad)))
+    return pairs
+
+
+def _rule_name(rule: str) -> str:
+    from sp2ps_onnx.graph import locate
+
+    return {locate.RULE_CLASS_TOKEN: "class-token head: last block's norm1",
+            locate.RULE_LAST_MAP: "last map"}.get(rule, rule)
 
 
 # Models whose stage before the last brings in the ops of issue 8's "earlier layers" list.
@@ -434,7 +539,7 @@ def _guarded(fn, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--only", default="timm,timm-earlier,keras,quantized-ort,quantized-tflite",
+        "--only", default="timm,timm-earlier,transformers,keras,quantized-ort,quantized-tflite",
         help="sections; run quantized-ort and quantized-tflite in separate processes",
     )
     parser.add_argument("--limit", type=int, default=None)
@@ -457,6 +562,7 @@ def main() -> None:
         float_sections = (
             ("timm", TIMM, run_timm),
             ("timm-earlier", TIMM_EARLIER, run_timm_earlier),
+            ("transformers", TRANSFORMERS, run_transformer),
             ("keras", KERAS, run_keras),
         )
         for section, models, runner in float_sections:

@@ -289,21 +289,63 @@ def _planted_token_model(rows: int, columns: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _flattened_token_model() -> onnx.ModelProto:
+    """Conv (N, 2, 3, 5) -> Flatten -> Reshape (N, 15, 2) -> class token -> Gather -> Gemm:
+    the tokens come from a channel-major flat vector cut into rows of two, which is no
+    grid of patches (nothing in the graph says which values belong to which patch)."""
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("Conv", ["x", "k"], ["map"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["map"], ["flat"], axis=1),
+        helper.make_node("Reshape", ["flat", "token_shape"], ["patch_tokens"]),
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Slice", ["x_shape", "zero", "one"], ["batch"]),
+        helper.make_node("Concat", ["batch", "one", "two"], ["cls_shape"], axis=0),
+        helper.make_node("Expand", ["cls", "cls_shape"], ["cls_tokens"]),
+        helper.make_node("Concat", ["cls_tokens", "patch_tokens"], ["tokens"], axis=1),
+        helper.make_node("Gather", ["tokens", "zero_scalar"], ["class_token"], axis=1),
+        helper.make_node("Gemm", ["class_token", "w"], ["logits"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((2, 1, 2, 2)).astype(np.float32), "k"),
+        numpy_helper.from_array(np.array([0, 15, 2], np.int64), "token_shape"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([2], np.int64), "two"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero_scalar"),
+        numpy_helper.from_array(np.ones((1, 1, 2), np.float32), "cls"),
+        numpy_helper.from_array(rng.standard_normal((2, 4)).astype(np.float32), "w"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "flattened",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 6, 10])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_unproven_token_grid_is_refused_and_can_be_stated() -> None:
-    path, _, _ = case(VIT)
-    # The attention branch's output: attention mixes tokens, so nothing traces its token
-    # axis back to the patch grid.
-    layer = "/blocks/blocks.11/attn/proj/Add_output_0"
+    model = _flattened_token_model()
     with pytest.raises(LayerNotFoundError) as caught:
-        CamModel(str(path), layer=layer)
-    assert "grid=(H, W)" in str(caught.value) and layer in str(caught.value)
-    stated = CamModel(str(path), layer=layer, grid=(14, 14))
+        CamModel(model, layer="tokens")
+    assert "grid=(H, W)" in str(caught.value) and "'tokens'" in str(caught.value)
+    stated = CamModel(model, layer="tokens", grid=(3, 5))
     layout = stated.graph.layer_layout
-    assert layout.stated and layout.offset == 1 and layout.grid == (14, 14)
+    assert layout.stated and layout.offset == 1 and layout.grid == (3, 5)
+    # The stated fold is what pytorch-grad-cam's reshape transform would do.
+    x = np.random.default_rng(7).standard_normal((2, 1, 6, 10)).astype(np.float32)
+    result = stated.run(x)
+    assert result.activations.shape == (2, 2, 3, 5)
+    with pytest.raises(LayerNotFoundError, match="does not fit"):
+        CamModel(model, layer="tokens", grid=(4, 5))
+
+
+def test_stated_grid_that_contradicts_the_graph_is_refused() -> None:
+    path, _, _ = case(VIT)
     with pytest.raises(LayerNotFoundError, match="proves its tokens form a 14x14 grid"):
         CamModel(str(path), grid=(7, 28))
-    with pytest.raises(LayerNotFoundError, match="does not fit"):
-        CamModel(str(path), layer=layer, grid=(15, 15))
 
 
 def test_inspect_names_the_rule_and_the_reshape() -> None:
@@ -331,15 +373,14 @@ def test_exported_model_outputs_the_folded_maps(tmp_path) -> None:
 
 
 def _scrambled_then_normalised(form: str | None) -> onnx.ModelProto:
-    """Conv -> NHWC -> Flatten -> Reshape back to (N, H, W, C): the reshape through one flat
-    axis loses every traced role. Then ``form``: a decomposed layer norm over the last axis
+    """Conv (N, C, H, W) -> Flatten -> Reshape to (N, 8, 8, 6): a reshape that cuts the flat
+    channel-major vector differently, so no traced role survives it. Then ``form``: a decomposed layer norm over the last axis
     (``"div"``: (x - mean) / sqrt(var + eps); ``"reciprocal"``: (x - mean) * 1 / sqrt(...)),
     or ``None`` (no norm); then the mean over H, W and a Gemm."""
     rng = np.random.default_rng(4)
     nodes = [
         helper.make_node("Conv", ["x", "k"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Transpose", ["c"], ["nhwc"], perm=[0, 2, 3, 1]),
-        helper.make_node("Flatten", ["nhwc"], ["flat"], axis=1),
+        helper.make_node("Flatten", ["c"], ["flat"], axis=1),
         helper.make_node("Reshape", ["flat", "shape"], ["map"]),
     ]
     last = "map"

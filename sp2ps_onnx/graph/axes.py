@@ -30,6 +30,8 @@ from .analysis import GraphInfo, input_layout
 from .model_io import attribute
 
 BATCH, CHANNELS, ROWS, COLUMNS, UNKNOWN = "N", "C", "H", "W", "?"
+# Offsets within a cell after rows or columns were split into (cells, offset in cell).
+ROW_OFFSETS, COLUMN_OFFSETS = "h", "w"
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,17 @@ class Tokens:
         return self.grid[0] * self.grid[1]
 
 
-Role = str | Tokens
+@dataclass(frozen=True)
+class Merged:
+    """Several axes merged into one by a Reshape (windows folded into the batch, a
+    (N * T, C) view for a BatchNorm1d), kept so that the Reshape that splits them again
+    gives their roles back."""
+
+    parts: tuple
+    sizes: tuple[int, ...]
+
+
+Role = str | Tokens | Merged
 Roles = tuple[Role, ...]
 
 # Ops whose 4-D outputs are (N, C, H, W) by definition in ONNX.
@@ -112,6 +124,9 @@ def _node_roles(info: GraphInfo, node, roles: dict[str, Roles]) -> dict[str, Rol
         return None
     if op in CHANNELS_FIRST_OPS and len(out_shape) == 4:
         return {out: (BATCH, CHANNELS, ROWS, COLUMNS)}
+    if op == "BatchNormalization" and node.input[0] in roles and len(out_shape) >= 2:
+        # BatchNorm1d on (N, C) or (N, C, L): axis 1 holds the channels.
+        return {out: _mark_channels(roles[node.input[0]], 1, len(out_shape))}
     if op == "Transpose":
         source = roles.get(node.input[0])
         if source is None:
@@ -274,19 +289,24 @@ def _regroup(source, group_in, in_shape, group_out, out_shape) -> list[Role]:
     if len(group_out) == 1:  # merge
         if roles == [ROWS, COLUMNS]:
             return [Tokens(0, (in_shape[group_in[0]], in_shape[group_in[1]]))]
-        if CHANNELS in roles and set(roles) <= {CHANNELS, UNKNOWN}:
+        if roles in ([ROWS, ROW_OFFSETS], [COLUMNS, COLUMN_OFFSETS]):
+            return [roles[0]]  # cells and offsets within them: the full axis again
+        if CHANNELS in roles and set(roles) <= {CHANNELS, UNKNOWN, ROW_OFFSETS, COLUMN_OFFSETS}:
             # Space-to-depth (patch merging) folds pixel offsets into the channels.
             return [CHANNELS]
-        return [UNKNOWN]
+        if all(r == UNKNOWN for r in roles):
+            return [UNKNOWN]
+        return [Merged(tuple(roles), tuple(in_shape[a] for a in group_in))]
     if len(group_in) == 1:  # split
         role = roles[0]
-        sizes = [out_shape[a] for a in group_out]
-        if isinstance(role, Tokens) and role.offset == 0 and len(sizes) == 2 and tuple(sizes) == role.grid:
+        sizes = tuple(out_shape[a] for a in group_out)
+        if isinstance(role, Tokens) and role.offset == 0 and sizes == role.grid:
             return [ROWS, COLUMNS]
-        if role in (ROWS, COLUMNS):
-            # (H) -> (H / s, s): the outer axis still runs over the rows, the inner one
-            # over offsets within a cell.
-            return [role] + [UNKNOWN] * (len(sizes) - 1)
+        if isinstance(role, Merged) and sizes == role.sizes:
+            return list(role.parts)
+        if role in (ROWS, COLUMNS) and len(sizes) == 2:
+            # (H) -> (H / s, s): cells of s rows, and the offset within a cell.
+            return [role, ROW_OFFSETS if role == ROWS else COLUMN_OFFSETS]
         return [UNKNOWN] * len(sizes)
     return [UNKNOWN] * len(group_out)
 
@@ -302,6 +322,11 @@ def _sliced(role: Role, size: int, kept: range) -> Role:
         return role
     if role == CHANNELS:
         return CHANNELS
+    if role in (ROWS, COLUMNS) and kept and kept.step > 1:
+        # Strided subsampling over the whole axis (LeViT's token subsampling) keeps a
+        # coarser grid over the same image; a crop does not.
+        if kept.start < kept.step and kept[-1] >= size - kept.step:
+            return role
     if isinstance(role, Tokens) and kept.step == 1:
         if kept.start <= role.offset and kept.stop >= role.offset + role.patches:
             return Tokens(role.offset - kept.start, role.grid)
@@ -373,10 +398,20 @@ def _concat(info: GraphInfo, node, roles, out_shape) -> dict[str, Roles] | None:
 
 
 def _linear(info: GraphInfo, node, roles, out_shape) -> dict[str, Roles] | None:
-    """``x @ W`` with a fixed 2-D weight: a linear layer over x's last axis (channels)."""
+    """``x @ W`` with a fixed 2-D weight: a linear layer over x's last axis (channels).
+    ``A @ B`` of two image-dependent tensors (attention): the rows of A and the columns of
+    B, as matrix products define them (row i of ``softmax(q k^T) v`` belongs to query i)."""
     source = roles.get(node.input[0])
     weight = node.input[3] if node.op_type == "QLinearMatMul" else node.input[1]
-    if source is None or weight in info.input_dependent:
+    if weight in info.input_dependent:
+        other = roles.get(weight)
+        if source is None or other is None or not len(source) == len(other) == len(out_shape) >= 2:
+            return None
+        leading = []
+        for a, b in zip(source[:-2], other[:-2], strict=True):
+            leading.append(a if a == b or b == UNKNOWN else b if a == UNKNOWN else UNKNOWN)
+        return {node.output[0]: (*leading, source[-2], other[-1])}
+    if source is None:
         return None
     value = info.static_value(weight)
     if value is None or np.ndim(value) != 2:

@@ -14,6 +14,7 @@ from .axes import (
     CHANNELS_FIRST_OPS,
     COLUMNS,
     ROWS,
+    UNKNOWN,
     Tokens,
     axis_roles,
     decomposed_norm_axis,
@@ -228,8 +229,8 @@ def _layout_from_roles(roles) -> Layout | None:
     rest = [a for a in (1, 2, 3) if a != channel]
     if ROWS in roles and COLUMNS in roles:
         return Layout(channel, (roles.index(ROWS), roles.index(COLUMNS)))
-    if any(roles[a] in (ROWS, COLUMNS) or isinstance(roles[a], Tokens) for a in rest):
-        return None  # only one of rows and columns traced: their order is unproven
+    if any(roles[a] != UNKNOWN for a in rest):
+        return None  # only one of rows and columns traced, or something else there
     # Channels proven (by a LayerNorm over them) and the two others unknown: the image's
     # rows come before its columns in storage, as in every channels-last layout.
     return Layout(channel, (rest[0], rest[1]))
@@ -380,10 +381,14 @@ def _is_spatial_map(info: GraphInfo, tensor: str) -> MapLayout | None:
         return None
     if not np.issubdtype(dtype, np.floating) and tensor not in info.quant_params:
         return None
+    roles = axis_roles(info).get(tensor)
     if len(shape) == 3:
-        tokens = _token_layout(info, tensor, axis_roles(info).get(tensor), None)
+        tokens = _token_layout(info, tensor, roles, None)
         return tokens if tokens is not None and min(tokens.grid) > 1 else None
-    layout = layout_of(info, tensor) or _layout_from_roles(axis_roles(info).get(tensor)) or NCHW
+    layout = layout_of(info, tensor) or _layout_from_roles(roles)
+    if layout is None and roles is not None and any(isinstance(r, Tokens) for r in roles):
+        return None  # token arithmetic (attention scores, heads), not an image map
+    layout = layout or NCHW
     h, w = (shape[a] for a in layout.spatial_axes)
     return layout if h > 1 and w > 1 else None
 
