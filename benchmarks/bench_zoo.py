@@ -205,7 +205,6 @@ def run_transformer(name: str, size: int, workdir: Path) -> dict:
     def keep(module_name):
         def hook(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.ndim in (3, 4) and output.requires_grad:
-                output.retain_grad()
                 captured.append((module_name, output))
         return hook
 
@@ -215,13 +214,17 @@ def run_transformer(name: str, size: int, workdir: Path) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    logits[torch.arange(len(x)), torch.from_numpy(result.targets)].sum().backward()
+    score = logits[torch.arange(len(x)), torch.from_numpy(result.targets)].sum()
+    # One autograd call for every captured output (retain_grad hooks on all modules crash
+    # torch's backward on some models, fastvit among them).
+    grads = torch.autograd.grad(score, [o for _, o in captured], allow_unused=True)
+    captured = [(n, o.detach(), g) for (n, o), g in zip(captured, grads, strict=True)]
     # With random weights some blocks are near identities (LayerScale 1e-5, zero-initialised
     # BatchNorm on residual branches), so several modules may hold nearly the same values:
     # the one whose gradient matches best is the layer's module.
     matches = []
-    for module_name, output in captured:
-        for folded, grad in _folds(output, result.activations.shape, layout):
+    for module_name, output, output_grad in captured:
+        for folded, grad in _folds(output, output_grad, result.activations.shape, layout):
             if grad is None or folded.shape != result.activations.shape:
                 continue
             act_err = _relative(result.activations, folded)
@@ -235,32 +238,34 @@ def run_transformer(name: str, size: int, workdir: Path) -> dict:
     return row
 
 
-def _folds(output, shape, layout):
-    """``output`` (a module's output and its gradient) as channels-first maps of ``shape``:
-    as it is, channels-last transposed, or token-folded with the engine's grid."""
+def _folds(output, output_grad, shape, layout):
+    """A module's output and its gradient as channels-first maps of ``shape``: as they are,
+    channels-last transposed, or token-folded with the engine's grid."""
     from sp2ps_onnx.graph.locate import TokenLayout
 
-    value = output.detach().numpy()
-    grad = None if output.grad is None else output.grad.numpy()
+    value = output.numpy()
+    grad = None if output_grad is None else output_grad.numpy()
     pairs = []
     if value.ndim == 4:
         pairs.append((value, grad))
         pairs.append((value.transpose(0, 3, 1, 2), None if grad is None else grad.transpose(0, 3, 1, 2)))
-    elif value.ndim == 3 and isinstance(layout, TokenLayout) and value.shape[1:] == (layout.tokens, shape[1]):
+    elif value.ndim == 3 and isinstance(layout, TokenLayout) and value.shape[2] == shape[1]:
+        # Every run of grid-many consecutive tokens: the engine's layer may be a slice of
+        # the module's output (BEiT's head averages x[:, 1:]).
         n, c, (h, w) = shape[0], shape[1], layout.grid
-        start, stop = layout.offset, layout.offset + layout.patches
+        for start in range(value.shape[1] - layout.patches + 1):
 
-        def fold(a):
-            return a[:, start:stop].reshape(n, h, w, c).transpose(0, 3, 1, 2)
+            def fold(a, start=start):
+                return a[:, start : start + layout.patches].reshape(n, h, w, c).transpose(0, 3, 1, 2)
 
-        pairs.append((fold(value), None if grad is None else fold(grad)))
+            pairs.append((fold(value), None if grad is None else fold(grad)))
     return pairs
 
 
 def _rule_name(rule: str) -> str:
     from sp2ps_onnx.graph import locate
 
-    return {locate.RULE_CLASS_TOKEN: "class-token head: last block's norm1",
+    return {locate.RULE_CLASS_TOKEN: "class token",
             locate.RULE_LAST_MAP: "last map"}.get(rule, rule)
 
 
@@ -595,12 +600,13 @@ NOTES = {
     "framework reference at that tensor is computed here.",
     "InceptionV3": "As timm inception_v3: at 96 px `mixed8`/`mixed9`/`mixed10` are 1×1; the engine takes "
     "`mixed7` (768×4×4), never the branch tensor `activation_70`.",
-    "efficientformer_l1": "Token model: `forward_features` returns (N, tokens, C); there is no 4-D map.",
-    "vit_tiny_patch16_224": "Token model (ViT): no 4-D feature map exists; Grad-CAM on tokens needs "
-    "a reshape transform that is out of scope.",
-    "levit_128s": "Refused, as designed: the last 4-D tensor is an attention matrix reshaped "
-    "from tokens, whose channel axis nothing proves; the message names it and suggests --layer. "
-    "LeViT has no convolutional feature map at its end.",
+    "efficientformer_l1": "Token model: `forward_features` returns (N, tokens, C), which this "
+    "section's 4-D reference does not read; see the transformer section, where it passes.",
+    "vit_tiny_patch16_224": "Token model (ViT): `forward_features` returns tokens, which this "
+    "section's 4-D reference does not read; see the transformer section, where it passes.",
+    "levit_128s": "Token model: see the transformer section, where it passes.",
+    "eva02_tiny_patch14_224": "Exporter failure: the legacy torch.onnx exporter cannot trace "
+    "EVA-02's `scaled_dot_product_attention` call (is_causal given as a tensor); no ONNX model.",
     "vgg11_bn": "Exporter failure at 64 px (torch.onnx cannot export adaptive_avg_pool2d to a size "
     "that does not divide the map); torchvision's vgg11_bn is covered by the CI tests.",
     "InceptionResNetV2": "At 96 px the final map (`conv_7b`) is 1×1; the engine takes the last map "
@@ -671,6 +677,36 @@ def render(results: dict) -> str:
         missing = [name for name, _ in configured if name not in rows]
         if missing:
             lines += [f"Not run in the last run (time or memory on the shared machine): {', '.join(missing)}.", ""]
+        notes = [f"- **{name}**: {NOTES[name]}" for name, r in rows.items() if r["status"] != "pass" and name in NOTES]
+        if notes:
+            lines += ["Rows that do not pass:", "", *notes, ""]
+    rows = results.get("transformers")
+    if rows:
+        passed = sum(r["status"] == "pass" for r in rows.values())
+        lines += [
+            "## Transformers and hybrids (timm, legacy torch.onnx export, opset 17)",
+            "",
+            "The engine's default layer, matched by value to the torch module whose output it",
+            "is, after the engine's own fold into (C, H, W): extra (class, distillation) tokens",
+            "dropped and the patch tokens laid out on the grid proven from the graph, or a",
+            "channels-last map transposed. A fold that were transposed or shifted would match",
+            "no module. The gradient there is compared with torch autograd",
+            "(`torch.autograd.grad` of the target logit). Rule: *class token* = the head reads",
+            "only the class token(s), so the layer is the last block's `norm1` (pytorch-grad-cam's",
+            "recipe); *last map* = the last map with a proven grid that the head pools.",
+            f"{passed} of {len(rows)} pass.",
+            "",
+            "| model | input | rule | torch module | fold | (C, H, W) | act. err | grad. err | result | s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            shape = "×".join(map(str, r["shape"])) if r.get("shape") else "–"
+            lines.append(
+                f"| {name} | {r.get('size', '')} | {r.get('rule', '–')} | `{r.get('module', '–')}` | "
+                f"{r.get('fold', '–')} | {shape} | {_fmt(r.get('act_err'))} | {_fmt(r.get('grad_err'))} | "
+                f"{r['status']} | {r['seconds']} |"
+            )
+        lines.append("")
         notes = [f"- **{name}**: {NOTES[name]}" for name, r in rows.items() if r["status"] != "pass" and name in NOTES]
         if notes:
             lines += ["Rows that do not pass:", "", *notes, ""]
