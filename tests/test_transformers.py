@@ -458,3 +458,48 @@ def test_decomposed_layer_norm_proves_the_channel_axis(form: str) -> None:
 def test_map_without_a_layout_proof_is_still_refused() -> None:
     with pytest.raises(LayerNotFoundError, match="holds the channels"):
         CamModel(_scrambled_then_normalised(None))
+
+
+def test_cli_grid_option_on_inspect_export_and_cam(tmp_path) -> None:
+    import json
+
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from sp2ps_onnx.cli import cli
+
+    model = tmp_path / "flat_tokens.onnx"
+    onnx.save(_flattened_token_model(), model)
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["inspect", str(model), "--layer", "tokens"])
+    assert refused.exit_code == 2 and "--grid HxW" in refused.output
+    found = runner.invoke(
+        cli, ["inspect", str(model), "--layer", "tokens", "--grid", "3x5", "--format", "json"]
+    )
+    assert found.exit_code == 0, found.output
+    details = json.loads(found.output)
+    assert details["layer_shape"] == [2, 3, 5]
+    assert "3x5 grid, 1 leading token dropped (stated" in details["layer_reshape"]
+    assert runner.invoke(cli, ["inspect", str(model), "--grid", "3by5"]).exit_code == 2
+
+    exported = tmp_path / "flat_tokens_cam.onnx"
+    written = runner.invoke(
+        cli, ["export", str(model), "-o", str(exported), "--layer", "tokens", "--grid", "3x5"]
+    )
+    assert written.exit_code == 0, written.output
+    x = np.random.default_rng(8).standard_normal((3, 1, 6, 10)).astype(np.float32)
+    session = ort.InferenceSession(str(exported))
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {"x": x, "target": np.full(3, -1)}), strict=True))
+    assert values["activations"].shape == (3, 2, 3, 5)
+
+    images = tmp_path / "x.npy"
+    np.save(images, x)
+    out = tmp_path / "cams"
+    made = runner.invoke(
+        cli, ["cam", str(model), str(images), "-o", str(out), "--layer", "tokens", "--grid",
+              "3x5", "--quiet"],
+    )
+    assert made.exit_code == 0, made.output
+    maps = sorted(out.glob("*.npy"))
+    assert len(maps) == 3 and np.load(maps[0]).shape == (6, 10)
