@@ -19,7 +19,8 @@ A row passes when the layer's activations match (relative error < 1e-3) and the 
 matches (max |engine − reference| ≤ 1e-4 · max |reference|), or for quantized rows when the
 CAM Pearson is ≥ 0.9. Everything else is written down with its error message.
 
-    python -m benchmarks.bench_zoo [--only timm,timm-earlier,keras,quantized-ort,quantized-tflite]
+    python -m benchmarks.bench_zoo [--only timm,timm-earlier,transformers,keras,quantized-ort,
+        quantized-tflite]
         [--names a,b] [--size 96] [--limit N] [--out docs/coverage.md]
 
 Results are also kept as JSON next to the markdown (``coverage.json``) so that sections can
@@ -67,6 +68,19 @@ TIMM = [
     ("darknet53", 64), ("hrnet_w18_small", 64), ("selecsls42b", 64), ("eca_nfnet_l0", 64),
     ("coatnet_nano_rw_224", 224), ("convnext_tiny_hnf", 64), ("poolformer_s12", 64),
     ("efficientformer_l1", 224), ("levit_128s", 224), ("vit_tiny_patch16_224", 224),
+]  # fmt: skip
+
+# Transformers and hybrids (issue 19): token maps, channels-last maps, class-token heads.
+TRANSFORMERS = [
+    ("vit_tiny_patch16_224", 224), ("deit_tiny_patch16_224", 224),
+    ("deit_tiny_distilled_patch16_224", 224), ("vit_tiny_r_s16_p8_224", 224),
+    ("swin_tiny_patch4_window7_224", 224), ("swinv2_cr_tiny_ns_224", 224),
+    ("beit_base_patch16_224", 224), ("cait_xxs24_224", 224), ("xcit_nano_12_p16_224", 224),
+    ("pit_ti_224", 224), ("pvt_v2_b0", 224), ("twins_svt_small", 224),
+    ("efficientformer_l1", 224), ("efficientformerv2_s0", 224), ("levit_128s", 224),
+    ("mobilevit_xxs", 256), ("mobilevitv2_050", 256), ("fastvit_t8", 256),
+    ("coatnet_nano_rw_224", 224), ("maxvit_nano_rw_256", 256), ("convit_tiny", 224),
+    ("tiny_vit_5m_224", 224), ("eva02_tiny_patch14_224", 224), ("gcvit_xxtiny", 224),
 ]  # fmt: skip
 
 KERAS = [
@@ -143,6 +157,102 @@ def run_timm(name: str, size: int, workdir: Path) -> dict:
         if permuted.shape == result.activations.shape:  # forward_features is NHWC (swin-like)
             reference, gradient = permuted, gradient.transpose(0, 3, 1, 2)
     return _compared_row(cam, result, reference, gradient, "forward_features")
+
+
+def run_transformer(name: str, size: int, workdir: Path) -> dict:
+    """The default layer of a transformer or hybrid, matched by value to the torch module
+    whose output it is (after the engine's own fold: class tokens dropped and tokens laid
+    out on the grid, or channels-last maps transposed), and the gradient there against
+    torch autograd. A row whose fold were transposed or shifted would match no module."""
+    import timm
+    import torch
+
+    from sp2ps_onnx.graph.locate import TokenLayout
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.from_numpy(sample_photos(size, nchw=True)[:2])
+    path = workdir / f"{name}.onnx"
+    torch.onnx.export(
+        model, x, str(path), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False,
+    )
+    cam = CamModel(path, input_size=(size, size))
+    result = cam.run(x.numpy())
+    layout = cam.graph.layer_layout
+    row = {
+        "layer": _short(cam.layer),
+        "shape": list(result.activations.shape[1:]),
+        "rule": _rule_name(cam.layer_rule),
+        "fold": layout.describe() if isinstance(layout, TokenLayout) else f"stored {layout.name}",
+    }
+    captured: list[tuple[str, torch.Tensor]] = []
+
+    def keep(module_name):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.ndim in (3, 4) and output.requires_grad:
+                captured.append((module_name, output))
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    score = logits[torch.arange(len(x)), torch.from_numpy(result.targets)].sum()
+    # One autograd call for every captured output (retain_grad hooks on all modules crash
+    # torch's backward on some models, fastvit among them).
+    grads = torch.autograd.grad(score, [o for _, o in captured], allow_unused=True)
+    captured = [(n, o.detach(), g) for (n, o), g in zip(captured, grads, strict=True)]
+    # With random weights some blocks are near identities (LayerScale 1e-5, zero-initialised
+    # BatchNorm on residual branches), so several modules may hold nearly the same values:
+    # the one whose gradient matches best is the layer's module.
+    matches = []
+    for module_name, output, output_grad in captured:
+        for folded, grad in _folds(output, output_grad, result.activations.shape, layout):
+            if grad is None or folded.shape != result.activations.shape:
+                continue
+            act_err = _relative(result.activations, folded)
+            if act_err < REL_ACT:
+                matches.append((_relative(result.gradients, grad), act_err, module_name))
+    if not matches:
+        row["status"] = "no torch module output equals the engine's layer"
+        return row
+    row["grad_err"], row["act_err"], row["module"] = min(matches)
+    row["status"] = "pass" if row["grad_err"] <= REL_GRAD else "mismatch"
+    return row
+
+
+def _folds(output, output_grad, shape, layout):
+    """A module's output and its gradient as channels-first maps of ``shape``: as they are,
+    channels-last transposed, or token-folded with the engine's grid."""
+    from sp2ps_onnx.graph.locate import TokenLayout
+
+    value = output.numpy()
+    grad = None if output_grad is None else output_grad.numpy()
+    pairs = []
+    if value.ndim == 4:
+        pairs.append((value, grad))
+        pairs.append((value.transpose(0, 3, 1, 2), None if grad is None else grad.transpose(0, 3, 1, 2)))
+    elif value.ndim == 3 and isinstance(layout, TokenLayout) and value.shape[2] == shape[1]:
+        # Every run of grid-many consecutive tokens: the engine's layer may be a slice of
+        # the module's output (BEiT's head averages x[:, 1:]).
+        n, c, (h, w) = shape[0], shape[1], layout.grid
+        for start in range(value.shape[1] - layout.patches + 1):
+
+            def fold(a, start=start):
+                return a[:, start : start + layout.patches].reshape(n, h, w, c).transpose(0, 3, 1, 2)
+
+            pairs.append((fold(value), None if grad is None else fold(grad)))
+    return pairs
+
+
+def _rule_name(rule: str) -> str:
+    from sp2ps_onnx.graph import locate
+
+    return {locate.RULE_CLASS_TOKEN: "class token",
+            locate.RULE_LAST_MAP: "last map"}.get(rule, rule)
 
 
 # Models whose stage before the last brings in the ops of issue 8's "earlier layers" list.
@@ -391,7 +501,7 @@ def _guarded(fn, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--only", default="timm,timm-earlier,keras,quantized-ort,quantized-tflite",
+        "--only", default="timm,timm-earlier,transformers,keras,quantized-ort,quantized-tflite",
         help="sections; run quantized-ort and quantized-tflite in separate processes",
     )
     parser.add_argument("--limit", type=int, default=None)
@@ -414,6 +524,7 @@ def main() -> None:
         float_sections = (
             ("timm", TIMM, run_timm),
             ("timm-earlier", TIMM_EARLIER, run_timm_earlier),
+            ("transformers", TRANSFORMERS, run_transformer),
             ("keras", KERAS, run_keras),
         )
         for section, models, runner in float_sections:
@@ -446,12 +557,13 @@ NOTES = {
     "framework reference at that tensor is computed here.",
     "InceptionV3": "As timm inception_v3: at 96 px `mixed8`/`mixed9`/`mixed10` are 1×1; the engine takes "
     "`mixed7` (768×4×4), never the branch tensor `activation_70`.",
-    "efficientformer_l1": "Token model: `forward_features` returns (N, tokens, C); there is no 4-D map.",
-    "vit_tiny_patch16_224": "Token model (ViT): no 4-D feature map exists; Grad-CAM on tokens needs "
-    "a reshape transform that is out of scope.",
-    "levit_128s": "Refused, as designed: the last 4-D tensor is an attention matrix reshaped "
-    "from tokens, whose channel axis nothing proves; the message names it and suggests --layer. "
-    "LeViT has no convolutional feature map at its end.",
+    "efficientformer_l1": "Token model: `forward_features` returns (N, tokens, C), which this "
+    "section's 4-D reference does not read; see the transformer section, where it passes.",
+    "vit_tiny_patch16_224": "Token model (ViT): `forward_features` returns tokens, which this "
+    "section's 4-D reference does not read; see the transformer section, where it passes.",
+    "levit_128s": "Token model: see the transformer section, where it passes.",
+    "eva02_tiny_patch14_224": "Exporter failure: the legacy torch.onnx exporter cannot trace "
+    "EVA-02's `scaled_dot_product_attention` call (is_causal given as a tensor); no ONNX model.",
     "vgg11_bn": "Exporter failure at 64 px (torch.onnx cannot export adaptive_avg_pool2d to a size "
     "that does not divide the map); torchvision's vgg11_bn is covered by the CI tests.",
     "InceptionResNetV2": "At 96 px the final map (`conv_7b`) is 1×1; the engine takes the last map "
@@ -522,6 +634,36 @@ def render(results: dict) -> str:
         missing = [name for name, _ in configured if name not in rows]
         if missing:
             lines += [f"Not run in the last run (time or memory on the shared machine): {', '.join(missing)}.", ""]
+        notes = [f"- **{name}**: {NOTES[name]}" for name, r in rows.items() if r["status"] != "pass" and name in NOTES]
+        if notes:
+            lines += ["Rows that do not pass:", "", *notes, ""]
+    rows = results.get("transformers")
+    if rows:
+        passed = sum(r["status"] == "pass" for r in rows.values())
+        lines += [
+            "## Transformers and hybrids (timm, legacy torch.onnx export, opset 17)",
+            "",
+            "The engine's default layer, matched by value to the torch module whose output it",
+            "is, after the engine's own fold into (C, H, W): extra (class, distillation) tokens",
+            "dropped and the patch tokens laid out on the grid proven from the graph, or a",
+            "channels-last map transposed. A fold that were transposed or shifted would match",
+            "no module. The gradient there is compared with torch autograd",
+            "(`torch.autograd.grad` of the target logit). Rule: *class token* = the head reads",
+            "only the class token(s), so the layer is the last block's `norm1` (pytorch-grad-cam's",
+            "recipe); *last map* = the last map with a proven grid that the head pools.",
+            f"{passed} of {len(rows)} pass.",
+            "",
+            "| model | input | rule | torch module | fold | (C, H, W) | act. err | grad. err | result | s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            shape = "×".join(map(str, r["shape"])) if r.get("shape") else "–"
+            lines.append(
+                f"| {name} | {r.get('size', '')} | {r.get('rule', '–')} | `{r.get('module', '–')}` | "
+                f"{r.get('fold', '–')} | {shape} | {_fmt(r.get('act_err'))} | {_fmt(r.get('grad_err'))} | "
+                f"{r['status']} | {r['seconds']} |"
+            )
+        lines.append("")
         notes = [f"- **{name}**: {NOTES[name]}" for name, r in rows.items() if r["status"] != "pass" and name in NOTES]
         if notes:
             lines += ["Rows that do not pass:", "", *notes, ""]

@@ -97,9 +97,10 @@ class CamMethod:
     * ``"gradient"``: ``compute(activations, gradients)``, both ``(N, C, h, w)`` of the same
       shape, in the dtype they were given;
     * ``"activations"``: ``compute(activations)``, ``(N, C, h, w)``;
-    * ``"perturbation"``: ``compute(cam_model, x, activations, targets, batch_size)``: the
-      images in the model's layout, their activations, one class per image and the number
-      of perturbed inputs per model call.
+    * ``"perturbation"``: ``compute(cam_model, x, result, targets, batch_size)``: the images
+      in the model's layout, the model's run on them (a
+      :class:`~sp2ps_onnx.runtime.CamResult`: activations, and a token layer's class tokens),
+      one class per image and the number of perturbed inputs per model call.
     """
 
     name: str
@@ -321,12 +322,15 @@ def score_cam(
     return _channel_weighted_sum(weights, acts).astype(np.float32)
 
 
-def _ablation_values(acts: np.ndarray) -> np.ndarray:
+def _ablation_values(acts: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
     # pytorch-grad-cam's AblationLayer zeroes a channel when the layer's minimum is 0 (ReLU
     # outputs) and otherwise sets it to min - 1e7 (float32). Its loop recomputes the minimum
     # after each ablated row of a batch, so row i of a batch gets min - (i + 1) * 1e7; here
-    # every channel gets min - 1e7, which equals its result with batch_size=1.
+    # every channel gets min - 1e7, which equals its result with batch_size=1. For token
+    # layers the minimum runs over all tokens, class tokens included (AblationLayerVit).
     minima = acts.reshape(acts.shape[0], -1).min(axis=1)
+    if extra is not None and extra.size:
+        minima = np.minimum(minima, extra.reshape(extra.shape[0], -1).min(axis=1))
     return np.where(minima == 0, np.float32(0), minima - _ABLATION_OFFSET).astype(np.float32)
 
 
@@ -336,6 +340,8 @@ def ablation_cam(
     head_scores: ScoreFunction,
     *,
     batch_size: int = 64,
+    extra_tokens: Any = None,
+    images: Any = None,
 ) -> np.ndarray:
     """Ablation-CAM raw maps ``(N, h, w)``.
 
@@ -348,21 +354,42 @@ def ablation_cam(
     Args:
         activations: target-layer feature maps, shape ``(N, C, h, w)``.
         targets: one class index per image.
-        head_scores: maps channels-first activations ``(B, C, h, w)`` to logits ``(B, K)``.
+        head_scores: maps channels-first activations ``(B, C, h, w)`` to logits ``(B, K)``;
+            called with ``extra_tokens=`` and ``images=`` (the rows' own) where given.
         batch_size: number of ablated copies per head call (a batch may mix images).
+        extra_tokens: a token layer's tokens outside the grid (class tokens), ``(N, C, k)``:
+            channel ``c`` is ablated in them too, and they count for the minimum.
+        images: the model inputs, for a head that also reads tensors computed before the
+            layer.
     """
     acts = _as_feature_maps(activations, "activations").astype(np.float32)
     count, channels = acts.shape[:2]
     target_indices = _as_targets(targets, count)
-    original = _target_scores(head_scores(acts), target_indices)
-    fill_values = _ablation_values(acts)
+    extra = None if extra_tokens is None else np.asarray(extra_tokens, dtype=np.float32)
+
+    def scores_of(batch: np.ndarray, rows: np.ndarray, extra_batch: np.ndarray | None):
+        inputs = {}
+        if extra_batch is not None:
+            inputs["extra_tokens"] = extra_batch
+        if images is not None:
+            inputs["images"] = np.asarray(images)[rows]
+        return head_scores(batch, **inputs)
+
+    every = np.arange(count)
+    original = _target_scores(scores_of(acts, every, extra), target_indices)
+    fill_values = _ablation_values(acts, extra)
     ablated_scores = np.empty(count * channels, dtype=np.float64)
     for start in range(0, count * channels, max(1, int(batch_size))):
         pairs = np.arange(start, min(start + batch_size, count * channels))
         image_of_pair = pairs // channels
         batch = acts[image_of_pair]  # fancy indexing copies
-        batch[np.arange(pairs.shape[0]), pairs % channels] = fill_values[image_of_pair, None, None]
-        logits = head_scores(batch)
+        rows = np.arange(pairs.shape[0])
+        batch[rows, pairs % channels] = fill_values[image_of_pair, None, None]
+        extra_batch = None
+        if extra is not None:
+            extra_batch = extra[image_of_pair]
+            extra_batch[rows, pairs % channels] = fill_values[image_of_pair, None]
+        logits = scores_of(batch, image_of_pair, extra_batch)
         ablated_scores[pairs] = _target_scores(logits, target_indices[image_of_pair])
     drops = original[:, None] - ablated_scores.reshape(count, channels)
     scale = np.where(original == 0, 1.0, original)[:, None]
@@ -444,23 +471,29 @@ def _eigengradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
 
 @CAM_METHODS.register("scorecam", needs="perturbation")
 def _scorecam(
-    cam_model: Any, x: np.ndarray, activations: Any, targets: np.ndarray, batch_size: int
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
 ) -> np.ndarray:
     """``sum_c softmax_c(s_c) * A``, ``s_c`` the target score of the input masked by the
     min-max scaled, upsampled channel ``c`` (:func:`score_cam`)."""
     return score_cam(
-        x, activations, targets, cam_model.scores, input_layout=cam_model.layout,
+        x, result.activations, targets, cam_model.scores, input_layout=cam_model.layout,
         batch_size=batch_size,
     )  # fmt: skip
 
 
 @CAM_METHODS.register("ablationcam", needs="perturbation")
 def _ablationcam(
-    cam_model: Any, x: np.ndarray, activations: Any, targets: np.ndarray, batch_size: int
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
 ) -> np.ndarray:
     """``sum_c (s_0 - s_c) / s_0 * A``, ``s_c`` the target score with channel ``c`` ablated
-    (:func:`ablation_cam`)."""
-    return ablation_cam(activations, targets, cam_model.head_scores, batch_size=batch_size)
+    (:func:`ablation_cam`); a token layer's class tokens are ablated with the patches, and a
+    head that reads the block's input is re-run from the image."""
+    needs = getattr(cam_model, "head_inputs", ())
+    return ablation_cam(
+        result.activations, targets, cam_model.head_scores, batch_size=batch_size,
+        extra_tokens=getattr(result, "extra_tokens", None) if "extra_tokens" in needs else None,
+        images=x if "images" in needs else None,
+    )
 
 
 #: Every supported method name.
@@ -521,7 +554,7 @@ def _maps_from_run(
     elif entry.needs == "activations":
         maps = entry.compute(_as_feature_maps(result.activations, "activations"))
     else:
-        maps = entry.compute(cam_model, x, result.activations, used_targets, batch_size)
+        maps = entry.compute(cam_model, x, result, used_targets, batch_size)
     return maps, used_targets
 
 

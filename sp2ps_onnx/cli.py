@@ -25,7 +25,7 @@ from . import __version__
 from .cam import METHODS
 from .convert import check_converter, needs_conversion, to_onnx
 from .data import PRESETS, open_data, parse_size
-from .errors import LayerNotFoundError, ModelLoadError, Sp2PSError
+from .errors import InputDataError, LayerNotFoundError, ModelLoadError, Sp2PSError
 from .explain import explain
 from .figures import colormap, overlay, write_png
 from .graph import inspect_model
@@ -149,6 +149,9 @@ def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="Where ONNX Runtime runs the models."),
         click.option("--size", default=None, help="Input H[,W] for models with a dynamic "
                      "spatial input size (e.g. 224 or 224,192; default 224)."),
+        click.option("--grid", default=None, metavar="HxW",
+                     help="Patch grid of a token-sequence layer (N, T, C) when the graph does "
+                     "not prove it, e.g. 14x14; the T - H*W leading (class) tokens are dropped."),
         click.option("--allow-domain", "allow_domains", multiple=True, metavar="DOMAIN",
                      help="Accept ops of this custom-op domain (refused by default: custom "
                      "ops run code from outside ONNX Runtime). Repeat for several."),
@@ -196,7 +199,7 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def _cam_options(given: dict[str, Any]) -> CamOptions:
     return CamOptions(method=given["method"], layer=given["layer"],
                       pruned_layer=given.get("pruned_layer"), target=given["target"],
-                      allow_domains=given["allow_domains"])
+                      allow_domains=given["allow_domains"], grid=_parse_grid(given["grid"]))
 
 
 def _read_options(given: dict[str, Any]) -> DataOptions:
@@ -221,6 +224,15 @@ def _run_options(given: dict[str, Any], checkpoint: Path | None = None) -> RunOp
     return RunOptions(batch_size=given["batch_size"], device=given["device"],
                       progress=_show_progress(given["quiet"]), quiet=given["quiet"],
                       checkpoint=checkpoint, resume=given.get("resume", False), ray=ray)
+
+
+def _parse_grid(grid: str | None) -> tuple[int, int] | None:
+    if grid is None:
+        return None
+    parts = [p for p in re.split(r"[x,\s]+", grid.strip().lower()) if p]
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise InputDataError(f"--grid {grid!r} is not valid; give rows x columns, e.g. 14x14")
+    return int(parts[0]), int(parts[1])
 
 
 def _check_model_path(path: str) -> str:
@@ -257,14 +269,14 @@ def cli() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output format.")
 def inspect(model: str, layer: str | None, device: str, size: str | None,
-            allow_domains: tuple[str, ...], fmt: str) -> None:
+            allow_domains: tuple[str, ...], grid: str | None, fmt: str) -> None:
     """Show a model's inputs, outputs, layout, classes, target layer, the ops between layer
     and score with their gradient-rule coverage, parameters and sparsity."""
     _check_model_path(model)
     with tempfile.TemporaryDirectory(prefix="sp2ps-convert-") as converted:
         (onnx_path,), _ = _onnx_models([model], Path(converted), quiet=fmt == "json")
         found = inspect_model(onnx_path, layer=layer, input_size=parse_size(size),
-                              allow_domains=allow_domains)
+                              allow_domains=allow_domains, grid=_parse_grid(grid))
         info = model_info(onnx_path, allow_domains=allow_domains)
     details: dict[str, Any] = {
         "model": model,
@@ -283,6 +295,9 @@ def inspect(model: str, layer: str | None, device: str, size: str | None,
         "layer": found["layer"],
         "layer_shape": found["layer_shape"],
         "layer_layout": found["layer_layout"],
+        "layer_stored_shape": found["layer_stored_shape"],
+        "layer_rule": found["layer_rule"],
+        "layer_reshape": found["layer_reshape"],
         "head_ops": found["head_ops"],
         "all_ops_have_rules": found["all_ops_have_rules"],
         "batch": found["batch"],
@@ -330,6 +345,9 @@ def _inspect_text(details: dict[str, Any]) -> str:
         ("layer", f"{details['layer']}  (C, H, W) = {shape(details['layer_shape'] or [])}"
          + (f", stored {details['layer_layout']}" if details.get("layer_layout") == "NHWC" else "")
          if details["layer"] else "–"),
+        *([("reshape", f"{shape(details['layer_stored_shape'])} {details['layer_layout']}: "
+            f"{details['layer_reshape']}")] if details.get("layer_reshape") else []),
+        *([("layer rule", details["layer_rule"])] if details.get("layer_rule") else []),
         ("parameters", f"{details['parameters']:,}"),
         ("zero weights", f"{details['sparsity_percent']:.1f}% ({details['zero_weights']:,} of "
          f"{details['weight_count']:,} Conv/Gemm/MatMul weights)"),
@@ -537,7 +555,7 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists (never MODEL itself).")
 @_model_options
 def export(model: str, out: str, force: bool, layer: str | None, device: str,
-           size: str | None, allow_domains: tuple[str, ...]) -> None:
+           size: str | None, allow_domains: tuple[str, ...], grid: str | None) -> None:
     """Write MODEL rewritten for CAMs: extra input 'target', extra outputs activations and
     gradients (runs in any ONNX runtime)."""
     _check_model_path(model)
@@ -556,7 +574,7 @@ def export(model: str, out: str, force: bool, layer: str | None, device: str,
     with tempfile.TemporaryDirectory(prefix="sp2ps-convert-") as converted:
         (onnx_path,), _ = _onnx_models([model], Path(converted), quiet=False)
         cam_model = open_model(onnx_path, layer, ["CPUExecutionProvider"], size,
-                               allow_domains=allow_domains)
+                               allow_domains=allow_domains, grid=_parse_grid(grid))
     save_model(cam_model.rewritten, out_path)
     click.echo(
         f"sp2ps: wrote {out} (layer {cam_model.layer}; input 'target' int64 (N,), -1 = top-1; "

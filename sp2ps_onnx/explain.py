@@ -50,7 +50,7 @@ def explain(
     mode = resolve_target(cam.target, source.has_labels)
     cam_model = open_model(
         model, cam.layer, select_providers(run.device, quiet=run.quiet), data_options.size,
-        run.batch_size, cam.allow_domains,
+        run.batch_size, cam.allow_domains, grid=cam.grid,
     )
     check_label_range(source, int(cam_model.num_classes))
     prep = Preprocessing.for_model(cam_model, data_options.preset, mean=data_options.mean,

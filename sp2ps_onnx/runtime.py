@@ -19,7 +19,10 @@ from .errors import InputDataError, ModelLoadError, UnsupportedModelError
 from .graph.model_io import save_model
 from .graph.rewrite import (
     ACTIVATIONS,
+    EXTRA_TOKENS,
     GRADIENTS,
+    HEAD_ACTIVATIONS,
+    HEAD_EXTRA_TOKENS,
     SCORE,
     TARGET,
     TARGETS_USED,
@@ -39,6 +42,8 @@ class CamResult:
     activations: np.ndarray  # (N, C, h, w) float32, channels-first
     gradients: np.ndarray  # (N, C, h, w) float32, d score[n, targets[n]] / d activations
     targets: np.ndarray  # (N,) int64
+    # A token layer's tokens outside the grid (class tokens), (N, C, k); else None.
+    extra_tokens: np.ndarray | None = None
 
 
 class CamModel:
@@ -60,6 +65,9 @@ class CamModel:
         spinning: whether the sessions' idle threads spin (ONNX Runtime's default, the
             fastest for one model used alone). A caller that interleaves several sessions,
             as a scoring run does, turns it off (:func:`session_options`).
+        grid: (H, W) of the patch grid of a token-sequence layer (N, T, C) whose grid the
+            graph does not prove; the T - H*W leading tokens (class tokens) are dropped.
+            A proven grid needs no statement; a contradicting one is refused.
     """
 
     def __init__(
@@ -73,11 +81,17 @@ class CamModel:
         allow_domains: Sequence[str] = (),
         threads: int | None = None,
         spinning: bool = True,
+        grid: tuple[int, int] | None = None,
     ) -> None:
         self.threads = threads
         self.spinning = spinning
         self.graph: CamGraph = build_cam_model(
-            model, layer=layer, score=score, input_size=input_size, allow_domains=allow_domains
+            model,
+            layer=layer,
+            score=score,
+            input_size=input_size,
+            allow_domains=allow_domains,
+            grid=grid,
         )
         self.providers = list(providers) if providers else select_providers("auto", quiet=True)
         self.batch_size = max(1, int(batch_size))
@@ -100,6 +114,11 @@ class CamModel:
     @property
     def layer(self) -> str:
         return self.graph.layer
+
+    @property
+    def layer_rule(self) -> str:
+        """Why this layer: named by the user, or which default rule chose it."""
+        return self.graph.layer_rule
 
     @property
     def input_name(self) -> str:
@@ -147,18 +166,25 @@ class CamModel:
         wanted = self._check_targets(targets, len(x))
         names = self.graph.output_names
         fetch = [names[SCORE], names[ACTIVATIONS], names[GRADIENTS], names[TARGETS_USED]]
+        fetch += [names[EXTRA_TOKENS]] if EXTRA_TOKENS in names else []
         parts = [
-            self._run(self._session, fetch, {self.input_name: xb, names[TARGET]: tb})[:4]
+            self._run(self._session, fetch, {self.input_name: xb, names[TARGET]: tb})
             for xb, tb in zip(self._batches(x), self._batches(wanted), strict=True)
         ]
         # One batch (the usual case inside a scoring run) needs no copy.
-        score, acts, grads, used = (
+        score, acts, grads, used, *extra = (
             (parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts]))[: len(x)]
-            for i in range(4)
+            for i in range(len(fetch))
         )
         if self.graph.gradient_spread is not None:
             grads = _spread(grads, acts.shape, self.layer)
-        return CamResult(score=score, activations=acts, gradients=grads, targets=used)
+        return CamResult(
+            score=score,
+            activations=acts,
+            gradients=grads,
+            targets=used,
+            extra_tokens=extra[0] if extra else None,
+        )
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """Class scores only (a forward pass without the backward nodes)."""
@@ -172,24 +198,64 @@ class CamModel:
             ]
         )[: len(x)]
 
-    def head_scores(self, activations: np.ndarray) -> np.ndarray:
-        """Class scores from channels-first layer activations, running only the head."""
+    @property
+    def head_inputs(self) -> tuple[str, ...]:
+        """What :meth:`head_scores` needs besides the activations: ``"extra_tokens"`` for a
+        token layer with class tokens, ``"images"`` when the head also reads tensors
+        computed before the layer (a transformer block's residual stream)."""
+        session = self._head()
+        names = {i.name for i in session.get_inputs()}
+        wanted = (("extra_tokens", HEAD_EXTRA_TOKENS), ("images", self.input_name))
+        return tuple(key for key, name in wanted if name in names)
+
+    def head_scores(
+        self,
+        activations: np.ndarray,
+        extra_tokens: np.ndarray | None = None,
+        images: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Class scores from channels-first layer activations, running only the head.
+
+        ``extra_tokens`` (N, C, k) and ``images`` (the model's input) are needed where
+        :attr:`head_inputs` names them.
+        """
+        session = self._head()
+        acts = np.ascontiguousarray(activations, dtype=np.float32)
+        feeds = {HEAD_ACTIVATIONS: acts}
+        for key, name, value in (
+            ("extra_tokens", HEAD_EXTRA_TOKENS, extra_tokens),
+            ("images", self.input_name, images),
+        ):
+            if key not in self.head_inputs:
+                continue
+            if value is None or len(value) != len(acts):
+                raise InputDataError(
+                    f"the head after layer {self.layer!r} also needs {key} (one per row of "
+                    f"activations); pass {key}=..."
+                )
+            feeds[name] = self._check_input(value) if key == "images" else np.ascontiguousarray(
+                value, dtype=np.float32
+            )
+        batched = {name: list(self._batches(value)) for name, value in feeds.items()}
+        return np.concatenate(
+            [
+                self._run(session, None, {name: chunks[i] for name, chunks in batched.items()})[0]
+                for i in range(len(batched[HEAD_ACTIVATIONS]))
+            ]
+        )[: len(acts)]
+
+    def _head(self):
         if not self._head_built:
             head = build_head_model(self.graph)
             self._head_session = self._make_session(head) if head is not None else None
             self._head_built = True
         if self._head_session is None:
             raise UnsupportedModelError(
-                f"the head after layer {self.layer!r} also reads tensors computed before it, "
-                "so it cannot run from the activations alone; use another method or a later layer"
+                f"the head after quantized layer {self.layer!r} cannot re-quantize the "
+                "activations (its scale is computed at run time); use another method or a "
+                "later layer"
             )
-        acts = np.ascontiguousarray(activations, dtype=np.float32)
-        return np.concatenate(
-            [
-                self._run(self._head_session, None, {"activations": ab})[0]
-                for ab in self._batches(acts)
-            ]
-        )[: len(acts)]
+        return self._head_session
 
     def cams(
         self,

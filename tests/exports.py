@@ -13,6 +13,7 @@ The batch dimension of every export is dynamic.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import tempfile
@@ -208,3 +209,31 @@ def torch_head(name: str, model: nn.Module, layer_output: torch.Tensor) -> torch
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:
     """Detach and copy a tensor to a float32 NumPy array."""
     return tensor.detach().cpu().numpy().astype(np.float32)
+
+
+def export_timm(
+    name: str, size: int = 224, **kwargs
+) -> tuple[Path, nn.Module, torch.Tensor]:
+    """Export (or fetch from cache) a timm model with random weights (legacy exporter,
+    opset 17, dynamic batch). ``kwargs`` go to ``timm.create_model`` (e.g. a smaller
+    ``embed_dim``); returns the ONNX path, the torch model and a (2, 3, size, size) example."""
+    import timm
+
+    settings = "-".join(f"{k}={v}" for k, v in sorted(kwargs.items())).replace(" ", "")
+    key = (f"timm:{name}:{settings}", False, int(size))
+    if key in _memory:
+        return _memory[key]
+    torch.manual_seed(SEED)
+    model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
+    example = example_input(size)
+    torch_version = torch.__version__.replace("+", "_")
+    suffix = f"-{hashlib.sha1(settings.encode()).hexdigest()[:8]}" if settings else ""
+    path = cache_dir() / f"timm-{name}{suffix}-legacy-{size}-torch{torch_version}.onnx"
+    if not path.exists():
+        started = time.perf_counter()
+        partial = path.with_suffix(f".partial{os.getpid()}.onnx")
+        _export_legacy(model, example, partial)
+        partial.replace(path)
+        export_seconds[key] = time.perf_counter() - started
+    _memory[key] = (path, model, example)
+    return _memory[key]

@@ -54,6 +54,8 @@ class GraphInfo:
     batch_relaxed: bool = False
     fixed_batch: int | None = None  # set when the model only runs at this batch size
     _invariant: set[str] | None = field(default=None, repr=False)
+    # What each axis of a tensor stands for; filled lazily by graph.axes.axis_roles.
+    axis_roles: dict | None = field(default=None, repr=False)
 
     @property
     def graph(self) -> onnx.GraphProto:

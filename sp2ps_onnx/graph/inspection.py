@@ -11,7 +11,16 @@ import onnx
 
 from ..errors import LayerNotFoundError
 from .analysis import analyse, input_layout
-from .locate import default_layer, find_score, head_ops, layout_of, resolve_layer
+from .locate import (
+    RULE_NAMED,
+    Layout,
+    TokenLayout,
+    choose_default_layer,
+    find_score,
+    head_ops,
+    map_layout,
+    resolve_layer,
+)
 from .model_io import (
     attribute,
     blame_invalid_model,
@@ -29,16 +38,18 @@ def inspect_model(
     input_size: tuple[int, int] | None = None,
     score: str = "logits",
     allow_domains: Iterable[str] = (),
+    grid: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Inputs, outputs, the target layer, the head's ops with rule coverage, and weights.
 
     Unlike :class:`~sp2ps_onnx.CamModel` this does not fail on a head op without a gradient
     rule: it reports it (``head_ops[i]["has_rule"] is False``), which is what a user needs
-    to pick a later layer.
+    to pick a later layer. ``layer_rule`` says why the layer was chosen and
+    ``layer_reshape`` how a token sequence becomes a map (``grid``: see CamModel).
     """
     proto, path = load_model(model, allow_domains)
     with blame_invalid_model(proto, path), naming_the_model(path):
-        return _inspect(proto, path, layer, input_size, score)
+        return _inspect(proto, path, layer, input_size, score, grid)
 
 
 def _inspect(
@@ -47,27 +58,44 @@ def _inspect(
     layer: str | None,
     input_size: tuple[int, int] | None,
     score: str,
+    grid: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     info = analyse(proto, input_size, path)
     score_tensor, cut = find_score(info, score)
+    rule = None
+    layout = None
     try:
-        target = resolve_layer(info, layer) if layer else default_layer(info, score_tensor)
+        if layer:
+            target, rule = resolve_layer(info, layer), RULE_NAMED
+        else:
+            target, rule = choose_default_layer(info, score_tensor)
         layer_error = None
     except LayerNotFoundError as exc:
         target, layer_error = None, f"{path}: {exc}" if path else str(exc)
     ops = head_ops(info, target, score_tensor) if target else []
-    layout = layout_of(info, target) if target else None
-    if target and layout is None and len(info.shapes.get(target, ())) == 4:
+    if target:
+        try:
+            layout = map_layout(info, target, grid)
+        except LayerNotFoundError as exc:
+            layer_error = str(exc)
+    if target and layout is None and not layer_error and len(info.shapes.get(target, ())) == 4:
         layer_error = (
             f"cannot prove which axis of layer {target!r} holds the channels; choose a layer "
             "whose layout is known with --layer (e.g. a Conv output or its activation)"
+        )
+    if target and layout is None and not layer_error and len(info.shapes.get(target, ())) == 3:
+        layer_error = (
+            f"cannot prove which tokens of layer {target!r} form an image grid; state it "
+            "with --grid HxW (the T - H*W leading tokens are dropped) or choose another --layer"
         )
     layer_shape = None
     if target in info.shapes:
         dims = info.shapes[target]
         layer_shape = list(dims[1:])
-        if layout is not None and len(dims) == 4:
+        if isinstance(layout, Layout):
             layer_shape = [dims[layout.channel_axis], *(dims[a] for a in layout.spatial_axes)]
+        elif isinstance(layout, TokenLayout):
+            layer_shape = [dims[layout.channel_axis], *layout.grid]
     params, zeros = weight_statistics(proto)
     return {
         "path": path,
@@ -91,6 +119,10 @@ def _inspect(
         "layer_error": layer_error,
         "layer_shape": layer_shape,  # (C, H, W): channels first, as activations come back
         "layer_layout": layout.name if layout else None,  # how the graph stores the layer
+        "layer_stored_shape": list(info.shapes[target][1:]) if target in info.shapes else None,
+        "layer_rule": rule,
+        # How a token sequence becomes the (C, H, W) map (emitted in the rewritten graph).
+        "layer_reshape": layout.describe() if isinstance(layout, TokenLayout) else None,
         "head_ops": [{"node": n, "op": op, "has_rule": ok} for n, op, ok in ops],
         "all_ops_have_rules": all(ok for _, _, ok in ops),
         "batch": "fixed, run per sample" if info.fixed_batch else (

@@ -8,16 +8,21 @@ import numpy as np
 
 from ..errors import LayerNotFoundError, UnsupportedModelError, UnsupportedOpError
 from .analysis import GraphInfo, input_layout
+from .axes import (
+    BATCH,
+    CHANNELS,
+    CHANNELS_FIRST_OPS,
+    COLUMNS,
+    ROWS,
+    UNKNOWN,
+    Tokens,
+    axis_roles,
+    decomposed_norm_axis,
+)
+from .model_io import attribute
 from .rules import NON_DIFFERENTIABLE, differentiable_inputs, rule_for
 
-# Ops whose 4-D outputs are channels-first by definition in ONNX.
-_CHANNELS_FIRST_OPS = frozenset(
-    {
-        "Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool",
-        "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization", "LRN", "QLinearConv",
-        "ConvInteger", "LpPool", "MaxUnpool", "Resize", "Upsample", "GlobalLpPool",
-    }
-)  # fmt: skip
+_CHANNELS_FIRST_OPS = CHANNELS_FIRST_OPS
 # ONNX Runtime's contrib pooling ops are channels-first unless channels_last=1.
 _CHANNELS_FIRST_UNLESS_ATTR = frozenset({"QLinearGlobalAveragePool", "QLinearAveragePool"})
 # Ops that keep their main input's layout (elementwise, casts, quantisation).
@@ -63,6 +68,59 @@ class Layout:
 
 NCHW = Layout(1, (2, 3))
 NHWC = Layout(3, (1, 2))
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """A token sequence, (N, T, C) or (N, C, T), whose tokens ``offset .. offset + H*W - 1``
+    are the patches of an H x W grid in row-major order; the other tokens (class,
+    distillation, register tokens) are dropped when it becomes a (N, C, H, W) map."""
+
+    token_axis: int
+    channel_axis: int
+    offset: int
+    grid: tuple[int, int]
+    tokens: int  # length of the token axis, extra tokens included
+    stated: bool = False  # the grid was stated by the user, not proven from the graph
+
+    @property
+    def name(self) -> str:
+        return "NTC" if self.token_axis == 1 else "NCT"
+
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def describe(self) -> str:
+        """The reshape in words (``sp2ps inspect``)."""
+        h, w = self.grid
+        trailing = self.tokens - self.offset - self.patches
+        dropped = [
+            f"{count} {where} token{'s' * (count != 1)}"
+            for count, where in ((self.offset, "leading"), (trailing, "trailing"))
+            if count
+        ]
+        source = "stated with grid=" if self.stated else "proven from the graph"
+        return (
+            f"tokens {self.offset}..{self.offset + self.patches - 1} of {self.tokens} -> "
+            f"{h}x{w} grid"
+            + (f", {' and '.join(dropped)} dropped" if dropped else "")
+            + f" ({source})"
+        )
+
+
+MapLayout = Layout | TokenLayout
+
+RULE_NAMED = "named by the user (layer=..., CLI --layer)"
+RULE_LAST_MAP = (
+    "the last feature map with a proven grid that every path to the score passes through "
+    "(the map the head pools)"
+)
+RULE_CLASS_TOKEN = (
+    "class-token head: the head reads only the extra (class/distillation) tokens of the final "
+    "map, whose patch tokens get no gradient, so the layer is the first norm of the last "
+    "attention block (pytorch-grad-cam's blocks[-1].norm1)"
+)
 
 
 def find_score(info: GraphInfo, score: str = "logits") -> tuple[str, str | None]:
@@ -132,6 +190,84 @@ def _decomposed_softmax_input(info: GraphInfo, node) -> str | None:
 def _producer(info: GraphInfo, tensor: str):
     index = info.producer.get(tensor)
     return None if index is None else info.node(index)
+
+
+def map_layout(
+    info: GraphInfo, tensor: str, grid: tuple[int, int] | None = None
+) -> MapLayout | None:
+    """How ``tensor`` becomes a channels-first (N, C, H, W) map, or ``None`` when unproven.
+
+    4-D maps: :func:`layout_of`, else the traced axis roles (:mod:`.axes`), which also
+    cover channels-last maps whose channel axis a LayerNormalization proves; the two other
+    axes are then rows and columns in stored order unless the trace says otherwise.
+    3-D token sequences: the grid and the extra tokens must be proven by the trace, or
+    stated with ``grid=(H, W)``. Raises :class:`LayerNotFoundError` for a stated grid that
+    contradicts the graph or does not fit the tensor.
+    """
+    shape = info.shapes.get(tensor, ())
+    roles = axis_roles(info).get(tensor)
+    if len(shape) == 4:
+        layout = layout_of(info, tensor) or _layout_from_roles(roles)
+        if grid is not None and layout is not None:
+            found = tuple(shape[a] for a in layout.spatial_axes)
+            if tuple(grid) != found:
+                raise LayerNotFoundError(
+                    f"grid {grid[0]}x{grid[1]} was stated for layer {tensor!r}, but it is a "
+                    f"{found[0]}x{found[1]} map; drop --grid (it is for token sequences) or "
+                    "state the map's own size"
+                )
+        return layout
+    if len(shape) == 3:
+        return _token_layout(info, tensor, roles, grid)
+    return None
+
+
+def _layout_from_roles(roles) -> Layout | None:
+    if roles is None or roles[0] != BATCH or list(roles).count(CHANNELS) != 1:
+        return None
+    channel = roles.index(CHANNELS)
+    rest = [a for a in (1, 2, 3) if a != channel]
+    if ROWS in roles and COLUMNS in roles:
+        return Layout(channel, (roles.index(ROWS), roles.index(COLUMNS)))
+    if any(roles[a] != UNKNOWN for a in rest):
+        return None  # only one of rows and columns traced, or something else there
+    # Channels proven (by a LayerNorm over them) and the two others unknown: the image's
+    # rows come before its columns in storage, as in every channels-last layout.
+    return Layout(channel, (rest[0], rest[1]))
+
+
+def _token_layout(info: GraphInfo, tensor: str, roles, grid) -> TokenLayout | None:
+    shape = info.shapes[tensor]
+    proven = None
+    if roles is not None and roles[0] == BATCH:
+        token_axes = [a for a in (1, 2) if isinstance(roles[a], Tokens)]
+        if len(token_axes) == 1:
+            axis = token_axes[0]
+            role = roles[axis]
+            proven = TokenLayout(axis, 3 - axis, role.offset, role.grid, shape[axis])
+    if grid is None:
+        return proven
+    h, w = (int(g) for g in grid)
+    if proven is not None:
+        if (h, w) != proven.grid:
+            raise LayerNotFoundError(
+                f"grid {h}x{w} was stated for layer {tensor!r}, but the graph proves its "
+                f"tokens form a {proven.grid[0]}x{proven.grid[1]} grid "
+                f"({proven.describe()}); drop --grid or state {proven.grid[0]}x{proven.grid[1]}"
+            )
+        return proven
+    # Stated grid: tokens on axis 1 (PyTorch's (N, T, C), the layout pytorch-grad-cam's
+    # reshape transforms assume) unless a LayerNorm proves the channels are there.
+    channel = 1 if roles is not None and roles[1] == CHANNELS else 2
+    axis = 3 - channel
+    tokens = shape[axis]
+    if h < 1 or w < 1 or h * w > tokens:
+        raise LayerNotFoundError(
+            f"grid {h}x{w} ({h * w} tokens) does not fit layer {tensor!r} of shape "
+            f"{tuple(shape[1:])}, which has {tokens} tokens on axis {axis}; state a grid "
+            "whose H*W is at most the token count (the rest are taken as leading class tokens)"
+        )
+    return TokenLayout(axis, channel, tokens - h * w, (h, w), tokens, stated=True)
 
 
 def layout_of(info: GraphInfo, tensor: str) -> Layout | None:
@@ -235,27 +371,47 @@ def _reaches_score(info: GraphInfo, score: str) -> set[str]:
     return reached
 
 
-def _is_spatial_map(info: GraphInfo, tensor: str) -> Layout | None:
+def _is_spatial_map(info: GraphInfo, tensor: str) -> MapLayout | None:
+    """The layout of ``tensor`` if it is a float (or quantized) map with H, W > 1: a 4-D
+    tensor (taken as NCHW when unproven, so that the build can refuse it by name) or a
+    token sequence with a proven grid."""
     shape = info.shapes.get(tensor)
     dtype = info.dtypes.get(tensor)
-    if shape is None or len(shape) != 4 or dtype is None:
+    if shape is None or len(shape) not in (3, 4) or dtype is None:
         return None
     if not np.issubdtype(dtype, np.floating) and tensor not in info.quant_params:
         return None
-    layout = layout_of(info, tensor) or NCHW
+    roles = axis_roles(info).get(tensor)
+    if len(shape) == 3:
+        tokens = _token_layout(info, tensor, roles, None)
+        return tokens if tokens is not None and min(tokens.grid) > 1 else None
+    layout = layout_of(info, tensor) or _layout_from_roles(roles)
+    if layout is None and roles is not None and any(isinstance(r, Tokens) for r in roles):
+        return None  # token arithmetic (attention scores, heads), not an image map
+    layout = layout or NCHW
     h, w = (shape[a] for a in layout.spatial_axes)
     return layout if h > 1 and w > 1 else None
 
 
 def default_layer(info: GraphInfo, score: str) -> str:
-    """The last 4-D feature map with H, W > 1 that every path from the input to the score
-    passes through.
+    """The default CAM layer's tensor (see :func:`choose_default_layer`)."""
+    return choose_default_layer(info, score)[0]
 
-    It is the map the head collapses spatially (global pooling, spatial reduction, pooling
-    to 1x1 or flattening); 1x1 maps after pooling (squeeze-excitation, Conv heads) are
-    excluded by H, W > 1, and tensors inside one branch of a multi-branch block (Inception)
-    by the dominator condition. Layout-only steps (Transpose, Cast, Q/DQ) are stepped back
-    over, so the layer sits right after its activation.
+
+def choose_default_layer(info: GraphInfo, score: str) -> tuple[str, str]:
+    """The default CAM layer and the rule that chose it.
+
+    The last feature map with H, W > 1 (a 4-D map or a token sequence with a proven grid)
+    that every path from the input to the score passes through: the map the head collapses
+    spatially (global pooling, spatial reduction, pooling to 1x1 or flattening); 1x1 maps
+    after pooling (squeeze-excitation, Conv heads) are excluded by H, W > 1, and tensors
+    inside one branch of a multi-branch block (Inception) by the dominator condition.
+    Layout-only steps (Transpose, Cast, Q/DQ) are stepped back over, so the layer sits
+    right after its activation.
+
+    A token map that the head reads only through its extra (class) tokens gives no
+    gradient to its patches; the layer is then the first norm of the last attention block,
+    as in pytorch-grad-cam's recipe for ViT (:data:`RULE_CLASS_TOKEN`).
     """
     reached = _reaches_score(info, score)
     order = {name: idx for name, idx in info.producer.items()}
@@ -274,15 +430,130 @@ def default_layer(info: GraphInfo, score: str) -> str:
         layout = _is_spatial_map(info, tensor)
         if layout is None:
             continue
+        if isinstance(layout, TokenLayout):
+            if not _reads_only_extra_tokens(info, tensor, layout, reached):
+                return tensor, RULE_LAST_MAP
+            norm = _last_attention_norm(info, tensor, layout, reached)
+            if norm is not None:
+                return norm, RULE_CLASS_TOKEN
+            continue
         if info.shapes[tensor][layout.channel_axis] == num_classes:
             tensor = _before_class_map_conv(info, tensor)
-        return _step_back(info, tensor)
+        return _step_back(info, tensor), RULE_LAST_MAP
     raise LayerNotFoundError(
-        "the model has no convolutional feature map (a 4-D map with height and width > 1, "
-        "computed from the image, that feeds the class score), so there is no layer for a "
-        "CAM; if a tensor qualifies, pass it with layer=... (CLI: --layer); `sp2ps inspect` "
-        "shows the model's tensors"
+        "the model has no feature map (a 4-D map, or a token sequence with a proven grid, "
+        "with height and width > 1, computed from the image, that feeds the class score), so "
+        "there is no layer for a CAM; if a tensor qualifies, pass it with layer=... (CLI: "
+        "--layer), and state a token grid with grid=(H, W) (CLI: --grid HxW); `sp2ps "
+        "inspect` shows the model's tensors"
     )
+
+
+def _reads_only_extra_tokens(
+    info: GraphInfo, tensor: str, layout: TokenLayout, reached: set[str]
+) -> bool:
+    """Whether every consumer of ``tensor`` towards the score selects extra tokens only
+    (a Gather or Slice on the token axis that keeps no patch)."""
+    patches = range(layout.offset, layout.offset + layout.patches)
+    consumers = [
+        info.node(i)
+        for i in info.consumers.get(tensor, [])
+        if any(o in reached for o in info.node(i).output if o)
+    ]
+    if not consumers:
+        return False
+    for node in consumers:
+        if node.input[0] != tensor:
+            return False
+        if node.op_type == "Gather":
+            if int(attribute(node, "axis", 0)) % 3 != layout.token_axis:
+                return False
+            indices = info.static_value(node.input[1])
+            if indices is None:
+                return False
+            kept = {int(i) % layout.tokens for i in np.asarray(indices).reshape(-1)}
+        elif node.op_type == "Slice":
+            kept = _sliced_positions(info, node, layout)
+            if kept is None:
+                return False
+        else:
+            return False
+        if any(k in patches for k in kept):
+            return False
+    return True
+
+
+def _sliced_positions(info: GraphInfo, node, layout: TokenLayout) -> set[int] | None:
+    values = [info.static_value(n) if n else None for n in node.input[1:5]]
+    if values[0] is None or values[1] is None:
+        return None
+    starts, ends = (np.asarray(v).reshape(-1) for v in values[:2])
+    axes = np.asarray(values[2]).reshape(-1) if len(values) > 2 and values[2] is not None else np.arange(len(starts))
+    steps = np.asarray(values[3]).reshape(-1) if len(values) > 3 and values[3] is not None else np.ones(len(starts), int)
+    kept: set[int] | None = None
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        if int(axis) % 3 == layout.token_axis:
+            kept = set(range(layout.tokens)[slice(int(start), int(end), int(step))])
+    return kept
+
+
+def _last_attention_norm(
+    info: GraphInfo, tensor: str, layout: TokenLayout, reached: set[str]
+) -> str | None:
+    """The output of the normalisation that feeds the last token-mixing op (attention:
+    a MatMul of two image-dependent tensors) before ``tensor``, with the same token grid."""
+    roles = axis_roles(info)
+    end = info.producer[tensor]
+    mixing = [
+        i
+        for i in range(end)
+        if info.node(i).op_type == "MatMul"
+        and all(n in info.input_dependent for n in info.node(i).input[:2])
+        and info.node(i).output[0] in reached
+    ]
+    if not mixing:
+        return None
+    ancestors: set[str] = set()
+    stack = [n for n in info.node(mixing[-1]).input if n in info.input_dependent]
+    while stack:
+        name = stack.pop()
+        if name in ancestors:
+            continue
+        ancestors.add(name)
+        if name in info.producer:
+            stack.extend(n for n in info.node(info.producer[name]).input if n in info.input_dependent)
+    best = None
+    for name in ancestors:
+        node = _producer(info, name)
+        if node is None or not _is_normalisation(info, node):
+            continue
+        candidate = _token_layout(info, name, roles.get(name), None)
+        if candidate is None or candidate.grid != layout.grid:
+            continue
+        if best is None or info.producer[name] > info.producer[best]:
+            best = name
+    return best
+
+
+def _is_normalisation(info: GraphInfo, node) -> bool:
+    if node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
+        return True
+    return decomposed_norm_axis(info, node) is not None
+
+
+def _after_affine(info: GraphInfo, tensor: str) -> str:
+    """A decomposed norm's output after its scale and shift (``* gamma + beta``), which the
+    fused LayerNormalization includes."""
+    for _ in range(2):
+        consumers = info.consumers.get(tensor, [])
+        if len(consumers) != 1:
+            break
+        node = info.node(consumers[0])
+        others = [n for n in node.input if n != tensor]
+        if node.op_type not in ("Mul", "Add") or len(others) != 1 or others[0] in info.input_dependent:
+            break
+        tensor = node.output[0]
+    return tensor
 
 
 def score_dominators(info: GraphInfo, score: str, reached: set[str] | None = None) -> set[str]:

@@ -15,23 +15,27 @@ from .analysis import GraphInfo, analyse, input_layout
 from .autodiff import backward
 from .builder import FLOAT, GraphBuilder
 from .locate import (
+    RULE_NAMED,
     Layout,
-    default_layer,
+    MapLayout,
+    TokenLayout,
+    choose_default_layer,
     find_score,
     head_nodes,
     head_ops,
-    layout_of,
+    map_layout,
     requires_grad,
     resolve_layer,
 )
 from .model_io import blame_invalid_model, load_model, naming_the_model
 
-SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED = (
+SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
     "score",
     "activations",
     "gradients",
     "target",
     "targets",
+    "extra_tokens",
 )
 
 
@@ -43,7 +47,7 @@ class CamGraph:
     forward_model: onnx.ModelProto  # the original graph with only the score as output
     info: GraphInfo
     layer: str
-    layer_layout: Layout
+    layer_layout: MapLayout  # how the graph stores the layer: 4-D map or token sequence
     score_tensor: str
     softmax_cut: str | None
     head: list[int]
@@ -56,6 +60,7 @@ class CamGraph:
     # left out of ``model``, whose gradients output is then the unspread (N, C, 1, 1)
     # tensor that the runtime broadcasts, and put back by :meth:`full_model`.
     gradient_spread: onnx.NodeProto | None = None
+    layer_rule: str = RULE_NAMED  # why this layer (locate.RULE_*)
 
     @property
     def input_name(self) -> str:
@@ -88,17 +93,21 @@ def build_cam_model(
     score: str = "logits",
     input_size: tuple[int, int] | None = None,
     allow_domains: Iterable[str] = (),
+    grid: tuple[int, int] | None = None,
 ) -> CamGraph:
     """Rewrite ``model`` so that one run yields the score, the layer's activations and the
     gradient of the chosen class score with respect to them.
 
     The backbone runs once; the head's backward pass is appended as standard ONNX ops.
+    Activations and gradients come out channels-first (N, C, H, W): a channels-last map is
+    transposed, and a token sequence (N, T, C) loses its extra (class) tokens and is
+    folded into its H x W grid, proven from the graph or stated with ``grid=(H, W)``.
     ``allow_domains`` names custom-op domains to accept (see
     :func:`~sp2ps_onnx.graph.model_io.load_model`).
     """
     proto, path = load_model(model, allow_domains)
     with blame_invalid_model(proto, path), naming_the_model(path):
-        return _build_cam_model(proto, path, layer, score, input_size)
+        return _build_cam_model(proto, path, layer, score, input_size, grid)
 
 
 def _build_cam_model(
@@ -107,57 +116,36 @@ def _build_cam_model(
     layer: str | None,
     score: str,
     input_size: tuple[int, int] | None,
+    grid: tuple[int, int] | None = None,
 ) -> CamGraph:
     info = analyse(proto, input_size, path)
     score_tensor, cut = find_score(info, score)
-    target = resolve_layer(info, layer) if layer else default_layer(info, score_tensor)
-    if len(info.shapes.get(target, ())) != 4:
-        raise LayerNotFoundError(
-            f"layer {target!r} has shape {info.shapes.get(target)}; a CAM layer must be a 4-D "
-            "feature map (N, C, H, W) or (N, H, W, C)"
-        )
-    layout = layout_of(info, target)
-    if layout is None:
-        raise LayerNotFoundError(
-            f"cannot prove which axis of layer {target!r} (shape "
-            f"{tuple(info.shapes[target][1:])}) holds the channels in {path or 'the model'}: "
-            "no convolution, pooling or model input fixes its layout through layout-only ops; "
-            "choose a layer whose layout is known with layer=... (CLI: --layer), e.g. the "
-            "output of a Conv or its activation (`sp2ps inspect` lists candidates)"
-        )
+    if layer:
+        target, rule = resolve_layer(info, layer), RULE_NAMED
+    else:
+        target, rule = choose_default_layer(info, score_tensor)
+    layout = layer_layout(info, target, grid, path)
+
     path_nodes = head_nodes(info, target, score_tensor, path or "")
     requires = requires_grad(info, target, path_nodes)
     original_nodes = len(info.graph.node)
 
     b = GraphBuilder(info)
-    score_shape = info.shapes[score_tensor]
-    num_classes = int(np.prod(score_shape[1:]))
+    num_classes = int(np.prod(info.shapes[score_tensor][1:]))
     batch_dim: int | str = info.fixed_batch if info.fixed_batch else "N"
-
-    score_flat = b.as_float(score_tensor)
-    if len(score_shape) != 2:
-        score_flat = b.op("Flatten", [score_flat], axis=1)
-    argmax = b.op("ArgMax", [score_flat], axis=1, keepdims=0)
     target_in = _fresh_io_name(info, TARGET)
-    chosen = b.op("Where", [b.op("Less", [target_in, b.const(0, np.int64)]), argmax, target_in])
-    one_hot = b.op(
-        "OneHot",
-        [chosen, b.const([num_classes], np.int64), b.const([0.0, 1.0], np.float32)],
-        axis=-1,
-    )
-    seed = one_hot if len(score_shape) == 2 else b.reshape_like(one_hot, score_tensor)
+    score_flat, chosen, seed = _one_hot_seed(b, score_tensor, target_in, num_classes)
     grads = backward(b, path_nodes, requires, {score_tensor: seed})
     if target not in grads:
         raise ModelLoadError(f"internal error: no gradient reached layer {target!r}")
 
     activations, gradient = b.as_float(target), grads[target]
-    perm = layout.to_channels_first
     spread = None
-    if perm:
-        activations = b.op("Transpose", [activations], perm=perm)
-        gradient = b.op("Transpose", [gradient], perm=perm)
-    else:
+    if isinstance(layout, Layout) and layout.to_channels_first is None:
         gradient, spread = _unspread(b, gradient, target)
+    else:
+        activations = _channels_first(b, activations, layout, info.shapes[target])
+        gradient = _channels_first(b, gradient, layout, info.shapes[target])
 
     names = {
         SCORE: _fresh_io_name(info, SCORE),
@@ -165,12 +153,20 @@ def _build_cam_model(
         GRADIENTS: _fresh_io_name(info, GRADIENTS),
         TARGETS_USED: _fresh_io_name(info, TARGETS_USED),
     }
-    for key, source in (
+    sources = [
         (SCORE, score_flat),
         (ACTIVATIONS, activations),
         (GRADIENTS, gradient),
         (TARGETS_USED, chosen),
-    ):
+    ]
+    extra = _extra_tokens(b, b.as_float(target), layout)
+    if extra is not None:
+        # What the fold into a map drops (class tokens), channels first (N, C, k): the
+        # ablation of a channel sets it in these tokens too, as pytorch-grad-cam's
+        # AblationLayerVit does.
+        names[EXTRA_TOKENS] = _fresh_io_name(info, EXTRA_TOKENS)
+        sources.append((EXTRA_TOKENS, extra))
+    for key, source in sources:
         b.nodes.append(helper.make_node("Identity", [source], [names[key]], name=b.fresh("out")))
 
     model_out = onnx.ModelProto()
@@ -187,6 +183,10 @@ def _build_cam_model(
             helper.make_tensor_value_info(names[TARGETS_USED], TensorProto.INT64, [batch_dim]),
         ]
     )
+    if EXTRA_TOKENS in names:
+        graph.output.append(
+            helper.make_tensor_value_info(names[EXTRA_TOKENS], FLOAT, [batch_dim, None, None])
+        )
     serialized = _check(model_out, info.model, path)
     return CamGraph(
         serialized=serialized,
@@ -203,7 +203,90 @@ def _build_cam_model(
         output_names=names | {TARGET: target_in},
         backward_nodes=len(graph.node) - original_nodes + (spread is not None),
         gradient_spread=spread,
+        layer_rule=rule,
     )
+
+
+def _one_hot_seed(
+    b: GraphBuilder, score_tensor: str, target_in: str, num_classes: int
+) -> tuple[str, str, str]:
+    """The scores flattened to (N, K), the class each sample explains (``target_in``, or
+    the top-1 where it is negative) and the one-hot seed of the backward pass, shaped as
+    the score tensor."""
+    score_shape = b.info.shapes[score_tensor]
+    score_flat = b.as_float(score_tensor)
+    if len(score_shape) != 2:
+        score_flat = b.op("Flatten", [score_flat], axis=1)
+    argmax = b.op("ArgMax", [score_flat], axis=1, keepdims=0)
+    chosen = b.op("Where", [b.op("Less", [target_in, b.const(0, np.int64)]), argmax, target_in])
+    one_hot = b.op(
+        "OneHot",
+        [chosen, b.const([num_classes], np.int64), b.const([0.0, 1.0], np.float32)],
+        axis=-1,
+    )
+    seed = one_hot if len(score_shape) == 2 else b.reshape_like(one_hot, score_tensor)
+    return score_flat, chosen, seed
+
+
+def layer_layout(
+    info: GraphInfo, target: str, grid: tuple[int, int] | None, path: str | None
+) -> MapLayout:
+    """The proven layout of the CAM layer, or one clear refusal that says what to do."""
+    shape = info.shapes.get(target, ())
+    if len(shape) not in (3, 4):
+        raise LayerNotFoundError(
+            f"layer {target!r} has shape {info.shapes.get(target)}; a CAM layer must be a 4-D "
+            "feature map (N, C, H, W) or (N, H, W, C), or a token sequence (N, T, C)"
+        )
+    layout = map_layout(info, target, grid)
+    if layout is not None:
+        return layout
+    where = path or "the model"
+    if len(shape) == 3:
+        raise LayerNotFoundError(
+            f"cannot prove which tokens of layer {target!r} (shape {tuple(shape[1:])}) form "
+            f"an image grid in {where}: no patch-embedding Conv/Reshape, class-token Concat "
+            "or token Slice traces its token axis back to a feature map; state the grid with "
+            "grid=(H, W) (CLI: --grid HxW; the T - H*W leading tokens are dropped), or choose "
+            "another layer with layer=... (`sp2ps inspect` lists candidates)"
+        )
+    raise LayerNotFoundError(
+        f"cannot prove which axis of layer {target!r} (shape "
+        f"{tuple(shape[1:])}) holds the channels in {where}: "
+        "no convolution, pooling, LayerNormalization or model input fixes its layout through "
+        "ops with a known effect on the axes; choose a layer whose layout is known with "
+        "layer=... (CLI: --layer), e.g. the output of a Conv or its activation (`sp2ps "
+        "inspect` lists candidates)"
+    )
+
+
+def _extra_tokens(b: GraphBuilder, tensor: str, layout: MapLayout) -> str | None:
+    """The tokens outside the grid, (N, C, k): leading ones first, then trailing ones."""
+    if not isinstance(layout, TokenLayout) or layout.patches == layout.tokens:
+        return None
+    axis, end = layout.token_axis, layout.offset + layout.patches
+    parts = [
+        b.op("Slice", [tensor, b.ints([start]), b.ints([stop]), b.ints([axis])])
+        for start, stop in ((0, layout.offset), (end, layout.tokens))
+        if stop > start
+    ]
+    extra = parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=axis)
+    return b.op("Transpose", [extra], perm=[0, 2, 1]) if axis == 1 else extra
+
+
+def _channels_first(b: GraphBuilder, tensor: str, layout: MapLayout, shape) -> str:
+    """Emit the ops that turn ``tensor`` (stored as ``layout``) into (N, C, H, W)."""
+    if isinstance(layout, Layout):
+        return b.op("Transpose", [tensor], perm=layout.to_channels_first)
+    if layout.patches != layout.tokens:
+        end = layout.offset + layout.patches
+        tensor = b.op(
+            "Slice", [tensor, b.ints([layout.offset]), b.ints([end]), b.ints([layout.token_axis])]
+        )
+    if layout.token_axis == 1:
+        tensor = b.op("Transpose", [tensor], perm=[0, 2, 1])
+    channels = shape[layout.channel_axis]
+    return b.op("Reshape", [tensor, b.ints([0, channels, *layout.grid])])
 
 
 def _unspread(
@@ -232,25 +315,33 @@ def _unspread(
     return expand.input[0], expand
 
 
-def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
-    """The head alone: channels-first activations in, class scores (N, K) out.
+HEAD_ACTIVATIONS = "activations"
+HEAD_EXTRA_TOKENS = "extra_tokens"
 
-    Used by AblationCAM so that only the head re-runs on ablated activations. Returns
-    ``None`` when the head also reads tensors computed before the layer (then it cannot
-    run from the activations alone).
+
+def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
+    """The head: channels-first activations in, class scores (N, K) out.
+
+    Used by AblationCAM so that only the head re-runs on ablated activations. A token
+    layer with extra (class) tokens also takes them, as ``extra_tokens`` (N, C, k). A head
+    that also reads tensors computed before the layer (the residual stream around a
+    transformer block's norm) also takes the model's image input and recomputes those.
+    Returns ``None`` where the layer's quantization cannot be redone.
     """
     info, target = cam.info, cam.layer
     needed: list[int] = []
     seen: set[int] = set()
     stack = [cam.score_tensor]
     visited: set[str] = set()
+    reads_image = False
     while stack:
         tensor = stack.pop()
         if tensor in visited or tensor == target:
             continue
         visited.add(tensor)
         if tensor == info.input_name:
-            return None
+            reads_image = True
+            continue
         idx = info.producer.get(tensor)
         if idx is None:
             continue
@@ -262,10 +353,28 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
     used = {i for n in nodes for i in n.input}
 
     b = GraphBuilder(info, prefix="sp2ps_head")
-    acts_in = "activations"
+    acts_in = HEAD_ACTIVATIONS
     source = acts_in
-    perm = cam.layer_layout.to_channels_first
-    if perm:
+    layout = cam.layer_layout
+    batch_dim = info.fixed_batch if info.fixed_batch else "N"
+    inputs = [helper.make_tensor_value_info(acts_in, FLOAT, [batch_dim, None, None, None])]
+    if isinstance(layout, TokenLayout):
+        channels = info.shapes[target][layout.channel_axis]
+        source = b.op("Reshape", [source, b.ints([0, channels, -1])])
+        if layout.patches != layout.tokens:
+            inputs.append(helper.make_tensor_value_info(HEAD_EXTRA_TOKENS, FLOAT, [batch_dim, channels, None]))
+            leading = layout.offset
+            parts = []
+            if leading:
+                parts.append(b.op("Slice", [HEAD_EXTRA_TOKENS, b.ints([0]), b.ints([leading]), b.ints([2])]))
+            parts.append(source)
+            if layout.tokens - layout.patches > leading:
+                parts.append(b.op("Slice", [HEAD_EXTRA_TOKENS, b.ints([leading]), b.ints([layout.tokens]), b.ints([2])]))
+            source = b.op("Concat", parts, axis=2)
+        if layout.token_axis == 1:
+            source = b.op("Transpose", [source], perm=[0, 2, 1])
+    elif layout.to_channels_first:
+        perm = layout.to_channels_first
         inverse = [perm.index(i) for i in range(4)]
         source = b.op("Transpose", [source], perm=inverse)
     target_dtype = info.dtypes.get(target, np.dtype(np.float32))
@@ -288,11 +397,12 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
     if len(info.shapes[cam.score_tensor]) != 2:
         score_src = b.op("Flatten", [score_src], axis=1)
     b.nodes.append(helper.make_node("Identity", [score_src], [score], name=b.fresh("out")))
-    batch_dim = info.fixed_batch if info.fixed_batch else "N"
+    if reads_image:
+        inputs.append(next(vi for vi in info.graph.input if vi.name == info.input_name))
     graph = helper.make_graph(
         glue + nodes + b.nodes,
         "sp2ps_head",
-        [helper.make_tensor_value_info(acts_in, FLOAT, [batch_dim, None, None, None])],
+        inputs,
         [helper.make_tensor_value_info(score, FLOAT, [batch_dim, cam.num_classes])],
         initializer=inits + b.initializers,
     )

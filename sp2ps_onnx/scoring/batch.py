@@ -331,7 +331,7 @@ def build_scorer(
 
     def opened(model: ModelLike, layer: str | None, size: Any) -> Any:
         return open_model(model, layer, providers, size, spec.batch_size, cam.allow_domains,
-                          session_threads, spinning)
+                          session_threads, spinning, cam.grid)
 
     def preprocessing(cam_model: Any, size: Any) -> Preprocessing:
         return Preprocessing.for_model(cam_model, data.preset, mean=data.mean, std=data.std,

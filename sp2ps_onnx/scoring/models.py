@@ -161,13 +161,15 @@ def open_model(
     allow_domains: Sequence[str] = (),
     threads: int | None = None,
     spinning: bool = True,
+    grid: tuple[int, int] | None = None,
 ) -> Any:
     """A CamModel for a path or ModelProto (a CamModel is returned unchanged).
 
     ``size`` is the input (H, W) for models whose spatial input dims are dynamic;
     ``allow_domains`` names custom-op domains to accept; ``threads`` is the sessions'
     intra-op thread count (default: ``$SP2PS_THREADS``, else one per physical core) and
-    ``spinning`` whether their idle threads spin (see :func:`sp2ps_onnx.runtime.session_options`).
+    ``spinning`` whether their idle threads spin (see :func:`sp2ps_onnx.runtime.session_options`);
+    ``grid`` states the (H, W) patch grid of a token layer the graph does not prove.
     """
     if is_cam_model(model):
         return model
@@ -182,6 +184,7 @@ def open_model(
         allow_domains=allow_domains,
         threads=threads,
         spinning=spinning,
+        grid=grid,
     )
 
 

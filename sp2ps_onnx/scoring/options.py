@@ -67,6 +67,8 @@ class CamOptions:
             ``label`` when the data has labels, else ``original``.
         allow_domains: custom-op domains to accept (refused by default: their ops run code
             from outside ONNX Runtime).
+        grid: (H, W) patch grid of a token-sequence layer (N, T, C) that the graph does not
+            prove (vision transformers); the T - H*W leading class tokens are dropped.
     """
 
     method: str = "gradcam"
@@ -74,9 +76,15 @@ class CamOptions:
     pruned_layer: str | None = None
     target: str | None = None
     allow_domains: tuple[str, ...] = ()
+    grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_domains", tuple(self.allow_domains))
+        if self.grid is not None:
+            grid = tuple(int(v) for v in self.grid)
+            if len(grid) != 2 or min(grid) < 1:
+                raise InputDataError(f"grid {self.grid!r} is not valid; give (rows, columns)")
+            object.__setattr__(self, "grid", grid)
         if self.method not in cam.METHODS:
             raise cam.UnknownMethodError(
                 f"unknown CAM method {self.method!r}; choose one of: {', '.join(cam.METHODS)}"
