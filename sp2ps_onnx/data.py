@@ -23,8 +23,9 @@ Data is streamed: :meth:`DataSource.batches` yields :class:`Batch` tuples, one b
 time, so memory does not grow with the dataset (``.npy`` files are memory-mapped).
 
 Bad data does not end a run: an image file that cannot be decoded (truncated, corrupt, a
-decompression bomb) and a class folder without images are skipped and recorded in
-:attr:`DataSource.faults`; ``strict=True`` makes each of them an error instead.
+decompression bomb), a float sample holding NaN or infinite values and a class folder
+without images are skipped and recorded in :attr:`DataSource.faults`; ``strict=True`` makes
+each of them an error instead.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -103,6 +104,7 @@ class _ArrayPart:
     labels: np.ndarray | None
     name: str
     preprocessed: bool
+    origin: str = ""  # the file it was read from, for messages
 
 
 @dataclass
@@ -204,17 +206,20 @@ class DataSource:
         total = sum(len(p.array) if isinstance(p, _ArrayPart) else len(p.files) for p in self._parts)
         return total if self._limit is None else min(total, self._limit)
 
-    def batches(self, batch_size: int = 32, start: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int = 32, start: int = 0,
+                stop: int | None = None) -> Iterator[Batch]:
         """Yield the data in batches of at most ``batch_size`` samples, from sample ``start``
-        on (the samples before it are not read)."""
+        on (the samples before it are not read) up to sample ``stop`` (excluded; default:
+        the end). Positions count the skipped samples too, so a range names the same
+        samples whatever is skipped in it."""
         if batch_size < 1:
             raise InputDataError(f"batch size must be at least 1, not {batch_size}")
         iterables = [p for p in self._parts if isinstance(p, _IterablePart)]
         if iterables:  # open_batches makes sources of one iterable and nothing else
             limit = float("inf") if self._limit is None else self._limit
-            yield from _iterable_batches(iterables[0], batch_size, limit)
+            yield from _iterable_batches(iterables[0], batch_size, limit, self._finite)
             return
-        remaining = len(self)
+        remaining = len(self) if stop is None else min(len(self), stop)
         skip = max(0, int(start))
         with_labels = self.has_labels
         for part in self._parts:
@@ -224,16 +229,18 @@ class DataSource:
                 count = min(len(part.array), remaining)
                 first, skip = min(skip, count), max(0, skip - count)
                 for begin in range(first, count, batch_size):
-                    stop = min(begin + batch_size, count)
-                    chunk = np.asarray(part.array[begin:stop])
-                    images: list[np.ndarray] | np.ndarray = (
-                        chunk.astype(np.float32) if part.preprocessed else list(chunk)
-                    )
+                    end = min(begin + batch_size, count)
+                    chunk = np.asarray(part.array[begin:end])
                     labels = (
-                        np.asarray(part.labels[begin:stop], dtype=np.int64) if with_labels else None
+                        np.asarray(part.labels[begin:end], dtype=np.int64) if with_labels else None
                     )
-                    ids = [f"{part.name}[{i}]" for i in range(begin, stop)]
-                    yield Batch(images, labels, ids)
+                    ids = [f"{part.name}[{i}]" for i in range(begin, end)]
+                    if not part.preprocessed:
+                        yield Batch(list(chunk), labels, ids)
+                        continue
+                    batch = self._finite(Batch(chunk, labels, ids), part.origin or part.name)
+                    if batch.ids:
+                        yield batch
                 remaining -= count
             else:
                 files = part.files[:remaining]
@@ -259,16 +266,65 @@ class DataSource:
                 remaining -= len(files)
 
 
+    def _finite(self, batch: Batch, where: str) -> Batch:
+        """``batch`` as float32, without the samples holding NaN or infinite values (each
+        skipped as a fault, or an error when strict); values beyond float32's range count
+        as infinite, as the model would receive them."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.asarray(batch.images).astype(np.float32)
+        flat = x.reshape(len(x), -1)
+        finite = np.isfinite(flat).all(axis=1)
+        if finite.all():
+            return Batch(x, batch.labels, batch.ids)
+        for i in np.flatnonzero(~finite):
+            nan = int(np.count_nonzero(np.isnan(flat[i])))
+            inf = int(np.count_nonzero(np.isinf(flat[i])))
+            self._skip(batch.ids[i], InputDataError(
+                f"input sample {batch.ids[i]} of {where} holds {nan} NaN and {inf} infinite "
+                f"value(s) (as float32); a model input must be finite: fix or remove sample "
+                f"{batch.ids[i]}"
+            ))
+        return Batch(x[finite], None if batch.labels is None else batch.labels[finite],
+                     [sample for sample, ok in zip(batch.ids, finite, strict=True) if ok])
+
+
 def _file_id(path: Path, root: Path | None) -> str:
     if root is None:
         return path.name
     return path.relative_to(root).as_posix()
 
 
+CLASS_FILE_EXTENSIONS = (".txt", ".csv", ".tsv", ".json", ".names", ".lst", ".list")
+"""File name endings that make a ``--classes`` value a file path, not a class name."""
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a ``--classes`` value names a file rather than classes: one item (no comma)
+    with a path separator, or ending with a class-file extension."""
+    if "," in value:
+        return False
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(sep in value for sep in separators) or value.strip().lower().endswith(
+        CLASS_FILE_EXTENSIONS
+    )
+
+
 def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
-    """Class names in label order from a text file (one per line) or a comma-separated list."""
+    """Class names in label order from a text file (one per line) or a comma-separated list.
+
+    A value that looks like a path (:func:`looks_like_path`) but names no file is an error,
+    never taken as one class name.
+    """
     if classes is None:
         return None
+    if isinstance(classes, os.PathLike):
+        classes = os.fspath(classes)
+    if isinstance(classes, str) and not os.path.isfile(classes) and looks_like_path(classes):
+        what = "is a folder, not a file" if os.path.isdir(classes) else "does not exist"
+        raise InputDataError(
+            f"--classes {classes} looks like a file path but {what}; give a text file with "
+            "one class name per line, or the names as a comma-separated list"
+        )
     if not isinstance(classes, str):
         names = [str(c) for c in classes]
     elif os.path.isfile(classes):
@@ -293,6 +349,29 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
     return names
 
 
+def check_class_count(source: DataSource, num_classes: int, *, given: bool,
+                      partial: bool = False) -> None:
+    """Refuse class names whose number differs from the model's class count (labels are
+    positions in that list, so they would not be the model's classes) unless ``partial``.
+
+    ``given``: the names came from ``--classes``, not from the class folders.
+    """
+    names = source.class_names
+    if partial or not names or len(names) == num_classes:
+        return
+    if given:
+        what = f"--classes names {len(names)} class(es)"
+    else:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        what = f"the data {source.description} has {len(names)} class folder(s) ({shown})"
+    raise InputDataError(
+        f"{what} but the model has {num_classes} classes; labels are positions in that list, "
+        f"so give --classes with all {num_classes} class names in label order, or "
+        f"--classes-partial (DataOptions(classes_partial=True)) when the list is the model's "
+        f"first {len(names)} classes in order"
+    )
+
+
 def open_data(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Iterable[Any],
     *,
@@ -310,7 +389,7 @@ def open_data(
     :class:`~sp2ps_onnx.errors.InputDataError` with ``strict=True``.
     """
     if _is_batch_iterable(paths):
-        return open_batches(paths, classes=classes, limit=limit)
+        return open_batches(paths, classes=classes, limit=limit, strict=strict)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
@@ -386,6 +465,7 @@ def open_batches(
     classes: str | Sequence[str] | None = None,
     limit: int | None = None,
     name: str | None = None,
+    strict: bool = False,
 ) -> DataSource:
     """A data source over an iterable of batches, read as it is iterated (nothing on disk).
 
@@ -397,7 +477,8 @@ def open_batches(
     preprocessed per model like image files; ``float`` batches are taken as already
     preprocessed model inputs (what a torchvision ``transforms`` pipeline gives). A
     ``DataLoader`` is iterated again for each pass; a one-shot iterator (a generator, a
-    ``tf.data`` numpy iterator) can be read once.
+    ``tf.data`` numpy iterator) can be read once. Float samples holding NaN or infinite
+    values are skipped and listed in :attr:`DataSource.faults` (``strict``: an error).
     """
     if isinstance(batches, np.ndarray):
         raise InputDataError(
@@ -426,6 +507,7 @@ def open_batches(
         class_names=parse_classes(classes),
         _parts=[part],
         _limit=limit,
+        strict=strict,
     )
 
 
@@ -469,7 +551,8 @@ def _unpack_batch(raw: Any, name: str, index: int) -> tuple[np.ndarray, np.ndarr
     return images, labels
 
 
-def _iterable_batches(part: _IterablePart, batch_size: int, remaining: float) -> Iterator[Batch]:
+def _iterable_batches(part: _IterablePart, batch_size: int, remaining: float,
+                      finite: Callable[[Batch, str], Batch]) -> Iterator[Batch]:
     if part.pending is not None:
         iterator, pending = part.pending, [part.first]
         part.pending = None
@@ -499,11 +582,15 @@ def _iterable_batches(part: _IterablePart, batch_size: int, remaining: float) ->
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
             chunk = images[start:stop]
-            yield Batch(
-                chunk.astype(np.float32) if part.preprocessed else list(chunk),
+            batch = Batch(
+                chunk if part.preprocessed else list(chunk),
                 None if labels is None else labels[start:stop].astype(np.int64),
                 [f"{part.name}[{index + i}]" for i in range(start, stop)],
             )
+            if part.preprocessed:
+                batch = finite(batch, f"batch {number} of {part.name}")
+            if batch.ids:
+                yield batch
         index += count
         remaining -= count
         if remaining <= 0:
@@ -625,7 +712,7 @@ def _open_npz(path: Path) -> _ArrayPart:
             )
         if len(y) and y.min() < 0:
             raise InputDataError(f"labels 'y' in {path} contain negative values; use 0..K-1")
-    return _ArrayPart(x, y, path.name, preprocessed)
+    return _ArrayPart(x, y, path.name, preprocessed, str(path))
 
 
 def _npz_member(path: Path, archive: Any, key: str) -> np.ndarray:
@@ -672,7 +759,7 @@ def _open_npy(path: Path) -> _ArrayPart:
         raise InputDataError(
             f"cannot read {path} as a .npy array: {exc}; save it with numpy.save"
         ) from exc
-    return _ArrayPart(x, None, path.name, _check_array(x, path, path.name))
+    return _ArrayPart(x, None, path.name, _check_array(x, path, path.name), str(path))
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
@@ -729,6 +816,8 @@ def _to_uint8(image: np.ndarray, where: str) -> np.ndarray:
         return image.astype(np.uint8) * 255
     if image.dtype == np.uint16:
         return (image.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise InputDataError(f"image {where} holds NaN or infinite pixel values")
     if np.issubdtype(image.dtype, np.floating) and image.size and 0 <= image.min() <= image.max() <= 1:
         return np.round(image * 255).astype(np.uint8)
     raise InputDataError(f"image {where} has unsupported pixel type {image.dtype}")

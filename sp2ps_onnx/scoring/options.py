@@ -103,6 +103,9 @@ class DataOptions:
         size: input (H, W) for models whose spatial input size is dynamic.
         limit: use only the first ``limit`` samples.
         classes: class names in label order (a file, a comma-separated string or a list).
+        classes_partial: accept a class list (``classes`` or the class folders) whose
+            length differs from the model's class count; its positions are then taken as
+            the model's class indices (by default such a list is an error).
         strict: stop at the first unreadable sample, NaN/Inf output or constant CAM
             instead of skipping it (data) or scoring it by a defined rule (models).
     """
@@ -114,6 +117,7 @@ class DataOptions:
     limit: int | None = None
     classes: str | Sequence[str] | None = None
     strict: bool = False
+    classes_partial: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mean", "std", "size", "classes"):

@@ -15,6 +15,7 @@ and the aggregation refuses lost or duplicated rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ import numpy as np
 import onnx
 
 from .._ort import select_providers
+from ..data import DataFault
 from ..errors import InputDataError, RuntimeMissingError, Sp2PSError
 from ..graph.model_io import load_model
 from .batch import ScorerSpec, build_scorer
@@ -153,11 +155,16 @@ class ScoreWorker:
                                    providers=providers, spinning=False)
 
     def __call__(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = []
+        outputs, faults = [], []
         for start, stop in zip(ranges["start"].tolist(), ranges["stop"].tolist(), strict=True):
-            batch = next(self.source.batches(stop - start, start=start))
-            outputs.append(self.scorer(batch, np.arange(start, stop)).to_bytes())
-        return {"start": ranges["start"], "output": np.array(outputs, dtype=object)}
+            known = len(self.source.faults)
+            batch = next(self.source.batches(stop - start, start=start, stop=stop), None)
+            # Indices within the batch: the driver numbers the samples read, in data order.
+            outputs.append(b"" if batch is None else
+                           self.scorer(batch, np.arange(len(batch.ids))).to_bytes())
+            faults.append(json.dumps([f.to_dict() for f in self.source.faults[known:]]))
+        return {"start": ranges["start"], "output": np.array(outputs, dtype=object),
+                "faults": np.array(faults, dtype=object)}
 
 
 def run_ray(
@@ -215,14 +222,32 @@ def run_ray(
                                "gpus": float(gpus_per_worker)},
         num_gpus=gpus_per_worker or None,
     )
+    offset = start
     try:
         for row in scored.iter_rows():
-            on_output(BatchOutput.from_bytes(row["output"]))
+            for fault in json.loads(row["faults"]):
+                if all(known.id != fault["id"] for known in source.faults):
+                    source.faults.append(DataFault(fault["id"], fault["reason"]))
+            if not row["output"]:
+                continue  # every sample of the batch was skipped
+            output = _numbered(BatchOutput.from_bytes(row["output"]), offset)
+            offset += int(np.count_nonzero(output.rows["model"] == 0))
+            on_output(output)
     except Exception as exc:
         cause = _own_error(exc, Sp2PSError)
         if cause is not None:
             raise cause from None
         raise
+
+
+def _numbered(output: BatchOutput, offset: int) -> BatchOutput:
+    """``output`` with its in-batch sample indices moved to start at ``offset``, the number
+    of samples read before it (what a local run numbers them)."""
+    output.rows["index"] = output.rows["index"] + offset
+    for candidates in output.examples:
+        for example in candidates:
+            example.index += offset
+    return output
 
 
 def _own_error(exc: BaseException, kind: type) -> BaseException | None:
