@@ -221,7 +221,7 @@ def _run_options(given: dict[str, Any], checkpoint: Path | None = None) -> RunOp
     address = given.get("ray_address")
     ray = None if address is None else RayOptions(
         address=None if address == "local" else address, workers=given["workers"],
-        gpus_per_worker=given["gpus_per_worker"],
+        gpus_per_worker=given["gpus_per_worker"], connect_timeout=given["ray_timeout"],
     )
     return RunOptions(batch_size=given["batch_size"], device=given["device"],
                       progress=_show_progress(given["quiet"]), quiet=given["quiet"],
@@ -486,6 +486,9 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Ray actors scoring in parallel (default: one per free CPU, or per GPU with "
               "--gpus-per-worker).")
+@click.option("--ray-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds to wait for the Ray cluster to answer before "
+              "giving up with an error.")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0,
               show_default=True, help="GPUs each Ray actor reserves (runs ONNX Runtime on CUDA).")
 @click.option("--classes-partial", is_flag=True, help="Accept a class list (--classes or the "

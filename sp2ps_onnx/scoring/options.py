@@ -194,15 +194,20 @@ class RayOptions:
             ``"ray://host:port"`` for a cluster.
         workers: actors scoring in parallel (default: one per free CPU, or per GPU).
         gpus_per_worker: GPUs each actor reserves (it then runs ONNX Runtime on CUDA).
+        connect_timeout: seconds to wait for the cluster at ``address`` to answer before
+            giving up with an error (Ray alone retries for minutes).
     """
 
     address: str | None = None
     workers: int | None = None
     gpus_per_worker: float = 0.0
+    connect_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         _at_least(self.workers, 1, "workers")
         _at_least(self.gpus_per_worker, 0, "gpus_per_worker")
+        if not self.connect_timeout > 0:
+            raise InputDataError(f"connect_timeout must be positive, not {self.connect_timeout}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,9 @@ from .batch import ScorerSpec, build_scorer
 from .models import is_cam_model
 from .options import RayOptions
 from .rows import BatchOutput
+
+CONNECT_TIMEOUT = 30.0
+"""Seconds :func:`connect` waits for a Ray cluster to answer (``--ray-timeout``)."""
 
 _INSTALL_HINT = (
     "the Ray backend needs Ray Data; install it with pip install 'sp2ps-onnx[ray]' "
@@ -49,24 +53,68 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str | None, quiet: bool = True) -> Any:
+def connect(address: str | None, quiet: bool = True,
+            timeout: float = CONNECT_TIMEOUT) -> Any:
     """Join the Ray cluster at ``address`` (``auto``, ``host:port``, ``ray://host:port``) or,
-    for ``None``, the one this process already joined or a new local one."""
+    for ``None``, the one this process already joined or a new local one.
+
+    Joining a cluster that does not answer (its head down or still shutting down) is an
+    error after ``timeout`` seconds; Ray itself would retry for minutes without a word.
+    ``None`` always starts a new Ray: never the cluster that ``RAY_ADDRESS`` or the address
+    file of an earlier ``ray start`` (perhaps stopping) names.
+    """
     ray = import_ray()
     _probe(address)
     if ray.is_initialized():
         return ray
+    options = {"log_to_driver": not quiet, "include_dashboard": False, "logging_level": "ERROR"}
+    where = address or "a new local Ray"
     try:
-        ray.init(address=address or None, log_to_driver=not quiet, include_dashboard=False,
-                 logging_level="ERROR")
+        if address is None:
+            # Started in this thread: Ray's processes end with the thread that started them.
+            ray.init(address="local", **options)
+        else:
+            _init_within(ray, address, options, timeout)
+    except Sp2PSError:
+        raise
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError by address kind
-        where = address or "a new local Ray"
         raise InputDataError(
             f"cannot connect to the Ray cluster at {where}: {' '.join(str(exc).split())[:300]}; "
             "check the address (ray status on the head node prints it; a Ray Client address "
             "starts with ray://) or leave --ray without an address for a local Ray"
         ) from exc
     return ray
+
+
+def _init_within(ray: Any, address: str, options: dict[str, Any], timeout: float) -> None:
+    """``ray.init`` at ``address``, or an error after ``timeout`` seconds.
+
+    The attempt runs in a daemon thread, so a process that gives up can still exit; the
+    abandoned attempt ends when Ray's own retries do.
+    """
+    outcome: dict[str, BaseException] = {}
+    finished = threading.Event()
+
+    def attempt() -> None:
+        try:
+            ray.init(address=address, **options)
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=attempt, name="sp2ps-ray-connect", daemon=True).start()
+    if not finished.wait(timeout):
+        named = os.environ.get("RAY_ADDRESS") if address == "auto" else None
+        raise InputDataError(
+            f"no answer from the Ray cluster at {address}"
+            f"{f' (RAY_ADDRESS={named})' if named else ''} within {timeout:g} s; its head "
+            "node is down, still starting or shutting down, or the address is not a Ray "
+            "head; check it with ray status on the head node, or give it more time with "
+            "--ray-timeout"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def _probe(address: str | None, timeout: float = 5.0) -> None:
@@ -190,7 +238,7 @@ def run_ray(
             "the Ray backend reads the data on the workers, so it needs files or arrays "
             "(an image folder, image files, .npz, .npy), not an iterable of batches"
         )
-    ray = connect(options.address, quiet)
+    ray = connect(options.address, quiet, options.connect_timeout)
     if start >= total:
         return
     gpus_per_worker = options.gpus_per_worker
