@@ -215,6 +215,45 @@ class DataSource:
         total = sum(len(p.array) if isinstance(p, _ArrayPart) else len(p.files) for p in self._parts)
         return total if self._limit is None else min(total, self._limit)
 
+    def object_files(self) -> tuple[Any, list[tuple[str, str, int]]] | None:
+        """For data that is only image files of one URI's file system: that (pyarrow) file
+        system and every file used, as ``(path in it, sample id, label or -1)`` in data
+        order; else ``None``. Readers elsewhere (Ray Data's) fetch these files themselves."""
+        parts = self._parts
+        if not parts or not all(isinstance(p, _FilePart) and p.filesystem is not None
+                                for p in parts):
+            return None
+        filesystem = parts[0].filesystem
+        if any(p.filesystem is not filesystem for p in parts):
+            return None
+        files, remaining = [], len(self)
+        for part in parts:
+            for path, label in part.files[:remaining]:
+                files.append((path, _file_id(path, part.root), label))
+            remaining -= len(part.files)
+        return filesystem, files
+
+    def decode(self, contents: Sequence[bytes], paths: Sequence[str], ids: Sequence[str],
+               labels: Sequence[int]) -> Batch | None:
+        """The batch of these image files' ``contents`` (as :meth:`object_files` lists them),
+        without the files that cannot be decoded (each a fault, or an error when strict);
+        ``None`` when none can."""
+        scheme = next((p.scheme for p in self._parts if isinstance(p, _FilePart)), "")
+        images, kept_ids, kept_labels = [], [], []
+        for data, path, sample_id, label in zip(contents, paths, ids, labels, strict=True):
+            try:
+                images.append(read_image(io.BytesIO(data), name=f"{scheme}://{path}"))
+            except InputDataError as exc:
+                self._skip(sample_id, exc)
+                continue
+            kept_ids.append(sample_id)
+            kept_labels.append(label)
+        if not images:
+            return None
+        with_labels = self.has_labels
+        return Batch(images, np.array(kept_labels, dtype=np.int64) if with_labels else None,
+                     kept_ids)
+
     def batches(self, batch_size: int = 32, start: int = 0,
                 stop: int | None = None) -> Iterator[Batch]:
         """Yield the data in batches of at most ``batch_size`` samples, from sample ``start``

@@ -53,6 +53,10 @@ def s3_server() -> Iterator[dict | None]:
         for path in sorted(FOLDER.rglob("*.png")):
             client.upload_file(str(path), BUCKET, f"val/{path.relative_to(FOLDER).as_posix()}")
         client.upload_file(str(NPZ), BUCKET, "arrays/fmnist_test.npz")
+        good = (FOLDER / "Bag" / sorted(p.name for p in (FOLDER / "Bag").iterdir())[0])
+        client.upload_file(str(good), BUCKET, "broken/Bag/good.png")
+        client.put_object(Bucket=BUCKET, Key="broken/Coat/cut.png",
+                          Body=good.read_bytes()[:40])
         archive = np.load(NPZ)
         floats = (archive["x"][:24, None] / np.float32(255)).astype(np.float32)
         local = Path(os.environ.get("TMPDIR", "/tmp")) / f"sp2ps-s3-{port}"
@@ -133,3 +137,13 @@ def test_credentials_are_never_shown(s3, tmp_path) -> None:
     with pytest.raises(InputDataError) as unknown:
         open_data(f"nosuchscheme://user:{SECRET}@host/x")
     assert SECRET not in str(unknown.value) and "nosuchscheme://***@host/x" in str(unknown.value)
+
+
+def test_a_corrupt_file_in_the_bucket_is_a_listed_fault(s3) -> None:
+    need(s3)
+    source = open_data(f"s3://{BUCKET}/broken")
+    assert [i for batch in source.batches(4) for i in batch.ids] == ["Bag/good.png"]
+    assert [f.id for f in source.faults] == ["Coat/cut.png"]
+    assert f"s3://{BUCKET}/broken/Coat/cut.png" in source.faults[0].reason
+    with pytest.raises(InputDataError, match="cut.png"):
+        list(open_data(f"s3://{BUCKET}/broken", strict=True).batches(4))

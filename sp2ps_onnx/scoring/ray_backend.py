@@ -1,12 +1,14 @@
 """The Ray backend of :func:`sp2ps_onnx.scoring.score_models`.
 
-The data becomes a Ray Dataset of batch ranges (``start``, ``stop``), streamed through
-``map_batches`` to an actor pool. Each actor builds its :class:`~sp2ps_onnx.CamModel`\\ s once,
-from ONNX bytes in the object store (workers need no copy of the model files), reads its
-batches itself (image files and memory-mapped arrays, so the data must be readable at the
-same path on every node: a shared or network file system) and runs the same per-batch
-kernel as the local backend. Rows and worst/best candidates come back to the driver in data
-order and are aggregated there by the same step as a local run, so every number is the same.
+The data becomes a Ray Dataset, streamed through ``map_batches`` to an actor pool. Each
+actor builds its :class:`~sp2ps_onnx.CamModel`\\ s once, from ONNX bytes in the object store
+(workers need no copy of the model files), and runs the same per-batch kernel as the local
+backend. Image files given as a URI (``s3://``, ``gs://``, ...) are fetched by Ray Data's
+``read_binary_files`` on the cluster and decoded by the actors; other data becomes batch
+ranges (``start``, ``stop``) that each actor reads itself (arrays by URI with ranged reads;
+local paths must be readable at the same path on every node). Rows, worst/best candidates
+and skipped samples come back to the driver in data order and are aggregated there by the
+same step as a local run, so every number is the same.
 
 A killed actor is restarted by Ray and its batch retried; rows carry their sample indices
 and the aggregation refuses lost or duplicated rows.
@@ -199,10 +201,29 @@ class ScoreWorker:
         protos = [onnx.load_from_string(data) for data in models]
         providers = select_providers("cuda" if gpus > 0 else "cpu", quiet=True)
         self.source = _local(source)
+        listed = source.object_files()
+        self.files = {} if listed is None else {path: (i, label) for path, i, label in listed[1]}
         self.scorer = build_scorer(protos[0], protos[1:], list(names), spec,
                                    providers=providers, spinning=False)
 
-    def __call__(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "bytes" in batch:
+            return self._score_files(batch)
+        return self._score_ranges(batch)
+
+    def _score_files(self, files: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batch of files read by Ray Data: decoded here, one output row."""
+        known = len(self.source.faults)
+        paths = [str(path) for path in files["path"]]
+        ids, labels = zip(*(self.files[path] for path in paths), strict=True)
+        batch = self.source.decode(list(files["bytes"]), paths, ids, labels)
+        output = b"" if batch is None else self.scorer(batch, np.arange(len(batch.ids))).to_bytes()
+        faults = json.dumps([f.to_dict() for f in self.source.faults[known:]])
+        return {"output": np.array([output], dtype=object),
+                "faults": np.array([faults], dtype=object)}
+
+    def _score_ranges(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Batches of sample positions: each read here from the data source."""
         outputs, faults = [], []
         for start, stop in zip(ranges["start"].tolist(), ranges["stop"].tolist(), strict=True):
             known = len(self.source.faults)
@@ -252,15 +273,29 @@ def run_ray(
     context.execution_options.preserve_order = True  # rows reach the checkpoint in order
     context.enable_progress_bars = not quiet
     batch_size = spec.batch_size
-    starts = list(range(start, total, batch_size))
-    ranges = ray.data.from_items(
-        [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
-        override_num_blocks=max(1, min(len(starts), 4 * workers)),
-    )
+    listed = source.object_files()
+    if listed is not None:
+        # Image files in object storage: Ray Data's reader fetches them on the cluster,
+        # ahead of the actors; each actor decodes and scores its batches. A sample's
+        # numbers do not depend on the batch it shares (rows equal a local run's).
+        filesystem, files = listed
+        files = files[start:]
+        inputs = ray.data.read_binary_files(
+            [path for path, _, _ in files], filesystem=filesystem, include_paths=True,
+            override_num_blocks=max(1, min(-(-len(files) // batch_size), 4 * workers)),
+        )
+        per_call = batch_size
+    else:
+        starts = list(range(start, total, batch_size))
+        inputs = ray.data.from_items(
+            [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
+            override_num_blocks=max(1, min(len(starts), 4 * workers)),
+        )
+        per_call = 1
     # Ray Data's actor pools restart killed actors and retry their batches by default.
-    scored = ranges.map_batches(
+    scored = inputs.map_batches(
         ScoreWorker,
-        batch_size=1,
+        batch_size=per_call,
         batch_format="numpy",
         concurrency=workers,
         # The reference is wrapped so that Ray hands it over as is; each actor fetches the
@@ -285,6 +320,12 @@ def run_ray(
         cause = _own_error(exc, Sp2PSError)
         if cause is not None:
             raise cause from None
+        if _own_error(exc, ray.exceptions.OutOfMemoryError) is not None:
+            raise InputDataError(
+                f"a Ray worker ran out of memory scoring batches of {batch_size} samples "
+                f"({' '.join(str(exc).split())[:200]}); lower --batch-size, or give the "
+                "workers more memory"
+            ) from exc
         raise
 
 
