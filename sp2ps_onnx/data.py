@@ -383,6 +383,8 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
         return None
     if isinstance(classes, os.PathLike):
         classes = os.fspath(classes)
+    if is_uri(classes):
+        return _parse_names(_read_uri_text(classes), redact(classes))
     if isinstance(classes, str) and not os.path.isfile(classes) and looks_like_path(classes):
         what = "is a folder, not a file" if os.path.isdir(classes) else "does not exist"
         raise InputDataError(
@@ -402,6 +404,25 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         names = [c.strip() for c in classes.split(",") if c.strip()]
+    return _parse_names(names, classes)
+
+
+def _read_uri_text(uri: str) -> list[str]:
+    """The non-empty lines of a text file given as a URI."""
+    filesystem, path = open_filesystem(uri)
+    try:
+        with filesystem.open_input_file(path) as handle:
+            text = handle.read().decode("utf-8")
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot read the class list --classes {redact(uri)}: {_scrubbed(str(exc), uri)}; "
+            "give a UTF-8 text file with one class name per line"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _parse_names(names: list[str], classes: Any) -> list[str]:
+    """``names`` checked: at least one, none twice."""
     if not names:
         raise InputDataError(f"the class list {classes!r} is empty; give at least one class name")
     duplicates = sorted({n for n in names if names.count(n) > 1})

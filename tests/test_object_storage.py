@@ -23,6 +23,7 @@ ORIGINAL = MODELS / "fmnist_cnn.onnx"
 PRUNED = [MODELS / "pruned" / "fmnist_cnn_mag80.onnx", MODELS / "keras" / "fmnist_keras_mag70.onnx"]
 FOLDER = MODELS / "samples" / "fmnist_png"
 NPZ = MODELS / "samples" / "fmnist_test.npz"
+CLASSES = MODELS / "samples" / "classes.txt"
 BUCKET = "sp2ps-data"
 SECRET = "s3cr3t-never-shown"
 
@@ -53,6 +54,7 @@ def s3_server() -> Iterator[dict | None]:
         for path in sorted(FOLDER.rglob("*.png")):
             client.upload_file(str(path), BUCKET, f"val/{path.relative_to(FOLDER).as_posix()}")
         client.upload_file(str(NPZ), BUCKET, "arrays/fmnist_test.npz")
+        client.upload_file(str(CLASSES), BUCKET, "classes.txt")
         good = (FOLDER / "Bag" / sorted(p.name for p in (FOLDER / "Bag").iterdir())[0])
         client.upload_file(str(good), BUCKET, "broken/Bag/good.png")
         client.put_object(Bucket=BUCKET, Key="broken/Coat/cut.png",
@@ -147,3 +149,15 @@ def test_a_corrupt_file_in_the_bucket_is_a_listed_fault(s3) -> None:
     assert f"s3://{BUCKET}/broken/Coat/cut.png" in source.faults[0].reason
     with pytest.raises(InputDataError, match="cut.png"):
         list(open_data(f"s3://{BUCKET}/broken", strict=True).batches(4))
+
+
+def test_a_class_list_in_the_bucket_orders_the_labels(s3) -> None:
+    need(s3)
+    local = open_data(FOLDER, classes=str(CLASSES))
+    remote = open_data(f"s3://{BUCKET}/val", classes=f"s3://{BUCKET}/classes.txt")
+    assert remote.class_names == local.class_names == CLASSES.read_text().split()
+    assert remote.class_names != sorted(remote.class_names)  # the file's order, not sorted
+    ours, theirs = next(local.batches(100)), next(remote.batches(100))
+    assert ours.ids == theirs.ids and np.array_equal(ours.labels, theirs.labels)
+    with pytest.raises(InputDataError, match=f"--classes s3://{BUCKET}/typo.txt"):
+        open_data(f"s3://{BUCKET}/val", classes=f"s3://{BUCKET}/typo.txt")
