@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._ort import select_providers
-from ..data import Batch, DataSource, open_data
+from ..data import Batch, DataSource, check_class_count, open_data
 from ..errors import InputDataError, ModelMismatchError
 from ..prefetch import Prefetcher
 from ..progress import ProgressReporter
@@ -212,6 +212,9 @@ def score_models(
     scorer = build_scorer(original, compared.models, compared.names, spec, providers=providers,
                           session_threads=plan.session_threads, spinning=plan.session_spinning)
     check_label_range(source, int(scorer.original.num_classes))
+    check_class_count(source, int(scorer.original.num_classes),
+                      given=data_options.classes is not None,
+                      partial=data_options.classes_partial)
     store = None if run.checkpoint is None else RowStore(
         run.checkpoint, fingerprint=_fingerprint(scorer, source), resume=run.resume,
         flush_seconds=run.checkpoint_every,
