@@ -223,7 +223,8 @@ def _run_options(given: dict[str, Any], checkpoint: Path | None = None) -> RunOp
     )
     return RunOptions(batch_size=given["batch_size"], device=given["device"],
                       progress=_show_progress(given["quiet"]), quiet=given["quiet"],
-                      checkpoint=checkpoint, resume=given.get("resume", False), ray=ray)
+                      checkpoint=checkpoint, resume=given.get("resume", False), ray=ray,
+                      cache=given.get("cache"))
 
 
 def _parse_grid(grid: str | None) -> tuple[int, int] | None:
@@ -488,6 +489,11 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
               show_default=True, help="GPUs each Ray actor reserves (runs ONNX Runtime on CUDA).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same "
               "--out, models, data and options (rows are saved under --out as they come).")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Keep the passes of the original, the random floor and the references in "
+              "DIR, so that a later run with new pruned models runs only those (same numbers "
+              "to the last bit; a changed model, option or batch, or a damaged file, is "
+              "recomputed).")
 @click.option("--no-floor", is_flag=True, help="Leave out the random floor: a copy of the "
               "original with its weights re-initialised layer by layer from the score "
               "(seeded by --seed), scored as a reference (one more model pass).")
@@ -544,6 +550,10 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
             write_report(report, directory, formats=formats, cmap=cmap)
     for message in report.notes:
         _note(f"sp2ps: note: {message}", quiet)
+    cached = report.config.get("cache")
+    if cached:
+        _note(f"sp2ps: cache {cached['directory']}: {cached['hits']} batch passes read, "
+              f"{cached['misses']} computed, {cached['corrupt']} damaged and recomputed", quiet)
     click.echo(format_table(report, fmt))
     if not no_report:
         _note(f"sp2ps: report written to {Path(out) / 'report.html'}", quiet)

@@ -27,6 +27,7 @@ from ..runtime import thread_budget
 from .aggregate import Aggregate, aggregate
 from .band import FLOOR, PRUNED, REFERENCE, band_of, floor_model, rank_correlations
 from .batch import BatchScorer, ScorerSpec, build_scorer
+from .cache import PassCache
 from .checkpoint import RowStore
 from .checks import check_comparable, check_label_range, resolve_target
 from .models import ModelLike, model_hash, model_info, model_source, package_versions, unique_names
@@ -210,8 +211,10 @@ def score_models(
     check_comparable(original, compared.checked, compared.names[:len(compared.checked) + 1],
                      data_options.size)
     plan = plan_execution(providers)
+    cache = None if run.cache is None else PassCache(run.cache)
     scorer = build_scorer(original, compared.models, compared.names, spec, providers=providers,
-                          session_threads=plan.session_threads, spinning=plan.session_spinning)
+                          session_threads=plan.session_threads, spinning=plan.session_spinning,
+                          cache=cache, cached=compared.fixed)
     check_label_range(source, int(scorer.original.num_classes))
     store = None if run.checkpoint is None else RowStore(
         run.checkpoint, fingerprint=_fingerprint(scorer, source), resume=run.resume,
@@ -236,6 +239,8 @@ def score_models(
     result = aggregate(concat_rows(collect.parts), collect.candidates, compared.names[1:],
                        metric, expected=collect.done, uncounted=floors)
     report = _report(original, compared, scorer, source, result, run, providers)
+    if cache is not None:
+        report.config["cache"] = {"directory": str(cache.directory), **cache.stats.to_dict()}
     report.seconds = time.perf_counter() - started
     return report
 
@@ -272,6 +277,12 @@ class _Compared:
                 names.insert(1 + len(pruned), name)
                 roles.insert(len(pruned), FLOOR)
         return cls(models, names, roles, given, notes)
+
+    @property
+    def fixed(self) -> list[int]:
+        """Positions of the models that are the same in every run with this original (the
+        random floor, the references): the pass cache keeps their passes too."""
+        return [j for j, role in enumerate(self.roles) if role != PRUNED]
 
 
 def _fingerprint(scorer: BatchScorer, source: DataSource) -> dict[str, Any]:
