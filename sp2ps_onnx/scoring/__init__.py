@@ -15,11 +15,17 @@ module importing only those below it (checked by import-linter, see ``pyproject.
 - :mod:`.ray_backend`: the Ray Data backend.
 - :mod:`.band`: the scale a score is read on (random floor, references, bands).
 - :mod:`.run`: the execution plan and :func:`score_models`.
+- :mod:`.judge`: :class:`Sp2PSJudge`, one candidate at a time against an original run once.
+
+Beside them, :mod:`.files` (atomic writes, checksummed archives) and :mod:`.cache` (the
+pass cache of ``--cache DIR``: the original's, the floor's and the references' passes).
 """
 
 from .aggregate import Aggregate, aggregate
 from .batch import BatchScorer, ScorerSpec, build_scorer
+from .cache import PassCache
 from .checks import check_comparable, check_label_range, resolve_target
+from .judge import Sp2PSJudge
 from .models import ModelInfo, file_sha256, model_info, open_model, package_versions
 from .options import (
     TARGET_MODES,
@@ -47,12 +53,14 @@ __all__ = [
     "MetricOptions",
     "ModelInfo",
     "ModelScore",
+    "PassCache",
     "RayOptions",
     "ReferenceOptions",
     "RowTable",
     "RunOptions",
     "ScoreReport",
     "ScorerSpec",
+    "Sp2PSJudge",
     "aggregate",
     "build_scorer",
     "check_comparable",
