@@ -15,6 +15,7 @@ module importing only those below it (checked by import-linter, see ``pyproject.
 - :mod:`.ray_backend`: the Ray Data backend.
 - :mod:`.band`: the scale a score is read on (random floor, references, bands).
 - :mod:`.run`: the execution plan and :func:`score_models`.
+- :mod:`.gate`: the ``--fail-under`` rule and its verdict (:func:`check_gate`).
 - :mod:`.judge`: :class:`Sp2PSJudge`, one candidate at a time against an original run once.
 
 Beside them, :mod:`.files` (atomic writes, checksummed archives) and :mod:`.cache` (the
@@ -25,6 +26,7 @@ from .aggregate import Aggregate, aggregate
 from .batch import BatchScorer, ScorerSpec, build_scorer
 from .cache import PassCache
 from .checks import check_comparable, check_label_range, resolve_target
+from .gate import GateVerdict, check_gate
 from .judge import Sp2PSJudge
 from .models import ModelInfo, file_sha256, model_info, open_model, package_versions
 from .options import (
@@ -50,6 +52,7 @@ __all__ = [
     "DataOptions",
     "Example",
     "ExecutionPlan",
+    "GateVerdict",
     "MetricOptions",
     "ModelInfo",
     "ModelScore",
@@ -64,6 +67,7 @@ __all__ = [
     "aggregate",
     "build_scorer",
     "check_comparable",
+    "check_gate",
     "check_label_range",
     "concat_rows",
     "file_sha256",
