@@ -571,7 +571,7 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
     for message in report.notes:
         _note(f"sp2ps: note: {message}", quiet)
     cached = report.config.get("cache")
-    if cached:
+    if cached and "hits" in cached:
         _note(f"sp2ps: cache {cached['directory']}: {cached['hits']} batch passes read, "
               f"{cached['misses']} computed, {cached['corrupt']} damaged and recomputed", quiet)
     click.echo(format_table(report, fmt))

@@ -9,8 +9,9 @@ only the candidate.
 
 **Key.** One entry is one model's pass over one batch. Its name is the SHA-256 of
 
-- the model: the SHA-256 of its file (of its rewritten graph when it has none: the random
-  floor, a ModelProto), the resolved CAM layer and the layout;
+- the model: the SHA-256 of its rewritten graph (the model with the CAM outputs added at
+  the resolved layer: the same for a file, a ModelProto or bytes of the same model), the
+  layer and the layout;
 - the options that change the pass: CAM method, map size, target rule, patch grid, the
   preprocessing (:class:`~sp2ps_onnx.data.Preprocessing`), the faithfulness settings;
 - where it runs: the first ONNX Runtime provider, and the versions of sp2ps-onnx, Python,
@@ -48,7 +49,7 @@ import numpy as np
 
 from ..faithfulness import FaithfulnessResult
 from .files import arrays_digest, atomic_write, read_sealed_npz, sealed_npz
-from .models import model_hash, package_versions
+from .models import package_versions
 
 #: Changes whenever the files' contents change meaning; part of every key.
 CACHE_FORMAT = 1
@@ -113,7 +114,9 @@ def model_key(cam_model: Any, options: dict[str, Any], providers: Sequence[str] 
     """The part of every entry's key that names the model, the options and the software."""
     described = {
         "format": CACHE_FORMAT,
-        "model": model_hash(cam_model),
+        # The rewritten graph, not the file: the same model gives the same key whether it
+        # was opened from a file, a ModelProto or bytes (the Ray workers get bytes).
+        "model": hashlib.sha256(cam_model.rewritten.SerializeToString()).hexdigest(),
         "layer": str(cam_model.layer),
         "layout": str(cam_model.layout),
         "options": options,

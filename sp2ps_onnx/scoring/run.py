@@ -225,7 +225,8 @@ def score_models(
     try:
         if run.ray is not None:
             run_ray(original, compared.models, compared.names, source, spec, run.ray,
-                    start=collect.done, on_output=collect, quiet=run.quiet)
+                    start=collect.done, on_output=collect, quiet=run.quiet,
+                    cache=run.cache, cached=compared.fixed)
         else:
             run_local(scorer, source, collect.done, collect, plan)
     except BaseException:
@@ -240,7 +241,9 @@ def score_models(
                        metric, expected=collect.done, uncounted=floors)
     report = _report(original, compared, scorer, source, result, run, providers)
     if cache is not None:
-        report.config["cache"] = {"directory": str(cache.directory), **cache.stats.to_dict()}
+        # On Ray the workers count their own hits; the driver knows only the directory.
+        counts = cache.stats.to_dict() if run.ray is None else {}
+        report.config["cache"] = {"directory": str(cache.directory), **counts}
     report.seconds = time.perf_counter() - started
     return report
 
