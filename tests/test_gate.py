@@ -75,3 +75,29 @@ def test_gate_options_that_cannot_work_are_refused(tmp_path, cache):
     no_interval, _ = score(tmp_path / "b", cache, "--fail-under", 0.5, "--fail-under-ci",
                            "--bootstrap", 0)
     assert no_interval.exit_code == 2 and "--bootstrap > 0" in no_interval.output
+
+
+def test_check_gate_fails_undefined_values_and_never_gates_references():
+    import dataclasses
+
+    from sp2ps_onnx.scoring import (
+        DataOptions,
+        MetricOptions,
+        RunOptions,
+        check_gate,
+        score_models,
+    )
+
+    report = score_models(ORIGINAL, PRUNED[:1], DATA, data_options=DataOptions(preset="unit",
+                          limit=16), metric=MetricOptions(n_bootstrap=0),
+                          run=RunOptions(batch_size=16))
+    model, floor = report.models[0], report.floor
+    assert floor.sp2ps < model.sp2ps
+    threshold = (floor.sp2ps + model.sp2ps) / 2
+    assert check_gate([model, floor], threshold).passed  # the floor is below, not gated
+    assert not check_gate([model], threshold, lower_bound=True).passed  # no interval
+    undefined = dataclasses.replace(model, result=dataclasses.replace(model.result,
+                                                                      sp2ps=float("nan")))
+    verdict = check_gate([undefined], 0.0)
+    assert verdict.failed == [(model.info.name, None)]
+    assert "(undefined)" in verdict.message()
