@@ -127,3 +127,19 @@ def test_cli_second_run_with_a_new_model_reads_the_cache(tmp_path, passes):
     assert saved["config"]["cache"]["hits"] == 4 and saved["config"]["cache"]["misses"] == 0
     fresh = score(PRUNED[1], "--no-report")
     assert cached["models"] == fresh["models"] and cached["references"] == fresh["references"]
+
+
+def test_faithfulness_figures_are_cached_with_the_pass(tmp_path, passes):
+    metric = MetricOptions(n_bootstrap=0, examples=0, faithfulness=True)
+    options = {"data_options": DataOptions(preset="unit", limit=16), "metric": metric}
+    truth = _score(PRUNED[:1], **options)
+    _score(PRUNED[1:2], cache=tmp_path, **options)
+    without = _score(PRUNED[:1], cache=tmp_path, **{**options, "metric": METRIC})
+    assert without.config["cache"]["hits"] == 0  # a pass without the figures is another entry
+    passes.update(original=0, other=0)
+    cached = _score(PRUNED[:1], cache=tmp_path, **options)
+    assert passes["original"] == 0 and cached.config["cache"]["hits"] == 2
+    assert cached.original_faithfulness == truth.original_faithfulness
+    assert cached.original_faithfulness is not None
+    _same(truth, cached)
+    assert cached.models[0].faithfulness == truth.models[0].faithfulness

@@ -165,7 +165,8 @@ class Sp2PSJudge:
         model: ModelLike = onnx.load_from_string(candidate) if isinstance(
             candidate, (bytes, bytearray)) else candidate
         names = unique_names([self.original, model])
-        check_comparable(self.original, [model], names, self.data_options.size)
+        # The opened original, not its file: its declared image is known, nothing is read.
+        check_comparable(self._original_cam, [model], names, self.data_options.size)
         scorer = build_scorer(self._original_cam, [model], names, self.spec,
                               providers=self.providers,
                               session_threads=self.plan.session_threads,
