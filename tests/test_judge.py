@@ -100,3 +100,9 @@ def test_judge_refuses_what_it_cannot_do():
     other.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 32
     with pytest.raises(ModelMismatchError):
         judge.score(other)
+
+
+def test_a_candidate_with_its_own_layout_gets_its_own_preprocessing():
+    keras = MODELS / "keras" / "fmnist_keras_mag70.onnx"  # NHWC, the original is NCHW
+    judge = Sp2PSJudge(ORIGINAL, DATA, **OPTIONS)
+    assert_same_score(judge.score(keras), score_models(ORIGINAL, [keras], DATA, **OPTIONS).models[0])
