@@ -72,10 +72,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| rank | format | weights | calibration | Sp2PS | 95% CI | accuracy | top-1 agree |"
              " size |", "|---|---|---|---|---|---|---|---|---|"]
     for rank, row in enumerate(rows, 1):
-        ci = "–" if row["ci95_low"] is None else f"[{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]"
+        ci = "–" if row["ci95_low"] is None else f"[{row['ci95_low']:.4f}, {row['ci95_high']:.4f}]"
         lines.append(
             f"| {rank} | {row['format']} | {row['granularity']} | {row['calibration']} | "
-            f"{row['sp2ps']:.3f} | {ci} | {100 * row['accuracy']:.1f} % | "
+            f"{row['sp2ps']:.4f} | {ci} | {100 * row['accuracy']:.1f} % | "
             f"{100 * row['top1_agreement']:.1f} % | {row['file_size'] / 1024:.0f} KB |")
     return "\n".join(lines)
 
