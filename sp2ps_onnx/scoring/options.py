@@ -216,6 +216,9 @@ class RunOptions:
         resume: continue the interrupted run saved in ``checkpoint``.
         checkpoint_every: seconds between two saves.
         ray: run the batches on Ray (``None``: on this machine).
+        cache: a directory where the passes of the models that do not change between runs
+            (the original, the random floor, the references) are kept, so that a later run
+            with new pruned models runs only those (:mod:`sp2ps_onnx.scoring.cache`).
     """
 
     batch_size: int = 32
@@ -226,6 +229,7 @@ class RunOptions:
     resume: bool = False
     checkpoint_every: float = 10.0
     ray: RayOptions | None = field(default=None)
+    cache: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         _at_least(self.batch_size, 1, "batch_size")

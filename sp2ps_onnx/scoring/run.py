@@ -27,6 +27,7 @@ from ..runtime import thread_budget
 from .aggregate import Aggregate, aggregate
 from .band import FLOOR, PRUNED, REFERENCE, band_of, floor_model, rank_correlations
 from .batch import BatchScorer, ScorerSpec, build_scorer
+from .cache import PassCache
 from .checkpoint import RowStore
 from .checks import check_comparable, check_label_range, resolve_target
 from .models import ModelLike, model_hash, model_info, model_source, package_versions, unique_names
@@ -209,8 +210,10 @@ def score_models(
     compared = _Compared.of(original, pruned, references, metric.seed)
     check_comparable(original, compared.checked, compared.checked_names, data_options.size)
     plan = plan_execution(providers)
+    cache = None if run.cache is None else PassCache(run.cache)
     scorer = build_scorer(original, compared.models, compared.names, spec, providers=providers,
-                          session_threads=plan.session_threads, spinning=plan.session_spinning)
+                          session_threads=plan.session_threads, spinning=plan.session_spinning,
+                          cache=cache, cached=compared.fixed)
     check_label_range(source, int(scorer.original.num_classes))
     check_class_count(source, int(scorer.original.num_classes),
                       given=data_options.classes is not None,
@@ -224,7 +227,8 @@ def score_models(
     try:
         if run.ray is not None:
             run_ray(original, compared.models, compared.names, source, spec, run.ray,
-                    start=collect.done, on_output=collect, quiet=run.quiet)
+                    start=collect.done, on_output=collect, quiet=run.quiet,
+                    cache=run.cache, cached=compared.fixed)
         else:
             run_local(scorer, source, collect.done, collect, plan)
     except BaseException:
@@ -238,6 +242,10 @@ def score_models(
     result = aggregate(concat_rows(collect.parts), collect.candidates, compared.names[1:],
                        metric, expected=collect.done, uncounted=floors)
     report = _report(original, compared, scorer, source, result, run, providers)
+    if cache is not None:
+        # On Ray the workers count their own hits; the driver knows only the directory.
+        counts = cache.stats.to_dict() if run.ray is None else {}
+        report.config["cache"] = {"directory": str(cache.directory), **counts}
     report.seconds = time.perf_counter() - started
     return report
 
@@ -276,6 +284,12 @@ class _Compared:
                 names.insert(1 + len(pruned), name)
                 roles.insert(len(pruned), FLOOR)
         return cls(models, names, roles, given, given_names, notes)
+
+    @property
+    def fixed(self) -> list[int]:
+        """Positions of the models that are the same in every run with this original (the
+        random floor, the references): the pass cache keeps their passes too."""
+        return [j for j, role in enumerate(self.roles) if role != PRUNED]
 
 
 def _fingerprint(scorer: BatchScorer, source: DataSource) -> dict[str, Any]:
