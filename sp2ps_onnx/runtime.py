@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from .graph.rewrite import (
     SCORE,
     TARGET,
     TARGETS_USED,
+    WEIGHTED_TARGET,
     CamGraph,
     build_cam_model,
     build_head_model,
@@ -44,6 +45,21 @@ class CamResult:
     targets: np.ndarray  # (N,) int64
     # A token layer's tokens outside the grid (class tokens), (N, C, k); else None.
     extra_tokens: np.ndarray | None = None
+    # What a model built with layers=[...] / input_gradient / bias_gradients adds (else
+    # empty / None): per layer (tensor name, in the order given) its LayerResult ...
+    layers: dict[str, LayerResult] = field(default_factory=dict)
+    # ... d score / d input in the input's own layout and dtype float32 ...
+    input_gradient: np.ndarray | None = None
+    # ... and per Conv/Gemm with a bias (node name, graph order) bias * d score / d output.
+    bias_gradients: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class LayerResult:
+    """One layer's channels-first activations and gradients (N, C, h, w) float32."""
+
+    activations: np.ndarray
+    gradients: np.ndarray
 
 
 class CamModel:
@@ -68,6 +84,21 @@ class CamModel:
         grid: (H, W) of the patch grid of a token-sequence layer (N, T, C) whose grid the
             graph does not prove; the T - H*W leading tokens (class tokens) are dropped.
             A proven grid needs no statement; a contradicting one is refused.
+        layers: several layers (tensor or node names), or ``"stages"`` (the last map of
+            each spatial resolution, :func:`~sp2ps_onnx.graph.rewrite.stage_layers`):
+            their activations and gradients come in the same run, in
+            :attr:`CamResult.layers` (:meth:`run_layers`). The backward pass then runs down
+            to the earliest of them. Without ``layer`` the main layer is the one of them
+            computed last.
+        input_gradient: also compute d score / d input (:attr:`CamResult.input_gradient`).
+        weighted_seed: accept ``target_weights`` in :meth:`run`: a weight vector over the
+            classes instead of one class per sample (contrastive and FinerCAM targets).
+        relu_backward: ``"standard"`` or ``"guided"``: Guided Backprop's ReLU, which passes
+            the gradient only where the ReLU's input and the incoming gradient are both
+            positive, for every gradient this model computes.
+        bias_gradients: also compute ``bias * d score / d output`` for every Conv and Gemm
+            with a bias (FullGrad; :attr:`CamResult.bias_gradients`, and
+            :attr:`bias_layers`); implies the backward pass down to the input.
     """
 
     def __init__(
@@ -82,6 +113,12 @@ class CamModel:
         threads: int | None = None,
         spinning: bool = True,
         grid: tuple[int, int] | None = None,
+        *,
+        layers: Sequence[str] | str | None = None,
+        input_gradient: bool = False,
+        weighted_seed: bool = False,
+        relu_backward: str = "standard",
+        bias_gradients: bool = False,
     ) -> None:
         self.threads = threads
         self.spinning = spinning
@@ -92,6 +129,11 @@ class CamModel:
             input_size=input_size,
             allow_domains=allow_domains,
             grid=grid,
+            layers=layers,
+            input_gradient=input_gradient,
+            weighted_seed=weighted_seed,
+            relu_backward=relu_backward,
+            bias_gradients=bias_gradients,
         )
         self.providers = list(providers) if providers else select_providers("auto", quiet=True)
         self.batch_size = max(1, int(batch_size))
@@ -114,6 +156,21 @@ class CamModel:
     @property
     def layer(self) -> str:
         return self.graph.layer
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers of ``layers=[...]`` (tensor names, in the order given); empty without."""
+        return [out.layer for out in self.graph.layers]
+
+    @property
+    def bias_layers(self) -> list[tuple[str, np.ndarray]]:
+        """(node name, bias values) of every Conv/Gemm whose term ``bias_gradients=True``
+        computes, in graph order; the keys of :attr:`CamResult.bias_gradients`."""
+        out = []
+        for entry in self.graph.bias_outputs:
+            value = self.graph.info.static_value(entry.bias)
+            out.append((entry.node, None if value is None else np.asarray(value, np.float32)))
+        return out
 
     @property
     def layer_rule(self) -> str:
@@ -157,34 +214,104 @@ class CamModel:
         return self.graph.head_ops()
 
     # -- running -----------------------------------------------------------------------
-    def run(self, x: np.ndarray, targets: Sequence[int] | np.ndarray | None = None) -> CamResult:
+    def run(
+        self,
+        x: np.ndarray,
+        targets: Sequence[int] | np.ndarray | None = None,
+        target_weights: np.ndarray | None = None,
+    ) -> CamResult:
         """Scores, activations and gradients for ``x`` (the model's own input layout).
 
-        ``targets=None`` explains each sample's own top class.
+        ``targets=None`` explains each sample's own top class. ``target_weights`` (N, K)
+        (a model built with ``weighted_seed=True``) differentiates ``sum_k w[n, k] *
+        score[n, k]`` instead; ``targets`` must then be None, and ``CamResult.targets``
+        holds each sample's top class.
         """
         x = self._check_input(x)
         wanted = self._check_targets(targets, len(x))
         names = self.graph.output_names
+        feeds_extra = self._weight_feeds(target_weights, targets, len(x))
+        if feeds_extra is not None:
+            wanted = np.full(len(x), WEIGHTED_TARGET, dtype=np.int64)
         fetch = [names[SCORE], names[ACTIVATIONS], names[GRADIENTS], names[TARGETS_USED]]
         fetch += [names[EXTRA_TOKENS]] if EXTRA_TOKENS in names else []
+        more = [n for out in self.graph.layers for n in (out.activations, out.gradients)]
+        more += [self.graph.input_gradient] if self.graph.input_gradient else []
+        more += [entry.output for entry in self.graph.bias_outputs]
+        fetch += more
+        feeds = {self.input_name: x, names[TARGET]: wanted}
+        if self.graph.target_weights is not None:
+            feeds[self.graph.target_weights] = feeds_extra if feeds_extra is not None else (
+                np.zeros((len(x), self.num_classes), dtype=np.float32)
+            )
+        batched = {name: list(self._batches(value)) for name, value in feeds.items()}
         parts = [
-            self._run(self._session, fetch, {self.input_name: xb, names[TARGET]: tb})
-            for xb, tb in zip(self._batches(x), self._batches(wanted), strict=True)
+            self._run(self._session, fetch, {name: chunks[i] for name, chunks in batched.items()})
+            for i in range(len(batched[self.input_name]))
         ]
         # One batch (the usual case inside a scoring run) needs no copy.
-        score, acts, grads, used, *extra = (
+        values = [
             (parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts]))[: len(x)]
             for i in range(len(fetch))
-        )
+        ]
+        score, acts, grads, used = values[:4]
+        extra = values[4] if EXTRA_TOKENS in names else None
+        rest = iter(values[len(fetch) - len(more):])
         if self.graph.gradient_spread is not None:
             grads = _spread(grads, acts.shape, self.layer)
+        layers = {out.layer: LayerResult(next(rest), next(rest)) for out in self.graph.layers}
+        input_gradient = next(rest) if self.graph.input_gradient else None
+        bias = {entry.node: next(rest) for entry in self.graph.bias_outputs}
         return CamResult(
             score=score,
             activations=acts,
             gradients=grads,
             targets=used,
-            extra_tokens=extra[0] if extra else None,
+            extra_tokens=extra,
+            layers=layers,
+            input_gradient=input_gradient,
+            bias_gradients=bias,
         )
+
+    def run_layers(
+        self,
+        x: np.ndarray,
+        targets: Sequence[int] | np.ndarray | None = None,
+        target_weights: np.ndarray | None = None,
+    ) -> dict[str, LayerResult]:
+        """Activations and gradients at every layer of ``layers=[...]`` (one run), by tensor
+        name in the order given; :meth:`run` gives them too, with the rest."""
+        if not self.graph.layers:
+            raise InputDataError(
+                "this CamModel was built for one layer; build it with layers=[...] (or "
+                "layers='stages') to get several"
+            )
+        return self.run(x, targets, target_weights).layers
+
+    def _weight_feeds(self, target_weights, targets, n: int) -> np.ndarray | None:
+        if target_weights is None:
+            return None
+        if self.graph.target_weights is None:
+            raise InputDataError(
+                "target_weights needs a model built with weighted_seed=True "
+                "(CamModel(..., weighted_seed=True))"
+            )
+        if targets is not None:
+            raise InputDataError(
+                "give either targets (one class per sample) or target_weights (a weight "
+                "vector per sample), not both; put the class into its weight vector"
+            )
+        w = np.asarray(target_weights, dtype=np.float32)
+        if w.ndim == 1 and w.shape[0] == self.num_classes:
+            w = np.broadcast_to(w, (n, self.num_classes))
+        if w.shape != (n, self.num_classes):
+            raise InputDataError(
+                f"target_weights has shape {w.shape}; give one weight vector over the "
+                f"{self.num_classes} classes per sample, shape ({n}, {self.num_classes})"
+            )
+        if not np.isfinite(w).all():
+            raise InputDataError("target_weights holds NaN or infinite values; give finite weights")
+        return np.ascontiguousarray(w)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """Class scores only (a forward pass without the backward nodes)."""

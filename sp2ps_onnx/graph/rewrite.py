@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..errors import LayerNotFoundError, ModelLoadError
+from ..errors import LayerNotFoundError, ModelLoadError, UnsupportedModelError
 from .analysis import GraphInfo, analyse, input_layout
 from .autodiff import backward
 from .builder import FLOAT, GraphBuilder
@@ -19,14 +19,15 @@ from .locate import (
     Layout,
     MapLayout,
     TokenLayout,
+    backward_nodes,
     choose_default_layer,
     find_score,
-    head_nodes,
     head_ops,
     map_layout,
     requires_grad,
     resolve_layer,
 )
+from .locate import stage_layers as find_stage_layers
 from .model_io import blame_invalid_model, load_model, naming_the_model
 
 SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
@@ -37,6 +38,32 @@ SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
     "targets",
     "extra_tokens",
 )
+TARGET_WEIGHTS, INPUT_GRADIENT = "target_weights", "input_gradient"
+#: The ``target`` value that makes a sample's seed its row of ``target_weights``.
+WEIGHTED_TARGET = -2
+RELU_BACKWARDS = ("standard", "guided")
+
+
+@dataclass(frozen=True)
+class LayerOutputs:
+    """One of the layers of a several-layer model and its two outputs (channels first)."""
+
+    layer: str  # the tensor in the original graph
+    layout: MapLayout
+    activations: str  # output names
+    gradients: str
+
+
+@dataclass(frozen=True)
+class BiasOutput:
+    """A Conv or Gemm with a bias, and the output holding ``bias * d score / d output``
+    (FullGrad's bias-gradient term, (N, C, H, W) or (N, K))."""
+
+    node: str  # node name (its output tensor where unnamed)
+    op_type: str
+    tensor: str  # the node's output
+    bias: str  # the bias input
+    output: str  # output name in the rewritten model
 
 
 @dataclass
@@ -61,6 +88,15 @@ class CamGraph:
     # tensor that the runtime broadcasts, and put back by :meth:`full_model`.
     gradient_spread: onnx.NodeProto | None = None
     layer_rule: str = RULE_NAMED  # why this layer (locate.RULE_*)
+    # Several-layer models (``layers=[...]``): every layer's outputs, in the order given.
+    layers: list[LayerOutputs] = field(default_factory=list)
+    # ``input_gradient=True``: the output holding d score / d input, in the input's layout.
+    input_gradient: str | None = None
+    bias_outputs: list[BiasOutput] = field(default_factory=list)
+    relu_backward: str = "standard"  # or "guided" (Guided Backprop's ReLU)
+    # ``weighted_seed=True``: the (N, K) float input whose rows seed samples whose target
+    # is WEIGHTED_TARGET; else None.
+    target_weights: str | None = None
 
     @property
     def input_name(self) -> str:
@@ -94,6 +130,12 @@ def build_cam_model(
     input_size: tuple[int, int] | None = None,
     allow_domains: Iterable[str] = (),
     grid: tuple[int, int] | None = None,
+    *,
+    layers: Sequence[str] | str | None = None,
+    input_gradient: bool = False,
+    weighted_seed: bool = False,
+    relu_backward: str = "standard",
+    bias_gradients: bool = False,
 ) -> CamGraph:
     """Rewrite ``model`` so that one run yields the score, the layer's activations and the
     gradient of the chosen class score with respect to them.
@@ -104,10 +146,75 @@ def build_cam_model(
     folded into its H x W grid, proven from the graph or stated with ``grid=(H, W)``.
     ``allow_domains`` names custom-op domains to accept (see
     :func:`~sp2ps_onnx.graph.model_io.load_model`).
+
+    Beyond the head, in the same run (the backward pass then goes down to the earliest
+    source asked for, and every op on the way needs a rule):
+
+    - ``layers``: tensor or node names, or ``"stages"`` (:func:`stage_layers`): the
+      activations and gradients of each (:attr:`CamGraph.layers`). Without ``layer``, the
+      main layer is the one of them computed last.
+    - ``input_gradient``: d score / d input, in the input's own layout.
+    - ``weighted_seed``: an extra input ``target_weights`` (N, K); a sample whose target is
+      :data:`WEIGHTED_TARGET` seeds the backward pass with its row (the gradient of
+      ``sum_k w[k] * score[k]``), every other sample with the one-hot of its class, as usual.
+    - ``relu_backward="guided"``: every Relu passes the gradient only where both its input
+      and the incoming gradient are positive (Guided Backprop).
+    - ``bias_gradients``: for every Conv and Gemm with a bias on the way, ``bias * d score /
+      d output`` (FullGrad's terms; :attr:`CamGraph.bias_outputs`).
     """
+    if relu_backward not in RELU_BACKWARDS:
+        raise ValueError(f"relu_backward must be one of {RELU_BACKWARDS}, not {relu_backward!r}")
     proto, path = load_model(model, allow_domains)
     with blame_invalid_model(proto, path), naming_the_model(path):
-        return _build_cam_model(proto, path, layer, score, input_size, grid)
+        return _build_cam_model(
+            proto, path, layer, score, input_size, grid,
+            _Extras(layers, input_gradient, weighted_seed, relu_backward, bias_gradients),
+        )  # fmt: skip
+
+
+def stage_layers(
+    model: str | os.PathLike | onnx.ModelProto,
+    score: str = "logits",
+    input_size: tuple[int, int] | None = None,
+    allow_domains: Iterable[str] = (),
+) -> list[str]:
+    """The last feature map of each spatial resolution of ``model``, finest first (the
+    layers of ``layers="stages"``; see :func:`~sp2ps_onnx.graph.locate.stage_layers`)."""
+    proto, path = load_model(model, allow_domains)
+    with blame_invalid_model(proto, path), naming_the_model(path):
+        info = analyse(proto, input_size, path)
+        return find_stage_layers(info, find_score(info, score)[0])
+
+
+@dataclass(frozen=True)
+class _Extras:
+    layers: Sequence[str] | str | None = None
+    input_gradient: bool = False
+    weighted_seed: bool = False
+    relu_backward: str = "standard"
+    bias_gradients: bool = False
+
+    @property
+    def beyond_head(self) -> bool:
+        return bool(self.layers) or self.input_gradient or self.bias_gradients
+
+
+def _resolve_layers(info: GraphInfo, layers: Sequence[str] | str | None, score_tensor: str) -> list[str]:
+    if not layers:
+        return []
+    if isinstance(layers, str):
+        if layers != "stages":
+            raise LayerNotFoundError(
+                f"layers={layers!r}: give a list of tensor or node names, or 'stages' (the last "
+                "map of each resolution)"
+            )
+        return find_stage_layers(info, score_tensor)
+    resolved: list[str] = []
+    for name in layers:
+        tensor = resolve_layer(info, name)
+        if tensor not in resolved:
+            resolved.append(tensor)
+    return resolved
 
 
 def _build_cam_model(
@@ -117,31 +224,43 @@ def _build_cam_model(
     score: str,
     input_size: tuple[int, int] | None,
     grid: tuple[int, int] | None = None,
+    extras: _Extras = _Extras(),
 ) -> CamGraph:
     info = analyse(proto, input_size, path)
     score_tensor, cut = find_score(info, score)
+    extra_layers = _resolve_layers(info, extras.layers, score_tensor)
     if layer:
         target, rule = resolve_layer(info, layer), RULE_NAMED
+    elif extra_layers:
+        target, rule = max(extra_layers, key=lambda t: info.producer.get(t, -1)), RULE_NAMED
     else:
         target, rule = choose_default_layer(info, score_tensor)
     layout = layer_layout(info, target, grid, path)
+    layouts = {t: layout if t == target else layer_layout(info, t, None, path) for t in extra_layers}
 
-    path_nodes = head_nodes(info, target, score_tensor, path or "")
-    requires = requires_grad(info, target, path_nodes)
+    sources = [target, *(t for t in extra_layers if t != target)]
+    if extras.input_gradient or extras.bias_gradients:
+        _check_differentiable_input(info, path)
+        sources.append(info.input_name)
+    path_nodes = backward_nodes(info, sources, score_tensor, path or "")
+    requires = requires_grad(info, sources, path_nodes)
     original_nodes = len(info.graph.node)
 
     b = GraphBuilder(info)
+    b.guided_relu = extras.relu_backward == "guided"
     num_classes = int(np.prod(info.shapes[score_tensor][1:]))
     batch_dim: int | str = info.fixed_batch if info.fixed_batch else "N"
     target_in = _fresh_io_name(info, TARGET)
-    score_flat, chosen, seed = _one_hot_seed(b, score_tensor, target_in, num_classes)
+    weights_in = _fresh_io_name(info, TARGET_WEIGHTS) if extras.weighted_seed else None
+    score_flat, chosen, seed = _one_hot_seed(b, score_tensor, target_in, num_classes, weights_in)
     grads = backward(b, path_nodes, requires, {score_tensor: seed})
-    if target not in grads:
-        raise ModelLoadError(f"internal error: no gradient reached layer {target!r}")
+    for source in sources:
+        if source not in grads:
+            raise ModelLoadError(f"internal error: no gradient reached {source!r}")
 
     activations, gradient = b.as_float(target), grads[target]
     spread = None
-    if isinstance(layout, Layout) and layout.to_channels_first is None:
+    if isinstance(layout, Layout) and layout.to_channels_first is None and not extras.beyond_head:
         gradient, spread = _unspread(b, gradient, target)
     else:
         activations = _channels_first(b, activations, layout, info.shapes[target])
@@ -153,7 +272,7 @@ def _build_cam_model(
         GRADIENTS: _fresh_io_name(info, GRADIENTS),
         TARGETS_USED: _fresh_io_name(info, TARGETS_USED),
     }
-    sources = [
+    sources_out = [
         (SCORE, score_flat),
         (ACTIVATIONS, activations),
         (GRADIENTS, gradient),
@@ -165,9 +284,46 @@ def _build_cam_model(
         # ablation of a channel sets it in these tokens too, as pytorch-grad-cam's
         # AblationLayerVit does.
         names[EXTRA_TOKENS] = _fresh_io_name(info, EXTRA_TOKENS)
-        sources.append((EXTRA_TOKENS, extra))
-    for key, source in sources:
+        sources_out.append((EXTRA_TOKENS, extra))
+    for key, source in sources_out:
         b.nodes.append(helper.make_node("Identity", [source], [names[key]], name=b.fresh("out")))
+
+    more_outputs: list[tuple[str, int]] = []  # (name, rank) of the outputs added below
+
+    def emit(key: str, source: str, rank: int) -> str:
+        name = _fresh_io_name(info, key)
+        while name in names.values() or any(name == n for n, _ in more_outputs):
+            name = _fresh_io_name(info, f"{key}_")
+        b.nodes.append(helper.make_node("Identity", [source], [name], name=b.fresh("out")))
+        more_outputs.append((name, rank))
+        return name
+
+    layer_outputs = []
+    for k, tensor in enumerate(extra_layers):
+        shape = info.shapes[tensor]
+        acts = _channels_first(b, b.as_float(tensor), layouts[tensor], shape)
+        grad = _channels_first(b, grads[tensor], layouts[tensor], shape)
+        layer_outputs.append(
+            LayerOutputs(
+                tensor, layouts[tensor], emit(f"{ACTIVATIONS}_{k}", acts, 4),
+                emit(f"{GRADIENTS}_{k}", grad, 4),
+            )
+        )  # fmt: skip
+    input_gradient = None
+    if extras.input_gradient:
+        input_gradient = emit(INPUT_GRADIENT, grads[info.input_name], len(info.input_shape))
+    bias_outputs = []
+    if extras.bias_gradients:
+        for idx in path_nodes:
+            node = info.node(idx)
+            term = _bias_term(b, info, node, grads)
+            if term is not None:
+                bias_outputs.append(
+                    BiasOutput(
+                        node.name or node.output[0], node.op_type, node.output[0], node.input[2],
+                        emit(f"bias_gradient_{len(bias_outputs)}", term, len(info.shapes[node.output[0]])),
+                    )
+                )  # fmt: skip
 
     model_out = onnx.ModelProto()
     model_out.CopyFrom(info.model)
@@ -175,6 +331,10 @@ def _build_cam_model(
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
     graph.input.append(helper.make_tensor_value_info(target_in, TensorProto.INT64, [batch_dim]))
+    if weights_in is not None:
+        graph.input.append(
+            helper.make_tensor_value_info(weights_in, FLOAT, [batch_dim, num_classes])
+        )
     graph.output.extend(
         [
             helper.make_tensor_value_info(names[SCORE], FLOAT, [batch_dim, num_classes]),
@@ -186,6 +346,10 @@ def _build_cam_model(
     if EXTRA_TOKENS in names:
         graph.output.append(
             helper.make_tensor_value_info(names[EXTRA_TOKENS], FLOAT, [batch_dim, None, None])
+        )
+    for name, rank in more_outputs:
+        graph.output.append(
+            helper.make_tensor_value_info(name, FLOAT, [batch_dim] + [None] * (rank - 1))
         )
     serialized = _check(model_out, info.model, path)
     return CamGraph(
@@ -204,15 +368,51 @@ def _build_cam_model(
         backward_nodes=len(graph.node) - original_nodes + (spread is not None),
         gradient_spread=spread,
         layer_rule=rule,
+        layers=layer_outputs,
+        input_gradient=input_gradient,
+        bias_outputs=bias_outputs,
+        relu_backward=extras.relu_backward,
+        target_weights=weights_in,
     )
 
 
+def _check_differentiable_input(info: GraphInfo, path: str | None) -> None:
+    dtype = info.dtypes.get(info.input_name)
+    if dtype is not None and not np.issubdtype(dtype, np.floating):
+        raise UnsupportedModelError(
+            f"the input {info.input_name!r} of {path or 'the model'} holds {np.dtype(dtype).name} "
+            "codes (a full-integer model), which have no gradient; the input gradient (Guided "
+            "Backprop, FullGrad) needs a model with a float input, e.g. the float or QDQ export"
+        )
+
+
+def _bias_term(b: GraphBuilder, info: GraphInfo, node: onnx.NodeProto, grads: dict[str, str]) -> str | None:
+    """``bias * gradient at the output`` of a Conv or Gemm whose bias does not depend on the
+    input, the bias laid along the output's channel axis (1 for both); else None."""
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+        return None
+    out = node.output[0]
+    if node.input[2] in info.input_dependent or out not in grads:
+        return None
+    rank = len(info.shapes[out])
+    bias = b.as_float(node.input[2])
+    if node.op_type == "Conv":
+        bias = b.op("Reshape", [bias, b.ints([-1] + [1] * (rank - 2))])
+    return b.mul(grads[out], bias)
+
+
 def _one_hot_seed(
-    b: GraphBuilder, score_tensor: str, target_in: str, num_classes: int
+    b: GraphBuilder,
+    score_tensor: str,
+    target_in: str,
+    num_classes: int,
+    weights_in: str | None = None,
 ) -> tuple[str, str, str]:
     """The scores flattened to (N, K), the class each sample explains (``target_in``, or
     the top-1 where it is negative) and the one-hot seed of the backward pass, shaped as
-    the score tensor."""
+    the score tensor. With ``weights_in``, samples whose target is
+    :data:`WEIGHTED_TARGET` take their row of it as the seed instead (the others keep
+    their one-hot exactly: Where selects, it does not add)."""
     score_shape = b.info.shapes[score_tensor]
     score_flat = b.as_float(score_tensor)
     if len(score_shape) != 2:
@@ -224,6 +424,9 @@ def _one_hot_seed(
         [chosen, b.const([num_classes], np.int64), b.const([0.0, 1.0], np.float32)],
         axis=-1,
     )
+    if weights_in is not None:
+        weighted = b.unsqueeze(b.op("Equal", [target_in, b.const(WEIGHTED_TARGET, np.int64)]), [1])
+        one_hot = b.op("Where", [weighted, weights_in, one_hot])
     seed = one_hot if len(score_shape) == 2 else b.reshape_like(one_hot, score_tensor)
     return score_flat, chosen, seed
 
@@ -277,6 +480,8 @@ def _extra_tokens(b: GraphBuilder, tensor: str, layout: MapLayout) -> str | None
 def _channels_first(b: GraphBuilder, tensor: str, layout: MapLayout, shape) -> str:
     """Emit the ops that turn ``tensor`` (stored as ``layout``) into (N, C, H, W)."""
     if isinstance(layout, Layout):
+        if layout.to_channels_first is None:
+            return tensor
         return b.op("Transpose", [tensor], perm=layout.to_channels_first)
     if layout.patches != layout.tokens:
         end = layout.offset + layout.patches

@@ -117,7 +117,16 @@ def _mask(b: GraphBuilder, condition: str) -> str:
 @vjp("Relu")
 def _relu(b, node, dys, needs):
     positive = b.op("Greater", [b.as_float(node.input[0]), b.scalar(0.0)])
+    if b.guided_relu:
+        return _guided_relu(b, positive, dys[0])
     return [b.mul(dys[0], _mask(b, positive))]
+
+
+def _guided_relu(b: GraphBuilder, positive: str, dy: str) -> list[Grad]:
+    """Guided Backprop's ReLU (Springenberg et al. 2015): the gradient passes only where the
+    forward input and the incoming gradient are both positive."""
+    passing = b.op("And", [positive, b.op("Greater", [dy, b.scalar(0.0)])])
+    return [b.mul(dy, _mask(b, passing))]
 
 
 @vjp("LeakyRelu")

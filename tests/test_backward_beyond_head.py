@@ -1,0 +1,257 @@
+"""The backward pass beyond the head, against torch autograd in float64.
+
+``CamModel(..., layers=[...], input_gradient=True, weighted_seed=True, relu_backward="guided",
+bias_gradients=True)`` on torchvision resnet18 (random weights and BN statistics, 64x64,
+legacy exporter, as in test_torch_autograd.py): the activations and gradients at several
+layers and at the input, the gradient of a weighted sum of the class scores, Guided Backprop's
+ReLU (a torch model whose every nn.ReLU is replaced by the guided one) and FullGrad's
+``bias * gradient`` terms (the BatchNorm bias folded into each Conv by the exporter). Inputs
+keep every ReLU input off its kink (see test_torch_autograd.py); tolerances are the same.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from sp2ps_onnx import CamModel
+from sp2ps_onnx.errors import InputDataError, LayerNotFoundError
+from sp2ps_onnx.graph.rewrite import stage_layers
+from tests.exports import as_numpy, export_torchvision
+from tests.test_torch_autograd import (
+    EXPLICIT_TARGETS,
+    _assert_relative,
+    find_onnx_tensor,
+    float64_copy,
+    well_conditioned_input,
+)
+
+NAME = "resnet18"
+LAYERS = {  # torch module whose output is the layer
+    "stem-relu": lambda m: m.relu,
+    "layer2": lambda m: m.layer2,
+    "layer4": lambda m: m.layer4,
+}
+
+
+def _setup():
+    path, model, _ = export_torchvision(NAME, False)
+    model64 = float64_copy(NAME, model)
+    # The first Conv: every ReLU of the network runs after it, as the input gradient needs.
+    x = well_conditioned_input(NAME, model, "conv1", lambda m: m.conv1, default=False)
+    return str(path), model64, x
+
+
+def _torch_gradients(model64: nn.Module, x: torch.Tensor, seed_of, modules: dict[str, nn.Module]):
+    """(outputs of ``modules``, their gradients, the input gradient, logits) of the scalar
+    ``seed_of(logits)``, float64."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, key=key: captured.__setitem__(key, out))
+        for key, module in modules.items()
+    ]
+    x64 = x.double().requires_grad_(True)
+    try:
+        logits = model64(x64)
+    finally:
+        for handle in handles:
+            handle.remove()
+    wrt = [captured[key] for key in modules] + [x64]
+    grads = torch.autograd.grad(seed_of(logits), wrt)
+    as_np = lambda t: t.detach().numpy().astype(np.float64)  # noqa: E731
+    values = {key: as_np(captured[key]) for key in modules}
+    return values, {key: as_np(g) for key, g in zip(modules, grads, strict=False)}, as_np(grads[-1]), as_np(logits)
+
+
+def _picked(targets):
+    return lambda logits: logits[torch.arange(len(targets)), torch.as_tensor(targets)].sum()
+
+
+def test_several_layers_and_input_gradient_in_one_run() -> None:
+    path, model64, x = _setup()
+    modules = {key: of(model64) for key, of in LAYERS.items()}
+    values, grads, input_grad, logits = _torch_gradients(model64, x, _picked(EXPLICIT_TARGETS), modules)
+    x_np = as_numpy(x)
+    tensors = {key: find_onnx_tensor(path, x_np, values[key]) for key in LAYERS}
+    order = [tensors["layer2"], tensors["stem-relu"], tensors["layer4"]]  # any order is kept
+
+    cam = CamModel(path, layers=order, input_gradient=True)
+    assert cam.layers == order
+    assert cam.layer == tensors["layer4"], "without layer=, the main layer is the last computed"
+    result = cam.run(x_np, targets=EXPLICIT_TARGETS)
+    assert list(result.layers) == order
+    for key, tensor in tensors.items():
+        _assert_relative(result.layers[tensor].activations, values[key], f"{key} activations")
+        _assert_relative(result.layers[tensor].gradients, grads[key], f"{key} gradient")
+    assert result.input_gradient.shape == x_np.shape
+    _assert_relative(result.input_gradient, input_grad, "input gradient")
+    _assert_relative(result.score, logits, "scores")
+    np.testing.assert_array_equal(result.targets, EXPLICIT_TARGETS)
+    _assert_relative(result.gradients, grads["layer4"], "main layer gradient")
+    assert cam.run_layers(x_np, EXPLICIT_TARGETS).keys() == result.layers.keys()
+
+    # The main layer's numbers are those of the one-layer model.
+    single = CamModel(path).run(x_np, targets=EXPLICIT_TARGETS)
+    np.testing.assert_allclose(result.gradients, single.gradients, rtol=1e-5, atol=1e-7)
+    with pytest.raises(InputDataError, match="layers="):
+        CamModel(path).run_layers(x_np)
+
+
+def test_weighted_seed_differentiates_the_weighted_score() -> None:
+    path, model64, x = _setup()
+    x_np = as_numpy(x)
+    weights = np.random.default_rng(3).standard_normal((len(x_np), 10)).astype(np.float32)
+    seed = lambda logits: (logits * torch.as_tensor(weights, dtype=torch.float64)).sum()  # noqa: E731
+    values, grads, input_grad, _ = _torch_gradients(model64, x, seed, {"layer3": model64.layer3})
+    tensor = find_onnx_tensor(path, x_np, values["layer3"])
+
+    cam = CamModel(path, layers=[tensor], input_gradient=True, weighted_seed=True)
+    result = cam.run(x_np, target_weights=weights)
+    _assert_relative(result.layers[tensor].gradients, grads["layer3"], "weighted layer3 gradient")
+    _assert_relative(result.input_gradient, input_grad, "weighted input gradient")
+    np.testing.assert_array_equal(result.targets, result.score.argmax(axis=1))
+
+    # One class per sample stays the one-hot path: the same numbers as a model without weights.
+    plain = CamModel(path)
+    weighted = CamModel(path, weighted_seed=True)
+    for targets in (EXPLICIT_TARGETS, None):
+        a, b = plain.run(x_np, targets), weighted.run(x_np, targets)
+        np.testing.assert_array_equal(b.gradients, a.gradients)
+        np.testing.assert_array_equal(b.score, a.score)
+        np.testing.assert_array_equal(b.targets, a.targets)
+    one_hot = np.eye(10, dtype=np.float32)[EXPLICIT_TARGETS]
+    np.testing.assert_allclose(
+        weighted.run(x_np, target_weights=one_hot).gradients,
+        plain.run(x_np, EXPLICIT_TARGETS).gradients, rtol=1e-6, atol=1e-8,
+    )  # fmt: skip
+
+    with pytest.raises(InputDataError, match="weighted_seed=True"):
+        plain.run(x_np, target_weights=one_hot)
+    with pytest.raises(InputDataError, match="not both"):
+        weighted.run(x_np, targets=EXPLICIT_TARGETS, target_weights=one_hot)
+    with pytest.raises(InputDataError, match="shape"):
+        weighted.run(x_np, target_weights=one_hot[:, :5])
+
+
+class _GuidedReluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return grad_output * (x > 0) * (grad_output > 0)
+
+
+class _GuidedRelu(nn.Module):
+    def forward(self, x):
+        return _GuidedReluFunction.apply(x)
+
+
+def _guided_copy(model64: nn.Module) -> nn.Module:
+    guided = copy.deepcopy(model64)
+    for module in list(guided.modules()):
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, child_name, _GuidedRelu())
+    return guided
+
+
+def test_guided_relu_is_chosen_per_model() -> None:
+    path, model64, x = _setup()
+    x_np = as_numpy(x)
+    guided64 = _guided_copy(model64)
+    seed = _picked(EXPLICIT_TARGETS)
+    values, grads, input_grad, _ = _torch_gradients(guided64, x, seed, {"layer2": guided64.layer2})
+    _, plain_grads, plain_input, _ = _torch_gradients(model64, x, seed, {"layer2": model64.layer2})
+    tensor = find_onnx_tensor(path, x_np, values["layer2"])
+    assert np.abs(input_grad - plain_input).max() > 0.1 * np.abs(plain_input).max()
+
+    guided = CamModel(path, layers=[tensor], input_gradient=True, relu_backward="guided")
+    plain = CamModel(path, layers=[tensor], input_gradient=True)  # built after: unaffected
+    g, p = guided.run(x_np, EXPLICIT_TARGETS), plain.run(x_np, EXPLICIT_TARGETS)
+    _assert_relative(g.input_gradient, input_grad, "guided input gradient")
+    _assert_relative(g.layers[tensor].gradients, grads["layer2"], "guided layer2 gradient")
+    _assert_relative(p.input_gradient, plain_input, "plain input gradient")
+    _assert_relative(p.layers[tensor].gradients, plain_grads["layer2"], "plain layer2 gradient")
+    with pytest.raises(ValueError, match="relu_backward"):
+        CamModel(path, relu_backward="deconvnet")
+
+
+def test_bias_gradients_are_fullgrads_terms() -> None:
+    path, model64, x = _setup()
+    x_np = as_numpy(x)
+    # torchvision's in-place ReLUs would overwrite the BN outputs (the gradient taken would
+    # then be the one after the ReLU); FullGrad's term is at the BN (= folded Conv) output.
+    model64 = copy.deepcopy(model64)
+    for module in model64.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    norms: list[nn.BatchNorm2d] = []
+    outputs: list[torch.Tensor] = []
+
+    def record(module, _inputs, output):
+        norms.append(module)
+        outputs.append(output)
+
+    handles = [m.register_forward_hook(record) for m in model64.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        logits = model64(x.double())
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = torch.autograd.grad(_picked(EXPLICIT_TARGETS)(logits), outputs + [logits])
+    expected_bias = [
+        (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+        for bn in norms
+    ] + [model64.fc.bias.detach().numpy()]
+    expected = [
+        (g * torch.as_tensor(bias).reshape(1, -1, *([1] * (g.dim() - 2)))).detach().numpy()
+        for g, bias in zip(grads, expected_bias, strict=True)
+    ]
+
+    cam = CamModel(path, bias_gradients=True)
+    graph = onnx.load(path).graph
+    kinds = [n.op_type for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert [entry.op_type for entry in cam.graph.bias_outputs] == kinds  # every one, in order
+    result = cam.run(x_np, EXPLICIT_TARGETS)
+    assert list(result.bias_gradients) == [name for name, _ in cam.bias_layers]
+    assert len(result.bias_gradients) == len(expected)
+    for k, ((name, bias), term, want_bias, want) in enumerate(
+        zip(cam.bias_layers, result.bias_gradients.values(), expected_bias, expected, strict=True)
+    ):
+        np.testing.assert_allclose(bias, want_bias, rtol=1e-5, atol=1e-6, err_msg=name)
+        _assert_relative(term, want, f"bias term {k} ({name})")
+
+
+def test_stage_layers_resnet18_are_the_stem_and_each_stage() -> None:
+    path, model64, x = _setup()
+    x_np = as_numpy(x)
+    modules = {k: getattr(model64, k) for k in ("relu", "layer1", "layer2", "layer3", "layer4")}
+    values, _, _, _ = _torch_gradients(model64, x, _picked(EXPLICIT_TARGETS), modules)
+    expected = [find_onnx_tensor(path, x_np, values[k]) for k in modules]
+    assert stage_layers(path) == expected
+    cam = CamModel(path, layers="stages")
+    assert cam.layers == expected and cam.layer == expected[-1] == CamModel(path).layer
+
+
+def test_stage_layers_bundled_cnn_are_each_pools_input_and_the_default_layer() -> None:
+    path = "models/fmnist_cnn.onnx"
+    graph = onnx.load(path).graph
+    pooled = [n.input[0] for n in graph.node if n.op_type == "MaxPool"]
+    default = CamModel(path).layer
+    assert stage_layers(path) == [*pooled, default]
+    cam = CamModel(path, layers="stages", input_gradient=True, bias_gradients=True)
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    result = cam.run(x)
+    sizes = [result.layers[t].activations.shape[2:] for t in cam.layers]
+    assert sizes == [(28, 28), (14, 14), (7, 7)]
+    with pytest.raises(LayerNotFoundError, match="stages"):
+        CamModel(path, layers="stage")
