@@ -12,6 +12,7 @@ keep every ReLU input off its kink (see test_torch_autograd.py); tolerances are 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,8 +20,9 @@ import pytest
 import torch
 from torch import nn
 
+from experiments.artifacts import quantize_ort
 from sp2ps_onnx import CamModel
-from sp2ps_onnx.errors import InputDataError, LayerNotFoundError
+from sp2ps_onnx.errors import InputDataError, LayerNotFoundError, UnsupportedModelError
 from sp2ps_onnx.graph.rewrite import stage_layers
 from tests.exports import as_numpy, export_torchvision
 from tests.test_torch_autograd import (
@@ -255,3 +257,35 @@ def test_stage_layers_bundled_cnn_are_each_pools_input_and_the_default_layer() -
     assert sizes == [(28, 28), (14, 14), (7, 7)]
     with pytest.raises(LayerNotFoundError, match="stages"):
         CamModel(path, layers="stage")
+    # The head (pooling, Gemm) has no ReLU: Guided Backprop there would be the plain gradient.
+    with pytest.raises(UnsupportedModelError, match="no ReLU"):
+        CamModel(path, relu_backward="guided")
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("form", ["qdq", "qoperator"])
+def test_quantized_model_input_gradients_follow_the_float_model(form: str, tmp_path) -> None:
+    """ONNX Runtime's quantizers drop the Relu nodes (QDQ: into the QuantizeLinear's range,
+    QOperator: into QLinearConv's output): the input gradient, plain and guided, must still
+    stop where those ReLUs did. Quantization moves the forward values slightly, so the
+    gradients match the float model's in direction (a straight-through pass over the
+    dropped ReLUs falls to a cosine of 0.46 / 0.2 here), and guided ones stay guided."""
+    source = "models/fmnist_cnn.onnx"
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    quantized = str(quantize_ort(Path(source), tmp_path / f"{form}.onnx", form, x))
+    for relu_backward in ("standard", "guided"):
+        reference = CamModel(source, input_gradient=True, relu_backward=relu_backward).run(x)
+        result = CamModel(quantized, input_gradient=True, relu_backward=relu_backward).run(
+            x, reference.targets
+        )
+        assert _cosine(result.input_gradient, reference.input_gradient) > 0.98, relu_backward
+    if form == "qdq":
+        terms = CamModel(quantized, bias_gradients=True).run(x).bias_gradients
+        assert len(terms) == 6  # five Conv and the Gemm, their biases from DequantizeLinear
+    else:
+        with pytest.raises(UnsupportedModelError, match="QLinearConv"):
+            CamModel(quantized, bias_gradients=True)

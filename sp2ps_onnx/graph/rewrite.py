@@ -257,6 +257,13 @@ def _build_cam_model(
     for source in sources:
         if source not in grads:
             raise ModelLoadError(f"internal error: no gradient reached {source!r}")
+    if b.guided_relu and not b.guided_relus:
+        raise UnsupportedModelError(
+            f"relu_backward='guided' found no ReLU (a Relu node, or one fused into a "
+            f"quantization) on the backward pass of {path or 'the model'}, so Guided Backprop "
+            "would be the plain gradient; use the standard gradient, or a layer/input_gradient "
+            "whose backward pass crosses the model's ReLUs"
+        )
 
     activations, gradient = b.as_float(target), grads[target]
     spread = None
@@ -314,6 +321,7 @@ def _build_cam_model(
         input_gradient = emit(INPUT_GRADIENT, grads[info.input_name], len(info.input_shape))
     bias_outputs = []
     if extras.bias_gradients:
+        _check_plain_biases(info, path_nodes, path)
         for idx in path_nodes:
             node = info.node(idx)
             term = _bias_term(b, info, node, grads)
@@ -383,6 +391,22 @@ def _check_differentiable_input(info: GraphInfo, path: str | None) -> None:
             f"the input {info.input_name!r} of {path or 'the model'} holds {np.dtype(dtype).name} "
             "codes (a full-integer model), which have no gradient; the input gradient (Guided "
             "Backprop, FullGrad) needs a model with a float input, e.g. the float or QDQ export"
+        )
+
+
+# Quantized linear ops that hold their bias inside (QOperator) or add it in a separate node
+# after integer arithmetic (dynamic quantization): FullGrad's terms are not read off them.
+_FOLDED_BIAS_OPS = frozenset({"QLinearConv", "QGemm", "ConvInteger", "MatMulInteger", "QLinearMatMul"})
+
+
+def _check_plain_biases(info: GraphInfo, path_nodes: list[int], path: str | None) -> None:
+    folded = sorted({info.node(i).op_type for i in path_nodes} & _FOLDED_BIAS_OPS)
+    if folded:
+        raise UnsupportedModelError(
+            f"bias_gradients (FullGrad) reads the bias of every Conv and Gemm, but "
+            f"{path or 'the model'} computes its convolutions or products as "
+            f"{', '.join(folded)} (QOperator or dynamic quantization), whose biases it cannot "
+            "pair with a gradient; use the float model or its QDQ quantization"
         )
 
 
