@@ -173,6 +173,20 @@ class CamModel:
         return out
 
     @property
+    def hessian_vanishes(self) -> bool:
+        """Whether the head (layer to score) is piecewise linear in the layer, so that its
+        Hessian-vector product (ShapleyCAM's second-order term) is 0 almost everywhere,
+        exactly as torch autograd computes it. Where it is not (:attr:`curved_head_ops`
+        names the ops), no Hessian-vector product is built: refuse such methods."""
+        return not self.graph.curved_head_ops
+
+    @property
+    def curved_head_ops(self) -> list[tuple[str, str]]:
+        """(node, op type) of the head's ops with a second derivative (Softmax, Sigmoid,
+        LayerNormalization, products of two layer-dependent tensors, ...)."""
+        return list(self.graph.curved_head_ops)
+
+    @property
     def layer_rule(self) -> str:
         """Why this layer: named by the user, or which default rule chose it."""
         return self.graph.layer_rule

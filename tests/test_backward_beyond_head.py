@@ -289,3 +289,39 @@ def test_quantized_model_input_gradients_follow_the_float_model(form: str, tmp_p
     else:
         with pytest.raises(UnsupportedModelError, match="QLinearConv"):
             CamModel(quantized, bias_gradients=True)
+
+
+def _torch_hvp(model: nn.Module, module: nn.Module, x: torch.Tensor, targets) -> np.ndarray:
+    """ShapleyCAM's second-order term as torch computes it: H · a at ``module``'s output."""
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    (acts,) = captured
+    (grads,) = torch.autograd.grad(_picked(targets)(logits), acts, create_graph=True)
+    (hvp,) = torch.autograd.grad(grads, acts, grad_outputs=acts, allow_unused=True)
+    return np.zeros(acts.shape) if hvp is None else hvp.detach().numpy()
+
+
+def test_hessian_vanishes_exactly_where_the_head_is_piecewise_linear(tmp_path) -> None:
+    path, model64, x = _setup()
+    cam = CamModel(path)
+    assert cam.hessian_vanishes and cam.curved_head_ops == []
+    assert not np.abs(_torch_hvp(model64, model64.layer4, x.double(), EXPLICIT_TARGETS)).any()
+
+    torch.manual_seed(0)
+    curved = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 8),
+        nn.Sigmoid(), nn.Linear(8, 10),
+    ).eval()
+    onnx_path = tmp_path / "curved.onnx"
+    example = torch.randn(2, 3, 16, 16)
+    torch.onnx.export(curved, (example,), str(onnx_path), input_names=["input"], opset_version=17,
+                      dynamo=False)  # fmt: skip
+    cam = CamModel(str(onnx_path))
+    assert not cam.hessian_vanishes
+    assert [op for _, op in cam.curved_head_ops] == ["Sigmoid"]
+    hvp = _torch_hvp(curved.double(), curved[1], example.double(), EXPLICIT_TARGETS)
+    assert np.abs(hvp).max() > 1e-6

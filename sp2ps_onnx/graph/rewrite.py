@@ -29,6 +29,7 @@ from .locate import (
 )
 from .locate import stage_layers as find_stage_layers
 from .model_io import blame_invalid_model, load_model, naming_the_model
+from .rules import is_piecewise_linear
 
 SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
     "score",
@@ -97,6 +98,12 @@ class CamGraph:
     # ``weighted_seed=True``: the (N, K) float input whose rows seed samples whose target
     # is WEIGHTED_TARGET; else None.
     target_weights: str | None = None
+    # Every node the backward pass runs through (``head`` and, beyond it, the backbone down
+    # to the earliest layer or the input).
+    backward_path: list[int] = field(default_factory=list)
+    # (node, op type) of the head's ops that are not piecewise linear in the layer: where
+    # this is empty the head's Hessian-vector product vanishes almost everywhere.
+    curved_head_ops: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def input_name(self) -> str:
@@ -244,6 +251,13 @@ def _build_cam_model(
         sources.append(info.input_name)
     path_nodes = backward_nodes(info, sources, score_tensor, path or "")
     requires = requires_grad(info, sources, path_nodes)
+    head = path_nodes if len(sources) == 1 else backward_nodes(info, [target], score_tensor)
+    head_requires = requires if len(sources) == 1 else requires_grad(info, target, head)
+    curved = [
+        (info.node(i).name or info.node(i).output[0], info.node(i).op_type)
+        for i in head
+        if not is_piecewise_linear(info.node(i), head_requires)
+    ]
     original_nodes = len(info.graph.node)
 
     b = GraphBuilder(info)
@@ -369,7 +383,7 @@ def _build_cam_model(
         layer_layout=layout,
         score_tensor=score_tensor,
         softmax_cut=cut,
-        head=path_nodes,
+        head=head,
         num_classes=num_classes,
         path=path,
         output_names=names | {TARGET: target_in},
@@ -381,6 +395,8 @@ def _build_cam_model(
         bias_outputs=bias_outputs,
         relu_backward=extras.relu_backward,
         target_weights=weights_in,
+        backward_path=path_nodes,
+        curved_head_ops=curved,
     )
 
 

@@ -93,6 +93,41 @@ def differentiable_inputs(node: onnx.NodeProto) -> list[int]:
     return [i for i in positions if i < len(node.input) and node.input[i]]
 
 
+# Ops that are piecewise linear in their inputs: a head made of them (and of the ops below
+# with one input carrying the gradient) has a gradient that is piecewise constant in the
+# layer, so its Hessian-vector product vanishes almost everywhere (ShapleyCAM's second-
+# order term is then exactly 0, as torch autograd finds).
+PIECEWISE_LINEAR_OPS = frozenset(
+    {
+        "Relu", "LeakyRelu", "PRelu", "Clip", "HardSigmoid", "Abs", "Neg", "Add", "Sub", "Sum",
+        "Where", "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "ReduceMean",
+        "ReduceSum", "ReduceMax", "ReduceMin", "Flatten", "Reshape", "Squeeze", "Unsqueeze",
+        "Identity", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear",
+        "DynamicQuantizeLinear", "Transpose", "Expand", "BatchNormalization", "Concat",
+        "Split", "Slice", "Gather", "GatherND", "Pad", "Resize", "QLinearConcat",
+        "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu", "QLinearAdd",
+    }
+)  # fmt: skip
+# Linear in each input: piecewise linear while only one input carries the gradient.
+_MULTILINEAR_OPS = frozenset(
+    {"Mul", "MatMul", "Gemm", "Conv", "ConvInteger", "MatMulInteger", "QLinearConv",
+     "QLinearMatMul", "QGemm", "QLinearMul"}
+)  # fmt: skip
+
+
+def is_piecewise_linear(node: onnx.NodeProto, carrying: set[str]) -> bool:
+    """Whether ``node``'s output is piecewise linear in its inputs in ``carrying`` (the
+    tensors that depend on the layer), the others held fixed."""
+    flowing = [node.input[i] for i in differentiable_inputs(node) if node.input[i] in carrying]
+    if node.op_type in PIECEWISE_LINEAR_OPS:
+        return True
+    if node.op_type in _MULTILINEAR_OPS:
+        return len(set(flowing)) <= 1 and len(flowing) <= 1
+    if node.op_type == "Div":  # x / c is linear, c / x and x / y are not
+        return node.input[1] not in carrying
+    return False
+
+
 def _unsupported(node: onnx.NodeProto, detail: str) -> UnsupportedOpError:
     return UnsupportedOpError(node.op_type, node.name or node.output[0], detail)
 
