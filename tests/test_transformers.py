@@ -28,8 +28,8 @@ from pytorch_grad_cam.utils.reshape_transforms import (
     swinT_reshape_transform,
     vit_reshape_transform,
 )
-from tests.gradcam_reference import REFERENCE_CLASSES
 
+from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.cam import eigen_cam, gradient_weighted_cam, postprocess
 from sp2ps_onnx.errors import LayerNotFoundError
