@@ -27,6 +27,7 @@ from .graph.rewrite import (
     TARGET,
     TARGETS_USED,
     WEIGHTED_TARGET,
+    BackwardOptions,
     CamGraph,
     build_cam_model,
     build_head_model,
@@ -84,21 +85,13 @@ class CamModel:
         grid: (H, W) of the patch grid of a token-sequence layer (N, T, C) whose grid the
             graph does not prove; the T - H*W leading tokens (class tokens) are dropped.
             A proven grid needs no statement; a contradicting one is refused.
-        layers: several layers (tensor or node names), or ``"stages"`` (the last map of
-            each spatial resolution, :func:`~sp2ps_onnx.graph.rewrite.stage_layers`):
-            their activations and gradients come in the same run, in
-            :attr:`CamResult.layers` (:meth:`run_layers`). The backward pass then runs down
-            to the earliest of them. Without ``layer`` the main layer is the one of them
-            computed last.
-        input_gradient: also compute d score / d input (:attr:`CamResult.input_gradient`).
-        weighted_seed: accept ``target_weights`` in :meth:`run`: a weight vector over the
-            classes instead of one class per sample (contrastive and FinerCAM targets).
-        relu_backward: ``"standard"`` or ``"guided"``: Guided Backprop's ReLU, which passes
-            the gradient only where the ReLU's input and the incoming gradient are both
-            positive, for every gradient this model computes.
-        bias_gradients: also compute ``bias * d score / d output`` for every Conv and Gemm
-            with a bias (FullGrad; :attr:`CamResult.bias_gradients`, and
-            :attr:`bias_layers`); implies the backward pass down to the input.
+        backward: more of the backward pass in the same run
+            (:class:`~sp2ps_onnx.graph.rewrite.BackwardOptions`): several layers
+            (``layers=[...]`` or ``"stages"``; :attr:`CamResult.layers`,
+            :meth:`run_layers`), the input gradient, a weight vector over the classes as the
+            seed (``target_weights`` in :meth:`run`), Guided Backprop's ReLU
+            (``relu_backward="guided"``) and FullGrad's bias terms
+            (:attr:`CamResult.bias_gradients`, :attr:`bias_layers`).
     """
 
     def __init__(
@@ -113,12 +106,7 @@ class CamModel:
         threads: int | None = None,
         spinning: bool = True,
         grid: tuple[int, int] | None = None,
-        *,
-        layers: Sequence[str] | str | None = None,
-        input_gradient: bool = False,
-        weighted_seed: bool = False,
-        relu_backward: str = "standard",
-        bias_gradients: bool = False,
+        backward: BackwardOptions | None = None,
     ) -> None:
         self.threads = threads
         self.spinning = spinning
@@ -129,11 +117,7 @@ class CamModel:
             input_size=input_size,
             allow_domains=allow_domains,
             grid=grid,
-            layers=layers,
-            input_gradient=input_gradient,
-            weighted_seed=weighted_seed,
-            relu_backward=relu_backward,
-            bias_gradients=bias_gradients,
+            backward=backward,
         )
         self.providers = list(providers) if providers else select_providers("auto", quiet=True)
         self.batch_size = max(1, int(batch_size))
@@ -297,8 +281,8 @@ class CamModel:
         name in the order given; :meth:`run` gives them too, with the rest."""
         if not self.graph.layers:
             raise InputDataError(
-                "this CamModel was built for one layer; build it with layers=[...] (or "
-                "layers='stages') to get several"
+                "this CamModel was built for one layer; build it with "
+                "backward=BackwardOptions(layers=[...]) (or layers='stages') to get several"
             )
         return self.run(x, targets, target_weights).layers
 
@@ -307,8 +291,8 @@ class CamModel:
             return None
         if self.graph.target_weights is None:
             raise InputDataError(
-                "target_weights needs a model built with weighted_seed=True "
-                "(CamModel(..., weighted_seed=True))"
+                "target_weights needs a model built with "
+                "CamModel(..., backward=BackwardOptions(weighted_seed=True))"
             )
         if targets is not None:
             raise InputDataError(

@@ -1,7 +1,7 @@
 """The backward pass beyond the head, against torch autograd in float64.
 
-``CamModel(..., layers=[...], input_gradient=True, weighted_seed=True, relu_backward="guided",
-bias_gradients=True)`` on torchvision resnet18 (random weights and BN statistics, 64x64,
+``CamModel(..., backward=BackwardOptions(layers=[...], input_gradient=True, weighted_seed=True,
+relu_backward="guided", bias_gradients=True))`` on torchvision resnet18 (random weights and BN statistics, 64x64,
 legacy exporter, as in test_torch_autograd.py): the activations and gradients at several
 layers and at the input, the gradient of a weighted sum of the class scores, Guided Backprop's
 ReLU (a torch model whose every nn.ReLU is replaced by the guided one) and FullGrad's
@@ -23,7 +23,7 @@ from torch import nn
 from experiments.artifacts import quantize_ort
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.errors import InputDataError, LayerNotFoundError, UnsupportedModelError
-from sp2ps_onnx.graph.rewrite import stage_layers
+from sp2ps_onnx.graph.rewrite import BackwardOptions, stage_layers
 from tests.exports import as_numpy, export_torchvision
 from tests.test_torch_autograd import (
     EXPLICIT_TARGETS,
@@ -82,7 +82,7 @@ def test_several_layers_and_input_gradient_in_one_run() -> None:
     tensors = {key: find_onnx_tensor(path, x_np, values[key]) for key in LAYERS}
     order = [tensors["layer2"], tensors["stem-relu"], tensors["layer4"]]  # any order is kept
 
-    cam = CamModel(path, layers=order, input_gradient=True)
+    cam = CamModel(path, backward=BackwardOptions(layers=order, input_gradient=True))
     assert cam.layers == order
     assert cam.layer == tensors["layer4"], "without layer=, the main layer is the last computed"
     result = cam.run(x_np, targets=EXPLICIT_TARGETS)
@@ -112,7 +112,8 @@ def test_weighted_seed_differentiates_the_weighted_score() -> None:
     values, grads, input_grad, _ = _torch_gradients(model64, x, seed, {"layer3": model64.layer3})
     tensor = find_onnx_tensor(path, x_np, values["layer3"])
 
-    cam = CamModel(path, layers=[tensor], input_gradient=True, weighted_seed=True)
+    options = BackwardOptions(layers=[tensor], input_gradient=True, weighted_seed=True)
+    cam = CamModel(path, backward=options)
     result = cam.run(x_np, target_weights=weights)
     _assert_relative(result.layers[tensor].gradients, grads["layer3"], "weighted layer3 gradient")
     _assert_relative(result.input_gradient, input_grad, "weighted input gradient")
@@ -120,7 +121,7 @@ def test_weighted_seed_differentiates_the_weighted_score() -> None:
 
     # One class per sample stays the one-hot path: the same numbers as a model without weights.
     plain = CamModel(path)
-    weighted = CamModel(path, weighted_seed=True)
+    weighted = CamModel(path, backward=BackwardOptions(weighted_seed=True))
     for targets in (EXPLICIT_TARGETS, None):
         a, b = plain.run(x_np, targets), weighted.run(x_np, targets)
         np.testing.assert_array_equal(b.gradients, a.gradients)
@@ -176,15 +177,17 @@ def test_guided_relu_is_chosen_per_model() -> None:
     tensor = find_onnx_tensor(path, x_np, values["layer2"])
     assert np.abs(input_grad - plain_input).max() > 0.1 * np.abs(plain_input).max()
 
-    guided = CamModel(path, layers=[tensor], input_gradient=True, relu_backward="guided")
-    plain = CamModel(path, layers=[tensor], input_gradient=True)  # built after: unaffected
+    options = BackwardOptions(layers=[tensor], input_gradient=True, relu_backward="guided")
+    guided = CamModel(path, backward=options)
+    # Built after the guided one, from the same file: unaffected.
+    plain = CamModel(path, backward=BackwardOptions(layers=[tensor], input_gradient=True))
     g, p = guided.run(x_np, EXPLICIT_TARGETS), plain.run(x_np, EXPLICIT_TARGETS)
     _assert_relative(g.input_gradient, input_grad, "guided input gradient")
     _assert_relative(g.layers[tensor].gradients, grads["layer2"], "guided layer2 gradient")
     _assert_relative(p.input_gradient, plain_input, "plain input gradient")
     _assert_relative(p.layers[tensor].gradients, plain_grads["layer2"], "plain layer2 gradient")
     with pytest.raises(ValueError, match="relu_backward"):
-        CamModel(path, relu_backward="deconvnet")
+        CamModel(path, backward=BackwardOptions(relu_backward="deconvnet"))
 
 
 def test_bias_gradients_are_fullgrads_terms() -> None:
@@ -219,7 +222,7 @@ def test_bias_gradients_are_fullgrads_terms() -> None:
         for g, bias in zip(grads, expected_bias, strict=True)
     ]
 
-    cam = CamModel(path, bias_gradients=True)
+    cam = CamModel(path, backward=BackwardOptions(bias_gradients=True))
     graph = onnx.load(path).graph
     kinds = [n.op_type for n in graph.node if n.op_type in ("Conv", "Gemm")]
     assert [entry.op_type for entry in cam.graph.bias_outputs] == kinds  # every one, in order
@@ -240,7 +243,7 @@ def test_stage_layers_resnet18_are_the_stem_and_each_stage() -> None:
     values, _, _, _ = _torch_gradients(model64, x, _picked(EXPLICIT_TARGETS), modules)
     expected = [find_onnx_tensor(path, x_np, values[k]) for k in modules]
     assert stage_layers(path) == expected
-    cam = CamModel(path, layers="stages")
+    cam = CamModel(path, backward=BackwardOptions(layers="stages"))
     assert cam.layers == expected and cam.layer == expected[-1] == CamModel(path).layer
 
 
@@ -250,16 +253,17 @@ def test_stage_layers_bundled_cnn_are_each_pools_input_and_the_default_layer() -
     pooled = [n.input[0] for n in graph.node if n.op_type == "MaxPool"]
     default = CamModel(path).layer
     assert stage_layers(path) == [*pooled, default]
-    cam = CamModel(path, layers="stages", input_gradient=True, bias_gradients=True)
+    options = BackwardOptions(layers="stages", input_gradient=True, bias_gradients=True)
+    cam = CamModel(path, backward=options)
     x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
     result = cam.run(x)
     sizes = [result.layers[t].activations.shape[2:] for t in cam.layers]
     assert sizes == [(28, 28), (14, 14), (7, 7)]
     with pytest.raises(LayerNotFoundError, match="stages"):
-        CamModel(path, layers="stage")
+        CamModel(path, backward=BackwardOptions(layers="stage"))
     # The head (pooling, Gemm) has no ReLU: Guided Backprop there would be the plain gradient.
     with pytest.raises(UnsupportedModelError, match="no ReLU"):
-        CamModel(path, relu_backward="guided")
+        CamModel(path, backward=BackwardOptions(relu_backward="guided"))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -278,17 +282,16 @@ def test_quantized_model_input_gradients_follow_the_float_model(form: str, tmp_p
     x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
     quantized = str(quantize_ort(Path(source), tmp_path / f"{form}.onnx", form, x))
     for relu_backward in ("standard", "guided"):
-        reference = CamModel(source, input_gradient=True, relu_backward=relu_backward).run(x)
-        result = CamModel(quantized, input_gradient=True, relu_backward=relu_backward).run(
-            x, reference.targets
-        )
+        options = BackwardOptions(input_gradient=True, relu_backward=relu_backward)
+        reference = CamModel(source, backward=options).run(x)
+        result = CamModel(quantized, backward=options).run(x, reference.targets)
         assert _cosine(result.input_gradient, reference.input_gradient) > 0.98, relu_backward
     if form == "qdq":
-        terms = CamModel(quantized, bias_gradients=True).run(x).bias_gradients
+        terms = CamModel(quantized, backward=BackwardOptions(bias_gradients=True)).run(x).bias_gradients
         assert len(terms) == 6  # five Conv and the Gemm, their biases from DequantizeLinear
     else:
         with pytest.raises(UnsupportedModelError, match="QLinearConv"):
-            CamModel(quantized, bias_gradients=True)
+            CamModel(quantized, backward=BackwardOptions(bias_gradients=True))
 
 
 def _torch_hvp(model: nn.Module, module: nn.Module, x: torch.Tensor, targets) -> np.ndarray:

@@ -130,6 +130,44 @@ class CamGraph:
         return head_ops(self.info, self.layer, self.score_tensor)
 
 
+@dataclass(frozen=True)
+class BackwardOptions:
+    """What the backward pass computes beyond the head, in the same run (it then goes down
+    to the earliest source asked for, and every op on the way needs a rule).
+
+    Attributes:
+        layers: tensor or node names, or ``"stages"`` (:func:`stage_layers`): the
+            activations and gradients of each (:attr:`CamGraph.layers`). Without ``layer``,
+            the main layer is the one of them computed last.
+        input_gradient: d score / d input, in the input's own layout.
+        weighted_seed: an extra input ``target_weights`` (N, K); a sample whose target is
+            :data:`WEIGHTED_TARGET` seeds the backward pass with its row (the gradient of
+            ``sum_k w[k] * score[k]``), every other sample with the one-hot of its class.
+        relu_backward: ``"guided"``: every ReLU (plain, or fused into a quantization) passes
+            the gradient only where both its input and the incoming gradient are positive
+            (Guided Backprop), in this model only.
+        bias_gradients: for every Conv and Gemm with a bias on the way, ``bias * d score /
+            d output`` (FullGrad's terms; :attr:`CamGraph.bias_outputs`); implies the
+            backward pass down to the input.
+    """
+
+    layers: Sequence[str] | str | None = None
+    input_gradient: bool = False
+    weighted_seed: bool = False
+    relu_backward: str = "standard"
+    bias_gradients: bool = False
+
+    def __post_init__(self) -> None:
+        if self.relu_backward not in RELU_BACKWARDS:
+            raise ValueError(
+                f"relu_backward must be one of {RELU_BACKWARDS}, not {self.relu_backward!r}"
+            )
+
+    @property
+    def beyond_head(self) -> bool:
+        return bool(self.layers) or self.input_gradient or self.bias_gradients
+
+
 def build_cam_model(
     model: str | os.PathLike | onnx.ModelProto,
     layer: str | None = None,
@@ -137,12 +175,7 @@ def build_cam_model(
     input_size: tuple[int, int] | None = None,
     allow_domains: Iterable[str] = (),
     grid: tuple[int, int] | None = None,
-    *,
-    layers: Sequence[str] | str | None = None,
-    input_gradient: bool = False,
-    weighted_seed: bool = False,
-    relu_backward: str = "standard",
-    bias_gradients: bool = False,
+    backward: BackwardOptions | None = None,
 ) -> CamGraph:
     """Rewrite ``model`` so that one run yields the score, the layer's activations and the
     gradient of the chosen class score with respect to them.
@@ -152,31 +185,15 @@ def build_cam_model(
     transposed, and a token sequence (N, T, C) loses its extra (class) tokens and is
     folded into its H x W grid, proven from the graph or stated with ``grid=(H, W)``.
     ``allow_domains`` names custom-op domains to accept (see
-    :func:`~sp2ps_onnx.graph.model_io.load_model`).
-
-    Beyond the head, in the same run (the backward pass then goes down to the earliest
-    source asked for, and every op on the way needs a rule):
-
-    - ``layers``: tensor or node names, or ``"stages"`` (:func:`stage_layers`): the
-      activations and gradients of each (:attr:`CamGraph.layers`). Without ``layer``, the
-      main layer is the one of them computed last.
-    - ``input_gradient``: d score / d input, in the input's own layout.
-    - ``weighted_seed``: an extra input ``target_weights`` (N, K); a sample whose target is
-      :data:`WEIGHTED_TARGET` seeds the backward pass with its row (the gradient of
-      ``sum_k w[k] * score[k]``), every other sample with the one-hot of its class, as usual.
-    - ``relu_backward="guided"``: every Relu passes the gradient only where both its input
-      and the incoming gradient are positive (Guided Backprop).
-    - ``bias_gradients``: for every Conv and Gemm with a bias on the way, ``bias * d score /
-      d output`` (FullGrad's terms; :attr:`CamGraph.bias_outputs`).
+    :func:`~sp2ps_onnx.graph.model_io.load_model`). ``backward`` asks for more of the
+    backward pass in the same run: several layers, the input, a weighted seed, Guided
+    Backprop's ReLU, FullGrad's bias terms (:class:`BackwardOptions`).
     """
-    if relu_backward not in RELU_BACKWARDS:
-        raise ValueError(f"relu_backward must be one of {RELU_BACKWARDS}, not {relu_backward!r}")
     proto, path = load_model(model, allow_domains)
     with blame_invalid_model(proto, path), naming_the_model(path):
         return _build_cam_model(
-            proto, path, layer, score, input_size, grid,
-            _Extras(layers, input_gradient, weighted_seed, relu_backward, bias_gradients),
-        )  # fmt: skip
+            proto, path, layer, score, input_size, grid, backward or BackwardOptions()
+        )
 
 
 def stage_layers(
@@ -191,19 +208,6 @@ def stage_layers(
     with blame_invalid_model(proto, path), naming_the_model(path):
         info = analyse(proto, input_size, path)
         return find_stage_layers(info, find_score(info, score)[0])
-
-
-@dataclass(frozen=True)
-class _Extras:
-    layers: Sequence[str] | str | None = None
-    input_gradient: bool = False
-    weighted_seed: bool = False
-    relu_backward: str = "standard"
-    bias_gradients: bool = False
-
-    @property
-    def beyond_head(self) -> bool:
-        return bool(self.layers) or self.input_gradient or self.bias_gradients
 
 
 def _resolve_layers(info: GraphInfo, layers: Sequence[str] | str | None, score_tensor: str) -> list[str]:
@@ -224,18 +228,28 @@ def _resolve_layers(info: GraphInfo, layers: Sequence[str] | str | None, score_t
     return resolved
 
 
-def _build_cam_model(
-    proto: onnx.ModelProto,
-    path: str | None,
-    layer: str | None,
-    score: str,
-    input_size: tuple[int, int] | None,
-    grid: tuple[int, int] | None = None,
-    extras: _Extras = _Extras(),
-) -> CamGraph:
-    info = analyse(proto, input_size, path)
+@dataclass
+class _Plan:
+    """What the rewrite differentiates: the score, the layers and the backward path."""
+
+    info: GraphInfo
+    score_tensor: str
+    cut: str | None
+    target: str
+    rule: str
+    layout: MapLayout
+    extra_layers: list[str]
+    layouts: dict[str, MapLayout]
+    sources: list[str]
+    path_nodes: list[int]
+    requires: set[str]
+    head: list[int]
+    curved: list[tuple[str, str]]
+
+
+def _plan(info, path, layer, score, grid, options: BackwardOptions) -> _Plan:
     score_tensor, cut = find_score(info, score)
-    extra_layers = _resolve_layers(info, extras.layers, score_tensor)
+    extra_layers = _resolve_layers(info, options.layers, score_tensor)
     if layer:
         target, rule = resolve_layer(info, layer), RULE_NAMED
     elif extra_layers:
@@ -244,9 +258,8 @@ def _build_cam_model(
         target, rule = choose_default_layer(info, score_tensor)
     layout = layer_layout(info, target, grid, path)
     layouts = {t: layout if t == target else layer_layout(info, t, None, path) for t in extra_layers}
-
     sources = [target, *(t for t in extra_layers if t != target)]
-    if extras.input_gradient or extras.bias_gradients:
+    if options.input_gradient or options.bias_gradients:
         _check_differentiable_input(info, path)
         sources.append(info.input_name)
     path_nodes = backward_nodes(info, sources, score_tensor, path or "")
@@ -258,41 +271,45 @@ def _build_cam_model(
         for i in head
         if not is_piecewise_linear(info.node(i), head_requires)
     ]
+    return _Plan(
+        info, score_tensor, cut, target, rule, layout, extra_layers, layouts, sources,
+        path_nodes, requires, head, curved,
+    )  # fmt: skip
+
+
+def _build_cam_model(
+    proto: onnx.ModelProto,
+    path: str | None,
+    layer: str | None,
+    score: str,
+    input_size: tuple[int, int] | None,
+    grid: tuple[int, int] | None,
+    options: BackwardOptions,
+) -> CamGraph:
+    info = analyse(proto, input_size, path)
+    plan = _plan(info, path, layer, score, grid, options)
+    target, layout = plan.target, plan.layout
     original_nodes = len(info.graph.node)
 
     b = GraphBuilder(info)
-    b.guided_relu = extras.relu_backward == "guided"
-    num_classes = int(np.prod(info.shapes[score_tensor][1:]))
+    b.guided_relu = options.relu_backward == "guided"
+    num_classes = int(np.prod(info.shapes[plan.score_tensor][1:]))
     batch_dim: int | str = info.fixed_batch if info.fixed_batch else "N"
     target_in = _fresh_io_name(info, TARGET)
-    weights_in = _fresh_io_name(info, TARGET_WEIGHTS) if extras.weighted_seed else None
-    score_flat, chosen, seed = _one_hot_seed(b, score_tensor, target_in, num_classes, weights_in)
-    grads = backward(b, path_nodes, requires, {score_tensor: seed})
-    for source in sources:
-        if source not in grads:
-            raise ModelLoadError(f"internal error: no gradient reached {source!r}")
-    if b.guided_relu and not b.guided_relus:
-        raise UnsupportedModelError(
-            f"relu_backward='guided' found no ReLU (a Relu node, or one fused into a "
-            f"quantization) on the backward pass of {path or 'the model'}, so Guided Backprop "
-            "would be the plain gradient; use the standard gradient, or a layer/input_gradient "
-            "whose backward pass crosses the model's ReLUs"
-        )
+    weights_in = _fresh_io_name(info, TARGET_WEIGHTS) if options.weighted_seed else None
+    score_flat, chosen, seed = _one_hot_seed(b, plan.score_tensor, target_in, num_classes, weights_in)
+    grads = backward(b, plan.path_nodes, plan.requires, {plan.score_tensor: seed})
+    _check_backward(b, plan, grads, path)
 
     activations, gradient = b.as_float(target), grads[target]
     spread = None
-    if isinstance(layout, Layout) and layout.to_channels_first is None and not extras.beyond_head:
+    if isinstance(layout, Layout) and layout.to_channels_first is None and not options.beyond_head:
         gradient, spread = _unspread(b, gradient, target)
     else:
         activations = _channels_first(b, activations, layout, info.shapes[target])
         gradient = _channels_first(b, gradient, layout, info.shapes[target])
 
-    names = {
-        SCORE: _fresh_io_name(info, SCORE),
-        ACTIVATIONS: _fresh_io_name(info, ACTIVATIONS),
-        GRADIENTS: _fresh_io_name(info, GRADIENTS),
-        TARGETS_USED: _fresh_io_name(info, TARGETS_USED),
-    }
+    names = {key: _fresh_io_name(info, key) for key in (SCORE, ACTIVATIONS, GRADIENTS, TARGETS_USED)}
     sources_out = [
         (SCORE, score_flat),
         (ACTIVATIONS, activations),
@@ -308,44 +325,8 @@ def _build_cam_model(
         sources_out.append((EXTRA_TOKENS, extra))
     for key, source in sources_out:
         b.nodes.append(helper.make_node("Identity", [source], [names[key]], name=b.fresh("out")))
-
-    more_outputs: list[tuple[str, int]] = []  # (name, rank) of the outputs added below
-
-    def emit(key: str, source: str, rank: int) -> str:
-        name = _fresh_io_name(info, key)
-        while name in names.values() or any(name == n for n, _ in more_outputs):
-            name = _fresh_io_name(info, f"{key}_")
-        b.nodes.append(helper.make_node("Identity", [source], [name], name=b.fresh("out")))
-        more_outputs.append((name, rank))
-        return name
-
-    layer_outputs = []
-    for k, tensor in enumerate(extra_layers):
-        shape = info.shapes[tensor]
-        acts = _channels_first(b, b.as_float(tensor), layouts[tensor], shape)
-        grad = _channels_first(b, grads[tensor], layouts[tensor], shape)
-        layer_outputs.append(
-            LayerOutputs(
-                tensor, layouts[tensor], emit(f"{ACTIVATIONS}_{k}", acts, 4),
-                emit(f"{GRADIENTS}_{k}", grad, 4),
-            )
-        )  # fmt: skip
-    input_gradient = None
-    if extras.input_gradient:
-        input_gradient = emit(INPUT_GRADIENT, grads[info.input_name], len(info.input_shape))
-    bias_outputs = []
-    if extras.bias_gradients:
-        _check_plain_biases(info, path_nodes, path)
-        for idx in path_nodes:
-            node = info.node(idx)
-            term = _bias_term(b, info, node, grads)
-            if term is not None:
-                bias_outputs.append(
-                    BiasOutput(
-                        node.name or node.output[0], node.op_type, node.output[0], node.input[2],
-                        emit(f"bias_gradient_{len(bias_outputs)}", term, len(info.shapes[node.output[0]])),
-                    )
-                )  # fmt: skip
+    more = _Outputs(b, set(names.values()))
+    layer_outputs, input_gradient, bias_outputs = _beyond_head_outputs(b, plan, options, grads, more, path)
 
     model_out = onnx.ModelProto()
     model_out.CopyFrom(info.model)
@@ -354,9 +335,7 @@ def _build_cam_model(
     graph.initializer.extend(b.initializers)
     graph.input.append(helper.make_tensor_value_info(target_in, TensorProto.INT64, [batch_dim]))
     if weights_in is not None:
-        graph.input.append(
-            helper.make_tensor_value_info(weights_in, FLOAT, [batch_dim, num_classes])
-        )
+        graph.input.append(helper.make_tensor_value_info(weights_in, FLOAT, [batch_dim, num_classes]))
     graph.output.extend(
         [
             helper.make_tensor_value_info(names[SCORE], FLOAT, [batch_dim, num_classes]),
@@ -369,35 +348,102 @@ def _build_cam_model(
         graph.output.append(
             helper.make_tensor_value_info(names[EXTRA_TOKENS], FLOAT, [batch_dim, None, None])
         )
-    for name, rank in more_outputs:
-        graph.output.append(
-            helper.make_tensor_value_info(name, FLOAT, [batch_dim] + [None] * (rank - 1))
-        )
+    graph.output.extend(
+        helper.make_tensor_value_info(name, FLOAT, [batch_dim] + [None] * (rank - 1))
+        for name, rank in more.added
+    )
     serialized = _check(model_out, info.model, path)
     return CamGraph(
         serialized=serialized,
         model=model_out,
-        forward_model=_forward_model(info, score_flat_source=score_tensor, batch_dim=batch_dim),
+        forward_model=_forward_model(info, score_flat_source=plan.score_tensor, batch_dim=batch_dim),
         info=info,
         layer=target,
         layer_layout=layout,
-        score_tensor=score_tensor,
-        softmax_cut=cut,
-        head=head,
+        score_tensor=plan.score_tensor,
+        softmax_cut=plan.cut,
+        head=plan.head,
         num_classes=num_classes,
         path=path,
         output_names=names | {TARGET: target_in},
         backward_nodes=len(graph.node) - original_nodes + (spread is not None),
         gradient_spread=spread,
-        layer_rule=rule,
+        layer_rule=plan.rule,
         layers=layer_outputs,
         input_gradient=input_gradient,
         bias_outputs=bias_outputs,
-        relu_backward=extras.relu_backward,
+        relu_backward=options.relu_backward,
         target_weights=weights_in,
-        backward_path=path_nodes,
-        curved_head_ops=curved,
+        backward_path=plan.path_nodes,
+        curved_head_ops=plan.curved,
     )
+
+
+def _check_backward(b: GraphBuilder, plan: _Plan, grads: dict[str, str], path: str | None) -> None:
+    for source in plan.sources:
+        if source not in grads:
+            raise ModelLoadError(f"internal error: no gradient reached {source!r}")
+    if b.guided_relu and not b.guided_relus:
+        raise UnsupportedModelError(
+            f"relu_backward='guided' found no ReLU (a Relu node, or one fused into a "
+            f"quantization) on the backward pass of {path or 'the model'}, so Guided Backprop "
+            "would be the plain gradient; use the standard gradient, or a layer/input_gradient "
+            "whose backward pass crosses the model's ReLUs"
+        )
+
+
+class _Outputs:
+    """Graph outputs added after the usual ones, with names free in the graph."""
+
+    def __init__(self, b: GraphBuilder, taken: set[str]) -> None:
+        self.b = b
+        self.taken = set(taken)
+        self.added: list[tuple[str, int]] = []  # (name, rank)
+
+    def emit(self, key: str, source: str, rank: int) -> str:
+        name = _fresh_io_name(self.b.info, key)
+        while name in self.taken:
+            name = _fresh_io_name(self.b.info, f"{name}_")
+        self.taken.add(name)
+        self.b.nodes.append(helper.make_node("Identity", [source], [name], name=self.b.fresh("out")))
+        self.added.append((name, rank))
+        return name
+
+
+def _beyond_head_outputs(
+    b: GraphBuilder, plan: _Plan, options: BackwardOptions, grads: dict[str, str],
+    out: _Outputs, path: str | None,
+) -> tuple[list[LayerOutputs], str | None, list[BiasOutput]]:  # fmt: skip
+    """The outputs of ``options``: every layer's maps, the input gradient, the bias terms."""
+    info = plan.info
+    layer_outputs = []
+    for k, tensor in enumerate(plan.extra_layers):
+        shape, layout = info.shapes[tensor], plan.layouts[tensor]
+        acts = _channels_first(b, b.as_float(tensor), layout, shape)
+        grad = _channels_first(b, grads[tensor], layout, shape)
+        layer_outputs.append(
+            LayerOutputs(
+                tensor, layout, out.emit(f"{ACTIVATIONS}_{k}", acts, 4),
+                out.emit(f"{GRADIENTS}_{k}", grad, 4),
+            )
+        )  # fmt: skip
+    input_gradient = None
+    if options.input_gradient:
+        input_gradient = out.emit(INPUT_GRADIENT, grads[info.input_name], len(info.input_shape))
+    bias_outputs = []
+    if options.bias_gradients:
+        _check_plain_biases(info, plan.path_nodes, path)
+        for idx in plan.path_nodes:
+            node = info.node(idx)
+            term = _bias_term(b, info, node, grads)
+            if term is None:
+                continue
+            rank = len(info.shapes[node.output[0]])
+            name = out.emit(f"bias_gradient_{len(bias_outputs)}", term, rank)
+            bias_outputs.append(
+                BiasOutput(node.name or node.output[0], node.op_type, node.output[0], node.input[2], name)
+            )
+    return layer_outputs, input_gradient, bias_outputs
 
 
 def _check_differentiable_input(info: GraphInfo, path: str | None) -> None:
