@@ -51,6 +51,8 @@ class CamResult:
     layers: dict[str, LayerResult] = field(default_factory=dict)
     # ... d score / d input in the input's own layout and dtype float32 ...
     input_gradient: np.ndarray | None = None
+    # ... Guided Backprop's input gradient (guided_input_gradient=True), same layout ...
+    guided_input_gradient: np.ndarray | None = None
     # ... and per Conv/Gemm with a bias (node name, graph order) bias * d score / d output.
     bias_gradients: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -235,6 +237,7 @@ class CamModel:
         fetch += [names[EXTRA_TOKENS]] if EXTRA_TOKENS in names else []
         more = [n for out in self.graph.layers for n in (out.activations, out.gradients)]
         more += [self.graph.input_gradient] if self.graph.input_gradient else []
+        more += [self.graph.guided_input_gradient] if self.graph.guided_input_gradient else []
         more += [entry.output for entry in self.graph.bias_outputs]
         fetch += more
         feeds = {self.input_name: x, names[TARGET]: wanted}
@@ -259,6 +262,7 @@ class CamModel:
             grads = _spread(grads, acts.shape, self.layer)
         layers = {out.layer: LayerResult(next(rest), next(rest)) for out in self.graph.layers}
         input_gradient = next(rest) if self.graph.input_gradient else None
+        guided_input = next(rest) if self.graph.guided_input_gradient else None
         bias = {entry.node: next(rest) for entry in self.graph.bias_outputs}
         return CamResult(
             score=score,
@@ -268,6 +272,7 @@ class CamModel:
             extra_tokens=extra,
             layers=layers,
             input_gradient=input_gradient,
+            guided_input_gradient=guided_input,
             bias_gradients=bias,
         )
 

@@ -186,8 +186,14 @@ def test_guided_relu_is_chosen_per_model() -> None:
     _assert_relative(g.layers[tensor].gradients, grads["layer2"], "guided layer2 gradient")
     _assert_relative(p.input_gradient, plain_input, "plain input gradient")
     _assert_relative(p.layers[tensor].gradients, plain_grads["layer2"], "plain layer2 gradient")
+    # Both in one run (Guided Grad-CAM): the plain pass and a second, guided one to the input.
+    options = BackwardOptions(layers=[tensor], input_gradient=True, guided_input_gradient=True)
+    both = CamModel(path, backward=options).run(x_np, EXPLICIT_TARGETS)
+    _assert_relative(both.guided_input_gradient, input_grad, "guided input gradient, both")
+    _assert_relative(both.input_gradient, plain_input, "plain input gradient, both")
+    _assert_relative(both.layers[tensor].gradients, plain_grads["layer2"], "plain layer2, both")
     with pytest.raises(ValueError, match="relu_backward"):
-        CamModel(path, backward=BackwardOptions(relu_backward="deconvnet"))
+        BackwardOptions(relu_backward="deconvnet")
 
 
 def test_bias_gradients_are_fullgrads_terms() -> None:

@@ -39,7 +39,11 @@ SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
     "targets",
     "extra_tokens",
 )
-TARGET_WEIGHTS, INPUT_GRADIENT = "target_weights", "input_gradient"
+TARGET_WEIGHTS, INPUT_GRADIENT, GUIDED_INPUT_GRADIENT = (
+    "target_weights",
+    "input_gradient",
+    "guided_input_gradient",
+)
 #: The ``target`` value that makes a sample's seed its row of ``target_weights``.
 WEIGHTED_TARGET = -2
 RELU_BACKWARDS = ("standard", "guided")
@@ -93,6 +97,8 @@ class CamGraph:
     layers: list[LayerOutputs] = field(default_factory=list)
     # ``input_gradient=True``: the output holding d score / d input, in the input's layout.
     input_gradient: str | None = None
+    # ``guided_input_gradient=True``: the output holding Guided Backprop's input gradient.
+    guided_input_gradient: str | None = None
     bias_outputs: list[BiasOutput] = field(default_factory=list)
     relu_backward: str = "standard"  # or "guided" (Guided Backprop's ReLU)
     # ``weighted_seed=True``: the (N, K) float input whose rows seed samples whose target
@@ -149,6 +155,9 @@ class BackwardOptions:
         bias_gradients: for every Conv and Gemm with a bias on the way, ``bias * d score /
             d output`` (FullGrad's terms; :attr:`CamGraph.bias_outputs`); implies the
             backward pass down to the input.
+        guided_input_gradient: also Guided Backprop's input gradient, from a second
+            backward pass in the same run (Guided Grad-CAM needs the layer's plain gradient
+            and the guided input gradient of the same forward pass).
     """
 
     layers: Sequence[str] | str | None = None
@@ -156,6 +165,7 @@ class BackwardOptions:
     weighted_seed: bool = False
     relu_backward: str = "standard"
     bias_gradients: bool = False
+    guided_input_gradient: bool = False
 
     def __post_init__(self) -> None:
         if self.relu_backward not in RELU_BACKWARDS:
@@ -165,7 +175,7 @@ class BackwardOptions:
 
     @property
     def beyond_head(self) -> bool:
-        return bool(self.layers) or self.input_gradient or self.bias_gradients
+        return bool(self.layers) or self.input_gradient or self.bias_gradients or self.guided_input_gradient
 
 
 def build_cam_model(
@@ -259,7 +269,7 @@ def _plan(info, path, layer, score, grid, options: BackwardOptions) -> _Plan:
     layout = layer_layout(info, target, grid, path)
     layouts = {t: layout if t == target else layer_layout(info, t, None, path) for t in extra_layers}
     sources = [target, *(t for t in extra_layers if t != target)]
-    if options.input_gradient or options.bias_gradients:
+    if options.input_gradient or options.bias_gradients or options.guided_input_gradient:
         _check_differentiable_input(info, path)
         sources.append(info.input_name)
     path_nodes = backward_nodes(info, sources, score_tensor, path or "")
@@ -292,14 +302,12 @@ def _build_cam_model(
     original_nodes = len(info.graph.node)
 
     b = GraphBuilder(info)
-    b.guided_relu = options.relu_backward == "guided"
     num_classes = int(np.prod(info.shapes[plan.score_tensor][1:]))
     batch_dim: int | str = info.fixed_batch if info.fixed_batch else "N"
     target_in = _fresh_io_name(info, TARGET)
     weights_in = _fresh_io_name(info, TARGET_WEIGHTS) if options.weighted_seed else None
     score_flat, chosen, seed = _one_hot_seed(b, plan.score_tensor, target_in, num_classes, weights_in)
-    grads = backward(b, plan.path_nodes, plan.requires, {plan.score_tensor: seed})
-    _check_backward(b, plan, grads, path)
+    grads, guided_input = _backward_passes(b, plan, options, seed, path)
 
     activations, gradient = b.as_float(target), grads[target]
     spread = None
@@ -327,6 +335,8 @@ def _build_cam_model(
         b.nodes.append(helper.make_node("Identity", [source], [names[key]], name=b.fresh("out")))
     more = _Outputs(b, set(names.values()))
     layer_outputs, input_gradient, bias_outputs = _beyond_head_outputs(b, plan, options, grads, more, path)
+    if guided_input is not None:
+        guided_input = more.emit(GUIDED_INPUT_GRADIENT, guided_input, len(info.input_shape))
 
     model_out = onnx.ModelProto()
     model_out.CopyFrom(info.model)
@@ -336,22 +346,7 @@ def _build_cam_model(
     graph.input.append(helper.make_tensor_value_info(target_in, TensorProto.INT64, [batch_dim]))
     if weights_in is not None:
         graph.input.append(helper.make_tensor_value_info(weights_in, FLOAT, [batch_dim, num_classes]))
-    graph.output.extend(
-        [
-            helper.make_tensor_value_info(names[SCORE], FLOAT, [batch_dim, num_classes]),
-            helper.make_tensor_value_info(names[ACTIVATIONS], FLOAT, [batch_dim, None, None, None]),
-            helper.make_tensor_value_info(names[GRADIENTS], FLOAT, [batch_dim, None, None, None]),
-            helper.make_tensor_value_info(names[TARGETS_USED], TensorProto.INT64, [batch_dim]),
-        ]
-    )
-    if EXTRA_TOKENS in names:
-        graph.output.append(
-            helper.make_tensor_value_info(names[EXTRA_TOKENS], FLOAT, [batch_dim, None, None])
-        )
-    graph.output.extend(
-        helper.make_tensor_value_info(name, FLOAT, [batch_dim] + [None] * (rank - 1))
-        for name, rank in more.added
-    )
+    _declare_outputs(graph, names, more.added, batch_dim, num_classes)
     serialized = _check(model_out, info.model, path)
     return CamGraph(
         serialized=serialized,
@@ -371,6 +366,7 @@ def _build_cam_model(
         layer_rule=plan.rule,
         layers=layer_outputs,
         input_gradient=input_gradient,
+        guided_input_gradient=guided_input,
         bias_outputs=bias_outputs,
         relu_backward=options.relu_backward,
         target_weights=weights_in,
@@ -379,13 +375,51 @@ def _build_cam_model(
     )
 
 
+def _declare_outputs(
+    graph: onnx.GraphProto, names: dict[str, str], added: list[tuple[str, int]], batch_dim,
+    num_classes: int,
+) -> None:  # fmt: skip
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(names[SCORE], FLOAT, [batch_dim, num_classes]),
+            helper.make_tensor_value_info(names[ACTIVATIONS], FLOAT, [batch_dim, None, None, None]),
+            helper.make_tensor_value_info(names[GRADIENTS], FLOAT, [batch_dim, None, None, None]),
+            helper.make_tensor_value_info(names[TARGETS_USED], TensorProto.INT64, [batch_dim]),
+        ]
+    )
+    if EXTRA_TOKENS in names:
+        graph.output.append(
+            helper.make_tensor_value_info(names[EXTRA_TOKENS], FLOAT, [batch_dim, None, None])
+        )
+    graph.output.extend(
+        helper.make_tensor_value_info(name, FLOAT, [batch_dim] + [None] * (rank - 1))
+        for name, rank in added
+    )
+
+
+def _backward_passes(
+    b: GraphBuilder, plan: _Plan, options: BackwardOptions, seed: str, path: str | None
+) -> tuple[dict[str, str], str | None]:
+    """The backward pass's gradients and, with ``guided_input_gradient``, the input
+    gradient of a second, guided pass."""
+    b.guided_relu = options.relu_backward == "guided"
+    grads = backward(b, plan.path_nodes, plan.requires, {plan.score_tensor: seed})
+    _check_backward(b, plan, grads, path)
+    if not options.guided_input_gradient:
+        return grads, None
+    b.guided_relu, b.guided_relus = True, 0
+    guided = backward(b, plan.path_nodes, plan.requires, {plan.score_tensor: seed})
+    _check_backward(b, plan, guided, path)
+    return grads, guided[plan.info.input_name]
+
+
 def _check_backward(b: GraphBuilder, plan: _Plan, grads: dict[str, str], path: str | None) -> None:
     for source in plan.sources:
         if source not in grads:
             raise ModelLoadError(f"internal error: no gradient reached {source!r}")
     if b.guided_relu and not b.guided_relus:
         raise UnsupportedModelError(
-            f"relu_backward='guided' found no ReLU (a Relu node, or one fused into a "
+            f"Guided Backprop found no ReLU (a Relu node, or one fused into a "
             f"quantization) on the backward pass of {path or 'the model'}, so Guided Backprop "
             "would be the plain gradient; use the standard gradient, or a layer/input_gradient "
             "whose backward pass crosses the model's ReLUs"
