@@ -46,7 +46,7 @@ class CamResult:
     targets: np.ndarray  # (N,) int64
     # A token layer's tokens outside the grid (class tokens), (N, C, k); else None.
     extra_tokens: np.ndarray | None = None
-    # What a model built with layers=[...] / input_gradient / bias_gradients adds (else
+    # What a model built with BackwardOptions(layers=[...], input_gradient, ...) adds (else
     # empty / None): per layer (tensor name, in the order given) its LayerResult ...
     layers: dict[str, LayerResult] = field(default_factory=dict)
     # ... d score / d input in the input's own layout and dtype float32 ...
@@ -145,13 +145,14 @@ class CamModel:
 
     @property
     def layers(self) -> list[str]:
-        """The layers of ``layers=[...]`` (tensor names, in the order given); empty without."""
+        """The layers of ``BackwardOptions(layers=...)`` (tensor names, in the order given);
+        empty without."""
         return [out.layer for out in self.graph.layers]
 
     @property
     def bias_layers(self) -> list[tuple[str, np.ndarray]]:
-        """(node name, bias values) of every Conv/Gemm whose term ``bias_gradients=True``
-        computes, in graph order; the keys of :attr:`CamResult.bias_gradients`."""
+        """(node name, bias values) of every Conv/Gemm whose term
+        ``BackwardOptions(bias_gradients=True)`` computes, in graph order; the keys of :attr:`CamResult.bias_gradients`."""
         out = []
         for entry in self.graph.bias_outputs:
             value = self.graph.info.static_value(entry.bias)
@@ -223,7 +224,7 @@ class CamModel:
         """Scores, activations and gradients for ``x`` (the model's own input layout).
 
         ``targets=None`` explains each sample's own top class. ``target_weights`` (N, K)
-        (a model built with ``weighted_seed=True``) differentiates ``sum_k w[n, k] *
+        (a model built with ``BackwardOptions(weighted_seed=True)``) differentiates ``sum_k w[n, k] *
         score[n, k]`` instead; ``targets`` must then be None, and ``CamResult.targets``
         holds each sample's top class.
         """
