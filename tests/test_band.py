@@ -120,3 +120,14 @@ def test_a_run_s_faithfulness_equals_each_model_s_own_cams_scored_directly() -> 
                                        FaithfulnessOptions(seed=3, batch_size=64)).means()
         for name, value in expected.items():
             assert value == pytest.approx(direct[name], abs=1e-9), (path.name, name)
+
+
+def test_a_reference_that_does_not_fit_is_refused_by_its_name(tmp_path: Path) -> None:
+    from sp2ps_onnx.errors import ModelMismatchError
+    from tests.tiny_models import cnn
+
+    five = tmp_path / "five_classes.onnx"
+    five.write_bytes(cnn(28, classes=5).SerializeToString())
+    with pytest.raises(ModelMismatchError, match="five_classes.*5 classes"):
+        score_models(ORIGINAL, PRUNED[:1], DATA, data_options=DataOptions(preset="unit", limit=8),
+                     references=ReferenceOptions(models=(KERAS, five)))

@@ -23,7 +23,6 @@ from .axes import (
 from .model_io import attribute
 from .rules import NON_DIFFERENTIABLE, differentiable_inputs, rule_for
 
-_CHANNELS_FIRST_OPS = CHANNELS_FIRST_OPS
 # ONNX Runtime's contrib pooling ops are channels-first unless channels_last=1.
 _CHANNELS_FIRST_UNLESS_ATTR = frozenset({"QLinearGlobalAveragePool", "QLinearAveragePool"})
 # Ops that keep their main input's layout (elementwise, casts, quantisation).
@@ -346,7 +345,7 @@ def _perm(node) -> tuple[int, ...]:
 def _is_channels_first_op(node) -> bool:
     if node.op_type in _CHANNELS_FIRST_UNLESS_ATTR:
         return not any(a.name == "channels_last" and a.i for a in node.attribute)
-    return node.op_type in _CHANNELS_FIRST_OPS
+    return node.op_type in CHANNELS_FIRST_OPS
 
 
 def _apply_transposes(base: Layout, transposes: tuple[tuple[int, ...], ...]) -> Layout:
@@ -524,8 +523,9 @@ def _sliced_positions(info: GraphInfo, node, layout: TokenLayout) -> set[int] | 
     if values[0] is None or values[1] is None:
         return None
     starts, ends = (np.asarray(v).reshape(-1) for v in values[:2])
-    axes = np.asarray(values[2]).reshape(-1) if len(values) > 2 and values[2] is not None else np.arange(len(starts))
-    steps = np.asarray(values[3]).reshape(-1) if len(values) > 3 and values[3] is not None else np.ones(len(starts), int)
+    axes = np.arange(len(starts)) if len(values) < 3 or values[2] is None else values[2]
+    steps = np.ones(len(starts), int) if len(values) < 4 or values[3] is None else values[3]
+    axes, steps = np.asarray(axes).reshape(-1), np.asarray(steps).reshape(-1)
     kept: set[int] | None = None
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         if int(axis) % 3 == layout.token_axis:

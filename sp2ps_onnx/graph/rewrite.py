@@ -687,14 +687,18 @@ def build_head_model(cam: CamGraph) -> onnx.ModelProto | None:
         channels = info.shapes[target][layout.channel_axis]
         source = b.op("Reshape", [source, b.ints([0, channels, -1])])
         if layout.patches != layout.tokens:
-            inputs.append(helper.make_tensor_value_info(HEAD_EXTRA_TOKENS, FLOAT, [batch_dim, channels, None]))
-            leading = layout.offset
-            parts = []
-            if leading:
-                parts.append(b.op("Slice", [HEAD_EXTRA_TOKENS, b.ints([0]), b.ints([leading]), b.ints([2])]))
-            parts.append(source)
-            if layout.tokens - layout.patches > leading:
-                parts.append(b.op("Slice", [HEAD_EXTRA_TOKENS, b.ints([leading]), b.ints([layout.tokens]), b.ints([2])]))
+            extra = helper.make_tensor_value_info(
+                HEAD_EXTRA_TOKENS, FLOAT, [batch_dim, channels, None]
+            )
+            inputs.append(extra)
+            # The extra tokens come leading ones first (see _extra_tokens).
+            leading, extras = layout.offset, layout.tokens - layout.patches
+            parts = [
+                b.op("Slice", [HEAD_EXTRA_TOKENS, b.ints([start]), b.ints([stop]), b.ints([2])])
+                for start, stop in ((0, leading), (leading, extras))
+                if stop > start
+            ]
+            parts.insert(1 if leading else 0, source)
             source = b.op("Concat", parts, axis=2)
         if layout.token_axis == 1:
             source = b.op("Transpose", [source], perm=[0, 2, 1])

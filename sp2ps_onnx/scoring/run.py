@@ -207,8 +207,7 @@ def score_models(
                       run.batch_size)
     providers = select_providers(run.device, quiet=run.quiet)
     compared = _Compared.of(original, pruned, references, metric.seed)
-    check_comparable(original, compared.checked, compared.names[:len(compared.checked) + 1],
-                     data_options.size)
+    check_comparable(original, compared.checked, compared.checked_names, data_options.size)
     plan = plan_execution(providers)
     scorer = build_scorer(original, compared.models, compared.names, spec, providers=providers,
                           session_threads=plan.session_threads, spinning=plan.session_spinning)
@@ -249,6 +248,7 @@ class _Compared:
     names: list[str]  # the original's first
     roles: list[str]
     checked: list[ModelLike]  # the user's models, whose sizes and classes are checked
+    checked_names: list[str]  # the original's, then those of ``checked``
     notes: list[str]
 
     @classmethod
@@ -256,6 +256,7 @@ class _Compared:
            references: ReferenceOptions, seed: int) -> _Compared:
         given = [*pruned, *references.models]
         names = unique_names([original, *given])
+        given_names = list(names)
         roles = [PRUNED] * len(pruned) + [REFERENCE] * len(references.models)
         models, notes = list(given), []
         if references.floor:
@@ -271,7 +272,7 @@ class _Compared:
                 models.insert(len(pruned), floor)
                 names.insert(1 + len(pruned), name)
                 roles.insert(len(pruned), FLOOR)
-        return cls(models, names, roles, given, notes)
+        return cls(models, names, roles, given, given_names, notes)
 
 
 def _fingerprint(scorer: BatchScorer, source: DataSource) -> dict[str, Any]:
