@@ -22,7 +22,12 @@ from torch import nn
 
 from experiments.artifacts import quantize_ort
 from sp2ps_onnx import CamModel
-from sp2ps_onnx.errors import InputDataError, LayerNotFoundError, UnsupportedModelError
+from sp2ps_onnx.errors import (
+    InputDataError,
+    LayerNotFoundError,
+    UnsupportedModelError,
+    UnsupportedOpError,
+)
 from sp2ps_onnx.graph.rewrite import BackwardOptions, stage_layers
 from tests.exports import as_numpy, export_torchvision
 from tests.test_torch_autograd import (
@@ -334,3 +339,29 @@ def test_hessian_vanishes_exactly_where_the_head_is_piecewise_linear(tmp_path) -
     assert [op for _, op in cam.curved_head_ops] == ["Sigmoid"]
     hvp = _torch_hvp(curved.double(), curved[1], example.double(), EXPLICIT_TARGETS)
     assert np.abs(hvp).max() > 1e-6
+
+
+def test_an_op_without_a_rule_below_the_head_is_refused_by_name() -> None:
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        onnx.helper.make_node("Conv", ["input", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+        onnx.helper.make_node("Softsign", ["c1"], ["s1"], name="the_softsign"),
+        onnx.helper.make_node("Conv", ["s1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4),
+        onnx.helper.make_node("Relu", ["c2"], ["r2"]),
+        onnx.helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        onnx.helper.make_node("Flatten", ["p"], ["f"]),
+        onnx.helper.make_node("Gemm", ["f", "w3"], ["logits"], transB=1),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "softsign", [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 3])],
+        [weight("w1", (4, 1, 3, 3)), weight("w2", (4, 4, 3, 3)), weight("w3", (3, 4))],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    assert CamModel(model).layer == "r2"  # the head alone needs no Softsign rule
+    with pytest.raises(UnsupportedOpError, match="Softsign.*the_softsign.*down to 'input'"):
+        CamModel(model, backward=BackwardOptions(input_gradient=True))

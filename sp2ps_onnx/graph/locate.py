@@ -723,8 +723,10 @@ def backward_nodes(
             raise UnsupportedOpError(
                 node.op_type if not node.domain else f"{node.domain}.{node.op_type}",
                 node.name or node.output[0],
+                "met on the backward pass down to " + ", ".join(map(repr, sources[1:]))
+                if len(sources) > 1 else "",
                 model=model_name,
-            )
+            )  # fmt: skip
         requires.update(o for o in node.output if o)
         path.append(idx)
     return path
