@@ -53,6 +53,8 @@ class CamResult:
     input_gradient: np.ndarray | None = None
     # ... Guided Backprop's input gradient (guided_input_gradient=True), same layout ...
     guided_input_gradient: np.ndarray | None = None
+    # ... H · a at the main layer (hessian_vector_product=True), (N, C, h, w) ...
+    hessian_vector: np.ndarray | None = None
     # ... and per Conv/Gemm with a bias (node name, graph order) bias * d score / d output.
     bias_gradients: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -239,6 +241,7 @@ class CamModel:
         more = [n for out in self.graph.layers for n in (out.activations, out.gradients)]
         more += [self.graph.input_gradient] if self.graph.input_gradient else []
         more += [self.graph.guided_input_gradient] if self.graph.guided_input_gradient else []
+        more += [self.graph.hessian_vector] if self.graph.hessian_vector else []
         more += [entry.output for entry in self.graph.bias_outputs]
         fetch += more
         feeds = {self.input_name: x, names[TARGET]: wanted}
@@ -264,6 +267,7 @@ class CamModel:
         layers = {out.layer: LayerResult(next(rest), next(rest)) for out in self.graph.layers}
         input_gradient = next(rest) if self.graph.input_gradient else None
         guided_input = next(rest) if self.graph.guided_input_gradient else None
+        hessian = next(rest) if self.graph.hessian_vector else None
         bias = {entry.node: next(rest) for entry in self.graph.bias_outputs}
         return CamResult(
             score=score,
@@ -274,6 +278,7 @@ class CamModel:
             layers=layers,
             input_gradient=input_gradient,
             guided_input_gradient=guided_input,
+            hessian_vector=hessian,
             bias_gradients=bias,
         )
 

@@ -306,7 +306,8 @@ def test_quantized_model_input_gradients_follow_the_float_model(form: str, tmp_p
 
 
 def _torch_hvp(model: nn.Module, module: nn.Module, x: torch.Tensor, targets) -> np.ndarray:
-    """ShapleyCAM's second-order term as torch computes it: H · a at ``module``'s output."""
+    """ShapleyCAM's second-order term as pytorch-grad-cam computes it: H · a at
+    ``module``'s output (``grad(grads, activations, grad_outputs=activations)``)."""
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
@@ -319,26 +320,38 @@ def _torch_hvp(model: nn.Module, module: nn.Module, x: torch.Tensor, targets) ->
     return np.zeros(acts.shape) if hvp is None else hvp.detach().numpy()
 
 
-def test_hessian_vanishes_exactly_where_the_head_is_piecewise_linear(tmp_path) -> None:
+HESSIAN = BackwardOptions(hessian_vector_product=True)
+
+
+def test_hessian_vector_product_matches_torch(tmp_path) -> None:
+    # A piecewise-linear head: the product is exactly 0, in torch and here.
     path, model64, x = _setup()
-    cam = CamModel(path)
+    cam = CamModel(path, backward=HESSIAN)
     assert cam.hessian_vanishes and cam.curved_head_ops == []
     assert not np.abs(_torch_hvp(model64, model64.layer4, x.double(), EXPLICIT_TARGETS)).any()
+    assert not np.abs(cam.run(as_numpy(x), EXPLICIT_TARGETS).hessian_vector).any()
 
-    torch.manual_seed(0)
-    curved = nn.Sequential(
-        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 8),
-        nn.Sigmoid(), nn.Linear(8, 10),
-    ).eval()
-    onnx_path = tmp_path / "curved.onnx"
-    example = torch.randn(2, 3, 16, 16)
-    torch.onnx.export(curved, (example,), str(onnx_path), input_names=["input"], opset_version=17,
-                      dynamo=False)  # fmt: skip
-    cam = CamModel(str(onnx_path))
-    assert not cam.hessian_vanishes
-    assert [op for _, op in cam.curved_head_ops] == ["Sigmoid"]
-    hvp = _torch_hvp(curved.double(), curved[1], example.double(), EXPLICIT_TARGETS)
-    assert np.abs(hvp).max() > 1e-6
+    # Curved heads: Sigmoid, HardSwish (mobilenet_v3's classifier), Softmax probabilities.
+    for activation in (nn.Sigmoid(), nn.Hardswish(), nn.Softmax(dim=1)):
+        torch.manual_seed(0)
+        curved = nn.Sequential(
+            nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(6, 8), activation, nn.Linear(8, 10),
+        ).eval()  # fmt: skip
+        onnx_path = tmp_path / "curved.onnx"
+        example = torch.randn(2, 3, 16, 16)
+        torch.onnx.export(curved, (example,), str(onnx_path), input_names=["input"],
+                          opset_version=17, dynamo=False)  # fmt: skip
+        cam = CamModel(str(onnx_path), backward=HESSIAN)
+        assert not cam.hessian_vanishes
+        assert [op for _, op in cam.curved_head_ops] == [type(activation).__name__.replace("Hardswish", "HardSwish")]
+        expected = _torch_hvp(curved.double(), curved[1], example.double(), EXPLICIT_TARGETS)
+        result = cam.run(example.numpy(), EXPLICIT_TARGETS)
+        _assert_relative(result.hessian_vector, expected, f"H · a after {activation}")
+        weighted = CamModel(str(onnx_path), backward=BackwardOptions(hessian_vector_product=True, weighted_seed=True))
+        one_hot = np.eye(10, dtype=np.float32)[EXPLICIT_TARGETS]
+        _assert_relative(weighted.run(example.numpy(), target_weights=one_hot).hessian_vector,
+                         expected, "H · a, weighted seed")  # fmt: skip
 
 
 def test_an_op_without_a_rule_below_the_head_is_refused_by_name() -> None:

@@ -699,11 +699,13 @@ def head_nodes(info: GraphInfo, target: str, score: str, model_name: str = "") -
 
 
 def backward_nodes(
-    info: GraphInfo, sources: Sequence[str], score: str, model_name: str = ""
-) -> list[int]:
+    info: GraphInfo, sources: Sequence[str], score: str, model_name: str = "",
+    cut: Sequence[str] = (),
+) -> list[int]:  # fmt: skip
     """Indices, in graph order, of the nodes on differentiable paths from any of ``sources``
     (layers, or the model input) to ``score``: what a backward pass down to the earliest
-    source runs through. Refuses an op without a gradient rule on the way by name."""
+    source runs through. Refuses an op without a gradient rule on the way by name. No
+    gradient flows through the nodes that produce ``cut`` (held fixed)."""
     reached = _reaches_score(info, score)
     for source in sources:
         if source not in reached:
@@ -714,7 +716,7 @@ def backward_nodes(
     requires = set(sources)
     path: list[int] = []
     for idx, node in enumerate(info.graph.node):
-        if node.op_type in NON_DIFFERENTIABLE:
+        if node.op_type in NON_DIFFERENTIABLE or any(o in cut for o in node.output):
             continue
         flowing = [i for i in differentiable_inputs(node) if node.input[i] in requires]
         if not flowing or not any(o in reached for o in node.output if o):
@@ -727,9 +729,15 @@ def backward_nodes(
                 if len(sources) > 1 else "",
                 model=model_name,
             )  # fmt: skip
-        requires.update(o for o in node.output if o)
+        requires.update(o for o in node.output if o and _carries_gradient(info, o))
         path.append(idx)
     return path
+
+
+def _carries_gradient(info: GraphInfo, tensor: str) -> bool:
+    """Indices (MaxPool's second output, TopK's) carry none; quantized codes do."""
+    dtype = info.dtypes.get(tensor)
+    return dtype is None or dtype not in (np.dtype(np.int64), np.dtype(bool))
 
 
 def requires_grad(info: GraphInfo, target: str | Sequence[str], path: list[int]) -> set[str]:

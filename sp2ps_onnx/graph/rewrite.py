@@ -30,6 +30,7 @@ from .locate import (
 from .locate import stage_layers as find_stage_layers
 from .model_io import blame_invalid_model, load_model, naming_the_model
 from .rules import is_piecewise_linear
+from .second_order import hessian_vector_product
 
 SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
     "score",
@@ -39,10 +40,11 @@ SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
     "targets",
     "extra_tokens",
 )
-TARGET_WEIGHTS, INPUT_GRADIENT, GUIDED_INPUT_GRADIENT = (
+TARGET_WEIGHTS, INPUT_GRADIENT, GUIDED_INPUT_GRADIENT, HESSIAN_VECTOR = (
     "target_weights",
     "input_gradient",
     "guided_input_gradient",
+    "hessian_vector",
 )
 #: The ``target`` value that makes a sample's seed its row of ``target_weights``.
 WEIGHTED_TARGET = -2
@@ -99,6 +101,8 @@ class CamGraph:
     input_gradient: str | None = None
     # ``guided_input_gradient=True``: the output holding Guided Backprop's input gradient.
     guided_input_gradient: str | None = None
+    # ``hessian_vector_product=True``: the output holding H · a at the layer, channels first.
+    hessian_vector: str | None = None
     bias_outputs: list[BiasOutput] = field(default_factory=list)
     relu_backward: str = "standard"  # or "guided" (Guided Backprop's ReLU)
     # ``weighted_seed=True``: the (N, K) float input whose rows seed samples whose target
@@ -158,6 +162,10 @@ class BackwardOptions:
         guided_input_gradient: also Guided Backprop's input gradient, from a second
             backward pass in the same run (Guided Grad-CAM needs the layer's plain gradient
             and the guided input gradient of the same forward pass).
+        hessian_vector_product: also ``H · a`` at the (main) layer, H the Hessian of the
+            score there and ``a`` its activations (ShapleyCAM's second-order term), by the
+            rules run over the first backward pass (:mod:`.second_order`); refused where
+            that pass uses an op without a rule.
     """
 
     layers: Sequence[str] | str | None = None
@@ -166,6 +174,7 @@ class BackwardOptions:
     relu_backward: str = "standard"
     bias_gradients: bool = False
     guided_input_gradient: bool = False
+    hessian_vector_product: bool = False
 
     def __post_init__(self) -> None:
         if self.relu_backward not in RELU_BACKWARDS:
@@ -175,7 +184,10 @@ class BackwardOptions:
 
     @property
     def beyond_head(self) -> bool:
-        return bool(self.layers) or self.input_gradient or self.bias_gradients or self.guided_input_gradient
+        return bool(
+            self.layers or self.input_gradient or self.bias_gradients
+            or self.guided_input_gradient or self.hessian_vector_product
+        )  # fmt: skip
 
 
 def build_cam_model(
@@ -347,6 +359,10 @@ def _build_cam_model(
     if weights_in is not None:
         graph.input.append(helper.make_tensor_value_info(weights_in, FLOAT, [batch_dim, num_classes]))
     _declare_outputs(graph, names, more.added, batch_dim, num_classes)
+    hessian = None
+    if options.hessian_vector_product:
+        runtime_inputs = [(target_in, 0)] + ([(weights_in, num_classes)] if weights_in else [])
+        hessian = _add_hessian_vector_product(model_out, plan, grads[target], runtime_inputs, more)
     serialized = _check(model_out, info.model, path)
     return CamGraph(
         serialized=serialized,
@@ -367,12 +383,34 @@ def _build_cam_model(
         layers=layer_outputs,
         input_gradient=input_gradient,
         guided_input_gradient=guided_input,
+        hessian_vector=hessian,
         bias_outputs=bias_outputs,
         relu_backward=options.relu_backward,
         target_weights=weights_in,
         backward_path=plan.path_nodes,
         curved_head_ops=plan.curved,
     )
+
+
+def _add_hessian_vector_product(
+    model: onnx.ModelProto, plan: _Plan, gradient: str, runtime_inputs, out: _Outputs
+) -> str:
+    """Append the nodes of ``H · a`` at the layer to ``model``; return its output name."""
+    info, target = plan.info, plan.target
+    finish = lambda b, t: _channels_first(b, t, plan.layout, info.shapes[target])  # noqa: E731
+    activations = out.b.as_float(target)
+    nodes, inits, product = hessian_vector_product(
+        model, info, target, activations, gradient, runtime_inputs, finish
+    )
+    name = _fresh_io_name(info, HESSIAN_VECTOR)
+    while name in out.taken:
+        name = f"{name}_"
+    nodes.append(helper.make_node("Identity", [product], [name], name=f"{name}/out"))
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+    batch_dim = info.fixed_batch if info.fixed_batch else "N"
+    model.graph.output.append(helper.make_tensor_value_info(name, FLOAT, [batch_dim, None, None, None]))
+    return name
 
 
 def _declare_outputs(
