@@ -152,14 +152,12 @@ class CamModel:
         return [out.layer for out in self.graph.layers]
 
     @property
-    def bias_layers(self) -> list[tuple[str, np.ndarray]]:
-        """(node name, bias values) of every Conv/Gemm whose term
-        ``BackwardOptions(bias_gradients=True)`` computes, in graph order; the keys of :attr:`CamResult.bias_gradients`."""
-        out = []
-        for entry in self.graph.bias_outputs:
-            value = self.graph.info.static_value(entry.bias)
-            out.append((entry.node, None if value is None else np.asarray(value, np.float32)))
-        return out
+    def bias_layers(self) -> list[tuple[str, np.ndarray | None]]:
+        """(node name, bias values) of every Conv/Gemm/BatchNormalization whose term
+        ``BackwardOptions(bias_gradients=True)`` computes, in graph order (a
+        BatchNormalization's effective bias; None where computed at run time); the keys of
+        :attr:`CamResult.bias_gradients`."""
+        return [(entry.node, entry.bias) for entry in self.graph.bias_outputs]
 
     @property
     def hessian_vanishes(self) -> bool:

@@ -378,3 +378,50 @@ def test_an_op_without_a_rule_below_the_head_is_refused_by_name() -> None:
     assert CamModel(model).layer == "r2"  # the head alone needs no Softsign rule
     with pytest.raises(UnsupportedOpError, match="Softsign.*the_softsign.*down to 'input'"):
         CamModel(model, backward=BackwardOptions(input_gradient=True))
+
+
+def test_bias_terms_of_unfolded_batchnorms_are_fullgrads(tmp_path) -> None:
+    """A BatchNorm after a ReLU stays a BatchNormalization node (nothing to fold it into):
+    its term uses the effective bias, as pytorch-grad-cam's FullGrad does for BatchNorm2d,
+    beside the terms of the Conv2d layers with a bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3, bias=False),
+        nn.ReLU(), nn.BatchNorm2d(5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 10),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    for bn in (model[2], model[5]):
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator))
+            bn.running_var.copy_(0.5 + torch.rand(bn.num_features, generator=generator))
+            bn.weight.copy_(0.5 + torch.rand(bn.num_features, generator=generator))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=generator))
+    model = model.eval().double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=generator)
+    path = tmp_path / "bn.onnx"
+    torch.onnx.export(model.float(), (x.float(),), str(path), input_names=["input"],
+                      opset_version=17, dynamo=False)  # fmt: skip
+    model = model.double()
+    cam = CamModel(str(path), backward=BackwardOptions(bias_gradients=True))
+    assert [e.op_type for e in cam.graph.bias_outputs] == ["Conv", "BatchNormalization", "BatchNormalization", "Gemm"]
+
+    layers = [model[0], model[2], model[5]]  # pytorch-grad-cam's FullGrad layers
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in layers]
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = torch.autograd.grad(_picked(EXPLICIT_TARGETS)(logits), outputs)
+    biases = [model[0].bias] + [
+        bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        for bn in (model[2], model[5])
+    ]
+    result = cam.run(x.float().numpy(), EXPLICIT_TARGETS)
+    for (name, bias), want_bias, grad, term in zip(
+        cam.bias_layers, biases, grads, list(result.bias_gradients.values())[:3], strict=False
+    ):
+        np.testing.assert_allclose(bias, want_bias.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+        want = (grad * want_bias.reshape(1, -1, 1, 1)).detach().numpy()
+        _assert_relative(term, want, f"bias term at {name}")

@@ -28,7 +28,7 @@ from .locate import (
     resolve_layer,
 )
 from .locate import stage_layers as find_stage_layers
-from .model_io import blame_invalid_model, load_model, naming_the_model
+from .model_io import attribute, blame_invalid_model, load_model, naming_the_model
 from .rules import is_piecewise_linear
 from .second_order import hessian_vector_product
 
@@ -63,14 +63,16 @@ class LayerOutputs:
 
 @dataclass(frozen=True)
 class BiasOutput:
-    """A Conv or Gemm with a bias, and the output holding ``bias * d score / d output``
-    (FullGrad's bias-gradient term, (N, C, H, W) or (N, K))."""
+    """A Conv or Gemm with a bias, or an inference BatchNormalization, and the output
+    holding ``bias * d score / d output`` (FullGrad's bias-gradient term, (N, C, H, W) or
+    (N, K)); a BatchNormalization's bias is its effective one, ``B - mean * scale /
+    sqrt(var + eps)``."""
 
     node: str  # node name (its output tensor where unnamed)
     op_type: str
     tensor: str  # the node's output
-    bias: str  # the bias input
-    output: str  # output name in the rewritten model
+    bias: np.ndarray | None = field(repr=False)  # (C,) float32; None where computed at run time
+    output: str = ""  # output name in the rewritten model
 
 
 @dataclass
@@ -507,13 +509,14 @@ def _beyond_head_outputs(
         _check_plain_biases(info, plan.path_nodes, path)
         for idx in plan.path_nodes:
             node = info.node(idx)
-            term = _bias_term(b, info, node, grads)
-            if term is None:
+            found = _bias_term(b, info, node, grads)
+            if found is None:
                 continue
+            term, value = found
             rank = len(info.shapes[node.output[0]])
             name = out.emit(f"bias_gradient_{len(bias_outputs)}", term, rank)
             bias_outputs.append(
-                BiasOutput(node.name or node.output[0], node.op_type, node.output[0], node.input[2], name)
+                BiasOutput(node.name or node.output[0], node.op_type, node.output[0], value, name)
             )
     return layer_outputs, input_gradient, bias_outputs
 
@@ -537,26 +540,46 @@ def _check_plain_biases(info: GraphInfo, path_nodes: list[int], path: str | None
     folded = sorted({info.node(i).op_type for i in path_nodes} & _FOLDED_BIAS_OPS)
     if folded:
         raise UnsupportedModelError(
-            f"bias_gradients (FullGrad) reads the bias of every Conv and Gemm, but "
+            f"bias_gradients (FullGrad) reads the bias of every Conv, Gemm and BatchNormalization, but "
             f"{path or 'the model'} computes its convolutions or products as "
             f"{', '.join(folded)} (QOperator or dynamic quantization), whose biases it cannot "
             "pair with a gradient; use the float model or its QDQ quantization"
         )
 
 
-def _bias_term(b: GraphBuilder, info: GraphInfo, node: onnx.NodeProto, grads: dict[str, str]) -> str | None:
-    """``bias * gradient at the output`` of a Conv or Gemm whose bias does not depend on the
-    input, the bias laid along the output's channel axis (1 for both); else None."""
-    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
-        return None
+def _bias_term(
+    b: GraphBuilder, info: GraphInfo, node: onnx.NodeProto, grads: dict[str, str]
+) -> tuple[str, np.ndarray | None] | None:
+    """``bias * gradient at the output`` of a Conv, Gemm or BatchNormalization whose bias
+    does not depend on the input, the bias laid along the output's channel axis (1 for
+    all three), and the bias's value; else None."""
     out = node.output[0]
-    if node.input[2] in info.input_dependent or out not in grads:
+    if out not in grads or node.op_type not in ("Conv", "Gemm", "BatchNormalization"):
         return None
+    if node.op_type == "BatchNormalization":
+        parameters = node.input[1:5]
+        if len(parameters) < 4 or any(p in info.input_dependent for p in parameters):
+            return None
+        scale, shift, mean, var = (b.as_float(p) for p in parameters)
+        eps = b.scalar(attribute(node, "epsilon", 1e-5))
+        ratio = b.op("Div", [scale, b.op("Sqrt", [b.add(var, eps)])])
+        bias = b.op("Sub", [shift, b.mul(mean, ratio)])
+        values = [info.static_value(p) for p in parameters]
+        value = None
+        if all(v is not None for v in values):
+            scale_v, shift_v, mean_v, var_v = (np.asarray(v, np.float64) for v in values)
+            eps_v = attribute(node, "epsilon", 1e-5)
+            value = (shift_v - mean_v * scale_v / np.sqrt(var_v + eps_v)).astype(np.float32)
+    else:
+        if len(node.input) < 3 or not node.input[2] or node.input[2] in info.input_dependent:
+            return None
+        bias = b.as_float(node.input[2])
+        value = info.static_value(node.input[2])
+        value = None if value is None else np.asarray(value, np.float32).reshape(-1)
     rank = len(info.shapes[out])
-    bias = b.as_float(node.input[2])
-    if node.op_type == "Conv":
+    if rank > 2:
         bias = b.op("Reshape", [bias, b.ints([-1] + [1] * (rank - 2))])
-    return b.mul(grads[out], bias)
+    return b.mul(grads[out], bias), value
 
 
 def _one_hot_seed(
