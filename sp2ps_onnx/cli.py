@@ -27,7 +27,6 @@ from .convert import check_converter, needs_conversion, to_onnx
 from .data import PRESETS, open_data, parse_size
 from .errors import InputDataError, LayerNotFoundError, ModelLoadError, Sp2PSError
 from .explain import explain
-from .figures import colormap, overlay, write_png
 from .graph import inspect_model
 from .graph.model_io import save_model
 from .metric import AGGREGATIONS, SPATIAL, SPECTRAL
@@ -387,6 +386,8 @@ def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, cmap: str,
     if Path(out).resolve() in {Path(p).resolve() for p in (model, *inputs)}:
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     check_report_packages()
+    from .figures import colormap, overlay, write_png  # matplotlib: the optional report extra
+
     colormap(cmap)
     source = open_data(list(inputs), classes=data_options.classes, limit=data_options.limit,
                        strict=data_options.strict)
@@ -513,6 +514,8 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     if not no_report:
         check_report_packages(" (or pass --no-report for the table only)")
+        from .figures import colormap  # matplotlib: the optional report extra
+
         colormap(cmap)
     formats = ["png", "svg", *figure_formats]
     cam_options, data_options = _cam_options(given), _read_options(given)

@@ -504,6 +504,20 @@ def test_cli_grid_option_on_inspect_export_and_cam(tmp_path) -> None:
     maps = sorted(out.glob("*.npy"))
     assert len(maps) == 3 and np.load(maps[0]).shape == (6, 10)
 
+    # score: the stated grid reaches every compared model; a model against itself scores 1.
+    scored = runner.invoke(
+        cli, ["score", str(model), str(model), "--data", str(images), "--layer", "tokens",
+              "--grid", "3x5", "--spatial", "pearson", "--no-report", "--format", "json",
+              "--bootstrap", "0", "-q"],
+    )
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["models"][0]["sp2ps"] == pytest.approx(1.0, abs=1e-9)
+    unstated = runner.invoke(
+        cli, ["score", str(model), str(model), "--data", str(images), "--layer", "tokens",
+              "--no-report", "-q"],
+    )
+    assert unstated.exit_code == 2 and "--grid HxW" in unstated.output
+
 
 # Hybrids: the last map with a proven grid, at the torch module whose output it is.
 HYBRIDS = {

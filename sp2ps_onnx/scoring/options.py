@@ -85,10 +85,7 @@ class CamOptions:
             if len(grid) != 2 or min(grid) < 1:
                 raise InputDataError(f"grid {self.grid!r} is not valid; give (rows, columns)")
             object.__setattr__(self, "grid", grid)
-        if self.method not in cam.METHODS:
-            raise cam.UnknownMethodError(
-                f"unknown CAM method {self.method!r}; choose one of: {', '.join(cam.METHODS)}"
-            )
+        cam.CAM_METHODS.get(self.method)  # an unknown name: the registry's clear error
         if self.target not in (None, "auto"):
             _choose(self.target, TARGET_MODES, "target")
 
@@ -147,14 +144,9 @@ class MetricOptions:
     faithfulness: bool = False
 
     def __post_init__(self) -> None:
-        for registry, name, kind in ((metric.SPATIAL, self.spatial, "spatial"),
-                                     (metric.SPECTRAL, self.spectral, "spectral"),
-                                     (metric.AGGREGATIONS, self.aggregation, "aggregation")):
-            if name not in registry:
-                raise metric.UnknownComponentError(
-                    f"unknown {kind} component {name!r}; valid names: "
-                    f"{', '.join(repr(key) for key in registry)}"
-                )
+        for registry, name in ((metric.SPATIAL, self.spatial), (metric.SPECTRAL, self.spectral),
+                               (metric.AGGREGATIONS, self.aggregation)):
+            registry.get(name)  # an unknown name: the registry's clear error
         _at_least(self.n_bootstrap, 0, "n_bootstrap")
         _at_least(self.examples, 0, "examples")
 

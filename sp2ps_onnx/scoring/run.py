@@ -284,6 +284,9 @@ def _fingerprint(scorer: BatchScorer, source: DataSource) -> dict[str, Any]:
         **{k: v for k, v in vars(spec.cam).items() if k != "target"},
         **{k: v for k, v in vars(spec.data).items() if k not in ("limit", "classes")},
         "spatial": spec.metric.spatial, "spectral": spec.metric.spectral,
+        # ROAD's imputation noise follows the seed; the bootstrap's is applied at the end.
+        "faithfulness": spec.metric.faithfulness,
+        "seed": spec.metric.seed if spec.metric.faithfulness else None,
     }
     return {
         "models": [model_hash(m) for m in (scorer.original, *scorer.pruned)],
