@@ -29,7 +29,7 @@ from sp2ps_onnx.errors import (
     UnsupportedOpError,
 )
 from sp2ps_onnx.graph.rewrite import BackwardOptions, stage_layers
-from tests.exports import as_numpy, export_torchvision
+from tests.exports import as_numpy, example_input, export_timm, export_torchvision
 from tests.test_torch_autograd import (
     EXPLICIT_TARGETS,
     _assert_relative,
@@ -425,3 +425,37 @@ def test_bias_terms_of_unfolded_batchnorms_are_fullgrads(tmp_path) -> None:
         np.testing.assert_allclose(bias, want_bias.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
         want = (grad * want_bias.reshape(1, -1, 1, 1)).detach().numpy()
         _assert_relative(term, want, f"bias term at {name}")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
+def test_input_gradient_through_whole_networks(name: str) -> None:
+    """Down to the input through squeeze-excitation (HardSigmoid, Sigmoid gates), HardSwish,
+    SiLU, depthwise convolutions, LayerNorm and GELU."""
+    path, model, _ = export_torchvision(name, False)
+    model64 = float64_copy(name, model)
+    x = well_conditioned_input(name, model, "first-conv", lambda m: m.features[0][0], default=False)
+    _, _, input_grad, _ = _torch_gradients(model64, x, _picked(EXPLICIT_TARGETS), {})
+    cam = CamModel(str(path), backward=BackwardOptions(input_gradient=True))
+    result = cam.run(as_numpy(x), EXPLICIT_TARGETS)
+    _assert_relative(result.input_gradient, input_grad, f"{name} input gradient")
+
+
+def test_hessian_vector_product_of_real_heads() -> None:
+    """mobilenet_v3_small's classifier (Linear, HardSwish, Linear) and a ViT's class-token
+    head (the last block's attention and MLP after norm1) against torch's double backward."""
+    path, model, _ = export_torchvision("mobilenet_v3_small", False)
+    model64 = float64_copy("mobilenet_v3_small", model)
+    x = well_conditioned_input("mobilenet_v3_small", model, "default", lambda m: m.features, default=True)
+    cam = CamModel(str(path), backward=HESSIAN)
+    expected = _torch_hvp(model64, model64.features, x.double(), EXPLICIT_TARGETS)
+    _assert_relative(cam.run(as_numpy(x), EXPLICIT_TARGETS).hessian_vector, expected, "mobilenet_v3 H · a")
+
+    path, model, _ = export_timm("vit_tiny_patch16_224", embed_dim=48, depth=2, num_heads=2)
+    model64 = copy.deepcopy(model).double().eval()
+    for block in model64.blocks:
+        block.attn.fused_attn = False  # torch has no double backward of fused attention
+    x = example_input(224)
+    cam = CamModel(str(path), backward=HESSIAN)
+    expected = _torch_hvp(model64, model64.blocks[-1].norm1, x.double(), EXPLICIT_TARGETS)
+    grid = expected[:, 1:].transpose(0, 2, 1).reshape(len(x), -1, 14, 14)  # patch tokens
+    _assert_relative(cam.run(as_numpy(x), EXPLICIT_TARGETS).hessian_vector, grid, "ViT H · a")
