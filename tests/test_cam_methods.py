@@ -448,3 +448,33 @@ def test_reciprocam_on_resnet18_matches_its_definition(resnet18) -> None:
     ours, targets = cam_model.cams(x.numpy(), method="reciprocam", size=(2, 2))
     theirs = reciprocam_by_definition(tapped.features, tapped.head, x, targets)
     assert max_deviation(ours, theirs) <= 1e-3
+
+
+class ChannelsLast:
+    """The tiny net's stand-in fed channels-last images (layout NHWC)."""
+
+    layout = "NHWC"
+
+    def __init__(self, inner: TorchCamModel) -> None:
+        self.inner = inner
+        self.input_spatial_size = inner.input_spatial_size
+
+    def run(self, x: np.ndarray, targets=None):
+        return self.inner.run(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), targets)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return self.inner.scores(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+    def head_scores(self, activations: np.ndarray) -> np.ndarray:
+        return self.inner.head_scores(activations)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam", "sobelcam", "reciprocam"])
+def test_channels_last_inputs_give_the_same_maps(method: str) -> None:
+    net, x, targets = tiny_setup(relu_before_tap=False, count=2, seed=8)
+    model = TorchCamModel(net, (16, 16))
+    channels_last = np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))
+    options = {} if method == "sobelcam" else {"aug_smooth": True}
+    first, _ = cam.explain(model, x.numpy(), method, targets, **options)
+    second, _ = cam.explain(ChannelsLast(model), channels_last, method, targets, **options)
+    np.testing.assert_allclose(second, first, atol=1e-5)
