@@ -742,8 +742,8 @@ def recipro_cam(
 
     For every position ``p`` the head is run on the mosaic ``A * M_p``, ``M_p`` one at ``p``
     (in every channel) and zero elsewhere; the map at ``p`` is the target's score of that
-    mosaic (OpenVINO-XAI takes the logits, before any final Softmax), minus the map's
-    minimum, so that :func:`postprocess` (whose ReLU then keeps everything) min-max scales
+    mosaic (``head_scores`` as given: a CamModel's logits by default, which is what
+    OpenVINO-XAI takes, before any final Softmax), minus the map's minimum, so that :func:`postprocess` (whose ReLU then keeps everything) min-max scales
     it as OpenVINO-XAI does. A token layer's class tokens are kept as they are (its
     ``cls_token=True``); a head that reads the image gets the mosaic's own image.
 
