@@ -56,7 +56,8 @@ EXPECTED_EIGEN_SMOOTH = (
     "ablationcam",
     "randomcam",
 )
-PERTURBATION_TOLERANCE = 1e-2
+#: Maps in [0, 1] of the tiny net, whose activations both sides take from the same torch model.
+TINY_TOLERANCE = 1e-5
 
 
 def max_deviation(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -194,8 +195,9 @@ def test_eigen_smooth_end_to_end_matches_pytorch_grad_cam(method: str) -> None:
     constructor = {"batch_size": 1} if method == "ablationcam" else {}
     np.random.seed(4)
     theirs = call_reference(method, net, x, targets, constructor, eigen_smooth=True)
-    tolerance = PERTURBATION_TOLERANCE if method in cam.PERTURBATION_METHODS else 1e-4
-    assert_equal_up_to_projection_sign(ours, raw, theirs, tolerance)
+    # The torch-backed stand-in gives pytorch-grad-cam's own activations and scores, so
+    # even the perturbation methods agree to float32 rounding.
+    assert_equal_up_to_projection_sign(ours, raw, theirs, TINY_TOLERANCE)
 
 
 def assert_equal_up_to_projection_sign(ours, raw, theirs, tolerance: float) -> None:
@@ -237,7 +239,7 @@ def test_aug_smooth_matches_pytorch_grad_cam(method: str) -> None:
     assert model.run_batch_sizes == [3] * 6  # x, then five flipped or scaled copies
     constructor = {"batch_size": 1} if method == "ablationcam" else {}
     theirs = call_reference(method, net, x, targets, constructor, aug_smooth=True)
-    tolerance = PERTURBATION_TOLERANCE if method in cam.PERTURBATION_METHODS else 1e-4
+    tolerance = 1e-4 if method == "kpcacam" else TINY_TOLERANCE  # KernelPCA: float32 there
     assert ours.shape == theirs.shape and ours.dtype == np.float32
     assert max_deviation(ours, theirs) <= tolerance
 
