@@ -34,7 +34,7 @@ from scipy import stats
 
 from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import CamModel, cam
-from sp2ps_onnx.errors import InputDataError
+from sp2ps_onnx.errors import InputDataError, UnsupportedModelError
 from tests.test_cam import (
     TorchCamModel,
     make_tiny_net,
@@ -480,3 +480,41 @@ def test_channels_last_inputs_give_the_same_maps(method: str) -> None:
     first, _ = cam.explain(model, x.numpy(), method, targets, **options)
     second, _ = cam.explain(ChannelsLast(model), channels_last, method, targets, **options)
     np.testing.assert_allclose(second, first, atol=1e-5)
+
+
+def test_reciprocam_gives_a_token_layers_head_its_class_tokens_and_images() -> None:
+    """Each mosaic keeps its own image's class tokens and image (OpenVINO-XAI's ViT form
+    with ``cls_token=True`` keeps the class token as it is)."""
+    rng = np.random.default_rng(71)
+    activations = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    class_tokens = rng.standard_normal((2, 4, 1)).astype(np.float32)
+    images = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    mixing = rng.standard_normal((5, 4))
+    token_mixing = rng.standard_normal((5, 4))
+
+    def head(batch, extra_tokens, images):
+        pooled = np.tanh(batch.reshape(len(batch), 4, -1)).mean(axis=2) @ mixing.T
+        return pooled + extra_tokens[:, :, 0] @ token_mixing.T + images.mean(axis=(1, 2, 3))[:, None]
+
+    targets = np.array([1, 4])
+    ours = cam.recipro_cam(
+        activations, targets, head, batch_size=4, extra_tokens=class_tokens, images=images
+    )
+    for n in range(2):
+        expected = np.empty((3, 3))
+        for i in range(3):
+            for j in range(3):
+                mosaic = np.zeros_like(activations[n : n + 1])
+                mosaic[..., i, j] = activations[n, :, i, j]
+                logits = head(mosaic, class_tokens[n : n + 1], images[n : n + 1])
+                expected[i, j] = logits[0, targets[n]]
+        np.testing.assert_allclose(ours[n], expected - expected.min(), rtol=1e-5, atol=1e-5)
+
+
+def test_dff_refuses_a_head_that_needs_more_than_the_activations() -> None:
+    net, x, targets = tiny_setup(relu_before_tap=True, count=1)
+    model = TorchCamModel(net, (16, 16))
+    model.head_inputs = ("extra_tokens",)
+    model.layer = "blocks.11"
+    with pytest.raises(UnsupportedModelError, match="also needs extra_tokens"):
+        cam.explain(model, x.numpy(), method="dff")
