@@ -42,7 +42,8 @@ activations by their first principal component (:data:`EIGEN_SMOOTH_METHODS`);
 The sign of an SVD is arbitrary; EigenCAM and EigenGradCAM use the LAPACK routine that
 pytorch-grad-cam's ``get_2d_projection`` uses (single precision, NumPy's ``svd``), so that on
 the same arrays both choose the same sign. Because the post-processing applies a ReLU, the
-sign matters for the final map.
+sign matters for the final map. The same holds for ``eigen_smooth``: weights that differ from
+pytorch-grad-cam's in the last bit can make LAPACK pick the other sign.
 
 Every method is one small function registered in :data:`CAM_METHODS` (a
 :class:`~sp2ps_onnx.registry.Registry`, like the graph's VJP rules and the metric's
@@ -53,10 +54,10 @@ re-run (part of) the model through the CAM model, ``"input"`` methods see the im
 ``eigen_smooth=True`` and ``aug_smooth=False`` say which options apply. :data:`METHODS`,
 :data:`GRADIENT_METHODS`, :data:`EIGEN_METHODS`, :data:`PERTURBATION_METHODS`,
 :data:`INPUT_METHODS` and the option lists are derived from the registry once its entries
-below are registered; :func:`explain` looks
-names up in the registry itself. Adding a method is one entry and one test: decorate a function
-with ``@CAM_METHODS.register("name", needs=...)`` below the others, and compare it with an
-independent reference (pytorch-grad-cam) in tests/test_cam.py.
+below are registered; :func:`explain` looks names up in the registry itself. Adding a method
+is one entry and one test: decorate a function with ``@CAM_METHODS.register("name",
+needs=...)`` below the others, and compare it with an independent reference
+(pytorch-grad-cam, or the method's definition written out) in tests/test_cam_methods.py.
 
 :func:`postprocess` reproduces pytorch-grad-cam's ``BaseCAM`` post-processing: ReLU, per-image
 min-max scaling ``(x - min) / (max(x - min) + 1e-7)``, bilinear resizing with half-pixel
