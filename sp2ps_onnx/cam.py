@@ -67,6 +67,7 @@ zeros.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -682,6 +683,7 @@ def deep_feature_factorization(
     """
     try:
         from sklearn.decomposition import NMF
+        from sklearn.exceptions import ConvergenceWarning
     except ImportError as error:
         raise RuntimeMissingError(
             "Deep Feature Factorization needs scikit-learn's NMF; install it with "
@@ -692,7 +694,11 @@ def deep_feature_factorization(
     by_channel = np.where(np.isnan(maps), 0, maps).transpose(1, 0, 2, 3).reshape(channels, -1)
     offset = by_channel.min(axis=1)
     factorisation = NMF(n_components=int(n_components), init="random", random_state=0)
-    embeddings = factorisation.fit_transform(by_channel - offset[:, None])
+    with warnings.catch_warnings():
+        # pytorch-grad-cam's iteration budget (scikit-learn's default 200), whose maps these
+        # are; on feature maps it often ends before the tolerance, which is no user error.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        embeddings = factorisation.fit_transform(by_channel - offset[:, None])
     concept_maps = factorisation.components_.reshape(-1, count, height, width)
     concepts = (embeddings + offset[:, None]).astype(np.float32)
     return concepts, concept_maps.transpose(1, 0, 2, 3).astype(np.float32)
