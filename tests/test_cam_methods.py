@@ -18,12 +18,15 @@ torchvision resnet18 (random weights, 64x64) exported to ONNX and run by CamMode
 
 from __future__ import annotations
 
+import csv
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from pytorch_grad_cam import DeepFeatureFactorization
 from pytorch_grad_cam.feature_factorization.deep_feature_factorization import dff
 from pytorch_grad_cam.sobel_cam import sobel_cam as reference_sobel_cam
@@ -34,6 +37,7 @@ from scipy import stats
 
 from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import CamModel, cam
+from sp2ps_onnx.cli import cli
 from sp2ps_onnx.errors import InputDataError, UnsupportedModelError
 from tests.test_cam import (
     TorchCamModel,
@@ -518,3 +522,25 @@ def test_dff_refuses_a_head_that_needs_more_than_the_activations() -> None:
     model.layer = "blocks.11"
     with pytest.raises(UnsupportedModelError, match="also needs extra_tokens"):
         cam.explain(model, x.numpy(), method="dff")
+
+
+# --- the command line on the bundled Fashion-MNIST model -----------------------------------
+
+
+@pytest.mark.parametrize("method", ["kpcacam", "fem", "sobelcam", "dff", "reciprocam"])
+def test_sp2ps_cam_writes_the_apis_maps_for_the_new_methods(method: str, tmp_path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    model_path, data = root / "models" / "fmnist_cnn.onnx", root / "models" / "samples"
+    out = tmp_path / "cams"
+    arguments = ["cam", model_path, data / "fmnist_test.npz", "-o", out, "--preset", "unit"]
+    arguments += ["--limit", 3, "--method", method, "-q"]
+    result = CliRunner().invoke(cli, [str(a) for a in arguments], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    archive = np.load(data / "fmnist_test.npz")
+    x = archive["x"][:3].astype(np.float32)[:, None] / 255
+    maps, targets = CamModel(str(model_path)).cams(x, method=method, targets=archive["y"][:3])
+    rows = list(csv.DictReader((out / "cams.csv").open()))
+    assert [int(row["target"]) for row in rows] == targets.tolist()
+    for index, row in enumerate(rows):
+        saved = np.load(out / f"{Path(row['file']).stem}.npy")
+        np.testing.assert_allclose(saved, maps[index], atol=1e-5)
