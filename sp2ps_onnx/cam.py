@@ -33,6 +33,8 @@ method                      raw map for one image, activations ``A`` and gradien
                             scores highest for the target
 ``reciprocam``              ``s_p``, the target score of the head run on the activations
                             masked to position ``p`` (ReciproCAM, Byun & Lee 2022)
+``finercam``                Grad-CAM of ``T = sum_j p_j (z_t - z_j) / sum_j p_j``, ``j`` the
+                            three classes with logits nearest the target's
 ==========================  =============================================================
 
 Options, as in pytorch-grad-cam: ``eigen_smooth`` replaces the channel sum of the weighted
@@ -97,6 +99,7 @@ __all__ = [
     "deep_feature_factorization",
     "eigen_cam",
     "explain",
+    "finer_weights",
     "gradient_weighted_cam",
     "kernel_pca_projection",
     "postprocess",
@@ -858,6 +861,95 @@ def _reciprocam(
         result.activations, targets, cam_model.head_scores, batch_size=batch_size,
         **_head_extras(cam_model, x, result),
     )  # fmt: skip
+
+
+_FINER_EPS = 1e-9
+_FINER_COMPARISONS = (1, 2, 3)
+# Classes whose seed weight is below this share of the largest are left out of FinerCAM's
+# runs: outside the compared classes the weight is p_k * eps-sized (see finer_weights).
+_FINER_NEGLIGIBLE = 1e-6
+
+
+def finer_weights(
+    scores: Any,
+    targets: Any,
+    alpha: float = 1.0,
+    comparisons: tuple[int, ...] = _FINER_COMPARISONS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FinerCAM's seed: the gradient ``dT/dz`` (N, K) of its target score (Zhang et al. 2025,
+    pytorch-grad-cam's ``FinerWeightedTarget``).
+
+    ``T = sum_j p_j (z_t - alpha z_j) / (sum_j p_j + 1e-9)``, ``p = softmax(z)``, ``j`` over
+    the compared classes: those ranked ``comparisons`` (1, 2, 3: the three nearest) by
+    ``|z_k - z_t|``, as pytorch-grad-cam ranks them. Its gradient is a weight vector over the
+    classes; the one of ``T`` with respect to the activations is then
+    ``sum_k (dT/dz_k) dz_k/dA``, the gradients of single classes combined linearly.
+
+    Args:
+        scores: the model's scores ``z`` (N, K).
+        targets: the explained class ``t`` of each image.
+        alpha: how strongly the compared classes are subtracted.
+        comparisons: ranks of the compared classes (rank 0 is ``t``); ranks beyond ``K - 1``
+            are dropped.
+
+    Returns:
+        ``(weights, compared)``: ``dT/dz`` (N, K) float64 and the compared classes (N, m).
+    """
+    logits = np.asarray(scores)
+    count, classes = logits.shape
+    rows = np.arange(count)
+    target_indices = _as_targets(targets, count)
+    ranks = [rank for rank in comparisons if rank < classes]
+    # pytorch-grad-cam ranks the float32 outputs with NumPy's default argsort.
+    distance = np.abs(logits - logits[rows, target_indices][:, None])
+    compared = np.argsort(distance, axis=-1)[:, ranks]
+    z = logits.astype(np.float64)
+    probabilities = special.softmax(z, axis=1)
+    in_compared = np.zeros((count, classes), dtype=bool)
+    in_compared[rows[:, None], compared] = True
+    differences = z[rows, target_indices][:, None] - alpha * z
+    compared_p = np.where(in_compared, probabilities, 0.0)
+    total_p = compared_p.sum(axis=1)
+    numerator = (compared_p * differences).sum(axis=1)
+    denominator = total_p + _FINER_EPS
+    d_numerator = compared_p * (differences - alpha) - probabilities * numerator[:, None]
+    d_numerator[rows, target_indices] += total_p
+    d_denominator = compared_p - probabilities * total_p[:, None]
+    weights = (
+        d_numerator * denominator[:, None] - numerator[:, None] * d_denominator
+    ) / denominator[:, None] ** 2
+    return weights, compared
+
+
+# pytorch-grad-cam's FinerCAM takes eigen_smooth (for its Grad-CAM) but has no aug_smooth.
+@CAM_METHODS.register("finercam", needs="perturbation", eigen_smooth=True, aug_smooth=False)
+def _finercam(
+    cam_model: Any,
+    x: np.ndarray,
+    result: Any,
+    targets: np.ndarray,
+    batch_size: int,
+    eigen_smooth: bool = False,
+) -> np.ndarray:
+    """Grad-CAM of FinerCAM's score ``T = sum_j p_j (z_t - z_j) / sum_j p_j`` over the three
+    classes ``j`` with logits nearest the target's: its gradient ``sum_k (dT/dz_k) g_k``
+    from one run per class that counts (the target's and the three; :func:`finer_weights`)."""
+    weights, _ = finer_weights(result.score, targets)
+    rows = np.arange(len(targets))
+    magnitude = np.abs(weights)
+    needed = magnitude > _FINER_NEGLIGIBLE * magnitude.max(axis=1, keepdims=True)
+    needed[rows, targets] = False  # the run explain made is the target's
+    order = np.argsort(np.where(needed, -magnitude, np.inf), axis=1)
+    acts = _as_feature_maps(result.activations, "activations").astype(np.float32)
+    gradients = weights[rows, targets][:, None, None, None] * result.gradients
+    for rank in range(int(needed.sum(axis=1).max(initial=0))):
+        classes = order[:, rank]
+        used = needed[rows, classes]
+        classes = np.where(used, classes, targets)
+        more = cam_model.run(x, classes).gradients
+        gradients = gradients + np.where(used, weights[rows, classes], 0.0)[:, None, None, None] * more
+    grads = gradients.astype(np.float32)
+    return _weighted_sum(_spatial_mean(grads), acts, eigen_smooth)
 
 
 #: Every supported method name.

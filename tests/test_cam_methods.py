@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from pytorch_grad_cam import DeepFeatureFactorization
+from pytorch_grad_cam import DeepFeatureFactorization, FinerCAM
 from pytorch_grad_cam.feature_factorization.deep_feature_factorization import dff
 from pytorch_grad_cam.sobel_cam import sobel_cam as reference_sobel_cam
 from pytorch_grad_cam.utils.image import scale_cam_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, FinerWeightedTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_kernel
 from scipy import stats
 
@@ -59,6 +59,7 @@ EXPECTED_EIGEN_SMOOTH = (
     "scorecam",
     "ablationcam",
     "randomcam",
+    "finercam",
 )
 #: Maps in [0, 1] of the tiny net, whose activations both sides take from the same torch model.
 TINY_TOLERANCE = 1e-5
@@ -188,7 +189,7 @@ def test_eigen_smooth_raw_maps_match_pytorch_grad_cam_up_to_sign(method: str) ->
         assert min(same, flipped) / scale <= 1e-5
 
 
-@pytest.mark.parametrize("method", EXPECTED_EIGEN_SMOOTH)
+@pytest.mark.parametrize("method", [m for m in EXPECTED_EIGEN_SMOOTH if m in REFERENCE_CLASSES])
 def test_eigen_smooth_end_to_end_matches_pytorch_grad_cam(method: str) -> None:
     net, x, targets = tiny_setup(relu_before_tap=True, count=3, seed=2)
     model = TorchCamModel(net, (16, 16))
@@ -544,3 +545,57 @@ def test_sp2ps_cam_writes_the_apis_maps_for_the_new_methods(method: str, tmp_pat
     for index, row in enumerate(rows):
         saved = np.load(out / f"{Path(row['file']).stem}.npy")
         np.testing.assert_allclose(saved, maps[index], atol=1e-5)
+
+
+# --- FinerCAM ---------------------------------------------------------------------------------
+
+
+def test_finer_weights_are_the_gradient_of_finercams_target_score() -> None:
+    rng = np.random.default_rng(81)
+    scores = (3 * rng.standard_normal((4, 12))).astype(np.float32)
+    scores[3] *= 8  # a confident image: the compared classes have tiny probabilities
+    targets = np.array([0, 5, 11, int(scores[3].argmax())])
+    for alpha in (1.0, 0.6):
+        weights, compared = cam.finer_weights(scores, targets, alpha=alpha)
+        for row, (target, classes) in enumerate(zip(targets, compared, strict=True)):
+            logits = torch.tensor(scores[row], dtype=torch.float64, requires_grad=True)
+            score = FinerWeightedTarget(int(target), [int(c) for c in classes], alpha)(logits)
+            (expected,) = torch.autograd.grad(score, logits)
+            np.testing.assert_allclose(weights[row], expected.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def reference_finercam(net, x: torch.Tensor, target_idx=None, eigen_smooth=False) -> np.ndarray:
+    finer = FinerCAM(net, target_layers=[net.tap])
+    try:
+        return finer(x, targets=None, target_idx=target_idx, eigen_smooth=eigen_smooth)
+    finally:
+        finer.base_cam.activations_and_grads.release()
+
+
+def test_finercam_matches_pytorch_grad_cam_on_the_tiny_net() -> None:
+    net, x, _ = tiny_setup(relu_before_tap=False, count=4, seed=9)
+    model = TorchCamModel(net, (16, 16))
+    ours, used = cam.explain(model, x.numpy(), method="finercam")
+    np.testing.assert_array_equal(used, model.scores(x.numpy()).argmax(axis=1))
+    assert model.run_batch_sizes == [4] * 4  # the target's run, then the three compared
+    assert max_deviation(ours, reference_finercam(net, x)) <= TINY_TOLERANCE
+    # A given class: pytorch-grad-cam's target_idx (one class for the whole batch).
+    given, _ = cam.explain(model, x.numpy(), method="finercam", targets=2)
+    assert max_deviation(given, reference_finercam(net, x, target_idx=2)) <= TINY_TOLERANCE
+
+
+def test_finercam_on_resnet18_matches_pytorch_grad_cam(resnet18) -> None:
+    cam_model, tapped, x = resnet18
+    ours, _ = cam_model.cams(x.numpy(), method="finercam")
+    assert max_deviation(ours, reference_finercam(tapped, x)) <= 1e-3
+
+
+def test_finercam_with_eigen_smooth_matches_pytorch_grad_cam() -> None:
+    net, x, _ = tiny_setup(relu_before_tap=True, count=3, seed=10)
+    model = TorchCamModel(net, (16, 16))
+    ours, _ = cam.explain(model, x.numpy(), method="finercam", eigen_smooth=True)
+    raw, _ = cam.explain(model, x.numpy(), method="finercam", eigen_smooth=True, raw=True)
+    theirs = reference_finercam(net, x, eigen_smooth=True)
+    assert_equal_up_to_projection_sign(ours, raw, theirs, TINY_TOLERANCE)
+    with pytest.raises(InputDataError, match="aug_smooth does not apply"):
+        cam.explain(model, x.numpy(), method="finercam", aug_smooth=True)
