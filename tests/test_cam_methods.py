@@ -8,6 +8,8 @@
   (both draw from NumPy's global generator).
 * SobelCAM: OpenCV's own Sobel filter in floating point, and pytorch-grad-cam's ``sobel_cam``
   on a uint8 picture, which rounds to integers (so 0.5 of a grey level apart at most).
+* FinerCAM: pytorch-grad-cam's ``FinerCAM`` (its seed ``dT/dz`` also against torch autograd
+  of its ``FinerWeightedTarget``).
 * ReciproCAM: its definition (Byun & Lee 2022; OpenVINO-XAI's CNN variant, one position of
   the feature map kept per mosaic, logits, min-max scaling) written out in torch, one
   position at a time.
