@@ -297,12 +297,21 @@ def test_quantized_model_input_gradients_follow_the_float_model(form: str, tmp_p
         reference = CamModel(source, backward=options).run(x)
         result = CamModel(quantized, backward=options).run(x, reference.targets)
         assert _cosine(result.input_gradient, reference.input_gradient) > 0.98, relu_backward
-    if form == "qdq":
-        terms = CamModel(quantized, backward=BackwardOptions(bias_gradients=True)).run(x).bias_gradients
-        assert len(terms) == 6  # five Conv and the Gemm, their biases from DequantizeLinear
-    else:
-        with pytest.raises(UnsupportedModelError, match="QLinearConv"):
-            CamModel(quantized, backward=BackwardOptions(bias_gradients=True))
+    # FullGrad's terms: the five Convs and the Gemm, their biases dequantized (QDQ: by a
+    # DequantizeLinear; QOperator: int32 at x_scale * w_scale), before the fused ReLUs.
+    options = BackwardOptions(bias_gradients=True)
+    reference = CamModel(source, backward=options).run(x)
+    terms = CamModel(quantized, backward=options).run(x, reference.targets).bias_gradients
+    assert len(terms) == len(reference.bias_gradients) == 6
+    for want, got in zip(reference.bias_gradients.values(), terms.values(), strict=True):
+        assert _cosine(got, want) > 0.98
+
+
+def test_bias_terms_of_dynamic_quantization_are_refused(tmp_path) -> None:
+    """ConvInteger adds its bias in a separate node after the integer convolution."""
+    quantized = quantize_ort(Path("models/fmnist_cnn.onnx"), tmp_path / "dynamic.onnx", "dynamic")
+    with pytest.raises(UnsupportedModelError, match="ConvInteger"):
+        CamModel(str(quantized), backward=BackwardOptions(bias_gradients=True))
 
 
 def _torch_hvp(model: nn.Module, module: nn.Module, x: torch.Tensor, targets) -> np.ndarray:

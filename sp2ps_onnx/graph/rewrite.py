@@ -29,7 +29,7 @@ from .locate import (
 )
 from .locate import stage_layers as find_stage_layers
 from .model_io import attribute, blame_invalid_model, load_model, naming_the_model
-from .rules import is_piecewise_linear
+from .rules import is_piecewise_linear, qlinear_conv_pre_activation_grad
 from .second_order import hessian_vector_product
 
 SCORE, ACTIVATIONS, GRADIENTS, TARGET, TARGETS_USED, EXTRA_TOKENS = (
@@ -533,7 +533,7 @@ def _check_differentiable_input(info: GraphInfo, path: str | None) -> None:
 
 # Quantized linear ops that hold their bias inside (QOperator) or add it in a separate node
 # after integer arithmetic (dynamic quantization): FullGrad's terms are not read off them.
-_FOLDED_BIAS_OPS = frozenset({"QLinearConv", "QGemm", "ConvInteger", "MatMulInteger", "QLinearMatMul"})
+_FOLDED_BIAS_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearMatMul"})
 
 
 def _check_plain_biases(info: GraphInfo, path_nodes: list[int], path: str | None) -> None:
@@ -542,8 +542,8 @@ def _check_plain_biases(info: GraphInfo, path_nodes: list[int], path: str | None
         raise UnsupportedModelError(
             f"bias_gradients (FullGrad) reads the bias of every Conv, Gemm and BatchNormalization, but "
             f"{path or 'the model'} computes its convolutions or products as "
-            f"{', '.join(folded)} (QOperator or dynamic quantization), whose biases it cannot "
-            "pair with a gradient; use the float model or its QDQ quantization"
+            f"{', '.join(folded)} (dynamic quantization), whose biases are added apart from "
+            "them; use the float model or its static (QDQ or QOperator) quantization"
         )
 
 
@@ -554,8 +554,10 @@ def _bias_term(
     does not depend on the input, the bias laid along the output's channel axis (1 for
     all three), and the bias's value; else None."""
     out = node.output[0]
-    if out not in grads or node.op_type not in ("Conv", "Gemm", "BatchNormalization"):
+    if out not in grads or node.op_type not in ("Conv", "Gemm", "BatchNormalization", "QLinearConv", "QGemm"):
         return None
+    if node.op_type in ("QLinearConv", "QGemm"):
+        return _quantized_bias_term(b, info, node, grads[out])
     if node.op_type == "BatchNormalization":
         parameters = node.input[1:5]
         if len(parameters) < 4 or any(p in info.input_dependent for p in parameters):
@@ -580,6 +582,26 @@ def _bias_term(
     if rank > 2:
         bias = b.op("Reshape", [bias, b.ints([-1] + [1] * (rank - 2))])
     return b.mul(grads[out], bias), value
+
+
+def _quantized_bias_term(
+    b: GraphBuilder, info: GraphInfo, node: onnx.NodeProto, grad: str
+) -> tuple[str, np.ndarray] | None:
+    """A QLinearConv's or QGemm's term: its int32 bias at scale ``x_scale * w_scale`` (per
+    output channel), times the gradient at its float result (before a ReLU fused into the
+    output quantization, as the float Conv's term is before its ReLU)."""
+    x_scale, w_scale, bias = (1, 4, 8) if node.op_type == "QLinearConv" else (1, 4, 6)
+    if len(node.input) <= bias or not node.input[bias]:
+        return None
+    values = [info.static_value(node.input[i]) for i in (x_scale, w_scale, bias)]
+    if any(v is None for v in values):
+        return None
+    x_s, w_s, codes = (np.asarray(v, np.float64) for v in values)
+    value = (codes.reshape(-1) * float(x_s.reshape(-1)[0]) * w_s.reshape(-1)).astype(np.float32)
+    rank = len(info.shapes[node.output[0]])
+    if node.op_type == "QLinearConv":
+        grad = qlinear_conv_pre_activation_grad(b, node, grad)
+    return b.mul(grad, b.const(value.reshape([-1] + [1] * (rank - 2)))), value
 
 
 def _one_hot_seed(

@@ -1214,8 +1214,15 @@ def _matmul_left_grad(
 @vjp("QLinearConv", inputs=(0,))
 def _qlinear_conv(b, node, dys, needs):
     weight = _dequantized_weight(b, node, 3, 4, 5, axis=0)
-    dy = _inside_output_range(b, node, dys[0], lambda: _qlinear_conv_float(b, node, weight), 6, 7)
+    dy = qlinear_conv_pre_activation_grad(b, node, dys[0])
     return [_conv_input_grad(b, node, dy, weight, node.input[3])] + [None] * (len(node.input) - 1)
+
+
+def qlinear_conv_pre_activation_grad(b: GraphBuilder, node: onnx.NodeProto, dy: str) -> str:
+    """The gradient at a QLinearConv's float result, before the ReLU fused into its output
+    quantization (if any), from ``dy`` at its dequantized output."""
+    weight = _dequantized_weight(b, node, 3, 4, 5, axis=0)
+    return _inside_output_range(b, node, dy, lambda: _qlinear_conv_float(b, node, weight), 6, 7)
 
 
 def _qlinear_conv_float(b: GraphBuilder, node: onnx.NodeProto, weight: str) -> str:
