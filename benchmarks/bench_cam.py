@@ -1,6 +1,7 @@
 """Speed of the vectorised CAM methods against per-image / per-channel loops.
 
 Run from the repository root: .venv/bin/python -m benchmarks.bench_cam [--batch 32] [--repeats 5]
+[--tables base new postprocess]
 
 For each layer shape (N images, C channels, 7x7 positions, like ResNet-18, EfficientNet-Lite0
 and ResNet-50 at 224x224) every method of ``sp2ps_onnx.cam`` is timed on random activations
@@ -198,7 +199,8 @@ def new_method_rows(
          lambda a: cam.recipro_cam(a, targets, head, batch_size=64), (acts,), False)
     )  # fmt: skip
     for method, theirs, ours, arguments, up_to_sign in rows:
-        times = min(repeats, 2) if method.startswith("dff") else repeats
+        # The slow pairs (seconds per call) once: their spread is far below their ratio.
+        times = 1 if method.startswith(("dff", "gradcam + eigen")) else repeats
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NMF's ConvergenceWarning, on both sides
             mine = ours(*arguments)
@@ -229,16 +231,7 @@ def agree(first: np.ndarray, second: np.ndarray, up_to_sign: bool) -> float:
     return float(deviation.max()) / scale
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    options = parser.parse_args()
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}")
-    print(f"N = {options.batch}, 7x7 positions, best of {options.repeats}, process CPU seconds")
-    print()
+def base_table(options: argparse.Namespace, rng: np.random.Generator) -> None:
     print(
         "| layer (C) | method | loop (ms) | pytorch-grad-cam (ms) | ours (ms) | "
         "vs loop | vs pytorch-grad-cam | max rel. diff |"
@@ -267,6 +260,9 @@ def main() -> None:
                 f"{difference:.1e} |"
             )
     print()
+
+
+def new_methods_table(options: argparse.Namespace, rng: np.random.Generator) -> None:
     print("Methods and options of issue 20 (same N, 7x7 positions):")
     print()
     print("| layer (C) | method | pytorch-grad-cam (ms) | ours (ms) | vs pytorch-grad-cam | "
@@ -289,6 +285,10 @@ def main() -> None:
                 f"| {layer} ({channels}) | {method} | {1e3 * t_ref:.1f} | {1e3 * t_ours:.2f} | "
                 f"{t_ref / t_ours:.1f}x | {difference:.1e} |"
             )
+    print()
+
+
+def postprocess_table(options: argparse.Namespace, rng: np.random.Generator) -> None:
     raw = rng.standard_normal((options.batch, 7, 7)).astype(np.float32)
 
     def reference_postprocess() -> np.ndarray:
@@ -297,7 +297,6 @@ def main() -> None:
     difference = float(np.abs(cam.postprocess(raw, (224, 224)) - reference_postprocess()).max())
     t_ref = best_cpu_seconds(options.repeats, reference_postprocess)
     t_ours = best_cpu_seconds(options.repeats, cam.postprocess, raw, (224, 224))
-    print()
     print(
         "| post-processing to 224x224 | pytorch-grad-cam + OpenCV (ms) | ours (ms) | "
         "ratio | max abs diff |"
@@ -307,6 +306,28 @@ def main() -> None:
         f"| N = {options.batch} | {1e3 * t_ref:.2f} | {1e3 * t_ours:.2f} | "
         f"{t_ref / t_ours:.2f}x | {difference:.1e} |"
     )
+
+
+TABLES = {"base": base_table, "new": new_methods_table, "postprocess": postprocess_table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--tables", nargs="+", choices=sorted(TABLES), default=list(TABLES),
+        help="which tables (default: all): the base methods against a loop and "
+        "pytorch-grad-cam, the methods of issue 20, the post-processing",
+    )  # fmt: skip
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}")
+    print(f"N = {options.batch}, 7x7 positions, best of {options.repeats}, process CPU seconds")
+    print()
+    for name in options.tables:
+        # Each table draws its own arrays, the same whichever others run.
+        TABLES[name](options, np.random.default_rng(list(TABLES).index(name)))
 
 
 if __name__ == "__main__":

@@ -933,14 +933,20 @@ def _finercam(
 ) -> np.ndarray:
     """Grad-CAM of FinerCAM's score ``T = sum_j p_j (z_t - z_j) / sum_j p_j`` over the three
     classes ``j`` with logits nearest the target's: its gradient ``sum_k (dT/dz_k) g_k``
-    from one run per class that counts (the target's and the three; :func:`finer_weights`)."""
+    from one run per class that counts (the target's and the three; :func:`finer_weights`),
+    or from one more run seeded with ``dT/dz`` where the model takes a weighted seed."""
     weights, _ = finer_weights(result.score, targets)
+    acts = _as_feature_maps(result.activations, "activations").astype(np.float32)
+    if getattr(getattr(cam_model, "graph", None), "target_weights", None) is not None:
+        # A model built with BackwardOptions(weighted_seed=True) takes dT/dz as its seed:
+        # one run gives the gradient of T itself.
+        seeded = cam_model.run(x, target_weights=weights.astype(np.float32)).gradients
+        return _weighted_sum(_spatial_mean(seeded.astype(np.float32)), acts, eigen_smooth)
     rows = np.arange(len(targets))
     magnitude = np.abs(weights)
     needed = magnitude > _FINER_NEGLIGIBLE * magnitude.max(axis=1, keepdims=True)
     needed[rows, targets] = False  # the run explain made is the target's
     order = np.argsort(np.where(needed, -magnitude, np.inf), axis=1)
-    acts = _as_feature_maps(result.activations, "activations").astype(np.float32)
     gradients = weights[rows, targets][:, None, None, None] * result.gradients
     for rank in range(int(needed.sum(axis=1).max(initial=0))):
         classes = order[:, rank]

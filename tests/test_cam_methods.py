@@ -41,6 +41,7 @@ from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import CamModel, cam
 from sp2ps_onnx.cli import cli
 from sp2ps_onnx.errors import InputDataError, UnsupportedModelError
+from sp2ps_onnx.graph.rewrite import BackwardOptions
 from tests.test_cam import (
     TorchCamModel,
     make_tiny_net,
@@ -601,3 +602,16 @@ def test_finercam_with_eigen_smooth_matches_pytorch_grad_cam() -> None:
     assert_equal_up_to_projection_sign(ours, raw, theirs, TINY_TOLERANCE)
     with pytest.raises(InputDataError, match="aug_smooth does not apply"):
         cam.explain(model, x.numpy(), method="finercam", aug_smooth=True)
+
+
+def test_finercam_with_a_weighted_seed_takes_one_more_run(resnet18) -> None:
+    cam_model, tapped, x = resnet18
+    seeded = CamModel(str(cam_model.path), backward=BackwardOptions(weighted_seed=True))
+    calls = []
+    run = seeded.run
+    seeded.run = lambda *args, **kwargs: calls.append(kwargs) or run(*args, **kwargs)
+    ours, _ = seeded.cams(x.numpy(), method="finercam")
+    assert len(calls) == 2 and "target_weights" in calls[1]
+    assert max_deviation(ours, reference_finercam(tapped, x)) <= 1e-3
+    four_runs, _ = cam_model.cams(x.numpy(), method="finercam")
+    assert max_deviation(ours, four_runs) <= 1e-4

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import warnings
 from pathlib import Path
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
 from torchvision.models import ResNet18_Weights
 
 from sp2ps_onnx.classes import BUILT_IN_CLASS_LISTS, built_in_classes
+from sp2ps_onnx.cli import cli
 from sp2ps_onnx.data import parse_classes
 
 
@@ -44,3 +52,34 @@ def test_built_in_lists_are_package_data(name: str) -> None:
     ]["sp2ps_onnx"]
     resource = Path(BUILT_IN_CLASS_LISTS[name])
     assert any(resource.match(pattern) for pattern in patterns)
+
+
+def test_sp2ps_cam_names_a_1000_class_models_classes_with_imagenet(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 1000),
+    ).eval()
+    path = tmp_path / "thousand.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, 16, 16),), str(path), input_names=["input"],
+            output_names=["logits"], dynamic_axes={"input": {0: "batch"}}, opset_version=17,
+            dynamo=False,
+        )  # fmt: skip
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        iio.imwrite(pictures / f"p{index}.png", rng.integers(0, 256, (16, 16, 3), np.uint8))
+    out = tmp_path / "cams"
+    arguments = ["cam", path, pictures, "-o", out, "--classes", "imagenet", "-q"]
+    result = CliRunner().invoke(cli, [str(a) for a in arguments], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "cams.csv").open()))
+    names = built_in_classes("imagenet")
+    assert len(rows) == 3
+    for row in rows:
+        assert row["target_name"] == names[int(row["target"])]
+        assert row["top1_name"] == names[int(row["top1"])]
