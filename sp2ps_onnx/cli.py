@@ -2,7 +2,8 @@
 
 A thin layer over :mod:`sp2ps_onnx.scoring`, :mod:`sp2ps_onnx.data` and
 :mod:`sp2ps_onnx.report`. Every :class:`~sp2ps_onnx.errors.Sp2PSError` ends the command
-with one line ``sp2ps: error: <message>`` on stderr and exit status 2; outputs are written
+with one line ``sp2ps: error: <message>`` on stderr and exit status 2 (3 for an unexpected
+error; ``score --fail-under`` exits with 4 when a pruned model is below it); outputs are written
 to a temporary sibling directory and moved into place only when complete.
 """
 
@@ -27,7 +28,6 @@ from .convert import check_converter, needs_conversion, to_onnx
 from .data import PRESETS, open_data, parse_size
 from .errors import InputDataError, LayerNotFoundError, ModelLoadError, Sp2PSError
 from .explain import explain
-from .figures import colormap, overlay, write_png
 from .graph import inspect_model
 from .graph.model_io import save_model
 from .metric import AGGREGATIONS, SPATIAL, SPECTRAL
@@ -48,6 +48,7 @@ from .scoring import (
     RayOptions,
     ReferenceOptions,
     RunOptions,
+    check_gate,
     model_info,
     open_model,
     score_models,
@@ -62,6 +63,9 @@ _DEBUG = "sp2ps.debug"
 #: Exit status of an error in the user's input (a Sp2PSError), and of an unexpected one.
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
+#: Exit status of ``sp2ps score --fail-under`` when a pruned model is below the threshold
+#: (the report is written all the same).
+EXIT_GATE_FAILED = 4
 
 
 def _fail(message: str, status: int) -> NoReturn:
@@ -225,7 +229,8 @@ def _run_options(given: dict[str, Any], checkpoint: Path | None = None) -> RunOp
     )
     return RunOptions(batch_size=given["batch_size"], device=given["device"],
                       progress=_show_progress(given["quiet"]), quiet=given["quiet"],
-                      checkpoint=checkpoint, resume=given.get("resume", False), ray=ray)
+                      checkpoint=checkpoint, resume=given.get("resume", False), ray=ray,
+                      cache=given.get("cache"))
 
 
 def _parse_grid(grid: str | None) -> tuple[int, int] | None:
@@ -389,6 +394,8 @@ def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, cmap: str,
     if Path(out).resolve() in {Path(p).resolve() for p in (model, *inputs)}:
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     check_report_packages()
+    from .figures import colormap, overlay, write_png  # matplotlib: the optional report extra
+
     colormap(cmap)
     source = open_data(list(inputs), classes=data_options.classes, limit=data_options.limit,
                        strict=data_options.strict)
@@ -496,6 +503,17 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
               "positions are taken as the model's class indices.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same "
               "--out, models, data and options (rows are saved under --out as they come).")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Keep the passes of the original, the random floor and the references in "
+              "DIR, so that a later run with new pruned models runs only those (same numbers "
+              "to the last bit; a changed model, option or batch, or a damaged file, is "
+              "recomputed).")
+@click.option("--fail-under", type=float, default=None, metavar="SP2PS",
+              help="Gate for CI: exit with status 4 (after writing the report) when any "
+              "pruned model's Sp2PS is below SP2PS; references and the random floor are not "
+              "gated. results.json records the rule and the verdict.")
+@click.option("--fail-under-ci", is_flag=True, help="Gate on the lower bound of the 95% "
+              "confidence interval of Sp2PS instead of Sp2PS itself (needs --bootstrap > 0).")
 @click.option("--no-floor", is_flag=True, help="Leave out the random floor: a copy of the "
               "original with its weights re-initialised layer by layer from the score "
               "(seeded by --seed), scored as a reference (one more model pass).")
@@ -513,6 +531,13 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
     writes results.json, per_sample.csv, report.html and figures/ to --out."""
     if given["resume"] and no_report:
         raise click.UsageError("--resume continues the rows saved under --out; drop --no-report")
+    fail_under, on_ci = given["fail_under"], given["fail_under_ci"]
+    if on_ci and fail_under is None:
+        raise click.UsageError("--fail-under-ci says how --fail-under is read; give "
+                               "--fail-under THRESHOLD too")
+    if on_ci and given["bootstrap"] == 0:
+        raise click.UsageError("--fail-under-ci gates on the bootstrap confidence interval; "
+                               "give --bootstrap > 0 (default 1000)")
     references = given["references"]
     for path in (original, *pruned, *references):
         _check_model_path(path)
@@ -521,6 +546,8 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     if not no_report:
         check_report_packages(" (or pass --no-report for the table only)")
+        from .figures import colormap  # matplotlib: the optional report extra
+
         colormap(cmap)
     formats = ["png", "svg", *figure_formats]
     cam_options, data_options = _cam_options(given), _read_options(given)
@@ -541,6 +568,8 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
         if conversions:
             report.config["conversions"] = conversions
         report.config["cmap"] = cmap
+        if fail_under is not None:
+            report.gate = check_gate(report.models, fail_under, on_ci).to_dict()
         return report
 
     if no_report:
@@ -552,9 +581,19 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
             write_report(report, directory, formats=formats, cmap=cmap)
     for message in report.notes:
         _note(f"sp2ps: note: {message}", quiet)
+    cached = report.config.get("cache")
+    if cached and "hits" in cached:
+        _note(f"sp2ps: cache {cached['directory']}: {cached['hits']} batch passes read, "
+              f"{cached['misses']} computed, {cached['corrupt']} damaged and recomputed", quiet)
     click.echo(format_table(report, fmt))
     if not no_report:
         _note(f"sp2ps: report written to {Path(out) / 'report.html'}", quiet)
+    if fail_under is not None:
+        verdict = check_gate(report.models, fail_under, on_ci)
+        if not verdict.passed:  # said even with --quiet: it is why the command fails
+            click.echo(f"sp2ps: {verdict.message()}", err=True)
+            raise click.exceptions.Exit(EXIT_GATE_FAILED)
+        _note(f"sp2ps: {verdict.message()}", quiet)
 
 
 @cli.command(short_help="Write the rewritten, CAM-ready ONNX model.")

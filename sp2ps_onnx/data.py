@@ -53,6 +53,7 @@ import skimage.color
 import skimage.transform
 from PIL import Image
 
+from .classes import BUILT_IN_CLASS_LISTS, built_in_classes
 from .errors import InputDataError
 
 MAX_IMAGE_PIXELS = 89_478_485
@@ -374,7 +375,8 @@ def looks_like_path(value: str) -> bool:
 
 
 def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
-    """Class names in label order from a text file (one per line) or a comma-separated list.
+    """Class names in label order from a text file (one per line), a comma-separated list
+    or a built-in list's name (``imagenet``: :mod:`sp2ps_onnx.classes`).
 
     A value that looks like a path (:func:`looks_like_path`) but names no file is an error,
     never taken as one class name.
@@ -393,6 +395,8 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
         )
     if not isinstance(classes, str):
         names = [str(c) for c in classes]
+    elif classes in BUILT_IN_CLASS_LISTS and not os.path.isfile(classes):
+        names = built_in_classes(classes) or []  # --classes imagenet
     elif os.path.isfile(classes):
         try:
             text = Path(classes).read_text(encoding="utf-8")

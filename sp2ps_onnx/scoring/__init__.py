@@ -15,11 +15,19 @@ module importing only those below it (checked by import-linter, see ``pyproject.
 - :mod:`.ray_backend`: the Ray Data backend.
 - :mod:`.band`: the scale a score is read on (random floor, references, bands).
 - :mod:`.run`: the execution plan and :func:`score_models`.
+- :mod:`.gate`: the ``--fail-under`` rule and its verdict (:func:`check_gate`).
+- :mod:`.judge`: :class:`Sp2PSJudge`, one candidate at a time against an original run once.
+
+Beside them, :mod:`.files` (atomic writes, checksummed archives) and :mod:`.cache` (the
+pass cache of ``--cache DIR``: the original's, the floor's and the references' passes).
 """
 
 from .aggregate import Aggregate, aggregate
 from .batch import BatchScorer, ScorerSpec, build_scorer
+from .cache import PassCache
 from .checks import check_comparable, check_label_range, resolve_target
+from .gate import GateVerdict, check_gate
+from .judge import Sp2PSJudge
 from .models import ModelInfo, file_sha256, model_info, open_model, package_versions
 from .options import (
     TARGET_MODES,
@@ -44,18 +52,22 @@ __all__ = [
     "DataOptions",
     "Example",
     "ExecutionPlan",
+    "GateVerdict",
     "MetricOptions",
     "ModelInfo",
     "ModelScore",
+    "PassCache",
     "RayOptions",
     "ReferenceOptions",
     "RowTable",
     "RunOptions",
     "ScoreReport",
     "ScorerSpec",
+    "Sp2PSJudge",
     "aggregate",
     "build_scorer",
     "check_comparable",
+    "check_gate",
     "check_label_range",
     "concat_rows",
     "file_sha256",

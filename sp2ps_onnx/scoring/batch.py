@@ -7,6 +7,7 @@ once per batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from .. import metric
 from ..data import Batch, Preprocessing
 from ..errors import InputDataError, ModelMismatchError
 from ..faithfulness import FaithfulnessOptions, FaithfulnessResult, evaluate_faithfulness
+from .cache import Pass, PassCache, model_key, tensor_digest
 from .checks import check_labels
 from .models import ModelLike, open_model
 from .options import CamOptions, DataOptions, MetricOptions
@@ -91,14 +93,18 @@ class BatchScorer:
         self.pruned_preps = list(pruned_preps)
         self.spec = spec
         self.map_size = (original_prep.height, original_prep.width)
+        self.cache: PassCache | None = None
+        self._keys: list[str | None] = [None] * (1 + len(self.pruned))
 
     def __call__(self, batch: Batch, indices: np.ndarray) -> BatchOutput:
         return self.rows(self.run_models(self.prepare(batch, indices)))
 
-    def prepare(self, batch: Batch, indices: np.ndarray) -> _Prepared:
-        """Check labels and preprocess the batch for every model (shared where equal)."""
+    def prepare(self, batch: Batch, indices: np.ndarray,
+                original: tuple[np.ndarray, np.ndarray] | None = None) -> _Prepared:
+        """Check labels and preprocess the batch for every model (shared where equal);
+        ``original``: the original's input and display images when already made."""
         check_labels(batch.labels, int(self.original.num_classes), batch.ids)
-        x_original, display = self.original_prep.with_display(batch.images)
+        x_original, display = original or self.original_prep.with_display(batch.images)
         cache = {self.original_prep: x_original}
         x_pruned = []
         for prep in self.pruned_preps:
@@ -110,29 +116,75 @@ class BatchScorer:
             display, x_pruned,
         )
 
-    def run_models(self, prepared: _Prepared) -> _ModelOutputs:
-        """CAMs, targets and scores of the original and every pruned model."""
-        wanted = prepared.labels if self.spec.mode == "label" else None
-        original = self._cams(self.original, prepared.x_original, wanted)
-        pruned_wanted = None if self.spec.mode == "self" else original[1]
-        pruned = [
-            self._cams(model, x, pruned_wanted)
-            for model, x in zip(self.pruned, prepared.x_pruned, strict=True)
-        ]
+    def use_cache(self, cache: PassCache | None, cached: Sequence[int],
+                  providers: Sequence[str] | None) -> None:
+        """Take the original's passes, and those of the pruned models at positions
+        ``cached`` (the random floor, references: models that do not change between
+        runs), from ``cache`` when it holds them, and store them there when not."""
+        self.cache = cache
+        self._keys = [None] * (1 + len(self.pruned))
+        if cache is None:
+            return
+        spec = self.spec
+        figures = ({"seed": spec.metric.seed, "batch": self._faithfulness_batch()}
+                   if spec.metric.faithfulness else None)
+        preps = [self.original_prep, *self.pruned_preps]
         models = [self.original, *self.pruned]
-        faithful: list[FaithfulnessResult | None] = [None] * len(models)
-        if self.spec.metric.faithfulness:
-            inputs = [prepared.x_original, *prepared.x_pruned]
-            faithful = [self._faithfulness(model, x, out)
-                        for model, x, out in zip(models, inputs, [original, *pruned], strict=True)]
-        return _ModelOutputs(prepared, original, pruned, faithful)
+        for index in (0, *(1 + j for j in cached)):
+            options = {"method": spec.cam.method, "size": list(self.map_size),
+                       "target": spec.mode, "grid": spec.cam.grid,
+                       "preprocessing": dataclasses.asdict(preps[index]),
+                       "faithfulness": figures}
+            self._keys[index] = model_key(models[index], options, providers)
+
+    def run_models(self, prepared: _Prepared, original: Pass | None = None) -> _ModelOutputs:
+        """CAMs, targets and scores of the original and every pruned model (``original``:
+        the original's pass when the caller already has it)."""
+        wanted = prepared.labels if self.spec.mode == "label" else None
+        digests: dict[int, str] = {}
+        if original is None:
+            original = self._pass(0, self.original, prepared.x_original, wanted, digests)
+        pruned_wanted = None if self.spec.mode == "self" else original.targets
+        pruned = [
+            self._pass(1 + j, model, x, pruned_wanted, digests)
+            for j, (model, x) in enumerate(zip(self.pruned, prepared.x_pruned, strict=True))
+        ]
+        return _ModelOutputs(prepared, original.as_tuple(), [p.as_tuple() for p in pruned],
+                             [p.faithfulness for p in (original, *pruned)])
+
+    def original_pass(self, prepared: _Prepared) -> Pass:
+        """The original's pass over a prepared batch (from the cache when it holds it)."""
+        wanted = prepared.labels if self.spec.mode == "label" else None
+        return self._pass(0, self.original, prepared.x_original, wanted, {})
+
+    def _pass(self, index: int, model: Any, x: np.ndarray, wanted: np.ndarray | None,
+              digests: dict[int, str]) -> Pass:
+        """One model's pass over one batch; through the cache for the models it keeps."""
+        key = self._keys[index] if self.cache is not None else None
+        faithfulness = self.spec.metric.faithfulness
+        if key is not None:
+            if id(x) not in digests:  # models with the same preprocessing share the input
+                digests[id(x)] = tensor_digest(x)
+            key = PassCache.entry_key(key, digests[id(x)], wanted)
+            found = self.cache.get(key, len(x), faithfulness)
+            if found is not None:
+                return found
+        maps, used, scores = self._cams(model, x, wanted)
+        figures = self._faithfulness(model, x, (maps, used, scores)) if faithfulness else None
+        found = Pass(maps, used, scores, figures)
+        if key is not None:
+            self.cache.put(key, found)
+        return found
+
+    def _faithfulness_batch(self) -> int:
+        return max(self.spec.batch_size, 64)
 
     def _faithfulness(self, model: Any, x: np.ndarray, outputs: tuple) -> FaithfulnessResult:
         """How faithfully ``model``'s own CAMs explain it, on this batch."""
         maps, targets, scores = outputs
         usable = np.where(_nonfinite(maps, scores)[:, None, None], 0.0, maps)
         options = FaithfulnessOptions(layout=str(model.layout), seed=self.spec.metric.seed,
-                                      batch_size=max(self.spec.batch_size, 64))
+                                      batch_size=self._faithfulness_batch())
         return evaluate_faithfulness(x, usable, targets, model.scores, options)
 
     def _cams(self, model: Any, x: np.ndarray, targets: np.ndarray | None) -> tuple:
@@ -321,11 +373,15 @@ def build_scorer(
     providers: Sequence[str] | None = None,
     session_threads: int | None = None,
     spinning: bool = True,
+    cache: PassCache | None = None,
+    cached: Sequence[int] = (),
 ) -> BatchScorer:
     """Open every model once (rewrite, session) and build the per-batch kernel.
 
     ``session_threads`` and ``spinning`` set every session's intra-op threads and whether
-    they spin while idle (see :func:`~sp2ps_onnx.scoring.run.plan_execution`).
+    they spin while idle (see :func:`~sp2ps_onnx.scoring.run.plan_execution`). With
+    ``cache`` the original's passes, and those of the pruned models at positions
+    ``cached``, come from the cache when it holds them (:mod:`.cache`).
     """
     cam, data = spec.cam, spec.data
 
@@ -351,4 +407,6 @@ def build_scorer(
             )
         pruned_cams.append(cam_model)
         pruned_preps.append(preprocessing(cam_model, size))
-    return BatchScorer(original_cam, pruned_cams, original_prep, pruned_preps, spec)
+    scorer = BatchScorer(original_cam, pruned_cams, original_prep, pruned_preps, spec)
+    scorer.use_cache(cache, cached, providers)
+    return scorer

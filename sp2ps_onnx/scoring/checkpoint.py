@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,23 +22,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputDataError
+from .files import atomic_write
 from .rows import concat_rows, examples_from_arrays, examples_to_arrays, npz_bytes
 
 MANIFEST = "manifest.json"
 _CHUNK = re.compile(r"^(rows|examples)-(\d{6})\.npz$")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class RowStore:
@@ -86,7 +73,7 @@ class RowStore:
         else:
             self._made_parent = not self.directory.parent.exists()
             self.directory.mkdir(parents=True, exist_ok=True)
-            _atomic_write(manifest, json.dumps(self.fingerprint, indent=2).encode())
+            atomic_write(manifest, json.dumps(self.fingerprint, indent=2).encode())
 
     # -- resuming ---------------------------------------------------------------------
     def _load(self, manifest: Path) -> None:
@@ -160,7 +147,7 @@ class RowStore:
         for j, found in enumerate(self._candidates):
             arrays.update(examples_to_arrays(found, f"ex{j}."))
         arrays["data_faults"] = np.array(self._data_faults)
-        _atomic_write(self._path("examples", number), npz_bytes(arrays))
+        atomic_write(self._path("examples", number), npz_bytes(arrays))
         if number > 1:
             self._path("examples", number - 1).unlink(missing_ok=True)
         self._chunks = number
@@ -183,7 +170,7 @@ class RowStore:
         return self.directory / f"{kind}-{number:06d}.npz"
 
     def _write(self, kind: str, number: int, arrays: dict[str, np.ndarray]) -> None:
-        _atomic_write(self._path(kind, number), npz_bytes(arrays))
+        atomic_write(self._path(kind, number), npz_bytes(arrays))
 
     def _read(self, kind: str, number: int) -> dict[str, np.ndarray]:
         path = self._path(kind, number)

@@ -85,10 +85,7 @@ class CamOptions:
             if len(grid) != 2 or min(grid) < 1:
                 raise InputDataError(f"grid {self.grid!r} is not valid; give (rows, columns)")
             object.__setattr__(self, "grid", grid)
-        if self.method not in cam.METHODS:
-            raise cam.UnknownMethodError(
-                f"unknown CAM method {self.method!r}; choose one of: {', '.join(cam.METHODS)}"
-            )
+        cam.CAM_METHODS.get(self.method)  # an unknown name: the registry's clear error
         if self.target not in (None, "auto"):
             _choose(self.target, TARGET_MODES, "target")
 
@@ -151,14 +148,9 @@ class MetricOptions:
     faithfulness: bool = False
 
     def __post_init__(self) -> None:
-        for registry, name, kind in ((metric.SPATIAL, self.spatial, "spatial"),
-                                     (metric.SPECTRAL, self.spectral, "spectral"),
-                                     (metric.AGGREGATIONS, self.aggregation, "aggregation")):
-            if name not in registry:
-                raise metric.UnknownComponentError(
-                    f"unknown {kind} component {name!r}; valid names: "
-                    f"{', '.join(repr(key) for key in registry)}"
-                )
+        for registry, name in ((metric.SPATIAL, self.spatial), (metric.SPECTRAL, self.spectral),
+                               (metric.AGGREGATIONS, self.aggregation)):
+            registry.get(name)  # an unknown name: the registry's clear error
         _at_least(self.n_bootstrap, 0, "n_bootstrap")
         _at_least(self.examples, 0, "examples")
 
@@ -224,6 +216,9 @@ class RunOptions:
         resume: continue the interrupted run saved in ``checkpoint``.
         checkpoint_every: seconds between two saves.
         ray: run the batches on Ray (``None``: on this machine).
+        cache: a directory where the passes of the models that do not change between runs
+            (the original, the random floor, the references) are kept, so that a later run
+            with new pruned models runs only those (:mod:`sp2ps_onnx.scoring.cache`).
     """
 
     batch_size: int = 32
@@ -234,6 +229,7 @@ class RunOptions:
     resume: bool = False
     checkpoint_every: float = 10.0
     ray: RayOptions | None = field(default=None)
+    cache: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         _at_least(self.batch_size, 1, "batch_size")

@@ -57,6 +57,7 @@ class ScoreReport:
     references: list[ModelScore] = field(default_factory=list)  # the floor, then references
     correlations: dict[str, Any] = field(default_factory=dict)  # rank_correlations()
     original_faithfulness: dict[str, float] | None = None
+    gate: dict[str, Any] | None = None  # the --fail-under rule and verdict (GateVerdict)
 
     @property
     def floor(self) -> ModelScore | None:
@@ -98,6 +99,7 @@ class ScoreReport:
                 "positions": {m.info.name: m.band for m in self.models},
             },
             "correlations": jsonable(self.correlations),
+            "gate": jsonable(self.gate),
         }
 
 

@@ -27,6 +27,7 @@ from ..runtime import thread_budget
 from .aggregate import Aggregate, aggregate
 from .band import FLOOR, PRUNED, REFERENCE, band_of, floor_model, rank_correlations
 from .batch import BatchScorer, ScorerSpec, build_scorer
+from .cache import PassCache
 from .checkpoint import RowStore
 from .checks import check_comparable, check_label_range, resolve_target
 from .models import ModelLike, model_hash, model_info, model_source, package_versions, unique_names
@@ -207,11 +208,12 @@ def score_models(
                       run.batch_size)
     providers = select_providers(run.device, quiet=run.quiet)
     compared = _Compared.of(original, pruned, references, metric.seed)
-    check_comparable(original, compared.checked, compared.names[:len(compared.checked) + 1],
-                     data_options.size)
+    check_comparable(original, compared.checked, compared.checked_names, data_options.size)
     plan = plan_execution(providers)
+    cache = None if run.cache is None else PassCache(run.cache)
     scorer = build_scorer(original, compared.models, compared.names, spec, providers=providers,
-                          session_threads=plan.session_threads, spinning=plan.session_spinning)
+                          session_threads=plan.session_threads, spinning=plan.session_spinning,
+                          cache=cache, cached=compared.fixed)
     check_label_range(source, int(scorer.original.num_classes))
     check_class_count(source, int(scorer.original.num_classes),
                       given=data_options.classes is not None,
@@ -225,7 +227,8 @@ def score_models(
     try:
         if run.ray is not None:
             run_ray(original, compared.models, compared.names, source, spec, run.ray,
-                    start=collect.done, on_output=collect, quiet=run.quiet)
+                    start=collect.done, on_output=collect, quiet=run.quiet,
+                    cache=run.cache, cached=compared.fixed)
         else:
             run_local(scorer, source, collect.done, collect, plan)
     except BaseException:
@@ -239,6 +242,10 @@ def score_models(
     result = aggregate(concat_rows(collect.parts), collect.candidates, compared.names[1:],
                        metric, expected=collect.done, uncounted=floors)
     report = _report(original, compared, scorer, source, result, run, providers)
+    if cache is not None:
+        # On Ray the workers count their own hits; the driver knows only the directory.
+        counts = cache.stats.to_dict() if run.ray is None else {}
+        report.config["cache"] = {"directory": str(cache.directory), **counts}
     report.seconds = time.perf_counter() - started
     return report
 
@@ -252,6 +259,7 @@ class _Compared:
     names: list[str]  # the original's first
     roles: list[str]
     checked: list[ModelLike]  # the user's models, whose sizes and classes are checked
+    checked_names: list[str]  # the original's, then those of ``checked``
     notes: list[str]
 
     @classmethod
@@ -259,6 +267,7 @@ class _Compared:
            references: ReferenceOptions, seed: int) -> _Compared:
         given = [*pruned, *references.models]
         names = unique_names([original, *given])
+        given_names = list(names)
         roles = [PRUNED] * len(pruned) + [REFERENCE] * len(references.models)
         models, notes = list(given), []
         if references.floor:
@@ -274,7 +283,13 @@ class _Compared:
                 models.insert(len(pruned), floor)
                 names.insert(1 + len(pruned), name)
                 roles.insert(len(pruned), FLOOR)
-        return cls(models, names, roles, given, notes)
+        return cls(models, names, roles, given, given_names, notes)
+
+    @property
+    def fixed(self) -> list[int]:
+        """Positions of the models that are the same in every run with this original (the
+        random floor, the references): the pass cache keeps their passes too."""
+        return [j for j, role in enumerate(self.roles) if role != PRUNED]
 
 
 def _fingerprint(scorer: BatchScorer, source: DataSource) -> dict[str, Any]:
@@ -286,6 +301,9 @@ def _fingerprint(scorer: BatchScorer, source: DataSource) -> dict[str, Any]:
         **{k: v for k, v in vars(spec.cam).items() if k != "target"},
         **{k: v for k, v in vars(spec.data).items() if k not in ("limit", "classes")},
         "spatial": spec.metric.spatial, "spectral": spec.metric.spectral,
+        # ROAD's imputation noise follows the seed; the bootstrap's is applied at the end.
+        "faithfulness": spec.metric.faithfulness,
+        "seed": spec.metric.seed if spec.metric.faithfulness else None,
     }
     return {
         "models": [model_hash(m) for m in (scorer.original, *scorer.pruned)],
