@@ -16,7 +16,8 @@ once, and where the time goes, not the models' speed. Each run is a fresh subpro
   start, each opening the 11 models);
 - ``streaming_s``: from the first to the last batch;
 - ``aggregate_s``: after the last batch (aggregation, bootstrap, report objects);
-- ``driver_peak_rss_mb``; ``exactly_once``: every model has each sample index once;
+- ``driver_peak_rss_mb``; ``rows_mb``: the per-sample rows the report keeps;
+- ``exactly_once``: every model has each sample index once;
 - ``sp2ps``: per model, to compare the backends.
 """
 
@@ -108,6 +109,8 @@ def child(backend: str, root: Path, n: int, nodes: int, batch_size: int) -> None
         "aggregate_s": round(ended - arrivals[-1], 2),
         "driver_peak_rss_mb": round(peak_rss() / 2**20, 1),
         "exactly_once": once, "rows": sum(len(m.rows) for m in report.models),
+        "rows_mb": round(sum(a.nbytes for m in report.models
+                             for a in m.rows.columns.values()) / 2**20, 1),
         "sp2ps": [m.sp2ps for m in report.models],
     }), flush=True)
     if cluster is not None:

@@ -391,7 +391,8 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
         what = "is a folder, not a file" if os.path.isdir(classes) else "does not exist"
         raise InputDataError(
             f"--classes {classes} looks like a file path but {what}; give a text file with "
-            "one class name per line, or the names as a comma-separated list"
+            "one class name per line, the names as a comma-separated list, or a built-in "
+            f"list ({', '.join(BUILT_IN_CLASS_LISTS)})"
         )
     if not isinstance(classes, str):
         names = [str(c) for c in classes]

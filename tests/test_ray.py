@@ -161,18 +161,26 @@ def test_ray_not_installed_names_the_extra(monkeypatch) -> None:
         score_models(ORIGINAL, PRUNED[:1], DATA, **options(ray=RayOptions()))
 
 
-def test_the_workers_report_the_samples_they_skip(local_ray, tmp_path: Path) -> None:
+def test_the_workers_report_the_samples_they_skip(local_ray, s3, tmp_path: Path) -> None:
     """Samples skipped on the workers (NaN inputs here) are listed as in a local run, and
-    the rows after them keep the numbers of a local run."""
+    the rows after them keep the numbers of a local run. The inputs are read from the S3
+    server when there is one: each worker reads its batches' rows with ranged reads."""
     from tests.test_input_faults import BAD, make_files, score
 
     files = make_files(tmp_path)
     local = score(files, files["bad"])
-    remote = score_models(files["original"], [files["pruned"]], files["bad"],
+    data = files["bad"]
+    if s3 is not None:
+        import boto3
+
+        boto3.client("s3").upload_file(str(data), BUCKET, "faults/bad.npz")
+        data = f"s3://{BUCKET}/faults/bad.npz"
+    remote = score_models(files["original"], [files["pruned"]], data,
                           metric=MetricOptions(n_bootstrap=50, examples=2),
                           run=RunOptions(batch_size=4, ray=RayOptions(workers=2)))
     assert [f["id"] for f in remote.faults] == [f"bad.npz[{i}]" for i in sorted(BAD)]
-    assert remote.faults == local.faults
+    assert [f["id"] for f in remote.faults] == [f["id"] for f in local.faults]
+    assert all(str(data) in f["reason"] for f in remote.faults)
     assert list(remote.models[0].rows) == list(local.models[0].rows)
     assert remote.models[0].sp2ps == local.models[0].sp2ps
 

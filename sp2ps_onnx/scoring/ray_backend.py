@@ -290,6 +290,9 @@ def run_ray(
         inputs = ray.data.read_binary_files(
             [path for path, _, _ in files], filesystem=filesystem, include_paths=True,
             override_num_blocks=max(1, min(-(-len(files) // batch_size), 4 * workers)),
+            # Fetching is I/O: the reads take no CPU from the actors, which hold them all
+            # by default (a read waiting for a CPU would wait for ever).
+            num_cpus=0, concurrency=2 * workers,
         )
         per_call = batch_size
     else:
@@ -304,7 +307,7 @@ def run_ray(
         ScoreWorker,
         batch_size=per_call,
         batch_format="numpy",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         # The reference is wrapped so that Ray hands it over as is; each actor fetches the
         # models itself, also when it is restarted.
         fn_constructor_kwargs={"payload": [payload], "names": list(names),
