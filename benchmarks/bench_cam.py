@@ -11,6 +11,14 @@ and gradients against
 * **pytorch-grad-cam**: its own ``get_cam_image`` on the same NumPy arrays (its gradient
   methods are already batched NumPy; its EigenCAM runs one full SVD per image).
 
+A second table times the methods and options added for issue 20 against pytorch-grad-cam's
+own code on the same arrays: KPCA-CAM (its ``get_2d_projection_kernel``, scikit-learn's
+KernelPCA per image), FEM and RandomCAM (``get_cam_image``), ``eigen_smooth`` (Grad-CAM's
+``get_cam_image(eigen_smooth=True)``), Deep Feature Factorization (its ``dff`` per image;
+both run scikit-learn's NMF), SobelCAM (its ``sobel_cam``, OpenCV, per uint8 picture at
+224x224) and ReciproCAM (no pytorch-grad-cam counterpart: ours alone, with a GAP -> Linear
+head of 1000 classes in NumPy, so the time is the mosaics and the head passes).
+
 The post-processing (ReLU, min-max, resize to 224x224, min-max) is timed against
 pytorch-grad-cam's per-image ``scale_cam_image`` (OpenCV resize). Every pair is checked to
 agree before timing. Times are the best of ``repeats`` runs of process CPU time, which other
@@ -22,11 +30,15 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from pytorch_grad_cam.feature_factorization.deep_feature_factorization import dff
+from pytorch_grad_cam.sobel_cam import sobel_cam
 from pytorch_grad_cam.utils.image import scale_cam_image
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_kernel
 
 from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import cam
@@ -96,6 +108,109 @@ def ours_raw_maps(method: str, acts: np.ndarray, grads: np.ndarray) -> np.ndarra
     return cam.gradient_weighted_cam(method, acts, grads)
 
 
+def reference_raw_maps_with(
+    method: str, acts: np.ndarray, grads: np.ndarray, eigen_smooth: bool
+) -> np.ndarray:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))
+    reference = REFERENCE_CLASSES[method](model, target_layers=[model[0]])
+    try:
+        return reference.get_cam_image(None, model[0], None, acts, grads, eigen_smooth)
+    finally:
+        reference.activations_and_grads.release()
+
+
+def seeded(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """RandomCAM's draws from NumPy's global generator, the same on both sides."""
+
+    def call(*args: object) -> np.ndarray:
+        np.random.seed(0)
+        return function(*args)
+
+    return call
+
+
+def per_image_dff(acts: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's dff on one image at a time (ours factorises per image too)."""
+    return np.concatenate([dff(acts[n : n + 1].copy(), 5)[1] for n in range(len(acts))])
+
+
+def ours_per_image_dff(acts: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [cam.deep_feature_factorization(acts[n : n + 1], 5)[1] for n in range(len(acts))]
+    )
+
+
+def gap_linear_head(channels: int, rng: np.random.Generator):
+    weights = (rng.standard_normal((1000, channels)) / np.sqrt(channels)).astype(np.float32)
+
+    def head(activations: np.ndarray) -> np.ndarray:
+        return activations.mean(axis=(2, 3)) @ weights.T
+
+    return head
+
+
+def new_method_rows(
+    layer: str, acts: np.ndarray, grads: np.ndarray, repeats: int, rng: np.random.Generator
+):
+    """(method, theirs, ours, arguments, up to sign) for the methods of issue 20."""
+    count = len(acts)
+    rows = [
+        ("kpcacam", get_2d_projection_kernel, cam.kernel_pca_projection, (acts,), False),
+        (
+            "fem",
+            lambda a, g: reference_raw_maps_with("fem", a, g, False),
+            lambda a, g: cam.CAM_METHODS["fem"].compute(a),
+            (acts, grads),
+            False,
+        ),
+        (
+            "randomcam",
+            seeded(lambda a, g: reference_raw_maps_with("randomcam", a, g, False)),
+            seeded(lambda a, g: cam.CAM_METHODS["randomcam"].compute(a)),
+            (acts, grads),
+            False,
+        ),
+        (
+            "gradcam + eigen_smooth",
+            lambda a, g: reference_raw_maps_with("gradcam", a, g, True),
+            lambda a, g: cam.gradient_weighted_cam("gradcam", a, g, eigen_smooth=True),
+            (acts, grads),
+            True,
+        ),
+        ("dff (NMF, 5 concepts)", per_image_dff, ours_per_image_dff, (acts,), False),
+    ]
+    if layer == next(iter(SHAPES)):
+        levels = rng.integers(0, 61, size=(count, 224, 224), dtype=np.uint8)
+        pictures = np.repeat(levels[..., None], 3, axis=-1)
+        rows.append(
+            (
+                "sobelcam (224x224 input)",
+                lambda p: np.stack([sobel_cam(image) for image in p]).astype(np.float32),
+                lambda p: cam.sobel_cam(p, "NHWC"),
+                (pictures,),
+                False,
+            )
+        )
+    head = gap_linear_head(acts.shape[1], rng)
+    targets = rng.integers(0, 1000, size=count)
+    rows.append(
+        ("reciprocam (49 head passes)", None,
+         lambda a: cam.recipro_cam(a, targets, head, batch_size=64), (acts,), False)
+    )  # fmt: skip
+    for method, theirs, ours, arguments, up_to_sign in rows:
+        times = min(repeats, 2) if method.startswith("dff") else repeats
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NMF's ConvergenceWarning, on both sides
+            mine = ours(*arguments)
+            t_ours = best_cpu_seconds(times, ours, *arguments)
+            if theirs is None:
+                yield method, None, t_ours, None
+                continue
+            difference = agree(mine, np.asarray(theirs(*arguments), np.float64), up_to_sign)
+            t_ref = best_cpu_seconds(times, theirs, *arguments)
+        yield method, t_ref, t_ours, difference
+
+
 def best_cpu_seconds(repeats: int, function: Callable[..., object], *args: object) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -150,6 +265,29 @@ def main() -> None:
                 f"| {layer} ({channels}) | {method} | {1e3 * t_loop:.1f} | {1e3 * t_ref:.1f} | "
                 f"{1e3 * t_ours:.2f} | {t_loop / t_ours:.0f}x | {t_ref / t_ours:.1f}x | "
                 f"{difference:.1e} |"
+            )
+    print()
+    print("Methods and options of issue 20 (same N, 7x7 positions):")
+    print()
+    print("| layer (C) | method | pytorch-grad-cam (ms) | ours (ms) | vs pytorch-grad-cam | "
+          "max rel. diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for layer, channels in SHAPES.items():
+        shape = (options.batch, channels, 7, 7)
+        acts = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+        grads = (0.01 * rng.standard_normal(shape)).astype(np.float32)
+        for method, t_ref, t_ours, difference in new_method_rows(
+            layer, acts, grads, options.repeats, rng
+        ):
+            if t_ref is None:
+                print(f"| {layer} ({channels}) | {method} | – | {1e3 * t_ours:.2f} | – | – |")
+                continue
+            # SobelCAM's reference rounds to uint8 grey levels: 0.5 of up to 240.
+            limit = 5e-3 if method.startswith("sobelcam") else 1e-3
+            assert difference < limit, (layer, method, difference)
+            print(
+                f"| {layer} ({channels}) | {method} | {1e3 * t_ref:.1f} | {1e3 * t_ours:.2f} | "
+                f"{t_ref / t_ours:.1f}x | {difference:.1e} |"
             )
     raw = rng.standard_normal((options.batch, 7, 7)).astype(np.float32)
 

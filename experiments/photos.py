@@ -56,6 +56,7 @@ def photos_stage(config: StudyConfig, cache: Path, out: Path, log: Log) -> None:
         CamOptions,
         DataOptions,
         MetricOptions,
+        ReferenceOptions,
         RunOptions,
         score_models,
     )
@@ -97,8 +98,10 @@ def photos_stage(config: StudyConfig, cache: Path, out: Path, log: Log) -> None:
                 str(images),
                 cam=CamOptions(method=method, target="original"),
                 data_options=DataOptions(preset="imagenet"),
-                metric=MetricOptions(n_bootstrap=config.n_bootstrap, seed=config.seed, examples=len(results["photos"])),
+                metric=MetricOptions(n_bootstrap=config.n_bootstrap, seed=config.seed,
+                                     examples=len(results["photos"])),
                 run=RunOptions(batch_size=8, device="cpu"),
+                references=ReferenceOptions(floor=False),
             )
         except Exception as exc:
             log(f"photos: scoring with {method} failed: {type(exc).__name__}: {exc}")

@@ -639,10 +639,12 @@ def _provenance(config: StudyConfig, store: ScoreStore, runs: dict) -> list[str]
         f"{config.seed}, retrain {config.seed + config.retrain_seed_offset}.")
     lines.append(
         f"- Scoring: `sp2ps_onnx.scoring.score_models(original, pruned, test.npz, "
-        f"preset='unit', target='label', batch_size={config.score_batch}, "
-        f"n_bootstrap={config.n_bootstrap}, seed={config.seed})`, i.e. what `sp2ps score "
-        "--preset unit --target label` runs; Sp2PS v1 (SSIM + spectral TV similarity, "
-        "harmonic mean per sample, mean over samples; see docs/metric.md).")
+        f"cam=CamOptions(target='label'), data_options=DataOptions(preset='unit'), "
+        f"metric=MetricOptions(n_bootstrap={config.n_bootstrap}, seed={config.seed}), "
+        f"run=RunOptions(batch_size={config.score_batch}), "
+        "references=ReferenceOptions(floor=False))`, i.e. what `sp2ps score --preset unit "
+        "--target label --no-floor` runs; Sp2PS v1 (SSIM + spectral TV similarity, harmonic "
+        "mean per sample, mean over samples; see docs/metric.md).")
     lines.append("- Configuration: `" + json.dumps(
         {k: v for k, v in config.to_dict().items() if k != "extra"}) + "`")
     lines.append("")

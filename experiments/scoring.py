@@ -114,6 +114,7 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
         CamOptions,
         DataOptions,
         MetricOptions,
+        ReferenceOptions,
         RunOptions,
         file_sha256,
         score_models,
@@ -134,8 +135,9 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
     run = RunOptions(batch_size=config.score_batch, device="cpu")
 
     def options(method: str) -> dict[str, Any]:
+        # The first round's design: no random floor (its retrained models are the references).
         return dict(cam=CamOptions(method=method, target="label"), data_options=data_options,
-                    metric=metric, run=run)
+                    metric=metric, run=run, references=ReferenceOptions(floor=False))
 
     for arch in config.architectures:
         original = manifest.entries.get(arch)

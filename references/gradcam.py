@@ -1,7 +1,10 @@
 """pytorch-grad-cam's class for each of our method names: the reference of the CAM tests and
-of ``benchmarks/bench_cam.py``."""
+of ``benchmarks/bench_cam.py``. Methods that are no BaseCAM class there (SobelCAM, Deep
+Feature Factorization) or not in it at all (ReciproCAM) are compared in their own tests."""
 
 from pytorch_grad_cam import (
+    FEM,
+    KPCA_CAM,
     AblationCAM,
     EigenCAM,
     EigenGradCAM,
@@ -10,6 +13,7 @@ from pytorch_grad_cam import (
     GradCAMPlusPlus,
     HiResCAM,
     LayerCAM,
+    RandomCAM,
     ScoreCAM,
     XGradCAM,
 )
@@ -25,4 +29,7 @@ REFERENCE_CLASSES = {
     "eigengradcam": EigenGradCAM,
     "scorecam": ScoreCAM,
     "ablationcam": AblationCAM,
+    "kpcacam": KPCA_CAM,
+    "fem": FEM,
+    "randomcam": RandomCAM,
 }

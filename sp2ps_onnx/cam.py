@@ -22,24 +22,44 @@ method                      raw map for one image, activations ``A`` and gradien
                             input masked by the min-max scaled, upsampled channel ``c``
 ``ablationcam``             ``sum_c (s_0 - s_c) / s_0 * A``, ``s_c`` the target score with
                             channel ``c`` ablated
+``kpcacam``                 projection of the centred (hw x C) activations on their first
+                            kernel principal component (sigmoid kernel)
+``fem``                     ``sum_c w * A``, ``w`` the share of positions where ``A`` exceeds
+                            its mean by two standard deviations
+``randomcam``               ``sum_c w * A``, ``w ~ U(-1, 1)`` (a baseline)
+``sobelcam``                ``0.5 |S_x * gray| + 0.5 |S_y * gray|`` of the input image (a
+                            baseline that ignores the model)
+``dff``                     Deep Feature Factorization: the NMF map of the concept the head
+                            scores highest for the target
+``reciprocam``              ``s_p``, the target score of the head run on the activations
+                            masked to position ``p`` (ReciproCAM, Byun & Lee 2022)
+``finercam``                Grad-CAM of ``T = sum_j p_j (z_t - z_j) / sum_j p_j``, ``j`` the
+                            three classes with logits nearest the target's
 ==========================  =============================================================
+
+Options, as in pytorch-grad-cam: ``eigen_smooth`` replaces the channel sum of the weighted
+activations by their first principal component (:data:`EIGEN_SMOOTH_METHODS`);
+``aug_smooth`` averages the maps of flipped and scaled inputs (:data:`AUG_SMOOTH_METHODS`).
 
 The sign of an SVD is arbitrary; EigenCAM and EigenGradCAM use the LAPACK routine that
 pytorch-grad-cam's ``get_2d_projection`` uses (single precision, NumPy's ``svd``), so that on
 the same arrays both choose the same sign. Because the post-processing applies a ReLU, the
-sign matters for the final map.
+sign matters for the final map. The same holds for ``eigen_smooth``: weights that differ from
+pytorch-grad-cam's in the last bit can make LAPACK pick the other sign.
 
 Every method is one small function registered in :data:`CAM_METHODS` (a
 :class:`~sp2ps_onnx.registry.Registry`, like the graph's VJP rules and the metric's
 components), with the formula in its docstring. The entry declares what the method needs
 (:class:`CamMethod`): ``"gradient"`` methods get the activations and the gradients of the
 target score, ``"activations"`` methods the activations alone, ``"perturbation"`` methods
-re-run (part of) the model through the CAM model. :data:`METHODS`,
-:data:`GRADIENT_METHODS`, :data:`EIGEN_METHODS` and :data:`PERTURBATION_METHODS` are
-derived from the registry once its entries below are registered; :func:`explain` looks
-names up in the registry itself. Adding a method is one entry and one test: decorate a function
-with ``@CAM_METHODS.register("name", needs=...)`` below the others, and compare it with an
-independent reference (pytorch-grad-cam) in tests/test_cam.py.
+re-run (part of) the model through the CAM model, ``"input"`` methods see the images alone;
+``eigen_smooth=True`` and ``aug_smooth=False`` say which options apply. :data:`METHODS`,
+:data:`GRADIENT_METHODS`, :data:`EIGEN_METHODS`, :data:`PERTURBATION_METHODS`,
+:data:`INPUT_METHODS` and the option lists are derived from the registry once its entries
+below are registered; :func:`explain` looks names up in the registry itself. Adding a method
+is one entry and one test: decorate a function with ``@CAM_METHODS.register("name",
+needs=...)`` below the others, and compare it with an independent reference
+(pytorch-grad-cam, or the method's definition written out) in tests/test_cam_methods.py.
 
 :func:`postprocess` reproduces pytorch-grad-cam's ``BaseCAM`` post-processing: ReLU, per-image
 min-max scaling ``(x - min) / (max(x - min) + 1e-7)``, bilinear resizing with half-pixel
@@ -49,33 +69,43 @@ zeros.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
-from scipy import special
+from scipy import linalg, ndimage, special
 
 # UnknownMethodError lives in errors.py; importing it here keeps ``cam.UnknownMethodError``
 # working for callers.
-from .errors import InputDataError, UnknownMethodError
+from .errors import InputDataError, RuntimeMissingError, UnknownMethodError, UnsupportedModelError
 from .registry import Registry
 
 __all__ = [
+    "AUG_SMOOTH_METHODS",
     "CAM_METHODS",
     "EIGEN_METHODS",
+    "EIGEN_SMOOTH_METHODS",
     "GRADIENT_METHODS",
+    "INPUT_METHODS",
+    "KPCA_KERNELS",
     "METHODS",
     "PERTURBATION_METHODS",
     "CamMethod",
     "UnknownMethodError",
     "ablation_cam",
+    "deep_feature_factorization",
     "eigen_cam",
     "explain",
+    "finer_weights",
     "gradient_weighted_cam",
+    "kernel_pca_projection",
     "postprocess",
+    "recipro_cam",
     "score_cam",
+    "sobel_cam",
 ]
 
 # Constants of pytorch-grad-cam, kept so that maps agree with it.
@@ -86,7 +116,8 @@ _SCORECAM_MASK_EPS = 1e-8
 _ABLATION_OFFSET = np.float32(1e7)
 
 ScoreFunction = Callable[[np.ndarray], np.ndarray]
-Needs = Literal["gradient", "activations", "perturbation"]
+Needs = Literal["gradient", "activations", "perturbation", "input"]
+_NEEDS: tuple[str, ...] = ("gradient", "activations", "perturbation", "input")
 
 
 @dataclass(frozen=True)
@@ -100,24 +131,39 @@ class CamMethod:
     * ``"perturbation"``: ``compute(cam_model, x, result, targets, batch_size)``: the images
       in the model's layout, the model's run on them (a
       :class:`~sp2ps_onnx.runtime.CamResult`: activations, and a token layer's class tokens),
-      one class per image and the number of perturbed inputs per model call.
+      one class per image and the number of perturbed inputs per model call;
+    * ``"input"``: ``compute(x, input_layout)``, the images alone (a baseline that does not
+      look at the model); its maps have the input's resolution.
+
+    ``eigen_smooth``: the method takes ``eigen_smooth=True`` (pytorch-grad-cam's option:
+    the first principal component of the weighted activations replaces their channel sum).
+    ``aug_smooth``: :func:`explain` may average its maps over flipped and scaled inputs.
     """
 
     name: str
     compute: Callable[..., np.ndarray]
     needs: Needs
+    eigen_smooth: bool = False
+    aug_smooth: bool = True
 
     @classmethod
-    def of(cls, name: str, compute: Any, needs: Needs | None = None) -> CamMethod:
+    def of(
+        cls,
+        name: str,
+        compute: Any,
+        needs: Needs | None = None,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = True,
+    ) -> CamMethod:
         """The registry entry for ``compute`` (a :class:`CamMethod` as it is)."""
         if isinstance(compute, CamMethod):
             return compute
-        if needs not in ("gradient", "activations", "perturbation"):
+        if needs not in _NEEDS:
             raise TypeError(
-                f"CAM method {name!r}: needs must be 'gradient', 'activations' or "
-                f"'perturbation', got {needs!r}"
+                f"CAM method {name!r}: needs must be 'gradient', 'activations', "
+                f"'perturbation' or 'input', got {needs!r}"
             )
-        return cls(name, compute, needs)
+        return cls(name, compute, needs, bool(eigen_smooth), bool(aug_smooth))
 
 
 #: Every CAM method: name -> :class:`CamMethod`, in the order of :data:`METHODS`.
@@ -160,6 +206,20 @@ def _channel_weighted_sum(weights: np.ndarray, activations: np.ndarray) -> np.nd
     return (weights[:, None, :] @ activations.reshape(n, c, h * w)).reshape(n, h, w)
 
 
+def _weighted_sum(weights: np.ndarray, activations: np.ndarray, eigen_smooth: bool) -> np.ndarray:
+    """``sum_c weights * A``, or with ``eigen_smooth`` the first principal component of the
+    weighted activations ``weights * A`` (pytorch-grad-cam's BaseCAM)."""
+    if eigen_smooth:
+        weights = weights.astype(activations.dtype)
+        return _eigen_projection(weights[:, :, None, None] * activations)
+    return _channel_weighted_sum(weights, activations)
+
+
+def _channel_sum(weighted: np.ndarray, eigen_smooth: bool) -> np.ndarray:
+    """``sum_c`` of element-wise weighted activations, or their first principal component."""
+    return _eigen_projection(weighted) if eigen_smooth else weighted.sum(axis=1)
+
+
 def _eigen_projection(feature_maps: np.ndarray) -> np.ndarray:
     # pytorch-grad-cam zeroes NaNs, centres each channel over the positions and runs NumPy's
     # single-precision SVD; the same routine here makes both pick the same singular-vector
@@ -187,13 +247,17 @@ def eigen_cam(activations: Any) -> np.ndarray:
     return _eigen_projection(_as_feature_maps(activations, "activations"))
 
 
-def gradient_weighted_cam(method: str, activations: Any, gradients: Any) -> np.ndarray:
+def gradient_weighted_cam(
+    method: str, activations: Any, gradients: Any, eigen_smooth: bool = False
+) -> np.ndarray:
     """Raw maps ``(N, h, w)`` of a gradient-based method, at feature resolution.
 
     Args:
         method: one of :data:`GRADIENT_METHODS`.
         activations: target-layer feature maps ``A``, shape ``(N, C, h, w)``.
         gradients: ``d score[target] / d A``, same shape.
+        eigen_smooth: the first principal component of the weighted activations instead
+            of their channel sum, where the method allows it (:data:`EIGEN_SMOOTH_METHODS`).
 
     Returns:
         The un-normalised map (before ReLU and scaling), float32.
@@ -210,7 +274,18 @@ def gradient_weighted_cam(method: str, activations: Any, gradients: Any) -> np.n
         raise InputDataError(
             f"activations {acts.shape} and gradients {grads.shape} must have the same shape"
         )
-    return entry.compute(acts, grads).astype(np.float32)
+    return entry.compute(acts, grads, **_smoothing(entry, eigen_smooth)).astype(np.float32)
+
+
+def _smoothing(entry: CamMethod, eigen_smooth: bool) -> dict[str, bool]:
+    if not eigen_smooth:
+        return {}
+    if not entry.eigen_smooth:
+        raise InputDataError(
+            f"eigen_smooth does not apply to CAM method {entry.name!r} (pytorch-grad-cam "
+            f"ignores it there); use it with one of: {', '.join(EIGEN_SMOOTH_METHODS)}"
+        )
+    return {"eigen_smooth": True}
 
 
 @lru_cache(maxsize=64)
@@ -282,6 +357,7 @@ def score_cam(
     *,
     input_layout: str = "NCHW",
     batch_size: int = 32,
+    eigen_smooth: bool = False,
 ) -> np.ndarray:
     """Score-CAM raw maps ``(N, h, w)``.
 
@@ -297,6 +373,8 @@ def score_cam(
         forward_scores: maps a batch in the model's layout to logits ``(B, K)``.
         input_layout: ``"NCHW"`` or ``"NHWC"``.
         batch_size: number of masked images per forward call.
+        eigen_smooth: the first principal component of the weighted activations instead
+            of their channel sum.
     """
     images = np.asarray(x, dtype=np.float32)
     acts = _as_feature_maps(activations, "activations").astype(np.float32)
@@ -319,7 +397,7 @@ def score_cam(
         logits = forward_scores(masked.astype(np.float32))
         target_scores[pairs] = _target_scores(logits, target_indices[image_of_pair])
     weights = special.softmax(target_scores.reshape(count, channels), axis=1)
-    return _channel_weighted_sum(weights, acts).astype(np.float32)
+    return _weighted_sum(weights, acts, eigen_smooth).astype(np.float32)
 
 
 def _ablation_values(acts: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
@@ -342,6 +420,7 @@ def ablation_cam(
     batch_size: int = 64,
     extra_tokens: Any = None,
     images: Any = None,
+    eigen_smooth: bool = False,
 ) -> np.ndarray:
     """Ablation-CAM raw maps ``(N, h, w)``.
 
@@ -361,6 +440,8 @@ def ablation_cam(
             channel ``c`` is ablated in them too, and they count for the minimum.
         images: the model inputs, for a head that also reads tensors computed before the
             layer.
+        eigen_smooth: the first principal component of the weighted activations instead
+            of their channel sum.
     """
     acts = _as_feature_maps(activations, "activations").astype(np.float32)
     count, channels = acts.shape[:2]
@@ -393,7 +474,7 @@ def ablation_cam(
         ablated_scores[pairs] = _target_scores(logits, target_indices[image_of_pair])
     drops = original[:, None] - ablated_scores.reshape(count, channels)
     scale = np.where(original == 0, 1.0, original)[:, None]
-    return _channel_weighted_sum(drops / scale, acts).astype(np.float32)
+    return _weighted_sum((drops / scale).astype(np.float32), acts, eigen_smooth).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- the methods
@@ -405,15 +486,15 @@ def _single(activations: np.ndarray, gradients: np.ndarray) -> tuple[np.ndarray,
     return activations.astype(np.float32, copy=False), gradients.astype(np.float32, copy=False)
 
 
-@CAM_METHODS.register("gradcam", needs="gradient")
-def _gradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+@CAM_METHODS.register("gradcam", needs="gradient", eigen_smooth=True)
+def _gradcam(activations: np.ndarray, gradients: np.ndarray, eigen_smooth: bool = False):
     """``sum_c mean_hw(g) * A``."""
     acts, grads = _single(activations, gradients)
-    return _channel_weighted_sum(_spatial_mean(grads), acts)
+    return _weighted_sum(_spatial_mean(grads), acts, eigen_smooth)
 
 
-@CAM_METHODS.register("gradcam++", needs="gradient")
-def _gradcam_plusplus(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+@CAM_METHODS.register("gradcam++", needs="gradient", eigen_smooth=True)
+def _gradcam_plusplus(activations: np.ndarray, gradients: np.ndarray, eigen_smooth: bool = False):
     """``sum_c w * A``, ``w = sum_hw relu(g) * a``, ``a = g^2 / (2 g^2 + sum_hw(A) g^3 +
     1e-6)`` (``a = 0`` where ``g = 0``)."""
     acts, grads = _single(activations, gradients)
@@ -422,37 +503,39 @@ def _gradcam_plusplus(activations: np.ndarray, gradients: np.ndarray) -> np.ndar
     usable = (grads != 0) & (denominator != 0)
     alpha = np.divide(grads_squared, denominator, out=np.zeros_like(grads), where=usable)
     weights = (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
-    return _channel_weighted_sum(weights, acts)
+    return _weighted_sum(weights, acts, eigen_smooth)
 
 
-@CAM_METHODS.register("xgradcam", needs="gradient")
-def _xgradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+@CAM_METHODS.register("xgradcam", needs="gradient", eigen_smooth=True)
+def _xgradcam(activations: np.ndarray, gradients: np.ndarray, eigen_smooth: bool = False):
     """``sum_c w * A``, ``w = sum_hw g A / (sum_hw(A) + 1e-7)``."""
     acts, grads = _single(activations, gradients)
     denominator = _spatial_sum(acts) + _XGRADCAM_EPS
     share = np.divide(acts, denominator, out=np.zeros_like(acts), where=denominator != 0)
-    return _channel_weighted_sum((grads * share).sum(axis=(2, 3)), acts)
+    return _weighted_sum((grads * share).sum(axis=(2, 3)), acts, eigen_smooth)
 
 
-@CAM_METHODS.register("hirescam", needs="gradient")
-def _hirescam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+@CAM_METHODS.register("hirescam", needs="gradient", eigen_smooth=True)
+def _hirescam(activations: np.ndarray, gradients: np.ndarray, eigen_smooth: bool = False):
     """``sum_c g * A``."""
     acts, grads = _single(activations, gradients)
-    return (grads * acts).sum(axis=1)
+    return _channel_sum(grads * acts, eigen_smooth)
 
 
-@CAM_METHODS.register("gradcam-elementwise", needs="gradient")
-def _gradcam_elementwise(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+@CAM_METHODS.register("gradcam-elementwise", needs="gradient", eigen_smooth=True)
+def _gradcam_elementwise(
+    activations: np.ndarray, gradients: np.ndarray, eigen_smooth: bool = False
+) -> np.ndarray:
     """``sum_c relu(g * A)``."""
     acts, grads = _single(activations, gradients)
-    return np.maximum(grads * acts, 0).sum(axis=1)
+    return _channel_sum(np.maximum(grads * acts, 0), eigen_smooth)
 
 
-@CAM_METHODS.register("layercam", needs="gradient")
-def _layercam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+@CAM_METHODS.register("layercam", needs="gradient", eigen_smooth=True)
+def _layercam(activations: np.ndarray, gradients: np.ndarray, eigen_smooth: bool = False):
     """``sum_c relu(g) * A``."""
     acts, grads = _single(activations, gradients)
-    return (np.maximum(grads, 0) * acts).sum(axis=1)
+    return _channel_sum(np.maximum(grads, 0) * acts, eigen_smooth)
 
 
 @CAM_METHODS.register("eigencam", needs="activations")
@@ -469,31 +552,404 @@ def _eigengradcam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     return _eigen_projection(gradients * activations)
 
 
-@CAM_METHODS.register("scorecam", needs="perturbation")
+@CAM_METHODS.register("scorecam", needs="perturbation", eigen_smooth=True)
 def _scorecam(
-    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
+    cam_model: Any,
+    x: np.ndarray,
+    result: Any,
+    targets: np.ndarray,
+    batch_size: int,
+    eigen_smooth: bool = False,
 ) -> np.ndarray:
     """``sum_c softmax_c(s_c) * A``, ``s_c`` the target score of the input masked by the
     min-max scaled, upsampled channel ``c`` (:func:`score_cam`)."""
     return score_cam(
         x, result.activations, targets, cam_model.scores, input_layout=cam_model.layout,
-        batch_size=batch_size,
+        batch_size=batch_size, eigen_smooth=eigen_smooth,
     )  # fmt: skip
 
 
-@CAM_METHODS.register("ablationcam", needs="perturbation")
+@CAM_METHODS.register("ablationcam", needs="perturbation", eigen_smooth=True)
 def _ablationcam(
-    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
+    cam_model: Any,
+    x: np.ndarray,
+    result: Any,
+    targets: np.ndarray,
+    batch_size: int,
+    eigen_smooth: bool = False,
 ) -> np.ndarray:
     """``sum_c (s_0 - s_c) / s_0 * A``, ``s_c`` the target score with channel ``c`` ablated
     (:func:`ablation_cam`); a token layer's class tokens are ablated with the patches, and a
     head that reads the block's input is re-run from the image."""
-    needs = getattr(cam_model, "head_inputs", ())
     return ablation_cam(
         result.activations, targets, cam_model.head_scores, batch_size=batch_size,
-        extra_tokens=getattr(result, "extra_tokens", None) if "extra_tokens" in needs else None,
-        images=x if "images" in needs else None,
+        eigen_smooth=eigen_smooth, **_head_extras(cam_model, x, result),
+    )  # fmt: skip
+
+
+def _head_extras(cam_model: Any, x: np.ndarray, result: Any) -> dict[str, Any]:
+    """What the head reads besides the activations: a token layer's class tokens, the
+    images."""
+    needs = getattr(cam_model, "head_inputs", ())
+    return {
+        "extra_tokens": getattr(result, "extra_tokens", None) if "extra_tokens" in needs else None,
+        "images": x if "images" in needs else None,
+    }
+
+
+# --- methods added after pytorch-grad-cam 1.5's base set (issue 20)
+
+_FEM_SIGMAS = 2.0
+_KPCA_COEF0 = 1.0
+_KPCA_DEGREE = 3
+_DFF_COMPONENTS = 5
+_AUG_FACTORS = (0.9, 1.0, 1.1)
+# OpenCV's COLOR_RGB2GRAY (ITU-R BT.601), which pytorch-grad-cam's sobel_cam uses.
+_RGB_TO_GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+KPCA_KERNELS: tuple[str, ...] = ("sigmoid", "rbf", "poly", "linear", "cosine")
+
+
+def _kernel_matrix(points: np.ndarray, kernel: str, gamma: float) -> np.ndarray:
+    # scikit-learn's pairwise kernels with KernelPCA's defaults (coef0 = 1, degree = 3).
+    gram = points @ points.T
+    if kernel == "sigmoid":
+        return np.tanh(gamma * gram + _KPCA_COEF0)
+    if kernel == "poly":
+        return (gamma * gram + _KPCA_COEF0) ** _KPCA_DEGREE
+    if kernel == "rbf":
+        squared = np.diag(gram)
+        distances = np.maximum(squared[:, None] + squared[None, :] - 2 * gram, 0)
+        return np.exp(-gamma * distances)
+    if kernel == "cosine":
+        norms = np.sqrt(np.diag(gram))
+        norms[norms == 0] = 1
+        return gram / norms[:, None] / norms[None, :]
+    return gram  # linear
+
+
+def kernel_pca_projection(
+    activations: Any, kernel: str = "sigmoid", gamma: float | None = None
+) -> np.ndarray:
+    """KPCA-CAM raw maps ``(N, h, w)``: each position's score on the first kernel principal
+    component of the (channel-centred) ``hw x C`` activations.
+
+    The kernel matrix ``K`` of the positions is centred (``K - 1K/n - K1/n + 1K1/n^2``), its
+    leading eigenvector ``v`` (eigenvalue ``l``) gives the scores ``v * sqrt(l)``, and the sign
+    makes the largest ``|v|`` entry positive: scikit-learn's ``KernelPCA(n_components=1)``,
+    which pytorch-grad-cam's KPCA_CAM calls, computed exactly (scikit-learn's ARPACK solver
+    converges to the same vector).
+
+    Args:
+        activations: target-layer feature maps, shape ``(N, C, h, w)``.
+        kernel: one of :data:`KPCA_KERNELS` (scikit-learn's defaults: ``coef0 = 1``,
+            ``degree = 3``).
+        gamma: kernel coefficient; ``None`` is ``1 / C``.
+    """
+    if kernel not in KPCA_KERNELS:
+        raise InputDataError(
+            f"unknown KPCA kernel {kernel!r}; choose one of: {', '.join(KPCA_KERNELS)}"
+        )
+    maps = _as_feature_maps(activations, "activations")
+    maps = np.where(np.isnan(maps), 0, maps).astype(np.float64)
+    count, channels, height, width = maps.shape
+    coefficient = 1.0 / channels if gamma is None else float(gamma)
+    projections = np.empty((count, height * width))
+    for index, image in enumerate(maps):
+        points = image.reshape(channels, -1).T
+        points = points - points.mean(axis=0)
+        matrix = _kernel_matrix(points, kernel, coefficient)
+        matrix = matrix - matrix.mean(axis=0) - matrix.mean(axis=1)[:, None] + matrix.mean()
+        size = matrix.shape[0]
+        values, vectors = linalg.eigh(matrix, subset_by_index=(size - 1, size - 1))
+        vector = vectors[:, 0]
+        vector = vector * np.sign(vector[np.argmax(np.abs(vector))])
+        projections[index] = vector * np.sqrt(max(float(values[0]), 0.0))
+    return projections.reshape(count, height, width).astype(np.float32)
+
+
+def deep_feature_factorization(
+    activations: Any, n_components: int = _DFF_COMPONENTS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deep Feature Factorization (Collins et al. 2018) as pytorch-grad-cam's ``dff``.
+
+    The ``C x (N h w)`` activations of the whole batch, each channel shifted by its minimum,
+    are factorised by non-negative matrix factorisation ``A - min ~ W H`` (scikit-learn's
+    ``NMF(init="random", random_state=0)``).
+
+    Args:
+        activations: target-layer feature maps, shape ``(N, C, h, w)``.
+        n_components: the number of concepts ``k``.
+
+    Returns:
+        ``(concepts, explanations)``: the concept embeddings ``W + min``, shape ``(C, k)``,
+        and each concept's map ``H`` per image, shape ``(N, k, h, w)``, float32.
+    """
+    try:
+        from sklearn.decomposition import NMF
+        from sklearn.exceptions import ConvergenceWarning
+    except ImportError as error:
+        raise RuntimeMissingError(
+            "Deep Feature Factorization needs scikit-learn's NMF; install it with "
+            "pip install 'sp2ps-onnx[methods]'"
+        ) from error
+    maps = _as_feature_maps(activations, "activations").astype(np.float32)
+    count, channels, height, width = maps.shape
+    by_channel = np.where(np.isnan(maps), 0, maps).transpose(1, 0, 2, 3).reshape(channels, -1)
+    offset = by_channel.min(axis=1)
+    factorisation = NMF(n_components=int(n_components), init="random", random_state=0)
+    with warnings.catch_warnings():
+        # pytorch-grad-cam's iteration budget (scikit-learn's default 200), whose maps these
+        # are; on feature maps it often ends before the tolerance, which is no user error.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        embeddings = factorisation.fit_transform(by_channel - offset[:, None])
+    concept_maps = factorisation.components_.reshape(-1, count, height, width)
+    concepts = (embeddings + offset[:, None]).astype(np.float32)
+    return concepts, concept_maps.transpose(1, 0, 2, 3).astype(np.float32)
+
+
+def _gray(x: np.ndarray, input_layout: str) -> np.ndarray:
+    images = np.asarray(x, dtype=np.float32)
+    channels_last = images if input_layout == "NHWC" else images.transpose(0, 2, 3, 1)
+    _spatial_size(images, input_layout)  # checks the layout name
+    if channels_last.shape[-1] == 3:
+        return channels_last @ _RGB_TO_GRAY
+    if channels_last.shape[-1] == 1:
+        return channels_last[..., 0]
+    raise InputDataError(
+        f"sobelcam reads RGB or grayscale images; this input has {channels_last.shape[-1]} "
+        "channels; use another method"
     )
+
+
+def sobel_cam(x: Any, input_layout: str = "NCHW") -> np.ndarray:
+    """SobelCAM maps ``(N, H, W)``: ``0.5 |S_x * gray| + 0.5 |S_y * gray|`` of the input.
+
+    ``gray = 0.299 R + 0.587 G + 0.114 B`` (channels in RGB order; a one-channel input as
+    it is), ``S_x, S_y`` the 3x3 Sobel kernels with mirrored borders (OpenCV's default
+    ``BORDER_REFLECT_101``). pytorch-grad-cam's ``sobel_cam`` takes a uint8 picture and
+    rounds to uint8 (saturating at 255); this is the same map in floating point, of the
+    model input as given. A baseline: it never looks at the model.
+    """
+    gray = _gray(x, input_layout)  # float32: the filters are exact on small integers
+    derivative, smoothing = [-1.0, 0.0, 1.0], [1.0, 2.0, 1.0]
+    along_x = ndimage.correlate1d(gray, derivative, axis=2, mode="mirror")
+    along_x = ndimage.correlate1d(along_x, smoothing, axis=1, mode="mirror")
+    along_y = ndimage.correlate1d(gray, derivative, axis=1, mode="mirror")
+    along_y = ndimage.correlate1d(along_y, smoothing, axis=2, mode="mirror")
+    return (0.5 * np.abs(along_x) + 0.5 * np.abs(along_y)).astype(np.float32)
+
+
+def recipro_cam(
+    activations: Any,
+    targets: Any,
+    head_scores: ScoreFunction,
+    *,
+    batch_size: int = 64,
+    extra_tokens: Any = None,
+    images: Any = None,
+) -> np.ndarray:
+    """ReciproCAM raw maps ``(N, h, w)`` (Byun & Lee 2022, as OpenVINO-XAI builds it).
+
+    For every position ``p`` the head is run on the mosaic ``A * M_p``, ``M_p`` one at ``p``
+    (in every channel) and zero elsewhere; the map at ``p`` is the target's score of that
+    mosaic (``head_scores`` as given: a CamModel's logits by default, which is what
+    OpenVINO-XAI takes, before any final Softmax), minus the map's minimum, so that :func:`postprocess` (whose ReLU then keeps everything) min-max scales
+    it as OpenVINO-XAI does. A token layer's class tokens are kept as they are (its
+    ``cls_token=True``); a head that reads the image gets the mosaic's own image.
+
+    Args:
+        activations: target-layer feature maps, shape ``(N, C, h, w)``.
+        targets: one class index per image.
+        head_scores: as for :func:`ablation_cam`.
+        batch_size: number of mosaics per head call (a batch may mix images).
+        extra_tokens: a token layer's class tokens, ``(N, C, k)``.
+        images: the model inputs, for a head that also reads tensors computed before the
+            layer.
+    """
+    acts = _as_feature_maps(activations, "activations").astype(np.float32)
+    count, channels, height, width = acts.shape
+    positions = height * width
+    target_indices = _as_targets(targets, count)
+    extra = None if extra_tokens is None else np.asarray(extra_tokens, dtype=np.float32)
+    flat = acts.reshape(count, channels, positions)
+    mosaic_scores = np.empty(count * positions, dtype=np.float64)
+    for start in range(0, count * positions, max(1, int(batch_size))):
+        pairs = np.arange(start, min(start + batch_size, count * positions))
+        image_of_pair, position = pairs // positions, pairs % positions
+        mosaics = np.zeros((pairs.shape[0], channels, positions), dtype=np.float32)
+        rows = np.arange(pairs.shape[0])
+        mosaics[rows, :, position] = flat[image_of_pair, :, position]
+        inputs = {}
+        if extra is not None:
+            inputs["extra_tokens"] = extra[image_of_pair]
+        if images is not None:
+            inputs["images"] = np.asarray(images)[image_of_pair]
+        logits = head_scores(mosaics.reshape(-1, channels, height, width), **inputs)
+        mosaic_scores[pairs] = _target_scores(logits, target_indices[image_of_pair])
+    maps = mosaic_scores.reshape(count, height, width)
+    return (maps - maps.min(axis=(1, 2), keepdims=True)).astype(np.float32)
+
+
+@CAM_METHODS.register("kpcacam", needs="activations")
+def _kpcacam(activations: np.ndarray) -> np.ndarray:
+    """Score of each position on the first kernel principal component of the centred
+    (hw x C) activations, sigmoid kernel ``tanh(<a, b> / C + 1)``
+    (:func:`kernel_pca_projection`)."""
+    return kernel_pca_projection(activations)
+
+
+@CAM_METHODS.register("fem", needs="activations")
+def _fem(activations: np.ndarray) -> np.ndarray:
+    """``sum_c w * A``, ``w = mean_hw[A > mean_hw(A) + 2 std_hw(A)]``: the share of positions
+    where the channel exceeds its own mean by two standard deviations."""
+    acts = activations.astype(np.float32, copy=False)
+    means = acts.mean(axis=(2, 3), keepdims=True)
+    thresholds = means + _FEM_SIGMAS * acts.std(axis=(2, 3), keepdims=True)
+    weights = (acts > thresholds).mean(axis=(2, 3))
+    return _channel_weighted_sum(weights, acts)
+
+
+@CAM_METHODS.register("randomcam", needs="activations", eigen_smooth=True)
+def _randomcam(activations: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """``sum_c w * A``, ``w ~ U(-1, 1)`` drawn per image and channel from NumPy's global
+    generator (as pytorch-grad-cam draws them: ``np.random.seed`` repeats a map)."""
+    acts = activations.astype(np.float32, copy=False)
+    weights = np.random.uniform(-1, 1, size=acts.shape[:2])
+    return _weighted_sum(weights, acts, eigen_smooth)
+
+
+@CAM_METHODS.register("sobelcam", needs="input", aug_smooth=False)
+def _sobelcam(x: np.ndarray, input_layout: str) -> np.ndarray:
+    """``0.5 |S_x * gray| + 0.5 |S_y * gray|`` of the input image, ``S`` the 3x3 Sobel
+    kernels (:func:`sobel_cam`)."""
+    return sobel_cam(x, input_layout)
+
+
+@CAM_METHODS.register("dff", needs="perturbation", aug_smooth=False)
+def _dff(
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """``H_k``, the NMF map (``A - min ~ W H``, 5 concepts, per image) of the concept ``k``
+    whose embedding ``W_k + min``, spread over the map, the head scores highest for the
+    target (:func:`deep_feature_factorization`)."""
+    if any(getattr(cam_model, "head_inputs", ())):
+        raise UnsupportedModelError(
+            f"dff runs the head on concept embeddings alone; the head after layer "
+            f"{cam_model.layer!r} also needs {', '.join(cam_model.head_inputs)}; use another "
+            "method or a convolutional layer"
+        )
+    acts = _as_feature_maps(result.activations, "activations").astype(np.float32)
+    count, channels, height, width = acts.shape
+    maps = np.empty((count, height, width), dtype=np.float32)
+    for index in range(count):
+        concepts, explanations = deep_feature_factorization(acts[index : index + 1])
+        spread = np.broadcast_to(
+            concepts.T[:, :, None, None], (concepts.shape[1], channels, height, width)
+        )
+        scores = np.asarray(cam_model.head_scores(np.ascontiguousarray(spread)))
+        maps[index] = explanations[0, int(np.argmax(scores[:, targets[index]]))]
+    return maps
+
+
+@CAM_METHODS.register("reciprocam", needs="perturbation")
+def _reciprocam(
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """``s_p - min_p s_p``, ``s_p`` the target score of the head run on the activations
+    masked to the one position ``p`` (:func:`recipro_cam`)."""
+    return recipro_cam(
+        result.activations, targets, cam_model.head_scores, batch_size=batch_size,
+        **_head_extras(cam_model, x, result),
+    )  # fmt: skip
+
+
+_FINER_EPS = 1e-9
+_FINER_COMPARISONS = (1, 2, 3)
+# Classes whose seed weight is below this share of the largest are left out of FinerCAM's
+# runs: outside the compared classes the weight is p_k * eps-sized (see finer_weights).
+_FINER_NEGLIGIBLE = 1e-6
+
+
+def finer_weights(
+    scores: Any,
+    targets: Any,
+    alpha: float = 1.0,
+    comparisons: tuple[int, ...] = _FINER_COMPARISONS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FinerCAM's seed: the gradient ``dT/dz`` (N, K) of its target score (Zhang et al. 2025,
+    pytorch-grad-cam's ``FinerWeightedTarget``).
+
+    ``T = sum_j p_j (z_t - alpha z_j) / (sum_j p_j + 1e-9)``, ``p = softmax(z)``, ``j`` over
+    the compared classes: those ranked ``comparisons`` (1, 2, 3: the three nearest) by
+    ``|z_k - z_t|``, as pytorch-grad-cam ranks them. Its gradient is a weight vector over the
+    classes; the one of ``T`` with respect to the activations is then
+    ``sum_k (dT/dz_k) dz_k/dA``, the gradients of single classes combined linearly.
+
+    Args:
+        scores: the model's scores ``z`` (N, K).
+        targets: the explained class ``t`` of each image.
+        alpha: how strongly the compared classes are subtracted.
+        comparisons: ranks of the compared classes (rank 0 is ``t``); ranks beyond ``K - 1``
+            are dropped.
+
+    Returns:
+        ``(weights, compared)``: ``dT/dz`` (N, K) float64 and the compared classes (N, m).
+    """
+    logits = np.asarray(scores)
+    count, classes = logits.shape
+    rows = np.arange(count)
+    target_indices = _as_targets(targets, count)
+    ranks = [rank for rank in comparisons if rank < classes]
+    # pytorch-grad-cam ranks the float32 outputs with NumPy's default argsort.
+    distance = np.abs(logits - logits[rows, target_indices][:, None])
+    compared = np.argsort(distance, axis=-1)[:, ranks]
+    z = logits.astype(np.float64)
+    probabilities = special.softmax(z, axis=1)
+    in_compared = np.zeros((count, classes), dtype=bool)
+    in_compared[rows[:, None], compared] = True
+    differences = z[rows, target_indices][:, None] - alpha * z
+    compared_p = np.where(in_compared, probabilities, 0.0)
+    total_p = compared_p.sum(axis=1)
+    numerator = (compared_p * differences).sum(axis=1)
+    denominator = total_p + _FINER_EPS
+    d_numerator = compared_p * (differences - alpha) - probabilities * numerator[:, None]
+    d_numerator[rows, target_indices] += total_p
+    d_denominator = compared_p - probabilities * total_p[:, None]
+    weights = (
+        d_numerator * denominator[:, None] - numerator[:, None] * d_denominator
+    ) / denominator[:, None] ** 2
+    return weights, compared
+
+
+# pytorch-grad-cam's FinerCAM takes eigen_smooth (for its Grad-CAM) but has no aug_smooth.
+@CAM_METHODS.register("finercam", needs="perturbation", eigen_smooth=True, aug_smooth=False)
+def _finercam(
+    cam_model: Any,
+    x: np.ndarray,
+    result: Any,
+    targets: np.ndarray,
+    batch_size: int,
+    eigen_smooth: bool = False,
+) -> np.ndarray:
+    """Grad-CAM of FinerCAM's score ``T = sum_j p_j (z_t - z_j) / sum_j p_j`` over the three
+    classes ``j`` with logits nearest the target's: its gradient ``sum_k (dT/dz_k) g_k``
+    from one run per class that counts (the target's and the three; :func:`finer_weights`)."""
+    weights, _ = finer_weights(result.score, targets)
+    rows = np.arange(len(targets))
+    magnitude = np.abs(weights)
+    needed = magnitude > _FINER_NEGLIGIBLE * magnitude.max(axis=1, keepdims=True)
+    needed[rows, targets] = False  # the run explain made is the target's
+    order = np.argsort(np.where(needed, -magnitude, np.inf), axis=1)
+    acts = _as_feature_maps(result.activations, "activations").astype(np.float32)
+    gradients = weights[rows, targets][:, None, None, None] * result.gradients
+    for rank in range(int(needed.sum(axis=1).max(initial=0))):
+        classes = order[:, rank]
+        used = needed[rows, classes]
+        classes = np.where(used, classes, targets)
+        more = cam_model.run(x, classes).gradients
+        gradients = gradients + np.where(used, weights[rows, classes], 0.0)[:, None, None, None] * more
+    grads = gradients.astype(np.float32)
+    return _weighted_sum(_spatial_mean(grads), acts, eigen_smooth)
 
 
 #: Every supported method name.
@@ -502,8 +958,18 @@ METHODS: tuple[str, ...] = CAM_METHODS.names()
 GRADIENT_METHODS: tuple[str, ...] = _methods_needing("gradient")
 #: Methods computed from the activations alone.
 EIGEN_METHODS: tuple[str, ...] = _methods_needing("activations")
-#: Methods that re-run (part of) the model once per channel.
+#: Methods that re-run (part of) the model once per channel or position.
 PERTURBATION_METHODS: tuple[str, ...] = _methods_needing("perturbation")
+#: Baselines computed from the input images alone.
+INPUT_METHODS: tuple[str, ...] = _methods_needing("input")
+#: Methods that take ``eigen_smooth`` (where pytorch-grad-cam's option has an effect).
+EIGEN_SMOOTH_METHODS: tuple[str, ...] = tuple(
+    name for name, entry in CAM_METHODS.items() if entry.eigen_smooth
+)
+#: Methods whose maps :func:`explain` can average over flipped and scaled inputs.
+AUG_SMOOTH_METHODS: tuple[str, ...] = tuple(
+    name for name, entry in CAM_METHODS.items() if entry.aug_smooth
+)
 
 
 # --------------------------------------------------------------------------- post-processing
@@ -537,25 +1003,49 @@ def postprocess(raw: Any, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def _raw_maps(
-    cam_model: Any, x: np.ndarray, method: str, targets: np.ndarray | None, batch_size: int
+    cam_model: Any,
+    x: np.ndarray,
+    method: str,
+    targets: np.ndarray | None,
+    batch_size: int,
+    eigen_smooth: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     result = cam_model.run(x, targets)
-    maps, used = _maps_from_run(cam_model, x, method, result, batch_size)
+    maps, used = _maps_from_run(cam_model, x, method, result, batch_size, eigen_smooth)
     return maps, used, np.asarray(result.score)
 
 
 def _maps_from_run(
-    cam_model: Any, x: np.ndarray, method: str, result: Any, batch_size: int
+    cam_model: Any,
+    x: np.ndarray,
+    method: str,
+    result: Any,
+    batch_size: int,
+    eigen_smooth: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     used_targets = np.asarray(result.targets, dtype=np.int64)
     entry: CamMethod = CAM_METHODS.get(method)
+    smoothing = _smoothing(entry, eigen_smooth)
     if entry.needs == "gradient":
-        maps = gradient_weighted_cam(method, result.activations, result.gradients)
+        maps = gradient_weighted_cam(method, result.activations, result.gradients, eigen_smooth)
     elif entry.needs == "activations":
-        maps = entry.compute(_as_feature_maps(result.activations, "activations"))
+        maps = entry.compute(_as_feature_maps(result.activations, "activations"), **smoothing)
+    elif entry.needs == "input":
+        maps = entry.compute(x, cam_model.layout)
     else:
-        maps = entry.compute(cam_model, x, result, used_targets, batch_size)
+        maps = entry.compute(cam_model, x, result, used_targets, batch_size, **smoothing)
     return maps, used_targets
+
+
+def _augmentations() -> list[tuple[bool, float]]:
+    # pytorch-grad-cam's default test-time augmentation (ttach): a horizontal flip or not,
+    # times the pixel values scaled by 0.9, 1 or 1.1; the identity comes first here.
+    pairs = [(flip, factor) for flip in (False, True) for factor in _AUG_FACTORS]
+    return sorted(pairs, key=lambda pair: pair != (False, 1.0))
+
+
+def _width_axis(input_layout: str) -> int:
+    return 2 if input_layout == "NHWC" else 3
 
 
 def explain(
@@ -567,6 +1057,8 @@ def explain(
     raw: bool = False,
     batch_size: int = 32,
     return_scores: bool = False,
+    eigen_smooth: bool = False,
+    aug_smooth: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """CAMs of ``x`` for ``cam_model`` (a :class:`sp2ps_onnx.CamModel`).
 
@@ -584,13 +1076,30 @@ def explain(
             activations per forward call for ``scorecam`` and ``ablationcam``.
         return_scores: also return the model's class scores ``(N, K)`` from the same run,
             which saves callers a second forward pass.
+        eigen_smooth: pytorch-grad-cam's option: the first principal component of the
+            weighted activations replaces their channel sum (:data:`EIGEN_SMOOTH_METHODS`).
+        aug_smooth: pytorch-grad-cam's option: the mean of the post-processed maps of six
+            inputs, ``x`` and its horizontal flip each with pixel values times 0.9, 1 and 1.1,
+            every map flipped back (:data:`AUG_SMOOTH_METHODS`; not with ``raw``). The
+            classes are those of ``x`` itself for all six (pytorch-grad-cam re-picks the top
+            class of each augmented input when ``targets`` is None).
 
     Returns:
         ``(maps, targets)``: maps ``(N, H, W)`` float32 (in [0, 1] unless ``raw``) and the
         class index used for each image (int64); ``(maps, targets, scores)`` with
         ``return_scores``.
     """
-    CAM_METHODS.get(method)  # an unknown name fails before any model run
+    entry: CamMethod = CAM_METHODS.get(method)  # an unknown name fails before any model run
+    _smoothing(entry, eigen_smooth)
+    if aug_smooth and not entry.aug_smooth:
+        raise InputDataError(
+            f"aug_smooth does not apply to CAM method {method!r}; use it with one of: "
+            f"{', '.join(AUG_SMOOTH_METHODS)}"
+        )
+    if aug_smooth and raw:
+        raise InputDataError(
+            "aug_smooth averages post-processed maps; it cannot give raw maps (raw=True)"
+        )
     images = np.asarray(x, dtype=np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise InputDataError(
@@ -605,24 +1114,55 @@ def explain(
         target_array = _as_targets(target_array, count)
     else:
         target_array = None
-    step = max(1, int(batch_size))
+    output_size = tuple(cam_model.input_spatial_size) if size is None else tuple(size)
+
+    def maps_of(inputs: np.ndarray, wanted: np.ndarray | None):
+        raw_maps, used, scores = _explain_batches(
+            cam_model, inputs, method, wanted, int(batch_size), eigen_smooth
+        )
+        return (raw_maps if raw else postprocess(raw_maps, output_size)), used, scores
+
+    maps, used_targets, scores = maps_of(images, target_array)
+    if aug_smooth:
+        total = maps.astype(np.float32)
+        width_axis = _width_axis(cam_model.layout)
+        for flip, factor in _augmentations()[1:]:
+            augmented = images * np.float32(factor)
+            if flip:
+                augmented = np.ascontiguousarray(np.flip(augmented, axis=width_axis))
+            augmented_maps = maps_of(augmented, used_targets)[0]
+            total += augmented_maps[:, :, ::-1] if flip else augmented_maps
+        maps = total / np.float32(len(_augmentations()))
+    maps = maps.astype(np.float32)
+    if return_scores:
+        return maps, used_targets, scores
+    return maps, used_targets
+
+
+def _explain_batches(
+    cam_model: Any,
+    images: np.ndarray,
+    method: str,
+    targets: np.ndarray | None,
+    batch_size: int,
+    eigen_smooth: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw maps, the classes used and the scores of ``images``, ``batch_size`` per run."""
+    step = max(1, batch_size)
     map_batches: list[np.ndarray] = []
     target_batches: list[np.ndarray] = []
     score_batches: list[np.ndarray] = []
-    for start in range(0, count, step):
-        stop = min(start + step, count)
-        batch_targets = None if target_array is None else target_array[start:stop]
-        maps, used, scores = _raw_maps(cam_model, images[start:stop], method, batch_targets, step)
+    for start in range(0, len(images), step):
+        stop = min(start + step, len(images))
+        batch_targets = None if targets is None else targets[start:stop]
+        maps, used, scores = _raw_maps(
+            cam_model, images[start:stop], method, batch_targets, step, eigen_smooth
+        )
         map_batches.append(maps)
         target_batches.append(used)
         score_batches.append(scores)
-    raw_maps = np.concatenate(map_batches, axis=0)
-    used_targets = np.concatenate(target_batches, axis=0)
-    if raw:
-        maps = raw_maps.astype(np.float32)
-    else:
-        output_size = tuple(cam_model.input_spatial_size) if size is None else tuple(size)
-        maps = postprocess(raw_maps, output_size)
-    if return_scores:
-        return maps, used_targets, np.concatenate(score_batches, axis=0)
-    return maps, used_targets
+    return (
+        np.concatenate(map_batches, axis=0),
+        np.concatenate(target_batches, axis=0),
+        np.concatenate(score_batches, axis=0),
+    )

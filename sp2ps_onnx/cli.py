@@ -28,7 +28,6 @@ from .convert import check_converter, needs_conversion, to_onnx
 from .data import PRESETS, open_data, parse_size
 from .errors import InputDataError, LayerNotFoundError, ModelLoadError, Sp2PSError
 from .explain import explain
-from .figures import colormap, overlay, write_png
 from .graph import inspect_model
 from .graph.model_io import save_model
 from .metric import AGGREGATIONS, SPATIAL, SPECTRAL
@@ -187,7 +186,8 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N samples."),
         click.option("--classes", default=None, help="Class names in label order: a text "
-                     "file (one per line) or a comma-separated list."),
+                     "file (one per line) or a comma-separated list. A value that looks like "
+                     "a path (a / or an extension such as .txt) must be an existing file."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes on stderr."),
         click.option("--strict", is_flag=True, help="Stop with an error at the first unreadable "
                      "image or empty folder instead of skipping and listing it."),
@@ -210,7 +210,8 @@ def _cam_options(given: dict[str, Any]) -> CamOptions:
 def _read_options(given: dict[str, Any]) -> DataOptions:
     return DataOptions(preset=given["preset"], mean=given["mean"], std=given["std"],
                        size=given["size"], limit=given["limit"], classes=given["classes"],
-                       strict=given["strict"])
+                       strict=given["strict"],
+                       classes_partial=given.get("classes_partial", False))
 
 
 def _metric_options(given: dict[str, Any]) -> MetricOptions:
@@ -224,7 +225,7 @@ def _run_options(given: dict[str, Any], checkpoint: Path | None = None) -> RunOp
     address = given.get("ray_address")
     ray = None if address is None else RayOptions(
         address=None if address == "local" else address, workers=given["workers"],
-        gpus_per_worker=given["gpus_per_worker"],
+        gpus_per_worker=given["gpus_per_worker"], connect_timeout=given["ray_timeout"],
     )
     return RunOptions(batch_size=given["batch_size"], device=given["device"],
                       progress=_show_progress(given["quiet"]), quiet=given["quiet"],
@@ -393,6 +394,8 @@ def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, cmap: str,
     if Path(out).resolve() in {Path(p).resolve() for p in (model, *inputs)}:
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     check_report_packages()
+    from .figures import colormap, overlay, write_png  # matplotlib: the optional report extra
+
     colormap(cmap)
     source = open_data(list(inputs), classes=data_options.classes, limit=data_options.limit,
                        strict=data_options.strict)
@@ -490,8 +493,14 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Ray actors scoring in parallel (default: one per free CPU, or per GPU with "
               "--gpus-per-worker).")
+@click.option("--ray-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds to wait for the Ray cluster to answer before "
+              "giving up with an error.")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0,
               show_default=True, help="GPUs each Ray actor reserves (runs ONNX Runtime on CUDA).")
+@click.option("--classes-partial", is_flag=True, help="Accept a class list (--classes or the "
+              "class folders) with fewer or more names than the model has classes; its "
+              "positions are taken as the model's class indices.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same "
               "--out, models, data and options (rows are saved under --out as they come).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
@@ -537,6 +546,8 @@ def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: st
         raise ModelLoadError(f"--out {out} is one of the inputs; choose another directory")
     if not no_report:
         check_report_packages(" (or pass --no-report for the table only)")
+        from .figures import colormap  # matplotlib: the optional report extra
+
         colormap(cmap)
     formats = ["png", "svg", *figure_formats]
     cam_options, data_options = _cam_options(given), _read_options(given)

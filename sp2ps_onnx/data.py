@@ -7,6 +7,10 @@ Inputs (see :func:`open_data`):
 * a flat folder of images (no labels), or single image files;
 * an ``.npz`` archive with an array ``x`` and optionally integer labels ``y``;
 * an ``.npy`` array (no labels);
+* any of the above in object storage or another file system, as a URI (``s3://``,
+  ``gs://``, ``hdfs://``, ``file://``, ...): read through pyarrow's file systems (or
+  fsspec's, for schemes pyarrow lacks), with credentials from the environment as those
+  libraries expect; each batch's files or array rows are read when the batch is;
 * any iterable of ``(images, labels)`` batches (a ``torch.utils.data.DataLoader``, a
   ``tf.data.Dataset.as_numpy_iterator()``, a generator, a Hugging Face dataset's
   ``.iter(batch_size)`` of dicts): see :func:`open_batches`. Nothing is copied to disk.
@@ -23,18 +27,22 @@ Data is streamed: :meth:`DataSource.batches` yields :class:`Batch` tuples, one b
 time, so memory does not grow with the dataset (``.npy`` files are memory-mapped).
 
 Bad data does not end a run: an image file that cannot be decoded (truncated, corrupt, a
-decompression bomb) and a class folder without images are skipped and recorded in
-:attr:`DataSource.faults`; ``strict=True`` makes each of them an error instead.
+decompression bomb), a float sample holding NaN or infinite values and a class folder
+without images are skipped and recorded in :attr:`DataSource.faults`; ``strict=True`` makes
+each of them an error instead.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import posixpath
 import re
 import struct
+import urllib.parse
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +53,7 @@ import skimage.color
 import skimage.transform
 from PIL import Image
 
+from .classes import BUILT_IN_CLASS_LISTS, built_in_classes
 from .errors import InputDataError
 
 MAX_IMAGE_PIXELS = 89_478_485
@@ -103,12 +112,15 @@ class _ArrayPart:
     labels: np.ndarray | None
     name: str
     preprocessed: bool
+    origin: str = ""  # the file it was read from, for messages
 
 
 @dataclass
 class _FilePart:
-    files: list[tuple[Path, int]]  # (path, label or -1)
-    root: Path | None
+    files: list[tuple[Any, int]]  # (Path, or a path inside ``filesystem``; label or -1)
+    root: Any  # Path, a path inside ``filesystem``, or None for loose files
+    filesystem: Any = None  # a pyarrow FileSystem for data given as a URI
+    scheme: str = ""  # the URI's scheme, for messages
 
 
 @dataclass
@@ -204,17 +216,59 @@ class DataSource:
         total = sum(len(p.array) if isinstance(p, _ArrayPart) else len(p.files) for p in self._parts)
         return total if self._limit is None else min(total, self._limit)
 
-    def batches(self, batch_size: int = 32, start: int = 0) -> Iterator[Batch]:
+    def object_files(self) -> tuple[Any, list[tuple[str, str, int]]] | None:
+        """For data that is only image files of one URI's file system: that (pyarrow) file
+        system and every file used, as ``(path in it, sample id, label or -1)`` in data
+        order; else ``None``. Readers elsewhere (Ray Data's) fetch these files themselves."""
+        parts = self._parts
+        if not parts or not all(isinstance(p, _FilePart) and p.filesystem is not None
+                                for p in parts):
+            return None
+        filesystem = parts[0].filesystem
+        if any(p.filesystem is not filesystem for p in parts):
+            return None
+        files, remaining = [], len(self)
+        for part in parts:
+            for path, label in part.files[:remaining]:
+                files.append((path, _file_id(path, part.root), label))
+            remaining -= len(part.files)
+        return filesystem, files
+
+    def decode(self, contents: Sequence[bytes], paths: Sequence[str], ids: Sequence[str],
+               labels: Sequence[int]) -> Batch | None:
+        """The batch of these image files' ``contents`` (as :meth:`object_files` lists them),
+        without the files that cannot be decoded (each a fault, or an error when strict);
+        ``None`` when none can."""
+        scheme = next((p.scheme for p in self._parts if isinstance(p, _FilePart)), "")
+        images, kept_ids, kept_labels = [], [], []
+        for data, path, sample_id, label in zip(contents, paths, ids, labels, strict=True):
+            try:
+                images.append(read_image(io.BytesIO(data), name=f"{scheme}://{path}"))
+            except InputDataError as exc:
+                self._skip(sample_id, exc)
+                continue
+            kept_ids.append(sample_id)
+            kept_labels.append(label)
+        if not images:
+            return None
+        with_labels = self.has_labels
+        return Batch(images, np.array(kept_labels, dtype=np.int64) if with_labels else None,
+                     kept_ids)
+
+    def batches(self, batch_size: int = 32, start: int = 0,
+                stop: int | None = None) -> Iterator[Batch]:
         """Yield the data in batches of at most ``batch_size`` samples, from sample ``start``
-        on (the samples before it are not read)."""
+        on (the samples before it are not read) up to sample ``stop`` (excluded; default:
+        the end). Positions count the skipped samples too, so a range names the same
+        samples whatever is skipped in it."""
         if batch_size < 1:
             raise InputDataError(f"batch size must be at least 1, not {batch_size}")
         iterables = [p for p in self._parts if isinstance(p, _IterablePart)]
         if iterables:  # open_batches makes sources of one iterable and nothing else
             limit = float("inf") if self._limit is None else self._limit
-            yield from _iterable_batches(iterables[0], batch_size, limit)
+            yield from _iterable_batches(iterables[0], batch_size, limit, self._finite)
             return
-        remaining = len(self)
+        remaining = len(self) if stop is None else min(len(self), stop)
         skip = max(0, int(start))
         with_labels = self.has_labels
         for part in self._parts:
@@ -224,16 +278,18 @@ class DataSource:
                 count = min(len(part.array), remaining)
                 first, skip = min(skip, count), max(0, skip - count)
                 for begin in range(first, count, batch_size):
-                    stop = min(begin + batch_size, count)
-                    chunk = np.asarray(part.array[begin:stop])
-                    images: list[np.ndarray] | np.ndarray = (
-                        chunk.astype(np.float32) if part.preprocessed else list(chunk)
-                    )
+                    end = min(begin + batch_size, count)
+                    chunk = np.asarray(part.array[begin:end])
                     labels = (
-                        np.asarray(part.labels[begin:stop], dtype=np.int64) if with_labels else None
+                        np.asarray(part.labels[begin:end], dtype=np.int64) if with_labels else None
                     )
-                    ids = [f"{part.name}[{i}]" for i in range(begin, stop)]
-                    yield Batch(images, labels, ids)
+                    ids = [f"{part.name}[{i}]" for i in range(begin, end)]
+                    if not part.preprocessed:
+                        yield Batch(list(chunk), labels, ids)
+                        continue
+                    batch = self._finite(Batch(chunk, labels, ids), part.origin or part.name)
+                    if batch.ids:
+                        yield batch
                 remaining -= count
             else:
                 files = part.files[:remaining]
@@ -242,7 +298,7 @@ class DataSource:
                     chunk_files, images = [], []
                     for path, label in files[begin : begin + batch_size]:
                         try:
-                            images.append(read_image(path))
+                            images.append(_read_part_image(part, path))
                         except InputDataError as exc:
                             self._skip(_file_id(path, part.root), exc)
                             continue
@@ -259,18 +315,88 @@ class DataSource:
                 remaining -= len(files)
 
 
-def _file_id(path: Path, root: Path | None) -> str:
+    def _finite(self, batch: Batch, where: str) -> Batch:
+        """``batch`` as float32, without the samples holding NaN or infinite values (each
+        skipped as a fault, or an error when strict); values beyond float32's range count
+        as infinite, as the model would receive them."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.asarray(batch.images).astype(np.float32)
+        flat = x.reshape(len(x), -1)
+        finite = np.isfinite(flat).all(axis=1)
+        if finite.all():
+            return Batch(x, batch.labels, batch.ids)
+        for i in np.flatnonzero(~finite):
+            nan = int(np.count_nonzero(np.isnan(flat[i])))
+            inf = int(np.count_nonzero(np.isinf(flat[i])))
+            self._skip(batch.ids[i], InputDataError(
+                f"input sample {batch.ids[i]} of {where} holds {nan} NaN and {inf} infinite "
+                f"value(s) (as float32); a model input must be finite: fix or remove sample "
+                f"{batch.ids[i]}"
+            ))
+        return Batch(x[finite], None if batch.labels is None else batch.labels[finite],
+                     [sample for sample, ok in zip(batch.ids, finite, strict=True) if ok])
+
+
+def _file_id(path: Any, root: Any) -> str:
+    if isinstance(path, str):  # a path inside a URI's file system
+        return posixpath.basename(path) if root is None else posixpath.relpath(path, root)
     if root is None:
         return path.name
     return path.relative_to(root).as_posix()
 
 
+def _read_part_image(part: _FilePart, path: Any) -> np.ndarray:
+    if part.filesystem is None:
+        return read_image(path)
+    shown = f"{part.scheme}://{path}"
+    try:
+        with part.filesystem.open_input_file(path) as handle:
+            data = handle.read()
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot read image file {shown}: {' '.join(str(exc).split())[:300]}"
+        ) from exc
+    return read_image(io.BytesIO(data), name=shown)
+
+
+CLASS_FILE_EXTENSIONS = (".txt", ".csv", ".tsv", ".json", ".names", ".lst", ".list")
+"""File name endings that make a ``--classes`` value a file path, not a class name."""
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a ``--classes`` value names a file rather than classes: one item (no comma)
+    with a path separator, or ending with a class-file extension."""
+    if "," in value:
+        return False
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(sep in value for sep in separators) or value.strip().lower().endswith(
+        CLASS_FILE_EXTENSIONS
+    )
+
+
 def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
-    """Class names in label order from a text file (one per line) or a comma-separated list."""
+    """Class names in label order from a text file (one per line), a comma-separated list
+    or a built-in list's name (``imagenet``: :mod:`sp2ps_onnx.classes`).
+
+    A value that looks like a path (:func:`looks_like_path`) but names no file is an error,
+    never taken as one class name.
+    """
     if classes is None:
         return None
+    if isinstance(classes, os.PathLike):
+        classes = os.fspath(classes)
+    if is_uri(classes):
+        return _parse_names(_read_uri_text(classes), redact(classes))
+    if isinstance(classes, str) and not os.path.isfile(classes) and looks_like_path(classes):
+        what = "is a folder, not a file" if os.path.isdir(classes) else "does not exist"
+        raise InputDataError(
+            f"--classes {classes} looks like a file path but {what}; give a text file with "
+            "one class name per line, or the names as a comma-separated list"
+        )
     if not isinstance(classes, str):
         names = [str(c) for c in classes]
+    elif classes in BUILT_IN_CLASS_LISTS and not os.path.isfile(classes):
+        names = built_in_classes(classes) or []  # --classes imagenet
     elif os.path.isfile(classes):
         try:
             text = Path(classes).read_text(encoding="utf-8")
@@ -282,6 +408,25 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         names = [c.strip() for c in classes.split(",") if c.strip()]
+    return _parse_names(names, classes)
+
+
+def _read_uri_text(uri: str) -> list[str]:
+    """The non-empty lines of a text file given as a URI."""
+    filesystem, path = open_filesystem(uri)
+    try:
+        with filesystem.open_input_file(path) as handle:
+            text = handle.read().decode("utf-8")
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot read the class list --classes {redact(uri)}: {_scrubbed(str(exc), uri)}; "
+            "give a UTF-8 text file with one class name per line"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _parse_names(names: list[str], classes: Any) -> list[str]:
+    """``names`` checked: at least one, none twice."""
     if not names:
         raise InputDataError(f"the class list {classes!r} is empty; give at least one class name")
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -291,6 +436,29 @@ def parse_classes(classes: str | Sequence[str] | None) -> list[str] | None:
             "each class must appear once, in label order"
         )
     return names
+
+
+def check_class_count(source: DataSource, num_classes: int, *, given: bool,
+                      partial: bool = False) -> None:
+    """Refuse class names whose number differs from the model's class count (labels are
+    positions in that list, so they would not be the model's classes) unless ``partial``.
+
+    ``given``: the names came from ``--classes``, not from the class folders.
+    """
+    names = source.class_names
+    if partial or not names or len(names) == num_classes:
+        return
+    if given:
+        what = f"--classes names {len(names)} class(es)"
+    else:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        what = f"the data {source.description} has {len(names)} class folder(s) ({shown})"
+    raise InputDataError(
+        f"{what} but the model has {num_classes} classes; labels are positions in that list, "
+        f"so give --classes with all {num_classes} class names in label order, or "
+        f"--classes-partial (DataOptions(classes_partial=True)) when the list is the model's "
+        f"first {len(names)} classes in order"
+    )
 
 
 def open_data(
@@ -310,7 +478,7 @@ def open_data(
     :class:`~sp2ps_onnx.errors.InputDataError` with ``strict=True``.
     """
     if _is_batch_iterable(paths):
-        return open_batches(paths, classes=classes, limit=limit)
+        return open_batches(paths, classes=classes, limit=limit, strict=strict)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
@@ -321,9 +489,16 @@ def open_data(
     parts: list[_ArrayPart | _FilePart] = []
     loose_files: list[tuple[Path, int]] = []
     source = DataSource(
-        description=", ".join(str(p) for p in paths), class_names=None, strict=strict
+        description=", ".join(redact(p) if is_uri(p) else str(p) for p in paths),
+        class_names=None, strict=strict,
     )
     for raw in paths:
+        if is_uri(raw):
+            found, found_classes = _open_uri(str(raw), class_names, source)
+            if found_classes is not None:
+                class_names = class_names or found_classes
+            parts.extend(found)
+            continue
         path = Path(raw)
         if not path.exists():
             raise InputDataError(
@@ -386,6 +561,7 @@ def open_batches(
     classes: str | Sequence[str] | None = None,
     limit: int | None = None,
     name: str | None = None,
+    strict: bool = False,
 ) -> DataSource:
     """A data source over an iterable of batches, read as it is iterated (nothing on disk).
 
@@ -397,7 +573,8 @@ def open_batches(
     preprocessed per model like image files; ``float`` batches are taken as already
     preprocessed model inputs (what a torchvision ``transforms`` pipeline gives). A
     ``DataLoader`` is iterated again for each pass; a one-shot iterator (a generator, a
-    ``tf.data`` numpy iterator) can be read once.
+    ``tf.data`` numpy iterator) can be read once. Float samples holding NaN or infinite
+    values are skipped and listed in :attr:`DataSource.faults` (``strict``: an error).
     """
     if isinstance(batches, np.ndarray):
         raise InputDataError(
@@ -426,6 +603,7 @@ def open_batches(
         class_names=parse_classes(classes),
         _parts=[part],
         _limit=limit,
+        strict=strict,
     )
 
 
@@ -469,7 +647,8 @@ def _unpack_batch(raw: Any, name: str, index: int) -> tuple[np.ndarray, np.ndarr
     return images, labels
 
 
-def _iterable_batches(part: _IterablePart, batch_size: int, remaining: float) -> Iterator[Batch]:
+def _iterable_batches(part: _IterablePart, batch_size: int, remaining: float,
+                      finite: Callable[[Batch, str], Batch]) -> Iterator[Batch]:
     if part.pending is not None:
         iterator, pending = part.pending, [part.first]
         part.pending = None
@@ -499,11 +678,15 @@ def _iterable_batches(part: _IterablePart, batch_size: int, remaining: float) ->
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
             chunk = images[start:stop]
-            yield Batch(
-                chunk.astype(np.float32) if part.preprocessed else list(chunk),
+            batch = Batch(
+                chunk if part.preprocessed else list(chunk),
                 None if labels is None else labels[start:stop].astype(np.int64),
                 [f"{part.name}[{index + i}]" for i in range(start, stop)],
             )
+            if part.preprocessed:
+                batch = finite(batch, f"batch {number} of {part.name}")
+            if batch.ids:
+                yield batch
         index += count
         remaining -= count
         if remaining <= 0:
@@ -534,18 +717,7 @@ def _open_folder(
                 "and no class subfolders"
             ))
         return _FilePart([(p, -1) for p in files], root), None
-    # One subfolder per class, as torchvision's ImageFolder: sorted names -> 0..K-1.
-    if class_names is None:
-        order = subdirs
-    else:
-        unknown = [d for d in subdirs if d not in class_names]
-        if unknown:
-            raise InputDataError(
-                f"subfolder(s) {', '.join(unknown)} of {root} are not in the class list "
-                f"({', '.join(class_names[:12])}{', ...' if len(class_names) > 12 else ''}); "
-                "fix --classes or rename the folders"
-            )
-        order = class_names
+    order = _class_order(subdirs, class_names, root)
     index = {name: i for i, name in enumerate(order)}
     files: list[tuple[Path, int]] = []
     empty: list[str] = []
@@ -564,6 +736,21 @@ def _open_folder(
             f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images"
         ))
     return _FilePart(files, root), list(order)
+
+
+def _class_order(subdirs: list[str], class_names: list[str] | None, root: Any) -> list[str]:
+    """Class names in label order: the sorted subfolders, as torchvision's ImageFolder, or
+    ``class_names`` when given (every subfolder must be in it)."""
+    if class_names is None:
+        return list(subdirs)
+    unknown = [d for d in subdirs if d not in class_names]
+    if unknown:
+        raise InputDataError(
+            f"subfolder(s) {', '.join(unknown)} of {root} are not in the class list "
+            f"({', '.join(class_names[:12])}{', ...' if len(class_names) > 12 else ''}); "
+            "fix --classes or rename the folders"
+        )
+    return class_names
 
 
 def _check_array(array: np.ndarray, path: Path, key: str) -> bool:
@@ -615,6 +802,11 @@ def _open_npz(path: Path) -> _ArrayPart:
         y = archive["y"] if "y" in keys else None
     except Exception as exc:
         raise InputDataError(f"cannot read the arrays in {path}: {exc}") from exc
+    return _npz_part(x, y, path, path.name, str(path))
+
+
+def _npz_part(x: Any, y: Any, path: Any, name: str, origin: str) -> _ArrayPart:
+    """The part of an .npz's ``x`` and ``y`` (``path`` as messages name it)."""
     preprocessed = _check_array(x, path, "x")
     if y is not None:
         y = np.asarray(y)
@@ -625,7 +817,7 @@ def _open_npz(path: Path) -> _ArrayPart:
             )
         if len(y) and y.min() < 0:
             raise InputDataError(f"labels 'y' in {path} contain negative values; use 0..K-1")
-    return _ArrayPart(x, y, path.name, preprocessed)
+    return _ArrayPart(x, y, name, preprocessed, origin)
 
 
 def _npz_member(path: Path, archive: Any, key: str) -> np.ndarray:
@@ -665,6 +857,232 @@ def _available_memory() -> int | None:
         return None
 
 
+# --------------------------------------------------------------------------------------
+# Data given as a URI (object storage, HDFS, ...)
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SECRET_QUERY_KEYS = ("key", "secret", "token", "pass", "cred", "sig")
+
+
+def is_uri(value: Any) -> bool:
+    """Whether ``value`` is a URI (``scheme://...``) rather than a local path."""
+    return isinstance(value, str) and bool(_URI.match(value))
+
+
+def redact(uri: str) -> str:
+    """``uri`` as it may be shown or saved: without a ``user:password@`` and without the
+    values of query parameters that carry credentials (keys, secrets, tokens)."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = [
+        (key, "***" if any(word in key.lower() for word in _SECRET_QUERY_KEYS) else value)
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path,
+                                    urllib.parse.urlencode(query, safe="*:/"), parts.fragment))
+
+
+def _scrubbed(text: str, uri: str) -> str:
+    """An error message about ``uri`` with its credentials (if any) replaced by ***."""
+    text = " ".join(str(text).split()).replace(uri, redact(uri))
+    parts = urllib.parse.urlsplit(uri)
+    secrets = [parts.password or "", parts.username or ""] if "@" in parts.netloc else []
+    secrets += [value for key, value in urllib.parse.parse_qsl(parts.query)
+                if any(word in key.lower() for word in _SECRET_QUERY_KEYS)]
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text[:300]
+
+
+def open_filesystem(uri: str) -> tuple[Any, str]:
+    """The pyarrow file system of ``uri`` and the path inside it.
+
+    pyarrow's own file systems first (S3 and compatible stores, GCS, HDFS, local files);
+    other schemes through fsspec. Credentials come from the environment, as each library
+    expects (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+    ...); they are never shown: messages carry :func:`redact`'s form of the URI.
+    """
+    shown = redact(uri)
+    try:
+        import pyarrow.fs as pafs
+    except ImportError as exc:
+        raise InputDataError(
+            f"reading {shown} needs pyarrow; install it with pip install 'sp2ps-onnx[cloud]'"
+        ) from exc
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as exc:
+        first = exc
+    try:
+        import fsspec
+
+        filesystem, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+    except Exception:
+        pass
+    raise InputDataError(
+        f"cannot open {shown}: {_scrubbed(str(first), uri)}; give a URI that pyarrow or fsspec "
+        "reads (s3://bucket/path, gs://bucket/path, hdfs://host/path, file:///path), with the "
+        "credentials in the environment"
+    ) from None
+
+
+def _open_uri(
+    uri: str, class_names: list[str] | None, source: DataSource
+) -> tuple[list[_ArrayPart | _FilePart], list[str] | None]:
+    """The parts of the data at ``uri``, listed (not read) like a local path's."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = open_filesystem(uri)
+    shown, scheme = redact(uri), urllib.parse.urlsplit(uri).scheme
+    try:
+        info = filesystem.get_file_info(root)
+        entries = (filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+                   if info.type == pafs.FileType.Directory else [])
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot list {shown}: {_scrubbed(str(exc), uri)}; check the URI and the "
+            "credentials in the environment"
+        ) from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputDataError(
+            f"input {shown} does not exist; give an image folder, an image file, an .npz "
+            "(with x and optional y) or an .npy file"
+        )
+    if info.type == pafs.FileType.File:
+        suffix = posixpath.splitext(root)[1].lower()
+        if suffix in (".npz", ".npy"):
+            return [_open_remote_array(filesystem, root, shown, suffix)], None
+        if suffix in IMAGE_EXTENSIONS:
+            return [_FilePart([(root, -1)], None, filesystem, scheme)], None
+        raise InputDataError(
+            f"input {shown} has an unsupported format {suffix or '(no extension)'!r}; give an "
+            f"image ({', '.join(IMAGE_EXTENSIONS)}), a folder of images, an .npz or an .npy"
+        )
+    root = root.rstrip("/")
+    images = [e.path for e in entries
+              if e.type == pafs.FileType.File and _is_image_file(e.path)]
+    relative = [posixpath.relpath(path, root) for path in images]
+    subdirs = sorted({posixpath.relpath(e.path, root).split("/")[0] for e in entries
+                      if e.type == pafs.FileType.Directory}
+                     | {rel.split("/")[0] for rel in relative if "/" in rel})
+    if not subdirs:
+        if not images:
+            source._skip(f"{shown.rstrip('/')}/", InputDataError(
+                f"folder {shown} contains no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                "and no class subfolders"
+            ))
+        files = [(path, -1) for path in sorted(images)]
+        return ([_FilePart(files, root, filesystem, scheme)] if files else []), None
+    order = _class_order(subdirs, class_names, shown)
+    index = {name: i for i, name in enumerate(order)}
+    by_class: dict[str, list[str]] = {name: [] for name in subdirs}
+    for path, rel in zip(images, relative, strict=True):
+        if "/" in rel:
+            by_class[rel.split("/")[0]].append(path)
+    files = []
+    for name in subdirs:
+        # The order os.walk gives a local folder: by directory, then by file name.
+        found = sorted(by_class[name], key=lambda p: (posixpath.dirname(p), posixpath.basename(p)))
+        if not found:
+            source._skip(f"{name}/", InputDataError(
+                f"class folder {name} in {shown} contains no images "
+                f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images"
+            ))
+        files.extend((path, index[name]) for path in found)
+    return ([_FilePart(files, root, filesystem, scheme)] if files else []), list(order)
+
+
+@dataclass
+class _RemoteArray:
+    """An array stored uncompressed in a file of a URI's file system (an .npy, or a member
+    of an .npz saved by numpy.savez): its rows are read when they are indexed."""
+
+    filesystem: Any
+    path: str
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise IndexError("a remote array is read in contiguous row ranges")
+        count = max(0, stop - start)
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        with self.filesystem.open_input_file(self.path) as handle:
+            data = handle.read_at(count * row_bytes, self.offset + start * row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape((count, *self.shape[1:]))
+
+
+def _open_remote_array(filesystem: Any, path: str, shown: str, suffix: str) -> _ArrayPart:
+    """An .npy or .npz of a URI's file system: the header now, the rows batch by batch."""
+    name = posixpath.basename(path)
+    try:
+        with filesystem.open_input_file(path) as handle:
+            if suffix == ".npy":
+                x = _remote_member(filesystem, path, handle, 0, shown)
+                return _ArrayPart(x, None, name, _check_array(x, shown, name), shown)
+            with zipfile.ZipFile(handle) as zipped:
+                names = zipped.namelist()
+                if "x.npy" not in names:
+                    raise InputDataError(
+                        f"{shown} has no array 'x' (it has: "
+                        f"{', '.join(n.removesuffix('.npy') for n in names) or 'nothing'}); "
+                        "save the images as x (and labels as y) with numpy.savez"
+                    )
+                info = zipped.getinfo("x.npy")
+                if info.compress_type == zipfile.ZIP_STORED:
+                    handle.seek(info.header_offset)
+                    local = handle.read(30)
+                    name_length, extra_length = struct.unpack("<HH", local[26:30])
+                    x = _remote_member(filesystem, path, handle,
+                                       info.header_offset + 30 + name_length + extra_length,
+                                       shown)
+                else:
+                    with zipped.open("x.npy") as member:
+                        x = np.lib.format.read_array(member, allow_pickle=False)
+                y = None
+                if "y.npy" in names:
+                    with zipped.open("y.npy") as member:
+                        y = np.lib.format.read_array(member, allow_pickle=False)
+    except InputDataError:
+        raise
+    except Exception as exc:
+        raise InputDataError(
+            f"cannot read {shown} as an {suffix} array: {' '.join(str(exc).split())[:300]}; "
+            "save it with numpy.save or numpy.savez(x=..., y=...)"
+        ) from None
+    return _npz_part(x, y, shown, name, shown)
+
+
+def _remote_member(filesystem: Any, path: str, handle: Any, start: int,
+                   shown: str) -> Any:
+    """The array whose .npy header starts at byte ``start`` of ``handle``: a
+    :class:`_RemoteArray`, or the array itself when it is stored in Fortran order."""
+    handle.seek(start)
+    version = np.lib.format.read_magic(handle)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(handle)
+    if dtype.hasobject or not shape:
+        raise InputDataError(f"{shown} holds objects or a scalar, not an array of images")
+    if fortran:
+        handle.seek(start)
+        return np.lib.format.read_array(handle, allow_pickle=False)
+    return _RemoteArray(filesystem, path, handle.tell(), dtype, tuple(shape))
+
+
 def _open_npy(path: Path) -> _ArrayPart:
     try:
         x = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -672,23 +1090,30 @@ def _open_npy(path: Path) -> _ArrayPart:
         raise InputDataError(
             f"cannot read {path} as a .npy array: {exc}; save it with numpy.save"
         ) from exc
-    return _ArrayPart(x, None, path.name, _check_array(x, path, path.name))
+    return _ArrayPart(x, None, path.name, _check_array(x, path, path.name), str(path))
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike[str] | io.BytesIO, max_pixels: int | None = None,
+               name: str | None = None) -> np.ndarray:
     """Decode the first frame of an image file to ``uint8`` ``(H, W)`` or ``(H, W, C)``.
 
-    The size the file declares is checked against ``max_pixels`` (default
+    ``path`` may also be the file's bytes in a :class:`io.BytesIO`, named ``name`` in
+    messages. The size the file declares is checked against ``max_pixels`` (default
     :data:`MAX_IMAGE_PIXELS`) before decoding, so a small file that would expand to
     gigabytes (a decompression bomb) is refused with :class:`InputDataError`.
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    kind = Path(path).suffix.lstrip(".").upper() or "image"
+    if isinstance(path, io.BytesIO):
+        source: Any = path
+        path = name or "image bytes"
+    else:
+        source = path
+    kind = Path(str(path)).suffix.lstrip(".").upper() or "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
-            with Image.open(path) as header:  # reads the header, not the pixels
+            with Image.open(source) as header:  # reads the header, not the pixels
                 width, height = header.size
     except Image.DecompressionBombError:
         width = height = -1
@@ -709,7 +1134,9 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> n
             # Pillow warns about damaged metadata (EXIF, TIFF tags) that does not affect the
             # pixels; damaged pixel data raises, and is reported below.
             warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
-            image = np.asarray(iio.imread(path, plugin="pillow", index=0))
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            image = np.asarray(iio.imread(source, plugin="pillow", index=0))
     except Exception as exc:
         raise InputDataError(
             f"cannot decode image file {path}: {' '.join(str(exc).split())}; check that it "
@@ -729,6 +1156,8 @@ def _to_uint8(image: np.ndarray, where: str) -> np.ndarray:
         return image.astype(np.uint8) * 255
     if image.dtype == np.uint16:
         return (image.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise InputDataError(f"image {where} holds NaN or infinite pixel values")
     if np.issubdtype(image.dtype, np.floating) and image.size and 0 <= image.min() <= image.max() <= 1:
         return np.round(image * 255).astype(np.uint8)
     raise InputDataError(f"image {where} has unsupported pixel type {image.dtype}")

@@ -72,3 +72,8 @@ class UnknownComponentError(UnknownNameError):
 
 class MetricInputError(InputDataError, ValueError):
     """CAM arrays, labels or scores that the metric cannot use."""
+
+
+class FaithfulnessInputError(InputDataError, ValueError):
+    """Images, CAMs, targets, options or model outputs that the faithfulness metrics cannot
+    use."""

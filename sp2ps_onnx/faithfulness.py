@@ -76,7 +76,7 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse import linalg as sparse_linalg
 
-from .errors import InputDataError
+from .errors import FaithfulnessInputError
 
 __all__ = [
     "DEFAULT_BLUR_SIGMA",
@@ -143,11 +143,6 @@ _NEIGHBOUR_WEIGHTS: tuple[tuple[int, int, float], ...] = (
     (1, 0, 1 / 6),
     (1, 1, 1 / 12),
 )
-
-
-class FaithfulnessInputError(InputDataError, ValueError):
-    """Images, CAMs, targets, options or model outputs that the faithfulness metrics cannot
-    use."""
 
 
 @dataclass(frozen=True)

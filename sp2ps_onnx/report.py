@@ -792,10 +792,14 @@ def write_report(
     data = _clean(report.to_dict())
     data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     (directory / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    compared = [*report.models, *(getattr(report, "references", None) or [])]
+    # Columns beyond the fixed ones (each model's faithfulness figures, when measured).
+    extra = [key for model in compared[:1] for row in model.rows[:1] for key in row
+             if key not in PER_SAMPLE_COLUMNS]
     with open(directory / "per_sample.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PER_SAMPLE_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[*PER_SAMPLE_COLUMNS, *extra])
         writer.writeheader()
-        for model in [*report.models, *(getattr(report, "references", None) or [])]:
+        for model in compared:
             for row in model.rows:
                 writer.writerow(
                     {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from .graph.rewrite import (
     SCORE,
     TARGET,
     TARGETS_USED,
+    WEIGHTED_TARGET,
+    BackwardOptions,
     CamGraph,
     build_cam_model,
     build_head_model,
@@ -44,6 +46,25 @@ class CamResult:
     targets: np.ndarray  # (N,) int64
     # A token layer's tokens outside the grid (class tokens), (N, C, k); else None.
     extra_tokens: np.ndarray | None = None
+    # What a model built with BackwardOptions(layers=[...], input_gradient, ...) adds (else
+    # empty / None): per layer (tensor name, in the order given) its LayerResult ...
+    layers: dict[str, LayerResult] = field(default_factory=dict)
+    # ... d score / d input in the input's own layout and dtype float32 ...
+    input_gradient: np.ndarray | None = None
+    # ... Guided Backprop's input gradient (guided_input_gradient=True), same layout ...
+    guided_input_gradient: np.ndarray | None = None
+    # ... H · a at the main layer (hessian_vector_product=True), (N, C, h, w) ...
+    hessian_vector: np.ndarray | None = None
+    # ... and per Conv/Gemm with a bias (node name, graph order) bias * d score / d output.
+    bias_gradients: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class LayerResult:
+    """One layer's channels-first activations and gradients (N, C, h, w) float32."""
+
+    activations: np.ndarray
+    gradients: np.ndarray
 
 
 class CamModel:
@@ -68,6 +89,13 @@ class CamModel:
         grid: (H, W) of the patch grid of a token-sequence layer (N, T, C) whose grid the
             graph does not prove; the T - H*W leading tokens (class tokens) are dropped.
             A proven grid needs no statement; a contradicting one is refused.
+        backward: more of the backward pass in the same run
+            (:class:`~sp2ps_onnx.graph.rewrite.BackwardOptions`): several layers
+            (``layers=[...]`` or ``"stages"``; :attr:`CamResult.layers`,
+            :meth:`run_layers`), the input gradient, a weight vector over the classes as the
+            seed (``target_weights`` in :meth:`run`), Guided Backprop's ReLU
+            (``relu_backward="guided"``) and FullGrad's bias terms
+            (:attr:`CamResult.bias_gradients`, :attr:`bias_layers`).
     """
 
     def __init__(
@@ -82,6 +110,7 @@ class CamModel:
         threads: int | None = None,
         spinning: bool = True,
         grid: tuple[int, int] | None = None,
+        backward: BackwardOptions | None = None,
     ) -> None:
         self.threads = threads
         self.spinning = spinning
@@ -92,6 +121,7 @@ class CamModel:
             input_size=input_size,
             allow_domains=allow_domains,
             grid=grid,
+            backward=backward,
         )
         self.providers = list(providers) if providers else select_providers("auto", quiet=True)
         self.batch_size = max(1, int(batch_size))
@@ -114,6 +144,34 @@ class CamModel:
     @property
     def layer(self) -> str:
         return self.graph.layer
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers of ``BackwardOptions(layers=...)`` (tensor names, in the order given);
+        empty without."""
+        return [out.layer for out in self.graph.layers]
+
+    @property
+    def bias_layers(self) -> list[tuple[str, np.ndarray | None]]:
+        """(node name, bias values) of every Conv/Gemm/BatchNormalization whose term
+        ``BackwardOptions(bias_gradients=True)`` computes, in graph order (a
+        BatchNormalization's effective bias; None where computed at run time); the keys of
+        :attr:`CamResult.bias_gradients`."""
+        return [(entry.node, entry.bias) for entry in self.graph.bias_outputs]
+
+    @property
+    def hessian_vanishes(self) -> bool:
+        """Whether the head (layer to score) is piecewise linear in the layer, so that its
+        Hessian-vector product (ShapleyCAM's second-order term) is 0 almost everywhere,
+        exactly as torch autograd computes it. Where it is not (:attr:`curved_head_ops`
+        names the ops), no Hessian-vector product is built: refuse such methods."""
+        return not self.graph.curved_head_ops
+
+    @property
+    def curved_head_ops(self) -> list[tuple[str, str]]:
+        """(node, op type) of the head's ops with a second derivative (Softmax, Sigmoid,
+        LayerNormalization, products of two layer-dependent tensors, ...)."""
+        return list(self.graph.curved_head_ops)
 
     @property
     def layer_rule(self) -> str:
@@ -157,34 +215,110 @@ class CamModel:
         return self.graph.head_ops()
 
     # -- running -----------------------------------------------------------------------
-    def run(self, x: np.ndarray, targets: Sequence[int] | np.ndarray | None = None) -> CamResult:
+    def run(
+        self,
+        x: np.ndarray,
+        targets: Sequence[int] | np.ndarray | None = None,
+        target_weights: np.ndarray | None = None,
+    ) -> CamResult:
         """Scores, activations and gradients for ``x`` (the model's own input layout).
 
-        ``targets=None`` explains each sample's own top class.
+        ``targets=None`` explains each sample's own top class. ``target_weights`` (N, K)
+        (a model built with ``BackwardOptions(weighted_seed=True)``) differentiates ``sum_k w[n, k] *
+        score[n, k]`` instead; ``targets`` must then be None, and ``CamResult.targets``
+        holds each sample's top class.
         """
         x = self._check_input(x)
         wanted = self._check_targets(targets, len(x))
         names = self.graph.output_names
+        feeds_extra = self._weight_feeds(target_weights, targets, len(x))
+        if feeds_extra is not None:
+            wanted = np.full(len(x), WEIGHTED_TARGET, dtype=np.int64)
         fetch = [names[SCORE], names[ACTIVATIONS], names[GRADIENTS], names[TARGETS_USED]]
         fetch += [names[EXTRA_TOKENS]] if EXTRA_TOKENS in names else []
+        more = [n for out in self.graph.layers for n in (out.activations, out.gradients)]
+        more += [self.graph.input_gradient] if self.graph.input_gradient else []
+        more += [self.graph.guided_input_gradient] if self.graph.guided_input_gradient else []
+        more += [self.graph.hessian_vector] if self.graph.hessian_vector else []
+        more += [entry.output for entry in self.graph.bias_outputs]
+        fetch += more
+        feeds = {self.input_name: x, names[TARGET]: wanted}
+        if self.graph.target_weights is not None:
+            feeds[self.graph.target_weights] = feeds_extra if feeds_extra is not None else (
+                np.zeros((len(x), self.num_classes), dtype=np.float32)
+            )
+        batched = {name: list(self._batches(value)) for name, value in feeds.items()}
         parts = [
-            self._run(self._session, fetch, {self.input_name: xb, names[TARGET]: tb})
-            for xb, tb in zip(self._batches(x), self._batches(wanted), strict=True)
+            self._run(self._session, fetch, {name: chunks[i] for name, chunks in batched.items()})
+            for i in range(len(batched[self.input_name]))
         ]
         # One batch (the usual case inside a scoring run) needs no copy.
-        score, acts, grads, used, *extra = (
+        values = [
             (parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts]))[: len(x)]
             for i in range(len(fetch))
-        )
+        ]
+        score, acts, grads, used = values[:4]
+        extra = values[4] if EXTRA_TOKENS in names else None
+        rest = iter(values[len(fetch) - len(more):])
         if self.graph.gradient_spread is not None:
             grads = _spread(grads, acts.shape, self.layer)
+        layers = {out.layer: LayerResult(next(rest), next(rest)) for out in self.graph.layers}
+        input_gradient = next(rest) if self.graph.input_gradient else None
+        guided_input = next(rest) if self.graph.guided_input_gradient else None
+        hessian = next(rest) if self.graph.hessian_vector else None
+        bias = {entry.node: next(rest) for entry in self.graph.bias_outputs}
         return CamResult(
             score=score,
             activations=acts,
             gradients=grads,
             targets=used,
-            extra_tokens=extra[0] if extra else None,
+            extra_tokens=extra,
+            layers=layers,
+            input_gradient=input_gradient,
+            guided_input_gradient=guided_input,
+            hessian_vector=hessian,
+            bias_gradients=bias,
         )
+
+    def run_layers(
+        self,
+        x: np.ndarray,
+        targets: Sequence[int] | np.ndarray | None = None,
+        target_weights: np.ndarray | None = None,
+    ) -> dict[str, LayerResult]:
+        """Activations and gradients at every layer of ``layers=[...]`` (one run), by tensor
+        name in the order given; :meth:`run` gives them too, with the rest."""
+        if not self.graph.layers:
+            raise InputDataError(
+                "this CamModel was built for one layer; build it with "
+                "backward=BackwardOptions(layers=[...]) (or layers='stages') to get several"
+            )
+        return self.run(x, targets, target_weights).layers
+
+    def _weight_feeds(self, target_weights, targets, n: int) -> np.ndarray | None:
+        if target_weights is None:
+            return None
+        if self.graph.target_weights is None:
+            raise InputDataError(
+                "target_weights needs a model built with "
+                "CamModel(..., backward=BackwardOptions(weighted_seed=True))"
+            )
+        if targets is not None:
+            raise InputDataError(
+                "give either targets (one class per sample) or target_weights (a weight "
+                "vector per sample), not both; put the class into its weight vector"
+            )
+        w = np.asarray(target_weights, dtype=np.float32)
+        if w.ndim == 1 and w.shape[0] == self.num_classes:
+            w = np.broadcast_to(w, (n, self.num_classes))
+        if w.shape != (n, self.num_classes):
+            raise InputDataError(
+                f"target_weights has shape {w.shape}; give one weight vector over the "
+                f"{self.num_classes} classes per sample, shape ({n}, {self.num_classes})"
+            )
+        if not np.isfinite(w).all():
+            raise InputDataError("target_weights holds NaN or infinite values; give finite weights")
+        return np.ascontiguousarray(w)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """Class scores only (a forward pass without the backward nodes)."""

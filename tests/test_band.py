@@ -5,6 +5,7 @@ a run equal those computed directly from each model's own CAMs."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.faithfulness import FaithfulnessOptions, evaluate_faithfulness
+from sp2ps_onnx.report import write_report
 from sp2ps_onnx.scoring import (
     DataOptions,
     MetricOptions,
@@ -103,7 +105,7 @@ def test_no_floor_leaves_it_out() -> None:
     assert report.models[0].band is None
 
 
-def test_a_run_s_faithfulness_equals_each_model_s_own_cams_scored_directly() -> None:
+def test_a_run_s_faithfulness_equals_each_model_s_own_cams_scored_directly(tmp_path) -> None:
     report = score_models(
         ORIGINAL, PRUNED[:2], DATA, data_options=DataOptions(preset="unit", limit=12),
         metric=MetricOptions(n_bootstrap=0, faithfulness=True, seed=3),
@@ -120,3 +122,22 @@ def test_a_run_s_faithfulness_equals_each_model_s_own_cams_scored_directly() -> 
                                        FaithfulnessOptions(seed=3, batch_size=64)).means()
         for name, value in expected.items():
             assert value == pytest.approx(direct[name], abs=1e-9), (path.name, name)
+    # per_sample.csv carries every sample's figures; their means are the reported ones.
+    write_report(report, tmp_path / "report")
+    rows = list(csv.DictReader((tmp_path / "report" / "per_sample.csv").open()))
+    for model in report.models:
+        mine = [r for r in rows if r["model"] == model.info.name]
+        for name, value in model.faithfulness.items():
+            column = np.array([float(r[f"{name}_pruned"]) for r in mine])
+            assert np.nanmean(column) == pytest.approx(value, abs=1e-9), name
+
+
+def test_a_reference_that_does_not_fit_is_refused_by_its_name(tmp_path: Path) -> None:
+    from sp2ps_onnx.errors import ModelMismatchError
+    from tests.tiny_models import cnn
+
+    five = tmp_path / "five_classes.onnx"
+    five.write_bytes(cnn(28, classes=5).SerializeToString())
+    with pytest.raises(ModelMismatchError, match="five_classes.*5 classes"):
+        score_models(ORIGINAL, PRUNED[:1], DATA, data_options=DataOptions(preset="unit", limit=8),
+                     references=ReferenceOptions(models=(KERAS, five)))

@@ -9,8 +9,8 @@ Models: small torchvision classifiers exported by ``tests/exports.py`` (legacy e
 weights, 64x64 inputs), and the real EfficientNet-Lite0 with its ImageNet weights on real
 photos shipped with scikit-image, scikit-learn and matplotlib (224x224, ImageNet-normalised).
 
-Tolerances on the post-processed maps (values in [0, 1]): 1e-3 for the gradient methods and
-EigenCAM, 1e-2 for Score-CAM and Ablation-CAM. EigenCAM's sign comes from an SVD: both sides
+Tolerances on the post-processed maps (values in [0, 1]): 1e-3 for the gradient methods,
+EigenCAM, KPCA-CAM and FEM, 1e-2 for Score-CAM and Ablation-CAM. EigenCAM's sign comes from an SVD: both sides
 use the same LAPACK routine on nearly the same arrays, so the same sign is expected, but a
 map is also accepted when it equals pytorch-grad-cam's post-processing of the negated
 projection (which is what the other sign choice gives after the ReLU).
@@ -42,6 +42,8 @@ CHEAP_METHODS = (
     "layercam",
     "eigencam",
     "eigengradcam",
+    "kpcacam",
+    "fem",
 )
 EIGEN_METHODS = ("eigencam", "eigengradcam")
 GRADIENT_TOLERANCE = 1e-3

@@ -506,10 +506,13 @@ def test_device_cuda_without_cuda_runtime_is_one_line(tiny, tmp_path: Path) -> N
         assert not (tmp_path / "r").exists()
 
 
-def test_class_list_of_the_wrong_length_is_noted(tiny, tmp_path: Path) -> None:
-    result = invoke("score", tiny["original"], tiny["pruned"], "--data", tiny["npz"],
-                    "--classes", "a,b,c,d,e", "--preset", "unit", "--no-report",
-                    "--bootstrap", 0, "--limit", 4)
+def test_class_list_of_the_wrong_length_is_an_error_unless_partial(tiny, tmp_path: Path) -> None:
+    common = ["score", tiny["original"], tiny["pruned"], "--data", tiny["npz"],
+              "--classes", "a,b,c,d,e", "--preset", "unit", "--no-report",
+              "--bootstrap", 0, "--limit", 4]
+    assert_user_error(invoke(*common), "--classes names 5 class(es)", "has 4 classes",
+                      "--classes-partial")
+    result = invoke(*common, "--classes-partial")
     assert result.exit_code == 0
     assert "sp2ps: note: the data names 5 classes but the model has 4" in result.stderr
     fine = invoke("score", tiny["original"], tiny["pruned"], "--data", tiny["npz"],

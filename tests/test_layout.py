@@ -14,7 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sp2ps_onnx"
 
 #: Functions allowed past the limits ("path::name"), each with a comment saying why.
-LONG_FUNCTIONS: set[str] = set()
+LONG_FUNCTIONS: set[str] = {
+    # CamModel's constructor: the public API's keyword options, ten of them before
+    # ``backward`` (itself the group of the backward pass's options).
+    "runtime.py::__init__",
+}
 MAX_LINES = 100
 MAX_PARAMETERS = 10
 

@@ -3,9 +3,13 @@ for the whole module), survives a killed actor, and fails clearly without Ray.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
+from sp2ps_onnx.cli import cli  # noqa: E402
 from sp2ps_onnx.errors import InputDataError, RuntimeMissingError  # noqa: E402
 from sp2ps_onnx.scoring import (  # noqa: E402
     DataOptions,
@@ -21,6 +26,7 @@ from sp2ps_onnx.scoring import (  # noqa: E402
     RunOptions,
     score_models,
 )
+from tests.test_object_storage import BUCKET, FOLDER, s3_server  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ORIGINAL = MODELS / "fmnist_cnn.onnx"
@@ -46,9 +52,56 @@ def test_unreachable_address_is_one_clear_error() -> None:
         connect("localhost")
 
 
+def test_a_head_that_does_not_answer_is_an_error_within_the_bound(tmp_path: Path) -> None:
+    """A port that accepts connections but never speaks (a head that hangs or is shutting
+    down): Ray alone retries for minutes; the command ends with one error line after
+    --ray-timeout seconds."""
+    bound = 3.0
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        dead.listen()
+        address = f"127.0.0.1:{dead.getsockname()[1]}"
+        started = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, "-m", "sp2ps_onnx.cli", "score", str(ORIGINAL), str(PRUNED[0]),
+             "--data", str(DATA), "--limit", "8", "--no-report", "--ray", address,
+             "--ray-timeout", str(bound)],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        elapsed = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sp2ps: error:")]
+    assert len(errors) == 1 and "--ray-timeout" in errors[0]
+    assert errors[0].startswith(f"sp2ps: error: no answer from the Ray cluster at {address} "
+                                "within 3 s; ")
+    # The bound plus the start of Python, the models and the data (seconds here), not the
+    # minutes of Ray's own retries.
+    assert elapsed < bound + 30, elapsed
+
+
+s3 = pytest.fixture(scope="module")(s3_server)
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+def local_ray(s3):
+    """A local Ray started by the backend itself while RAY_ADDRESS names a head that never
+    answers (what a Ray that is shutting down looks like): it must not wait for that one.
+    The S3 server starts first, so that the workers find its address in their environment."""
+    from sp2ps_onnx.scoring.ray_backend import connect
+
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        dead.listen()
+        before = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{dead.getsockname()[1]}"
+        try:
+            connect(None)
+        finally:
+            os.environ.pop("RAY_ADDRESS")
+            if before is not None:
+                os.environ["RAY_ADDRESS"] = before
+    assert ray.available_resources().get("CPU", 0) >= 1
     yield ray
     ray.shutdown()
 
@@ -106,3 +159,37 @@ def test_ray_not_installed_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RuntimeMissingError, match=r"sp2ps-onnx\[ray\]"):
         score_models(ORIGINAL, PRUNED[:1], DATA, **options(ray=RayOptions()))
+
+
+def test_the_workers_report_the_samples_they_skip(local_ray, tmp_path: Path) -> None:
+    """Samples skipped on the workers (NaN inputs here) are listed as in a local run, and
+    the rows after them keep the numbers of a local run."""
+    from tests.test_input_faults import BAD, make_files, score
+
+    files = make_files(tmp_path)
+    local = score(files, files["bad"])
+    remote = score_models(files["original"], [files["pruned"]], files["bad"],
+                          metric=MetricOptions(n_bootstrap=50, examples=2),
+                          run=RunOptions(batch_size=4, ray=RayOptions(workers=2)))
+    assert [f["id"] for f in remote.faults] == [f"bad.npz[{i}]" for i in sorted(BAD)]
+    assert remote.faults == local.faults
+    assert list(remote.models[0].rows) == list(local.models[0].rows)
+    assert remote.models[0].sp2ps == local.models[0].sp2ps
+
+
+def test_ray_reads_object_storage_on_the_workers(local_ray, s3) -> None:
+    """sp2ps score --ray --data s3://... : each worker reads its own batches from the S3
+    server; the ranking equals a local run on the same files on disk."""
+    if s3 is None:
+        pytest.skip("moto[server] is not installed (the test extra)")
+    from click.testing import CliRunner
+
+    common = ["score", str(ORIGINAL), *map(str, PRUNED), "--preset", "unit", "--limit", "48",
+              "--batch-size", "8", "--bootstrap", "100", "--no-report", "--format", "json",
+              "-q"]
+    local = CliRunner().invoke(cli, [*common, "--data", str(FOLDER)])
+    remote = CliRunner().invoke(cli, [*common, "--data", f"s3://{BUCKET}/val", "--ray",
+                                      "--workers", "2"])
+    assert local.exit_code == 0 and remote.exit_code == 0, remote.output
+    assert json.loads(remote.stdout) == json.loads(local.stdout)
+    assert json.loads(local.stdout)["n"] == 48

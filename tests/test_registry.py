@@ -73,9 +73,17 @@ def test_cam_method_lists_are_derived_from_the_registry():
     assert cam.PERTURBATION_METHODS == tuple(
         n for n in cam.METHODS if needs[n] == "perturbation"
     )
+    assert cam.INPUT_METHODS == tuple(n for n in cam.METHODS if needs[n] == "input")
     assert set(cam.METHODS) == (
-        set(cam.GRADIENT_METHODS) | set(cam.EIGEN_METHODS) | set(cam.PERTURBATION_METHODS)
+        set(cam.GRADIENT_METHODS)
+        | set(cam.EIGEN_METHODS)
+        | set(cam.PERTURBATION_METHODS)
+        | set(cam.INPUT_METHODS)
     )
+    assert cam.EIGEN_SMOOTH_METHODS == tuple(
+        n for n in cam.METHODS if cam.CAM_METHODS[n].eigen_smooth
+    )
+    assert cam.AUG_SMOOTH_METHODS == tuple(n for n in cam.METHODS if cam.CAM_METHODS[n].aug_smooth)
     for name in cam.METHODS:  # each method documents its formula
         assert cam.CAM_METHODS[name].compute.__doc__
 

@@ -113,7 +113,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("garbage", ModelLoadError, ["garbage.onnx", "ONNX"]),
         ("empty", ModelLoadError, ["empty.onnx"]),
         ("png", ModelLoadError, ["picture.png", "ONNX"]),
-        ("mlp", LayerNotFoundError, ["mlp.onnx", "no convolutional feature map", "--layer"]),
+        ("mlp", LayerNotFoundError, ["mlp.onnx", "no feature map", "--layer"]),
         ("segmenter", UnsupportedModelError, ["segmenter.onnx", "not class scores (N, K)"]),
         ("vector", UnsupportedModelError, ["vector.onnx", "rank 2", "4-D image"]),
         ("no_rule", UnsupportedOpError, ["'Cos'", "'odd_node'", "no_rule.onnx", "--layer"]),

@@ -363,6 +363,25 @@ def test_missing_report_packages_name_the_extra_before_any_work(monkeypatch, tmp
     assert result.exit_code == 0 and "fmnist_cnn_mag50" in result.stdout
 
 
+def test_the_cli_imports_and_scores_where_matplotlib_cannot_be_imported(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    script = (
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['jinja2'] = None\n"
+        "from sp2ps_onnx.cli import main\n"
+        f"main(['score', {str(models / 'fmnist_cnn.onnx')!r}, "
+        f"{str(models / 'pruned' / 'fmnist_cnn_mag50.onnx')!r}, '--data', "
+        f"{str(models / 'samples' / 'fmnist_test.npz')!r}, '--preset', 'unit', '--limit', '8', "
+        "'--no-report', '--format', 'csv', '-q'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fmnist_cnn_mag50" in done.stdout
+
+
 # --------------------------------------------------------------------------------------
 # The band, the decision/attention split, faithfulness (issue 18)
 

@@ -28,8 +28,8 @@ from pytorch_grad_cam.utils.reshape_transforms import (
     swinT_reshape_transform,
     vit_reshape_transform,
 )
-from tests.gradcam_reference import REFERENCE_CLASSES
 
+from references.gradcam import REFERENCE_CLASSES
 from sp2ps_onnx import CamModel
 from sp2ps_onnx.cam import eigen_cam, gradient_weighted_cam, postprocess
 from sp2ps_onnx.errors import LayerNotFoundError
@@ -503,3 +503,58 @@ def test_cli_grid_option_on_inspect_export_and_cam(tmp_path) -> None:
     assert made.exit_code == 0, made.output
     maps = sorted(out.glob("*.npy"))
     assert len(maps) == 3 and np.load(maps[0]).shape == (6, 10)
+
+    # score: the stated grid reaches every compared model; a model against itself scores 1.
+    scored = runner.invoke(
+        cli, ["score", str(model), str(model), "--data", str(images), "--layer", "tokens",
+              "--grid", "3x5", "--spatial", "pearson", "--no-report", "--format", "json",
+              "--bootstrap", "0", "-q"],
+    )
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["models"][0]["sp2ps"] == pytest.approx(1.0, abs=1e-9)
+    unstated = runner.invoke(
+        cli, ["score", str(model), str(model), "--data", str(images), "--layer", "tokens",
+              "--no-report", "-q"],
+    )
+    assert unstated.exit_code == 2 and "--grid HxW" in unstated.output
+
+
+# Hybrids: the last map with a proven grid, at the torch module whose output it is.
+HYBRIDS = {
+    # LeViT: tokens through BatchNorm1d views (N*T, C) and strided token subsampling.
+    "levit_128s": ("stages", 224),
+    # EfficientFormer: a 4-D stem and stages, then tokens from a flatten, normed last.
+    "efficientformer_l1": ("norm", 224),
+    "efficientformerv2_s0": ("norm", 224),
+    "mobilevit_xxs": ("final_conv", 256),
+}
+
+
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_hybrid_default_layer_equals_torch(name: str) -> None:
+    module_name, size = HYBRIDS[name]
+    path, model, _ = exports.export_timm(name, size=size)
+    x = exports.example_input(size, batch=2, seed=3)
+    cam = CamModel(str(path))
+    assert cam.layer_rule == RULE_LAST_MAP
+    result = cam.run(x.numpy(), targets=[1, 6])
+    captured = {}
+    module = dict(model.named_modules())[module_name]
+    handle = module.register_forward_hook(lambda m, i, o: captured.setdefault("layer", o))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    layer = captured["layer"]
+    (gradient,) = torch.autograd.grad(logits[torch.arange(2), torch.tensor([1, 6])].sum(), layer)
+    if layer.ndim == 3:  # (N, T, C) tokens on the grid the engine proved
+        h, w = cam.graph.layer_layout.grid
+        assert h * w == layer.shape[1]
+
+        def fold(t):
+            return t.reshape(len(t), h, w, -1).permute(0, 3, 1, 2)
+
+        layer, gradient = fold(layer), fold(gradient)
+    np.testing.assert_allclose(result.activations, layer.detach().numpy(), atol=1e-4, rtol=0)
+    scale = float(gradient.abs().max())
+    np.testing.assert_allclose(result.gradients, gradient.numpy(), atol=1e-4 * scale, rtol=0)

@@ -722,6 +722,50 @@ def _quantized_case(kind: str, tolerance: float | None = None) -> Case:
     )
 
 
+def _fused_relu(kind: str, quantized: bool) -> Body:
+    """A ReLU fused into an output quantization whose zero point is the lowest code (ONNX
+    Runtime's quantizers drop the Relu node); the float twin is the op, then Relu. Each op's
+    result has the sign of x (never near 0), so rounding moves no value across the kink."""
+
+    def body(b: Builder, x: str) -> str:
+        if kind == "QuantizeLinear":
+            shifted = b.one("Add", [x, b.const(0.0)])
+            if not quantized:
+                return b.one("Relu", [shifted])
+            s, z = b.raw(np.array(0.01, np.float32)), b.raw(np.array(0, np.uint8))
+            return b.one("DequantizeLinear", [b.one("QuantizeLinear", [shifted, s, z]), s, z])
+        if kind == "QLinearAdd":
+            half = b.one("Mul", [x, b.const(0.5)])
+            if not quantized:
+                return b.one("Relu", [b.one("Add", [x, half])])
+            inputs = _quantize(b, x) + _quantize(b, half, 0.01) + [
+                b.raw(np.array(0.02, np.float32)), b.raw(np.array(0, np.uint8)),
+            ]
+            return _dequantize(b, b.one("QLinearAdd", inputs, domain=MS), 0.02, 0)
+        # QLinearConv, 1x1: weight 2 on the diagonal and a bias below 0.003.
+        codes = (100 * np.eye(C)).reshape(C, C, 1, 1).astype(np.int8)
+        scales = np.full(C, 0.02, np.float32)
+        bias = np.array([5, -7, 3], np.int32)
+        if not quantized:
+            weight = codes.astype(np.float64) * 0.02
+            conv = b.one("Conv", [x, b.const(weight), b.const(bias * 0.02 * _X_SCALE)])
+            return b.one("Relu", [conv])
+        inputs = _quantize(b, x) + [
+            b.raw(codes), b.raw(scales), b.raw(np.zeros(C, np.int8)),
+            b.raw(np.array(0.03, np.float32)), b.raw(np.array(0, np.uint8)), b.raw(bias),
+        ]
+        return _dequantize(b, b.one("QLinearConv", inputs), 0.03, 0)
+
+    return body
+
+
+def _fused_relu_case(kind: str) -> Case:
+    return Case(
+        f"{kind}-fused-relu", _fused_relu(kind, True), reference_body=_fused_relu(kind, False),
+        opsets=(13, 21),
+    )
+
+
 CASES: list[Case] = [
     # Activations
     Case("Relu", _unary("Relu")),
@@ -870,6 +914,10 @@ CASES: list[Case] = [
     _quantized_case("QLinearAveragePool"),
     Case("ConvInteger", _dynamic("ConvInteger", True), reference_body=_dynamic("ConvInteger", False), opsets=(13, 21)),
     Case("MatMulInteger", _dynamic("MatMulInteger", True), reference_body=_dynamic("MatMulInteger", False), opsets=(13, 21)),
+    # ReLUs fused into a quantization stop the gradient where the ReLU did
+    _fused_relu_case("QuantizeLinear"),
+    _fused_relu_case("QLinearAdd"),
+    _fused_relu_case("QLinearConv"),
 ]
 
 

@@ -26,6 +26,10 @@ class GraphBuilder:
         self.info = info
         self.opset = _default_opset(info.model)
         self.prefix = prefix
+        # Guided Backprop: the Relu rule also drops negative incoming gradients. Set per
+        # rewrite (one model's backward pass), never globally.
+        self.guided_relu = False
+        self.guided_relus = 0  # how many ReLUs (plain or fused) the guided rule met
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._taken = _all_names(info.model.graph)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,6 @@ from .axes import (
 from .model_io import attribute
 from .rules import NON_DIFFERENTIABLE, differentiable_inputs, rule_for
 
-_CHANNELS_FIRST_OPS = CHANNELS_FIRST_OPS
 # ONNX Runtime's contrib pooling ops are channels-first unless channels_last=1.
 _CHANNELS_FIRST_UNLESS_ATTR = frozenset({"QLinearGlobalAveragePool", "QLinearAveragePool"})
 # Ops that keep their main input's layout (elementwise, casts, quantisation).
@@ -345,7 +345,7 @@ def _perm(node) -> tuple[int, ...]:
 def _is_channels_first_op(node) -> bool:
     if node.op_type in _CHANNELS_FIRST_UNLESS_ATTR:
         return not any(a.name == "channels_last" and a.i for a in node.attribute)
-    return node.op_type in _CHANNELS_FIRST_OPS
+    return node.op_type in CHANNELS_FIRST_OPS
 
 
 def _apply_transposes(base: Layout, transposes: tuple[tuple[int, ...], ...]) -> Layout:
@@ -449,6 +449,41 @@ def choose_default_layer(info: GraphInfo, score: str) -> tuple[str, str]:
     )
 
 
+def stage_layers(info: GraphInfo, score: str) -> list[str]:
+    """The last feature map of each spatial resolution (stage), from the finest to the
+    coarsest: per-stage CAMs (``--layers stages``).
+
+    Candidates are the maps every path from the input to the score passes through (as for
+    :func:`choose_default_layer`), so that each one sees the whole image's evidence; within
+    one resolution (H, W) the one computed last is taken, stepped back over layout-only ops.
+    The coarsest stage is the default layer itself, so that per-stage scores end at the
+    single-layer one.
+    """
+    default = choose_default_layer(info, score)[0]
+    reached = _reaches_score(info, score)
+    dominators = score_dominators(info, score, reached)
+    last: dict[tuple[int, int], str] = {}
+    for tensor in sorted((t for t in dominators if t in info.producer), key=info.producer.__getitem__):
+        layout = _is_spatial_map(info, tensor)
+        if layout is None:
+            continue
+        last[_map_size(info, tensor, layout)] = tensor
+    default_size = _map_size(info, default, _is_spatial_map(info, default) or NCHW)
+    last[default_size] = default
+    stages = [_step_back(info, t) if t != default else t for t in last.values()]
+    order = {t: info.producer.get(t, -1) for t in stages}
+    ordered = sorted(set(stages), key=order.__getitem__)
+    # Only maps up to the default layer: 1x1 maps or class maps after it are the head.
+    return ordered[: ordered.index(default) + 1]
+
+
+def _map_size(info: GraphInfo, tensor: str, layout: MapLayout) -> tuple[int, int]:
+    if isinstance(layout, TokenLayout):
+        return layout.grid
+    shape = info.shapes[tensor]
+    return (shape[layout.spatial_axes[0]], shape[layout.spatial_axes[1]])
+
+
 def _reads_only_extra_tokens(
     info: GraphInfo, tensor: str, layout: TokenLayout, reached: set[str]
 ) -> bool:
@@ -488,8 +523,9 @@ def _sliced_positions(info: GraphInfo, node, layout: TokenLayout) -> set[int] | 
     if values[0] is None or values[1] is None:
         return None
     starts, ends = (np.asarray(v).reshape(-1) for v in values[:2])
-    axes = np.asarray(values[2]).reshape(-1) if len(values) > 2 and values[2] is not None else np.arange(len(starts))
-    steps = np.asarray(values[3]).reshape(-1) if len(values) > 3 and values[3] is not None else np.ones(len(starts), int)
+    axes = np.arange(len(starts)) if len(values) < 3 or values[2] is None else values[2]
+    steps = np.ones(len(starts), int) if len(values) < 4 or values[3] is None else values[3]
+    axes, steps = np.asarray(axes).reshape(-1), np.asarray(steps).reshape(-1)
     kept: set[int] | None = None
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         if int(axis) % 3 == layout.token_axis:
@@ -659,16 +695,28 @@ def resolve_layer(info: GraphInfo, layer: str) -> str:
 
 def head_nodes(info: GraphInfo, target: str, score: str, model_name: str = "") -> list[int]:
     """Indices, in graph order, of the nodes on differentiable paths from target to score."""
+    return backward_nodes(info, [target], score, model_name)
+
+
+def backward_nodes(
+    info: GraphInfo, sources: Sequence[str], score: str, model_name: str = "",
+    cut: Sequence[str] = (),
+) -> list[int]:  # fmt: skip
+    """Indices, in graph order, of the nodes on differentiable paths from any of ``sources``
+    (layers, or the model input) to ``score``: what a backward pass down to the earliest
+    source runs through. Refuses an op without a gradient rule on the way by name. No
+    gradient flows through the nodes that produce ``cut`` (held fixed)."""
     reached = _reaches_score(info, score)
-    if target not in reached:
-        raise LayerNotFoundError(
-            f"the class score {score!r} does not depend on layer {target!r} through "
-            "differentiable ops; choose a layer before the classifier head"
-        )
-    requires = {target}
+    for source in sources:
+        if source not in reached:
+            raise LayerNotFoundError(
+                f"the class score {score!r} does not depend on layer {source!r} through "
+                "differentiable ops; choose a layer before the classifier head"
+            )
+    requires = set(sources)
     path: list[int] = []
     for idx, node in enumerate(info.graph.node):
-        if node.op_type in NON_DIFFERENTIABLE:
+        if node.op_type in NON_DIFFERENTIABLE or any(o in cut for o in node.output):
             continue
         flowing = [i for i in differentiable_inputs(node) if node.input[i] in requires]
         if not flowing or not any(o in reached for o in node.output if o):
@@ -677,16 +725,25 @@ def head_nodes(info: GraphInfo, target: str, score: str, model_name: str = "") -
             raise UnsupportedOpError(
                 node.op_type if not node.domain else f"{node.domain}.{node.op_type}",
                 node.name or node.output[0],
+                "met on the backward pass down to " + ", ".join(map(repr, sources[1:]))
+                if len(sources) > 1 else "",
                 model=model_name,
-            )
-        requires.update(o for o in node.output if o)
+            )  # fmt: skip
+        requires.update(o for o in node.output if o and _carries_gradient(info, o))
         path.append(idx)
     return path
 
 
-def requires_grad(info: GraphInfo, target: str, path: list[int]) -> set[str]:
-    """Tensors whose value depends differentiably on ``target`` within the head."""
-    requires = {target}
+def _carries_gradient(info: GraphInfo, tensor: str) -> bool:
+    """Indices (MaxPool's second output, TopK's) carry none; quantized codes do."""
+    dtype = info.dtypes.get(tensor)
+    return dtype is None or dtype not in (np.dtype(np.int64), np.dtype(bool))
+
+
+def requires_grad(info: GraphInfo, target: str | Sequence[str], path: list[int]) -> set[str]:
+    """Tensors whose value depends differentiably on ``target`` (one tensor or several)
+    within the head."""
+    requires = {target} if isinstance(target, str) else set(target)
     for idx in path:
         node = info.node(idx)
         if any(node.input[i] in requires for i in differentiable_inputs(node)):

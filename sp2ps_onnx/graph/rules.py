@@ -93,6 +93,41 @@ def differentiable_inputs(node: onnx.NodeProto) -> list[int]:
     return [i for i in positions if i < len(node.input) and node.input[i]]
 
 
+# Ops that are piecewise linear in their inputs: a head made of them (and of the ops below
+# with one input carrying the gradient) has a gradient that is piecewise constant in the
+# layer, so its Hessian-vector product vanishes almost everywhere (ShapleyCAM's second-
+# order term is then exactly 0, as torch autograd finds).
+PIECEWISE_LINEAR_OPS = frozenset(
+    {
+        "Relu", "LeakyRelu", "PRelu", "Clip", "HardSigmoid", "Abs", "Neg", "Add", "Sub", "Sum",
+        "Where", "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "ReduceMean",
+        "ReduceSum", "ReduceMax", "ReduceMin", "Flatten", "Reshape", "Squeeze", "Unsqueeze",
+        "Identity", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear",
+        "DynamicQuantizeLinear", "Transpose", "Expand", "BatchNormalization", "Concat",
+        "Split", "Slice", "Gather", "GatherND", "Pad", "Resize", "QLinearConcat",
+        "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearLeakyRelu", "QLinearAdd",
+    }
+)  # fmt: skip
+# Linear in each input: piecewise linear while only one input carries the gradient.
+_MULTILINEAR_OPS = frozenset(
+    {"Mul", "MatMul", "Gemm", "Conv", "ConvInteger", "MatMulInteger", "QLinearConv",
+     "QLinearMatMul", "QGemm", "QLinearMul"}
+)  # fmt: skip
+
+
+def is_piecewise_linear(node: onnx.NodeProto, carrying: set[str]) -> bool:
+    """Whether ``node``'s output is piecewise linear in its inputs in ``carrying`` (the
+    tensors that depend on the layer), the others held fixed."""
+    flowing = [node.input[i] for i in differentiable_inputs(node) if node.input[i] in carrying]
+    if node.op_type in PIECEWISE_LINEAR_OPS:
+        return True
+    if node.op_type in _MULTILINEAR_OPS:
+        return len(set(flowing)) <= 1 and len(flowing) <= 1
+    if node.op_type == "Div":  # x / c is linear, c / x and x / y are not
+        return node.input[1] not in carrying
+    return False
+
+
 def _unsupported(node: onnx.NodeProto, detail: str) -> UnsupportedOpError:
     return UnsupportedOpError(node.op_type, node.name or node.output[0], detail)
 
@@ -117,7 +152,17 @@ def _mask(b: GraphBuilder, condition: str) -> str:
 @vjp("Relu")
 def _relu(b, node, dys, needs):
     positive = b.op("Greater", [b.as_float(node.input[0]), b.scalar(0.0)])
+    if b.guided_relu:
+        return _guided_relu(b, positive, dys[0])
     return [b.mul(dys[0], _mask(b, positive))]
+
+
+def _guided_relu(b: GraphBuilder, positive: str, dy: str) -> list[Grad]:
+    """Guided Backprop's ReLU (Springenberg et al. 2015): the gradient passes only where the
+    forward input and the incoming gradient are both positive."""
+    b.guided_relus += 1
+    passing = b.op("And", [positive, b.op("Greater", [dy, b.scalar(0.0)])])
+    return [b.mul(dy, _mask(b, passing))]
 
 
 @vjp("LeakyRelu")
@@ -625,10 +670,50 @@ def _reshape(b, node, dys, needs):
     return [b.reshape_like(dys[0], node.input[0])] + [None] * (len(node.input) - 1)
 
 
-@vjp("Identity", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear")
+@vjp("Identity", "Dropout", "Cast", "DequantizeLinear")
 def _pass_through(b, node, dys, needs):
-    # Cast: gradients stay float32. Q/DQ: the straight-through estimator.
+    # Cast: gradients stay float32. DQ: the straight-through estimator.
     return [dys[0]] + [None] * (len(node.input) - 1)
+
+
+# Ops whose output can be negative: a QuantizeLinear right after one that clamps at 0 is a
+# ReLU fused into the quantization (ONNX Runtime's QDQ quantizer drops the Relu node).
+_SIGNED_PRODUCERS = frozenset({"Conv", "Gemm", "MatMul", "Add", "Sub", "BatchNormalization"})
+
+
+@vjp("QuantizeLinear")
+def _quantize_linear(b, node, dys, needs):
+    """The straight-through estimator, except at a ReLU fused into the quantization (ONNX
+    Runtime's QDQ quantizer drops a Relu whose output range starts at 0): there the
+    gradient passes only where x > 0, as through the ReLU it replaces. Other clamps (at
+    the calibrated range's ends) pass the gradient: a sample beyond the calibration data
+    keeps its explanation."""
+    if not is_fused_relu(b, node):
+        return [dys[0]] + [None] * (len(node.input) - 1)
+    positive = b.op("Greater", [b.as_float(node.input[0]), b.scalar(0.0)])
+    grad = _guided_relu(b, positive, dys[0])[0] if b.guided_relu else b.mul(dys[0], _mask(b, positive))
+    return [grad] + [None] * (len(node.input) - 1)
+
+
+def is_fused_relu(b: GraphBuilder, node: onnx.NodeProto) -> bool:
+    """Whether a QuantizeLinear clamps at exactly 0 a value that can be negative (a ReLU
+    fused into the quantization)."""
+    if node.op_type != "QuantizeLinear":
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        zero = b.info.static_value(node.input[2])
+        if zero is None or not np.issubdtype(np.asarray(zero).dtype, np.integer):
+            return False
+        zero = np.asarray(zero)
+        if not (zero == np.iinfo(zero.dtype).min).all():
+            return False
+    else:  # no zero point: 0, in uint8 unless output_dtype says otherwise
+        to = attribute(node, "output_dtype", 0)
+        dtype = helper.tensor_dtype_to_np_dtype(to) if to else np.dtype(np.uint8)
+        if not np.issubdtype(dtype, np.integer) or np.iinfo(dtype).min != 0:
+            return False
+    producer = b.info.producer.get(node.input[0])
+    return producer is not None and b.info.node(producer).op_type in _SIGNED_PRODUCERS
 
 
 @vjp("Transpose")
@@ -1129,7 +1214,45 @@ def _matmul_left_grad(
 @vjp("QLinearConv", inputs=(0,))
 def _qlinear_conv(b, node, dys, needs):
     weight = _dequantized_weight(b, node, 3, 4, 5, axis=0)
-    return [_conv_input_grad(b, node, dys[0], weight, node.input[3])] + [None] * (len(node.input) - 1)
+    dy = _inside_output_range(b, node, dys[0], lambda: _qlinear_conv_float(b, node, weight), 6, 7)
+    return [_conv_input_grad(b, node, dy, weight, node.input[3])] + [None] * (len(node.input) - 1)
+
+
+def _qlinear_conv_float(b: GraphBuilder, node: onnx.NodeProto, weight: str) -> str:
+    """The QLinearConv's output before its quantization, in float32: the same convolution
+    of the dequantized input, weights and bias (int32, scale x_scale * w_scale)."""
+    inputs = [b.as_float(node.input[0]), weight]
+    if len(node.input) > 8 and node.input[8]:
+        x_scale, w_scale, bias = (b.info.static_value(node.input[i]) for i in (1, 4, 8))
+        if x_scale is None or w_scale is None or bias is None:
+            raise _unsupported(node, "its scales or bias are computed at run time")
+        value = np.asarray(bias, np.float64) * float(np.asarray(x_scale)) * np.asarray(w_scale, np.float64)
+        inputs.append(b.const(value.reshape(-1), hint="dequantized_bias"))
+    out = b.fresh("qlinearconv_float")
+    conv = helper.make_node("Conv", inputs, [out], name=b.fresh("node_Conv"))
+    conv.attribute.extend(node.attribute)
+    b.nodes.append(conv)
+    return out
+
+
+def _inside_output_range(
+    b: GraphBuilder, node: onnx.NodeProto, dy: str, pre_activation, scale: int, zero: int
+) -> str:
+    """``dy`` of a QLinear op, stopped where a ReLU fused into its output quantization (zero
+    point at the lowest code) clamps the float result ``pre_activation()`` (emitted only
+    then) at 0, as the ReLU did; Guided Backprop also drops negative ``dy`` there. Other
+    outputs: the straight-through estimator."""
+    del scale  # the clamp at 0 does not depend on the scale
+    y_zero = b.info.static_value(node.input[zero]) if len(node.input) > zero and node.input[zero] else None
+    if y_zero is None or not np.issubdtype(np.asarray(y_zero).dtype, np.integer):
+        return dy
+    y_zero = np.asarray(y_zero)
+    if not (y_zero == np.iinfo(y_zero.dtype).min).all():
+        return dy
+    positive = b.op("Greater", [pre_activation(), b.scalar(0.0)])
+    if b.guided_relu:
+        return _guided_relu(b, positive, dy)[0]
+    return b.mul(dy, _mask(b, positive))
 
 
 @vjp("QLinearMatMul", inputs=(0, 3))
@@ -1165,9 +1288,11 @@ def _qgemm(b, node, dys, needs):
 def _qlinear_add(b, node, dys, needs):
     shape = _out_shape(b, node)
     out: list[Grad] = [None] * len(node.input)
+    total = lambda: b.add(_quantized_operand(b, node, 0), _quantized_operand(b, node, 3))  # noqa: E731
+    dy = _inside_output_range(b, node, dys[0], total, 6, 7)
     for position in (0, 3):
         if needs[position]:
-            out[position] = b.unbroadcast(dys[0], shape, node.input[position])
+            out[position] = b.unbroadcast(dy, shape, node.input[position])
     return out
 
 

@@ -85,10 +85,7 @@ class CamOptions:
             if len(grid) != 2 or min(grid) < 1:
                 raise InputDataError(f"grid {self.grid!r} is not valid; give (rows, columns)")
             object.__setattr__(self, "grid", grid)
-        if self.method not in cam.METHODS:
-            raise cam.UnknownMethodError(
-                f"unknown CAM method {self.method!r}; choose one of: {', '.join(cam.METHODS)}"
-            )
+        cam.CAM_METHODS.get(self.method)  # an unknown name: the registry's clear error
         if self.target not in (None, "auto"):
             _choose(self.target, TARGET_MODES, "target")
 
@@ -103,6 +100,9 @@ class DataOptions:
         size: input (H, W) for models whose spatial input size is dynamic.
         limit: use only the first ``limit`` samples.
         classes: class names in label order (a file, a comma-separated string or a list).
+        classes_partial: accept a class list (``classes`` or the class folders) whose
+            length differs from the model's class count; its positions are then taken as
+            the model's class indices (by default such a list is an error).
         strict: stop at the first unreadable sample, NaN/Inf output or constant CAM
             instead of skipping it (data) or scoring it by a defined rule (models).
     """
@@ -114,6 +114,7 @@ class DataOptions:
     limit: int | None = None
     classes: str | Sequence[str] | None = None
     strict: bool = False
+    classes_partial: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mean", "std", "size", "classes"):
@@ -147,14 +148,9 @@ class MetricOptions:
     faithfulness: bool = False
 
     def __post_init__(self) -> None:
-        for registry, name, kind in ((metric.SPATIAL, self.spatial, "spatial"),
-                                     (metric.SPECTRAL, self.spectral, "spectral"),
-                                     (metric.AGGREGATIONS, self.aggregation, "aggregation")):
-            if name not in registry:
-                raise metric.UnknownComponentError(
-                    f"unknown {kind} component {name!r}; valid names: "
-                    f"{', '.join(repr(key) for key in registry)}"
-                )
+        for registry, name in ((metric.SPATIAL, self.spatial), (metric.SPECTRAL, self.spectral),
+                               (metric.AGGREGATIONS, self.aggregation)):
+            registry.get(name)  # an unknown name: the registry's clear error
         _at_least(self.n_bootstrap, 0, "n_bootstrap")
         _at_least(self.examples, 0, "examples")
 
@@ -190,15 +186,20 @@ class RayOptions:
             ``"ray://host:port"`` for a cluster.
         workers: actors scoring in parallel (default: one per free CPU, or per GPU).
         gpus_per_worker: GPUs each actor reserves (it then runs ONNX Runtime on CUDA).
+        connect_timeout: seconds to wait for the cluster at ``address`` to answer before
+            giving up with an error (Ray alone retries for minutes).
     """
 
     address: str | None = None
     workers: int | None = None
     gpus_per_worker: float = 0.0
+    connect_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         _at_least(self.workers, 1, "workers")
         _at_least(self.gpus_per_worker, 0, "gpus_per_worker")
+        if not self.connect_timeout > 0:
+            raise InputDataError(f"connect_timeout must be positive, not {self.connect_timeout}")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
 """The Ray backend of :func:`sp2ps_onnx.scoring.score_models`.
 
-The data becomes a Ray Dataset of batch ranges (``start``, ``stop``), streamed through
-``map_batches`` to an actor pool. Each actor builds its :class:`~sp2ps_onnx.CamModel`\\ s once,
-from ONNX bytes in the object store (workers need no copy of the model files), reads its
-batches itself (image files and memory-mapped arrays, so the data must be readable at the
-same path on every node: a shared or network file system) and runs the same per-batch
-kernel as the local backend. Rows and worst/best candidates come back to the driver in data
-order and are aggregated there by the same step as a local run, so every number is the same.
+The data becomes a Ray Dataset, streamed through ``map_batches`` to an actor pool. Each
+actor builds its :class:`~sp2ps_onnx.CamModel`\\ s once, from ONNX bytes in the object store
+(workers need no copy of the model files), and runs the same per-batch kernel as the local
+backend. Image files given as a URI (``s3://``, ``gs://``, ...) are fetched by Ray Data's
+``read_binary_files`` on the cluster and decoded by the actors; other data becomes batch
+ranges (``start``, ``stop``) that each actor reads itself (arrays by URI with ranged reads;
+local paths must be readable at the same path on every node). Rows, worst/best candidates
+and skipped samples come back to the driver in data order and are aggregated there by the
+same step as a local run, so every number is the same.
 
 A killed actor is restarted by Ray and its batch retried; rows carry their sample indices
 and the aggregation refuses lost or duplicated rows.
@@ -15,8 +17,10 @@ and the aggregation refuses lost or duplicated rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +28,7 @@ import numpy as np
 import onnx
 
 from .._ort import select_providers
+from ..data import DataFault
 from ..errors import InputDataError, RuntimeMissingError, Sp2PSError
 from ..graph.model_io import load_model
 from .batch import ScorerSpec, build_scorer
@@ -31,6 +36,9 @@ from .cache import CacheUse
 from .models import is_cam_model
 from .options import RayOptions
 from .rows import BatchOutput
+
+CONNECT_TIMEOUT = 30.0
+"""Seconds :func:`connect` waits for a Ray cluster to answer (``--ray-timeout``)."""
 
 _INSTALL_HINT = (
     "the Ray backend needs Ray Data; install it with pip install 'sp2ps-onnx[ray]' "
@@ -48,24 +56,68 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str | None, quiet: bool = True) -> Any:
+def connect(address: str | None, quiet: bool = True,
+            timeout: float = CONNECT_TIMEOUT) -> Any:
     """Join the Ray cluster at ``address`` (``auto``, ``host:port``, ``ray://host:port``) or,
-    for ``None``, the one this process already joined or a new local one."""
+    for ``None``, the one this process already joined or a new local one.
+
+    Joining a cluster that does not answer (its head down or still shutting down) is an
+    error after ``timeout`` seconds; Ray itself would retry for minutes without a word.
+    ``None`` always starts a new Ray: never the cluster that ``RAY_ADDRESS`` or the address
+    file of an earlier ``ray start`` (perhaps stopping) names.
+    """
     ray = import_ray()
     _probe(address)
     if ray.is_initialized():
         return ray
+    options = {"log_to_driver": not quiet, "include_dashboard": False, "logging_level": "ERROR"}
+    where = address or "a new local Ray"
     try:
-        ray.init(address=address or None, log_to_driver=not quiet, include_dashboard=False,
-                 logging_level="ERROR")
+        if address is None:
+            # Started in this thread: Ray's processes end with the thread that started them.
+            ray.init(address="local", **options)
+        else:
+            _init_within(ray, address, options, timeout)
+    except Sp2PSError:
+        raise
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError by address kind
-        where = address or "a new local Ray"
         raise InputDataError(
             f"cannot connect to the Ray cluster at {where}: {' '.join(str(exc).split())[:300]}; "
             "check the address (ray status on the head node prints it; a Ray Client address "
             "starts with ray://) or leave --ray without an address for a local Ray"
         ) from exc
     return ray
+
+
+def _init_within(ray: Any, address: str, options: dict[str, Any], timeout: float) -> None:
+    """``ray.init`` at ``address``, or an error after ``timeout`` seconds.
+
+    The attempt runs in a daemon thread, so a process that gives up can still exit; the
+    abandoned attempt ends when Ray's own retries do.
+    """
+    outcome: dict[str, BaseException] = {}
+    finished = threading.Event()
+
+    def attempt() -> None:
+        try:
+            ray.init(address=address, **options)
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=attempt, name="sp2ps-ray-connect", daemon=True).start()
+    if not finished.wait(timeout):
+        named = os.environ.get("RAY_ADDRESS") if address == "auto" else None
+        raise InputDataError(
+            f"no answer from the Ray cluster at {address}"
+            f"{f' (RAY_ADDRESS={named})' if named else ''} within {timeout:g} s; its head "
+            "node is down, still starting or shutting down, or the address is not a Ray "
+            "head; check it with ray status on the head node, or give it more time with "
+            "--ray-timeout"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def _probe(address: str | None, timeout: float = 5.0) -> None:
@@ -150,17 +202,41 @@ class ScoreWorker:
         protos = [onnx.load_from_string(data) for data in models]
         providers = select_providers("cuda" if gpus > 0 else "cpu", quiet=True)
         self.source = _local(source)
+        listed = source.object_files()
+        self.files = {} if listed is None else {path: (i, label) for path, i, label in listed[1]}
         self.scorer = build_scorer(protos[0], protos[1:], list(names), spec,
                                    providers=providers, spinning=False,
                                    cache=None if cache is None else cache.open(),
                                    cached=() if cache is None else cache.cached)
 
-    def __call__(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = []
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "bytes" in batch:
+            return self._score_files(batch)
+        return self._score_ranges(batch)
+
+    def _score_files(self, files: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batch of files read by Ray Data: decoded here, one output row."""
+        known = len(self.source.faults)
+        paths = [str(path) for path in files["path"]]
+        ids, labels = zip(*(self.files[path] for path in paths), strict=True)
+        batch = self.source.decode(list(files["bytes"]), paths, ids, labels)
+        output = b"" if batch is None else self.scorer(batch, np.arange(len(batch.ids))).to_bytes()
+        faults = json.dumps([f.to_dict() for f in self.source.faults[known:]])
+        return {"output": np.array([output], dtype=object),
+                "faults": np.array([faults], dtype=object)}
+
+    def _score_ranges(self, ranges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Batches of sample positions: each read here from the data source."""
+        outputs, faults = [], []
         for start, stop in zip(ranges["start"].tolist(), ranges["stop"].tolist(), strict=True):
-            batch = next(self.source.batches(stop - start, start=start))
-            outputs.append(self.scorer(batch, np.arange(start, stop)).to_bytes())
-        return {"start": ranges["start"], "output": np.array(outputs, dtype=object)}
+            known = len(self.source.faults)
+            batch = next(self.source.batches(stop - start, start=start, stop=stop), None)
+            # Indices within the batch: the driver numbers the samples read, in data order.
+            outputs.append(b"" if batch is None else
+                           self.scorer(batch, np.arange(len(batch.ids))).to_bytes())
+            faults.append(json.dumps([f.to_dict() for f in self.source.faults[known:]]))
+        return {"start": ranges["start"], "output": np.array(outputs, dtype=object),
+                "faults": np.array(faults, dtype=object)}
 
 
 def run_ray(
@@ -188,7 +264,7 @@ def run_ray(
             "the Ray backend reads the data on the workers, so it needs files or arrays "
             "(an image folder, image files, .npz, .npy), not an iterable of batches"
         )
-    ray = connect(options.address, quiet)
+    ray = connect(options.address, quiet, options.connect_timeout)
     if start >= total:
         return
     gpus_per_worker = options.gpus_per_worker
@@ -202,15 +278,29 @@ def run_ray(
     context.execution_options.preserve_order = True  # rows reach the checkpoint in order
     context.enable_progress_bars = not quiet
     batch_size = spec.batch_size
-    starts = list(range(start, total, batch_size))
-    ranges = ray.data.from_items(
-        [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
-        override_num_blocks=max(1, min(len(starts), 4 * workers)),
-    )
+    listed = source.object_files()
+    if listed is not None:
+        # Image files in object storage: Ray Data's reader fetches them on the cluster,
+        # ahead of the actors; each actor decodes and scores its batches. A sample's
+        # numbers do not depend on the batch it shares (rows equal a local run's).
+        filesystem, files = listed
+        files = files[start:]
+        inputs = ray.data.read_binary_files(
+            [path for path, _, _ in files], filesystem=filesystem, include_paths=True,
+            override_num_blocks=max(1, min(-(-len(files) // batch_size), 4 * workers)),
+        )
+        per_call = batch_size
+    else:
+        starts = list(range(start, total, batch_size))
+        inputs = ray.data.from_items(
+            [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
+            override_num_blocks=max(1, min(len(starts), 4 * workers)),
+        )
+        per_call = 1
     # Ray Data's actor pools restart killed actors and retry their batches by default.
-    scored = ranges.map_batches(
+    scored = inputs.map_batches(
         ScoreWorker,
-        batch_size=1,
+        batch_size=per_call,
         batch_format="numpy",
         concurrency=workers,
         # The reference is wrapped so that Ray hands it over as is; each actor fetches the
@@ -221,14 +311,38 @@ def run_ray(
                                "cache": cache},
         num_gpus=gpus_per_worker or None,
     )
+    offset = start
     try:
         for row in scored.iter_rows():
-            on_output(BatchOutput.from_bytes(row["output"]))
+            for fault in json.loads(row["faults"]):
+                if all(known.id != fault["id"] for known in source.faults):
+                    source.faults.append(DataFault(fault["id"], fault["reason"]))
+            if not row["output"]:
+                continue  # every sample of the batch was skipped
+            output = _numbered(BatchOutput.from_bytes(row["output"]), offset)
+            offset += int(np.count_nonzero(output.rows["model"] == 0))
+            on_output(output)
     except Exception as exc:
         cause = _own_error(exc, Sp2PSError)
         if cause is not None:
             raise cause from None
+        if _own_error(exc, ray.exceptions.OutOfMemoryError) is not None:
+            raise InputDataError(
+                f"a Ray worker ran out of memory scoring batches of {batch_size} samples "
+                f"({' '.join(str(exc).split())[:200]}); lower --batch-size, or give the "
+                "workers more memory"
+            ) from exc
         raise
+
+
+def _numbered(output: BatchOutput, offset: int) -> BatchOutput:
+    """``output`` with its in-batch sample indices moved to start at ``offset``, the number
+    of samples read before it (what a local run numbers them)."""
+    output.rows["index"] = output.rows["index"] + offset
+    for candidates in output.examples:
+        for example in candidates:
+            example.index += offset
+    return output
 
 
 def _own_error(exc: BaseException, kind: type) -> BaseException | None:

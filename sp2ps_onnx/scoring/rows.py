@@ -47,6 +47,11 @@ class RowTable(Sequence[dict[str, Any]]):
     def __init__(self, model: str, columns: dict[str, np.ndarray]) -> None:
         self.model = model
         self.columns = columns
+        # The faithfulness figures are columns of the rows only when they were measured.
+        self.faithfulness = tuple(
+            name for name in FAITHFULNESS_COLUMNS
+            if name in columns and np.isfinite(columns[name]).any()
+        )
 
     def __len__(self) -> int:
         return int(self.columns["index"].size)
@@ -72,6 +77,7 @@ class RowTable(Sequence[dict[str, Any]]):
             "confidence_pruned": float(c["confidence_pruned"][item]),
             "js_divergence": float(c["js_divergence"][item]),
             "fault": fault_names(int(c["flags"][item])),
+            **{name: float(c[name][item]) for name in self.faithfulness},
         }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .._ort import select_providers
-from ..data import Batch, DataSource, open_data
+from ..data import Batch, DataSource, check_class_count, open_data
 from ..errors import InputDataError, ModelMismatchError
 from ..prefetch import Prefetcher
 from ..progress import ProgressReporter
@@ -208,14 +208,16 @@ def score_models(
                       run.batch_size)
     providers = select_providers(run.device, quiet=run.quiet)
     compared = _Compared.of(original, pruned, references, metric.seed)
-    check_comparable(original, compared.checked, compared.names[:len(compared.checked) + 1],
-                     data_options.size)
+    check_comparable(original, compared.checked, compared.checked_names, data_options.size)
     plan = plan_execution(providers)
     cache = None if run.cache is None else PassCache(run.cache)
     scorer = build_scorer(original, compared.models, compared.names, spec, providers=providers,
                           session_threads=plan.session_threads, spinning=plan.session_spinning,
                           cache=cache, cached=compared.fixed)
     check_label_range(source, int(scorer.original.num_classes))
+    check_class_count(source, int(scorer.original.num_classes),
+                      given=data_options.classes is not None,
+                      partial=data_options.classes_partial)
     store = None if run.checkpoint is None else RowStore(
         run.checkpoint, fingerprint=_fingerprint(scorer, source), resume=run.resume,
         flush_seconds=run.checkpoint_every,
@@ -258,6 +260,7 @@ class _Compared:
     names: list[str]  # the original's first
     roles: list[str]
     checked: list[ModelLike]  # the user's models, whose sizes and classes are checked
+    checked_names: list[str]  # the original's, then those of ``checked``
     notes: list[str]
 
     @classmethod
@@ -265,6 +268,7 @@ class _Compared:
            references: ReferenceOptions, seed: int) -> _Compared:
         given = [*pruned, *references.models]
         names = unique_names([original, *given])
+        given_names = list(names)
         roles = [PRUNED] * len(pruned) + [REFERENCE] * len(references.models)
         models, notes = list(given), []
         if references.floor:
@@ -280,7 +284,7 @@ class _Compared:
                 models.insert(len(pruned), floor)
                 names.insert(1 + len(pruned), name)
                 roles.insert(len(pruned), FLOOR)
-        return cls(models, names, roles, given, notes)
+        return cls(models, names, roles, given, given_names, notes)
 
     @property
     def fixed(self) -> list[int]:
@@ -298,6 +302,9 @@ def _fingerprint(scorer: BatchScorer, source: DataSource) -> dict[str, Any]:
         **{k: v for k, v in vars(spec.cam).items() if k != "target"},
         **{k: v for k, v in vars(spec.data).items() if k not in ("limit", "classes")},
         "spatial": spec.metric.spatial, "spectral": spec.metric.spectral,
+        # ROAD's imputation noise follows the seed; the bootstrap's is applied at the end.
+        "faithfulness": spec.metric.faithfulness,
+        "seed": spec.metric.seed if spec.metric.faithfulness else None,
     }
     return {
         "models": [model_hash(m) for m in (scorer.original, *scorer.pruned)],
