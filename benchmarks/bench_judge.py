@@ -16,6 +16,9 @@ Run from the repository root: .venv/bin/python -m benchmarks.bench_judge [--n 20
     ``judge / bare-plan - 1`` is the judge's own overhead (metric, bootstrap, model facts);
   - ``judge``: ``judge.score(candidate)``, which also opens the candidate.
 
+* ``resnet18``: the same for torchvision resnet18 at 224 px (random weights) and a copy
+  with half its weights zeroed, over ``--n224`` crops of scikit-image's sample photos.
+
 * ``cache``: ``score_models`` with one new pruned model (and the random floor), without a
   cache, then with a cache filled by a run with another pruned model: the second run skips
   the original's and the floor's passes.
@@ -65,51 +68,86 @@ def test_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
     return x[:n], y[:n], where
 
 
-def bare(x: np.ndarray, y: np.ndarray) -> float:
+def bare(candidate: Path, x: np.ndarray, y: np.ndarray | None, preset: str) -> float:
     started = time.perf_counter()
-    model = CamModel(str(CANDIDATE))
-    inputs = Preprocessing.for_model(model, "unit")(x)
+    model = CamModel(str(candidate))
+    prep = Preprocessing.for_model(model, preset)
+    inputs = prep(x)
+    size = (prep.height, prep.width)
     for i in range(0, len(inputs), BATCH):
-        model.cams(inputs[i:i + BATCH], targets=y[i:i + BATCH], size=(28, 28),
-                   return_scores=True)
+        model.cams(inputs[i:i + BATCH], targets=None if y is None else y[i:i + BATCH],
+                   size=size, return_scores=True)
     return time.perf_counter() - started
 
 
-def bare_plan(x: np.ndarray, y: np.ndarray) -> float:
+def bare_plan(candidate: Path, x: np.ndarray, y: np.ndarray | None, preset: str) -> float:
     started = time.perf_counter()
     plan = plan_execution(["CPUExecutionProvider"])
-    model = open_model(str(CANDIDATE), providers=["CPUExecutionProvider"], batch_size=BATCH,
+    model = open_model(str(candidate), providers=["CPUExecutionProvider"], batch_size=BATCH,
                        threads=plan.session_threads, spinning=plan.session_spinning)
-    prep = Preprocessing.for_model(model, "unit")
+    prep = Preprocessing.for_model(model, preset)
 
     def one(i: int) -> None:
-        model.cams(prep(x[i:i + BATCH]), targets=y[i:i + BATCH], size=(28, 28),
-                   return_scores=True)
+        model.cams(prep(x[i:i + BATCH]), targets=None if y is None else y[i:i + BATCH],
+                   size=(prep.height, prep.width), return_scores=True)
 
     with ThreadPoolExecutor(plan.in_flight) as pool:
         list(pool.map(one, range(0, len(x), BATCH)))
     return time.perf_counter() - started
 
 
-def bench_judge(data: Path, x: np.ndarray, y: np.ndarray, repeats: int) -> None:
-    options = {"data_options": DataOptions(preset="unit"), "metric": MetricOptions(),
+def bench_judge(original: Path, candidate: Path, data: Path, x: np.ndarray,
+                y: np.ndarray | None, repeats: int, preset: str = "unit") -> None:
+    options = {"data_options": DataOptions(preset=preset), "metric": MetricOptions(),
                "run": RunOptions(batch_size=BATCH, device="cpu")}
     started = time.perf_counter()
-    judge = Sp2PSJudge(ORIGINAL, data, **options)
+    judge = Sp2PSJudge(original, data, **options)
     setup = time.perf_counter() - started
     times: dict[str, list[float]] = {"bare": [], "bare-plan": [], "judge": []}
     for _ in range(repeats):
-        times["bare"].append(bare(x, y))
-        times["bare-plan"].append(bare_plan(x, y))
+        times["bare"].append(bare(candidate, x, y, preset))
+        times["bare-plan"].append(bare_plan(candidate, x, y, preset))
         started = time.perf_counter()
-        judge.score(CANDIDATE)
+        judge.score(candidate)
         times["judge"].append(time.perf_counter() - started)
     best = {k: min(v) for k, v in times.items()}
-    print(f"judge setup (original + floor, once): {setup:.2f} s")
+    print(f"{candidate.name}: judge setup (original + floor, once): {setup:.2f} s")
     for name, values in times.items():
         print(f"{name:10s} best {best[name]:.3f} s   all {', '.join(f'{v:.3f}' for v in values)}")
     print(f"judge / bare      = {best['judge'] / best['bare']:.3f}")
     print(f"judge / bare-plan = {best['judge'] / best['bare-plan']:.3f}")
+
+
+def resnet18_case(folder: Path, n: int) -> tuple[Path, Path, Path, np.ndarray]:
+    """torchvision resnet18 (random weights, seed 0) and a copy with the 50 % smallest
+    Conv/Linear weights zeroed, as ONNX; ``n`` random 224 px crops of scikit-image's sample
+    photos (uint8, no labels: the CAMs explain the original's top-1 class)."""
+    import skimage.data
+    import torch
+    import torchvision
+
+    from experiments import artifacts
+    from experiments.prune import torch_finalize, torch_magnitude
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    shape = (1, 3, 224, 224)
+    original = artifacts.export_torch(model, folder / "resnet18.onnx", shape)
+    candidate = artifacts.export_torch(torch_finalize(torch_magnitude(model, 50)),
+                                       folder / "resnet18_mag50.onnx", shape)
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(),
+              skimage.data.rocket()]
+    rng = np.random.default_rng(0)
+    crops = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        top = int(rng.integers(0, photo.shape[0] - 224 + 1))
+        left = int(rng.integers(0, photo.shape[1] - 224 + 1))
+        crops.append(photo[top:top + 224, left:left + 224])
+    x = np.stack(crops)
+    data = folder / "crops.npz"
+    np.savez(data, x=x)
+    return original, candidate, data, x
 
 
 def bench_cache(data: Path, repeats: int) -> None:
@@ -141,7 +179,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--part", default="judge,cache")
+    parser.add_argument("--part", default="judge,cache",
+                        help="judge, cache, resnet18 (224 px, --n224 images)")
+    parser.add_argument("--n224", type=int, default=64)
     args = parser.parse_args()
     x, y, where = test_images(args.n)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, thread "
@@ -150,9 +190,12 @@ def main() -> None:
         data = Path(folder) / "test.npz"
         np.savez(data, x=x, y=y)
         if "judge" in args.part:
-            bench_judge(data, x, y, args.repeats)
+            bench_judge(ORIGINAL, CANDIDATE, data, x, y, args.repeats)
         if "cache" in args.part:
             bench_cache(data, args.repeats)
+        if "resnet18" in args.part:
+            original, candidate, crops, images = resnet18_case(Path(folder), args.n224)
+            bench_judge(original, candidate, crops, images, None, args.repeats, "imagenet")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,18 @@ class Pass:
         return cls(arrays["maps"], arrays["targets"], arrays["scores"], figures)
 
 
+@dataclass(frozen=True)
+class CacheUse:
+    """A pass cache as a backend's workers receive it: its directory, and the positions of
+    the pruned models whose passes it keeps besides the original's (the floor, references)."""
+
+    directory: str
+    cached: tuple[int, ...] = ()
+
+    def open(self) -> PassCache:
+        return PassCache(self.directory)
+
+
 @dataclass
 class CacheStats:
     """What a cache did in one run: entries read, computed (and written) and found damaged."""

@@ -39,7 +39,7 @@ from .band import FLOOR, PRUNED, REFERENCE, band_of
 from .batch import BatchScorer, ScorerSpec, build_scorer
 from .cache import Pass, PassCache
 from .checks import check_comparable, check_label_range, resolve_target
-from .models import ModelLike, model_info, model_source, unique_names
+from .models import ModelInfo, ModelLike, model_info, model_source, unique_names
 from .options import CamOptions, DataOptions, MetricOptions, ReferenceOptions, RunOptions
 from .result import ModelScore
 from .rows import BatchOutput, concat_rows, merge_candidates
@@ -151,8 +151,9 @@ class Sp2PSJudge:
                                                            strict=True))]
 
     def _model_score(self, model: ModelLike, cam_model: Any, name: str, result: Any, j: int,
-                     role: str) -> ModelScore:
-        info = model_info(model_source(model), cam_model, name, self.spec.cam.allow_domains)
+                     role: str, info: ModelInfo | None = None) -> ModelScore:
+        if info is None:
+            info = model_info(model_source(model), cam_model, name, self.spec.cam.allow_domains)
         return ModelScore(info, result.results[j], result.worst[j], result.best[j],
                           result.rows[j], result.moved[j], role,
                           faithfulness=result.faithfulness[j])
@@ -179,12 +180,17 @@ class Sp2PSJudge:
                                self.plan.metric_workers)
 
         parts, found = [], []
-        # Batches side by side, as score_models runs them (see plan_execution).
-        with ThreadPoolExecutor(self.plan.in_flight, thread_name_prefix="sp2ps-judge") as pool:
+        # Batches side by side, as score_models runs them (see plan_execution); the model's
+        # facts (its file's hash, weight counts) are read meanwhile.
+        with ThreadPoolExecutor(1, thread_name_prefix="sp2ps-facts") as side, \
+                ThreadPoolExecutor(self.plan.in_flight, thread_name_prefix="sp2ps-judge") as pool:
+            info = side.submit(model_info, model_source(model), scorer.pruned[0], names[1],
+                               self.spec.cam.allow_domains)
             for output in pool.map(one, self._batches):
                 parts.append(output.rows)
                 found = merge_candidates(found, output.examples[0], self.metric.examples)
+            facts = info.result()
         result = aggregate(concat_rows(parts), [found], names[1:], self.metric, expected=self.n)
-        scored = self._model_score(model, scorer.pruned[0], names[1], result, 0, PRUNED)
+        scored = self._model_score(model, scorer.pruned[0], names[1], result, 0, PRUNED, facts)
         scored.band = band_of(scored.sp2ps, self._floor, self._levels)
         return scored

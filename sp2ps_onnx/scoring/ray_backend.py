@@ -32,7 +32,7 @@ from ..data import DataFault
 from ..errors import InputDataError, RuntimeMissingError, Sp2PSError
 from ..graph.model_io import load_model
 from .batch import ScorerSpec, build_scorer
-from .cache import PassCache
+from .cache import CacheUse
 from .models import is_cam_model
 from .options import RayOptions
 from .rows import BatchOutput
@@ -191,7 +191,7 @@ class ScoreWorker:
     """The callable class of ``map_batches``: builds the kernel once, then scores ranges."""
 
     def __init__(self, payload: Any, names: Sequence[str], spec: ScorerSpec,
-                 gpus: float, cache: str | None = None, cached: Sequence[int] = ()) -> None:
+                 gpus: float, cache: CacheUse | None = None) -> None:
         import ray
 
         payload = ray.get(payload[0])
@@ -206,8 +206,8 @@ class ScoreWorker:
         self.files = {} if listed is None else {path: (i, label) for path, i, label in listed[1]}
         self.scorer = build_scorer(protos[0], protos[1:], list(names), spec,
                                    providers=providers, spinning=False,
-                                   cache=None if cache is None else PassCache(cache),
-                                   cached=cached)
+                                   cache=None if cache is None else cache.open(),
+                                   cached=() if cache is None else cache.cached)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "bytes" in batch:
@@ -250,15 +250,13 @@ def run_ray(
     start: int,
     on_output: Callable[[BatchOutput], None],
     quiet: bool = True,
-    cache: str | os.PathLike[str] | None = None,
-    cached: Sequence[int] = (),
+    cache: CacheUse | None = None,
 ) -> None:
     """Score ``source`` from sample ``start`` on with a Ray actor pool; hand each batch's
     :class:`~sp2ps_onnx.scoring.rows.BatchOutput` to ``on_output`` in data order.
 
     Every actor builds the kernel of ``spec`` (:func:`~sp2ps_onnx.scoring.batch.build_scorer`),
-    with the pass cache in ``cache`` (a directory every node reads and writes) for the original
-    and the pruned models at positions ``cached``.
+    with the pass cache ``cache`` (a directory every node reads and writes).
     """
     total = source.size_hint
     if total is None:
@@ -313,8 +311,7 @@ def run_ray(
         fn_constructor_kwargs={"payload": [payload], "names": list(names),
                                "spec": spec,
                                "gpus": float(gpus_per_worker),
-                               "cache": None if cache is None else str(cache),
-                               "cached": list(cached)},
+                               "cache": cache},
         num_gpus=gpus_per_worker or None,
     )
     offset = start

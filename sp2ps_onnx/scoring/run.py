@@ -27,7 +27,7 @@ from ..runtime import thread_budget
 from .aggregate import Aggregate, aggregate
 from .band import FLOOR, PRUNED, REFERENCE, band_of, floor_model, rank_correlations
 from .batch import BatchScorer, ScorerSpec, build_scorer
-from .cache import PassCache
+from .cache import CacheUse, PassCache
 from .checkpoint import RowStore
 from .checks import check_comparable, check_label_range, resolve_target
 from .models import ModelLike, model_hash, model_info, model_source, package_versions, unique_names
@@ -228,7 +228,8 @@ def score_models(
         if run.ray is not None:
             run_ray(original, compared.models, compared.names, source, spec, run.ray,
                     start=collect.done, on_output=collect, quiet=run.quiet,
-                    cache=run.cache, cached=compared.fixed)
+                    cache=None if run.cache is None else CacheUse(str(run.cache),
+                                                                  tuple(compared.fixed)))
         else:
             run_local(scorer, source, collect.done, collect, plan)
     except BaseException:
