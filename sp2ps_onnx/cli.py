@@ -186,8 +186,9 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N samples."),
         click.option("--classes", default=None, help="Class names in label order: a text "
-                     "file (one per line) or a comma-separated list. A value that looks like "
-                     "a path (a / or an extension such as .txt) must be an existing file."),
+                     "file (one per line), a comma-separated list, or imagenet (the 1000 "
+                     "ImageNet-1k names). A value that looks like a path (a / or an extension "
+                     "such as .txt) must be an existing file."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or notes on stderr."),
         click.option("--strict", is_flag=True, help="Stop with an error at the first unreadable "
                      "image or empty folder instead of skipping and listing it."),
