@@ -287,10 +287,12 @@ def run_ray(
         files = files[start:]
         inputs = ray.data.read_binary_files(
             [path for path, _, _ in files], filesystem=filesystem, include_paths=True,
-            override_num_blocks=max(1, min(-(-len(files) // batch_size), 4 * workers)),
+            # About a batch of files per read task, several tasks per actor at once:
+            # object stores answer each request after tens of milliseconds.
+            override_num_blocks=max(1, -(-len(files) // batch_size)),
             # Fetching is I/O: the reads take no CPU from the actors, which hold them all
             # by default (a read waiting for a CPU would wait for ever).
-            num_cpus=0, concurrency=2 * workers,
+            num_cpus=0, concurrency=4 * workers,
         )
         per_call = batch_size
     else:
