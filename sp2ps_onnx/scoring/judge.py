@@ -43,7 +43,7 @@ from .models import ModelInfo, ModelLike, model_info, model_source, unique_names
 from .options import CamOptions, DataOptions, MetricOptions, ReferenceOptions, RunOptions
 from .result import ModelScore
 from .rows import BatchOutput, concat_rows, merge_candidates
-from .run import DataLike, _Compared, plan_execution
+from .run import ComparedModels, DataLike, plan_execution
 
 Candidate = str | os.PathLike[str] | bytes | onnx.ModelProto | Any
 """A path, the bytes of an ONNX model, an ``onnx.ModelProto`` or an opened CamModel."""
@@ -102,7 +102,7 @@ class Sp2PSJudge:
                                resolve_target(cam.target, source.has_labels), run.batch_size)
         self.providers = select_providers(run.device, quiet=run.quiet)
         self.plan = plan_execution(self.providers)
-        compared = _Compared.of(original, [], references, metric.seed)
+        compared = ComparedModels.of(original, [], references, metric.seed)
         check_comparable(original, compared.checked, compared.names[:len(compared.checked) + 1],
                          data_options.size)
         self.cache = None if run.cache is None else PassCache(run.cache)
@@ -137,7 +137,7 @@ class Sp2PSJudge:
         self._floor = floor
         self._levels = [m.sp2ps for m in self.references if m.role == REFERENCE]
 
-    def _score_fixed(self, compared: _Compared, scorer: BatchScorer,
+    def _score_fixed(self, compared: ComparedModels, scorer: BatchScorer,
                      parts: list[dict[str, np.ndarray]],
                      candidates: list[list[Any]]) -> list[ModelScore]:
         if not compared.models:

@@ -207,7 +207,7 @@ def score_models(
     spec = ScorerSpec(cam, data_options, metric, resolve_target(cam.target, source.has_labels),
                       run.batch_size)
     providers = select_providers(run.device, quiet=run.quiet)
-    compared = _Compared.of(original, pruned, references, metric.seed)
+    compared = ComparedModels.of(original, pruned, references, metric.seed)
     check_comparable(original, compared.checked, compared.checked_names, data_options.size)
     plan = plan_execution(providers)
     cache = None if run.cache is None else PassCache(run.cache)
@@ -252,7 +252,7 @@ def score_models(
 
 
 @dataclass
-class _Compared:
+class ComparedModels:
     """The models compared with the original: the pruned ones, then the random floor (if
     any), then the reference models; with their names and roles."""
 
@@ -265,7 +265,7 @@ class _Compared:
 
     @classmethod
     def of(cls, original: ModelLike, pruned: Sequence[ModelLike],
-           references: ReferenceOptions, seed: int) -> _Compared:
+           references: ReferenceOptions, seed: int) -> ComparedModels:
         given = [*pruned, *references.models]
         names = unique_names([original, *given])
         given_names = list(names)
@@ -344,7 +344,7 @@ def _notes(source: DataSource, num_classes: int, result: Aggregate) -> list[str]
 
 
 def _config(scorer: BatchScorer, source: DataSource, run: RunOptions,
-            providers: Sequence[str], compared: _Compared) -> dict[str, Any]:
+            providers: Sequence[str], compared: ComparedModels) -> dict[str, Any]:
     """The run's configuration as ``results.json`` records it."""
     spec, prep = scorer.spec, scorer.original_prep
     cam, data, metric = spec.cam, spec.data, spec.metric
@@ -380,7 +380,7 @@ def _config(scorer: BatchScorer, source: DataSource, run: RunOptions,
 
 
 def _report(
-    original: ModelLike, compared: _Compared, scorer: BatchScorer, source: DataSource,
+    original: ModelLike, compared: ComparedModels, scorer: BatchScorer, source: DataSource,
     result: Aggregate, run: RunOptions, providers: Sequence[str],
 ) -> ScoreReport:
     domains = scorer.spec.cam.allow_domains
