@@ -35,6 +35,11 @@ method                      raw map for one image, activations ``A`` and gradien
                             masked to position ``p`` (ReciproCAM, Byun & Lee 2022)
 ``finercam``                Grad-CAM of ``T = sum_j p_j (z_t - z_j) / sum_j p_j``, ``j`` the
                             three classes with logits nearest the target's
+``fullgrad``                ``sum_c S(|x dz/dx|)_c + sum_l sum_c S(|b_l dz/da_l|)_c`` over
+                            every Conv and BatchNorm bias ``b_l``, ``S`` per-channel min-max
+                            scaling and resizing to the input (at the input's resolution)
+``guidedbackprop``          ``max_c |G_c|``, ``G`` the input gradient through guided ReLUs
+``guidedgradcam``           ``M * max_c |G_c|``, ``M`` the Grad-CAM map at the input size
 ==========================  =============================================================
 
 Options, as in pytorch-grad-cam: ``eigen_smooth`` replaces the channel sum of the weighted

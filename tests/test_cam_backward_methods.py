@@ -18,6 +18,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sp2ps_onnx import CamModel, cam
 from sp2ps_onnx.cli import cli
 from sp2ps_onnx.graph import BackwardOptions
+from tests.exports import export_torchvision
 from tests.test_cam import tiny_setup
 
 TOLERANCE = 1e-3
@@ -116,3 +117,39 @@ def test_fullgrad_runs_from_the_cli_on_the_bundled_cnn(tmp_path) -> None:
               "--out", str(tmp_path / "out")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def test_guided_gradients_differ_from_plain_ones(tiny) -> None:
+    """The guided rule is in force: the plain input gradient does not pass the comparison."""
+    net, x, targets, path = tiny
+    plain = CamModel(path, backward=BackwardOptions(input_gradient=True))
+    plain_gradients = plain.run(x.numpy(), targets).input_gradient
+    theirs = reference_guided(net, x, targets)
+    assert np.abs(plain_gradients - theirs).max() / np.abs(theirs).max() > 10 * TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    path, model, x = export_torchvision("resnet18", False)
+    with torch.no_grad():
+        targets = model(x).argsort(dim=1)[:, -2].numpy()
+    return model, x, targets, CamModel(str(path))
+
+
+def test_fullgrad_on_resnet18_matches_pytorch_grad_cam(resnet18) -> None:
+    """resnet18's BatchNorms are folded into its Convs by the exporter: the fused biases are
+    the BatchNorms' effective ones, pytorch-grad-cam's terms."""
+    model, x, targets, cam_model = resnet18
+    maps, _ = cam.explain(cam_model, x.numpy(), "fullgrad", targets=targets)
+    assert np.abs(maps - reference_fullgrad(model, x, targets)).max() < TOLERANCE
+
+
+def test_guided_methods_on_resnet18_match_pytorch_grad_cam(resnet18) -> None:
+    model, x, targets, cam_model = resnet18
+    guided = reference_guided(model, x, targets)
+    ours, _ = cam.guided_backprop(cam_model, x.numpy(), targets)
+    assert np.abs(ours - guided).max() / np.abs(guided).max() < TOLERANCE
+    mask = reference_gradcam_mask(model, x, targets, model.layer4)
+    theirs = np.abs(mask[:, None] * guided).max(axis=1)
+    maps, _ = cam.explain(cam_model, x.numpy(), "guidedgradcam", targets=targets, raw=True)
+    assert np.abs(maps - theirs).max() / theirs.max() < TOLERANCE
