@@ -43,12 +43,14 @@ def tiny(tmp_path_factory):
     return net, x, targets, path
 
 
-def reference_fullgrad(net, x: torch.Tensor, targets) -> np.ndarray:
+def reference_fullgrad(net, x: torch.Tensor, targets, **options) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = FullGrad(net, target_layers=[])
         try:
-            return reference(x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+            return reference(
+                x, targets=[ClassifierOutputTarget(int(t)) for t in targets], **options
+            )
         finally:
             reference.activations_and_grads.release()
 
@@ -75,6 +77,13 @@ def test_fullgrad_matches_pytorch_grad_cam_on_the_tiny_net(tiny) -> None:
     np.testing.assert_array_equal(used, targets)
     assert np.abs(maps - theirs).max() < TOLERANCE
     assert theirs.max() > 0.99  # a real map, not a constant one
+
+
+def test_fullgrad_aug_smooth_matches_pytorch_grad_cam(tiny) -> None:
+    net, x, targets, path = tiny
+    maps, _ = cam.explain(CamModel(path), x.numpy(), "fullgrad", targets=targets, aug_smooth=True)
+    theirs = reference_fullgrad(net, x, targets, aug_smooth=True)
+    assert np.abs(maps - theirs).max() < TOLERANCE
 
 
 def test_fullgrad_uses_the_given_model_when_it_has_the_outputs(tiny) -> None:
