@@ -162,3 +162,24 @@ def test_guided_methods_on_resnet18_match_pytorch_grad_cam(resnet18) -> None:
     theirs = np.abs(mask[:, None] * guided).max(axis=1)
     maps, _ = cam.explain(cam_model, x.numpy(), "guidedgradcam", targets=targets, raw=True)
     assert np.abs(maps - theirs).max() / theirs.max() < TOLERANCE
+
+
+KERAS_CNN = BUNDLED_CNN.parent / "keras" / "fmnist_keras.onnx"
+
+
+@pytest.mark.parametrize("score", ["logits", "probabilities"])
+def test_siblings_explain_the_given_models_score_on_a_channels_last_model(score: str) -> None:
+    """A Keras export (NHWC, a final Softmax): the model built with the backward options
+    scores what the given one scores (its Softmax cut or kept), once per set of options, and
+    the maps have the input's size."""
+    model = CamModel(KERAS_CNN, score=score)
+    x = np.random.default_rng(0).random((2, *model.graph.info.input_shape[1:]), dtype=np.float32)
+    expected = model.run(x).score
+    for method in ("fullgrad", "guidedbackprop", "guidedgradcam"):
+        maps, _ = cam.explain(model, x, method)
+        assert maps.shape == (2, *model.input_spatial_size)
+        assert maps.max() > 0.99
+    siblings = model._sp2ps_backward_siblings
+    assert len(siblings) == 2
+    for sibling in siblings.values():
+        np.testing.assert_allclose(sibling.run(x).score, expected, rtol=1e-5, atol=1e-6)
