@@ -126,6 +126,8 @@ def test_fullgrad_runs_from_the_cli_on_the_bundled_cnn(tmp_path) -> None:
               "--out", str(tmp_path / "out")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "cams.csv").is_file()
+    assert len(list((tmp_path / "out").rglob("*.npy"))) == len(images)
 
 
 def test_guided_gradients_differ_from_plain_ones(tiny) -> None:
