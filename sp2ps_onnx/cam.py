@@ -35,6 +35,11 @@ method                      raw map for one image, activations ``A`` and gradien
                             masked to position ``p`` (ReciproCAM, Byun & Lee 2022)
 ``finercam``                Grad-CAM of ``T = sum_j p_j (z_t - z_j) / sum_j p_j``, ``j`` the
                             three classes with logits nearest the target's
+``fullgrad``                ``sum_c S(|x dz/dx|)_c + sum_l sum_c S(|b_l dz/da_l|)_c`` over
+                            every Conv and BatchNorm bias ``b_l``, ``S`` per-channel min-max
+                            scaling and resizing to the input (at the input's resolution)
+``guidedbackprop``          ``max_c |G_c|``, ``G`` the input gradient through guided ReLUs
+``guidedgradcam``           ``M * max_c |G_c|``, ``M`` the Grad-CAM map at the input size
 ==========================  =============================================================
 
 Options, as in pytorch-grad-cam: ``eigen_smooth`` replaces the channel sum of the weighted
@@ -69,6 +74,7 @@ zeros.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +107,7 @@ __all__ = [
     "explain",
     "finer_weights",
     "gradient_weighted_cam",
+    "guided_backprop",
     "kernel_pca_projection",
     "postprocess",
     "recipro_cam",
@@ -956,6 +963,161 @@ def _finercam(
         gradients = gradients + np.where(used, weights[rows, classes], 0.0)[:, None, None, None] * more
     grads = gradients.astype(np.float32)
     return _weighted_sum(_spatial_mean(grads), acts, eigen_smooth)
+
+
+# --- methods that need the backward pass beyond the layer (FullGrad, Guided Backprop)
+
+#: FullGrad's bias terms: pytorch-grad-cam takes Conv2d and BatchNorm2d biases only (an
+#: exporter folds an inference BatchNorm into the Conv before it, whose bias is then the
+#: BatchNorm's effective one).
+_FULLGRAD_BIAS_OPS = ("Conv", "BatchNormalization")
+_SIBLINGS_ATTRIBUTE = "_sp2ps_backward_siblings"
+
+
+def _backward_sibling(cam_model: Any, **wanted: bool) -> Any:
+    """``cam_model`` itself where its graph already has the outputs ``wanted`` names
+    (:class:`~sp2ps_onnx.graph.BackwardOptions` flags), else a CamModel of the same source
+    model, layer and score built with ``backward=BackwardOptions(**wanted)``, once per
+    instance and set of options (cached on ``cam_model``).
+
+    The options class is taken from the CamModel's own module: cam sits beside graph in the
+    package's layers and imports neither graph nor runtime.
+    """
+    graph = cam_model.graph
+    present = {
+        "input_gradient": getattr(graph, "input_gradient", None) is not None,
+        "guided_input_gradient": getattr(graph, "guided_input_gradient", None) is not None,
+        "bias_gradients": bool(getattr(graph, "bias_outputs", None)),
+    }
+    if all(present.get(flag, False) for flag, on in wanted.items() if on):
+        return cam_model
+    siblings = cam_model.__dict__.setdefault(_SIBLINGS_ATTRIBUTE, {})
+    key = tuple(sorted(wanted.items()))
+    if key not in siblings:
+        options_type = getattr(sys.modules[type(cam_model).__module__], "BackwardOptions", None)
+        if options_type is None:
+            raise UnsupportedModelError(
+                f"{type(cam_model).__name__} cannot be rebuilt with more of the backward pass; "
+                f"build the CamModel with backward=BackwardOptions({_flags(wanted)})"
+            )
+        source = cam_model.path if cam_model.path else graph.info.model
+        common = {
+            "layer": graph.layer,
+            "providers": cam_model.providers,
+            "input_size": tuple(cam_model.input_spatial_size),
+            "batch_size": cam_model.batch_size,
+            "threads": cam_model.threads,
+            "spinning": cam_model.spinning,
+            "backward": options_type(**wanted),
+        }
+        # The score the given model explains: logits where it cut a final Softmax, else the
+        # graph's own output (which "probabilities" keeps where there is a Softmax).
+        sibling = type(cam_model)(source, score="logits", **common)
+        if sibling.graph.score_tensor != graph.score_tensor:
+            sibling = type(cam_model)(source, score="probabilities", **common)
+        siblings[key] = sibling
+    return siblings[key]
+
+
+def _flags(wanted: dict[str, bool]) -> str:
+    return ", ".join(f"{flag}=True" for flag, on in wanted.items() if on)
+
+
+def _channels_first(images: np.ndarray, input_layout: str) -> np.ndarray:
+    return images.transpose(0, 3, 1, 2) if input_layout == "NHWC" else images
+
+
+def _summed_scaled_channels(terms: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``sum_c resize(minmax_hw(terms[:, c]))`` (N, H, W): every channel min-max scaled on
+    its own, as pytorch-grad-cam's ``scale_accross_batch_and_channels``; the bilinear resize
+    is linear, so the sum is resized once."""
+    count, channels, height, width = terms.shape
+    scaled = _min_max(terms.reshape(count * channels, height, width).astype(np.float32))
+    summed = scaled.reshape(count, channels, height, width).sum(axis=1)
+    if (height, width) != tuple(size):
+        summed = _resize_bilinear(summed, size, corners_aligned=False)
+    return summed.astype(np.float32)
+
+
+@CAM_METHODS.register("fullgrad", needs="perturbation")
+def _fullgrad(
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """FullGrad (Srinivas & Fleuret 2019, as pytorch-grad-cam computes it), at the input's
+    resolution: ``sum_c S(|x * dz/dx|)_c + sum_l sum_c S(|b_l * dz/da_l|)_c``, ``a_l`` the
+    output of every Conv and inference BatchNormalization ``l`` with a bias ``b_l`` on the
+    backward path and ``S`` a channel's min-max scaling followed by a bilinear resize to the
+    input size. The layer is not used.
+
+    The bias and input gradients come from one run of a CamModel built with
+    ``BackwardOptions(bias_gradients=True, input_gradient=True)``: ``cam_model`` itself when it
+    was, else a sibling of it (same file, layer and score) built once and kept on it.
+    """
+    model = _backward_sibling(cam_model, bias_gradients=True, input_gradient=True)
+    run = model.run(x, targets)
+    layout = cam_model.layout
+    size = tuple(cam_model.input_spatial_size)
+    inputs = _channels_first(np.asarray(x, dtype=np.float32), layout)
+    input_gradient = _channels_first(np.asarray(run.input_gradient, dtype=np.float32), layout)
+    maps = _summed_scaled_channels(np.abs(input_gradient * inputs), size)
+    kinds = {entry.node: entry.op_type for entry in model.graph.bias_outputs}
+    for node, terms in run.bias_gradients.items():
+        terms = np.asarray(terms)
+        if kinds.get(node) in _FULLGRAD_BIAS_OPS and terms.ndim == 4:
+            maps += _summed_scaled_channels(np.abs(terms), size)
+    return maps
+
+
+def guided_backprop(cam_model: Any, x: Any, targets: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Guided Backprop (Springenberg et al. 2015, pytorch-grad-cam's
+    ``GuidedBackpropReLUModel``): ``dz/dx`` with every ReLU passing only positive gradients
+    where its input was positive.
+
+    Args:
+        cam_model: a :class:`~sp2ps_onnx.CamModel`; where it was not built with
+            ``BackwardOptions(guided_input_gradient=True)`` a sibling that is is built once
+            and kept on it.
+        x: float32 images (N, ...) in the model's layout.
+        targets: one class per image, or ``None`` for each image's top class.
+
+    Returns:
+        ``(gradients, targets)``: the guided input gradients (N, C, H, W) float32, channels
+        first whatever the model's layout, and the classes used (int64).
+    """
+    images = np.asarray(x, dtype=np.float32)
+    model = _backward_sibling(cam_model, guided_input_gradient=True)
+    run = model.run(images, None if targets is None else _as_targets(targets, len(images)))
+    gradients = _channels_first(np.asarray(run.guided_input_gradient, dtype=np.float32),
+                                cam_model.layout)  # fmt: skip
+    return gradients, np.asarray(run.targets, dtype=np.int64)
+
+
+def _guided_saliency(cam_model: Any, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    gradients, _ = guided_backprop(cam_model, x, targets)
+    return np.abs(gradients).max(axis=1)
+
+
+@CAM_METHODS.register("guidedbackprop", needs="perturbation", aug_smooth=False)
+def _guidedbackprop(
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """``max_c |G_c|``, ``G`` the Guided Backprop input gradient (:func:`guided_backprop`),
+    at the input's resolution: the image pytorch-grad-cam's ``GuidedBackpropReLUModel``
+    returns, as a one-channel saliency map (Simonyan et al.'s channel maximum)."""
+    return _guided_saliency(cam_model, x, targets)
+
+
+@CAM_METHODS.register("guidedgradcam", needs="perturbation", aug_smooth=False)
+def _guidedgradcam(
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Guided Grad-CAM (Selvaraju et al. 2017, pytorch-grad-cam's recipe
+    ``cam_mask * gb``): ``M * max_c |G_c|``, ``M`` the post-processed Grad-CAM map at the
+    input size and ``G`` the Guided Backprop input gradient; since ``M >= 0`` this is
+    ``max_c |M G_c|``, the channel maximum of pytorch-grad-cam's three-channel product."""
+    raw = gradient_weighted_cam("gradcam", result.activations, result.gradients)
+    mask = postprocess(raw, tuple(cam_model.input_spatial_size))
+    return mask * _guided_saliency(cam_model, x, targets)
 
 
 #: Every supported method name.
