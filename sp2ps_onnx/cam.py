@@ -74,7 +74,6 @@ zeros.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -971,18 +970,13 @@ def _finercam(
 #: exporter folds an inference BatchNorm into the Conv before it, whose bias is then the
 #: BatchNorm's effective one).
 _FULLGRAD_BIAS_OPS = ("Conv", "BatchNormalization")
-_SIBLINGS_ATTRIBUTE = "_sp2ps_backward_siblings"
 
 
 def _backward_sibling(cam_model: Any, **wanted: bool) -> Any:
     """``cam_model`` itself where its graph already has the outputs ``wanted`` names
-    (:class:`~sp2ps_onnx.graph.BackwardOptions` flags), else a CamModel of the same source
-    model, layer and score built with ``backward=BackwardOptions(**wanted)``, once per
-    instance and set of options (cached on ``cam_model``).
-
-    The options class is taken from the CamModel's own module: cam sits beside graph in the
-    package's layers and imports neither graph nor runtime.
-    """
+    (:class:`~sp2ps_onnx.graph.BackwardOptions` flags), else the same model with those
+    options added (:meth:`sp2ps_onnx.runtime.CamModel.with_backward`: same source, layer,
+    score, grid and sessions; built once per set of options)."""
     graph = cam_model.graph
     present = {
         "input_gradient": getattr(graph, "input_gradient", None) is not None,
@@ -991,32 +985,13 @@ def _backward_sibling(cam_model: Any, **wanted: bool) -> Any:
     }
     if all(present.get(flag, False) for flag, on in wanted.items() if on):
         return cam_model
-    siblings = cam_model.__dict__.setdefault(_SIBLINGS_ATTRIBUTE, {})
-    key = tuple(sorted(wanted.items()))
-    if key not in siblings:
-        options_type = getattr(sys.modules[type(cam_model).__module__], "BackwardOptions", None)
-        if options_type is None:
-            raise UnsupportedModelError(
-                f"{type(cam_model).__name__} cannot be rebuilt with more of the backward pass; "
-                f"build the CamModel with backward=BackwardOptions({_flags(wanted)})"
-            )
-        source = cam_model.path if cam_model.path else graph.info.model
-        common = {
-            "layer": graph.layer,
-            "providers": cam_model.providers,
-            "input_size": tuple(cam_model.input_spatial_size),
-            "batch_size": cam_model.batch_size,
-            "threads": cam_model.threads,
-            "spinning": cam_model.spinning,
-            "backward": options_type(**wanted),
-        }
-        # The score the given model explains: logits where it cut a final Softmax, else the
-        # graph's own output (which "probabilities" keeps where there is a Softmax).
-        sibling = type(cam_model)(source, score="logits", **common)
-        if sibling.graph.score_tensor != graph.score_tensor:
-            sibling = type(cam_model)(source, score="probabilities", **common)
-        siblings[key] = sibling
-    return siblings[key]
+    with_backward = getattr(cam_model, "with_backward", None)
+    if with_backward is None:
+        raise UnsupportedModelError(
+            f"{type(cam_model).__name__} cannot be rebuilt with more of the backward pass; "
+            f"build the CamModel with backward=BackwardOptions({_flags(wanted)})"
+        )
+    return with_backward(**{flag: True for flag, on in wanted.items() if on})
 
 
 def _flags(wanted: dict[str, bool]) -> str:

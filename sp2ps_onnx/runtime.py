@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,14 @@ class CamModel:
     ) -> None:
         self.threads = threads
         self.spinning = spinning
+        # What :meth:`with_backward` rebuilds the model from (all but the backward options).
+        self._source = model
+        self._options = dict(layer=layer, score=score, providers=providers,
+                             input_size=input_size, batch_size=batch_size,
+                             allow_domains=tuple(allow_domains), threads=threads,
+                             spinning=spinning, grid=grid)
+        self._backward = backward or BackwardOptions()
+        self._with_backward: list[tuple[BackwardOptions, CamModel]] = []
         self.graph: CamGraph = build_cam_model(
             model,
             layer=layer,
@@ -131,6 +139,20 @@ class CamModel:
         self._forward_session = None
         self._head_session = None
         self._head_built = False
+
+    def with_backward(self, **flags: Any) -> CamModel:
+        """This model with more of the backward pass: the same source, layer, score, grid
+        and session settings, with :class:`BackwardOptions` ``flags`` added to its own (built
+        once per set of flags; ``self`` when it already has them)."""
+        options = replace(self._backward, **flags)
+        if options == self._backward:
+            return self
+        for built, model in self._with_backward:  # options may hold a list: compared by value
+            if built == options:
+                return model
+        model = CamModel(self._source, **self._options, backward=options)
+        self._with_backward.append((options, model))
+        return model
 
     # -- facts -------------------------------------------------------------------------
     @property
