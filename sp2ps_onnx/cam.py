@@ -40,7 +40,14 @@ method                      raw map for one image, activations ``A`` and gradien
                             scaling and resizing to the input (at the input's resolution)
 ``guidedbackprop``          ``max_c |G_c|``, ``G`` the input gradient through guided ReLUs
 ``guidedgradcam``           ``M * max_c |G_c|``, ``M`` the Grad-CAM map at the input size
+``refinecam``               ``prod_l M_l``, ``M_l`` the post-processed Grad-CAM++ map of
+                            layer ``l`` of ``layers=[...]`` (RefineCAM)
 ==========================  =============================================================
+
+Several target layers (``layers=[...]`` in :func:`explain`, pytorch-grad-cam's list of
+``target_layers``): for a method of :data:`LAYER_METHODS` the maps of every layer, from one
+run, are each ReLU'd, min-max scaled and resized to the output size, then averaged and
+min-max scaled. :func:`layer_cams` gives each layer's own map instead.
 
 Options, as in pytorch-grad-cam: ``eigen_smooth`` replaces the channel sum of the weighted
 activations by their first principal component (:data:`EIGEN_SMOOTH_METHODS`);
@@ -96,6 +103,7 @@ __all__ = [
     "GRADIENT_METHODS",
     "INPUT_METHODS",
     "KPCA_KERNELS",
+    "LAYER_METHODS",
     "METHODS",
     "PERTURBATION_METHODS",
     "CamMethod",
@@ -108,6 +116,7 @@ __all__ = [
     "gradient_weighted_cam",
     "guided_backprop",
     "kernel_pca_projection",
+    "layer_cams",
     "postprocess",
     "recipro_cam",
     "score_cam",
@@ -1095,6 +1104,131 @@ def _guidedgradcam(
     return mask * _guided_saliency(cam_model, x, targets)
 
 
+# --- several layers: pytorch-grad-cam's lists of target layers, and RefineCAM
+
+#: RefineCAM's base method (pytorch-grad-cam's default ``base_method=GradCAMPlusPlus``).
+_REFINE_BASE = "gradcam++"
+
+
+@CAM_METHODS.register("refinecam", needs="perturbation", eigen_smooth=True, aug_smooth=False)
+def _refinecam(
+    cam_model: Any,
+    x: np.ndarray,
+    result: Any,
+    targets: np.ndarray,
+    batch_size: int,
+    eigen_smooth: bool = False,
+) -> np.ndarray:
+    """RefineCAM (pytorch-grad-cam 1.5.7's ``RefineCAM`` with its default base method):
+    ``prod_l M_l``, ``M_l`` the post-processed Grad-CAM++ map of layer ``l`` at the input
+    size (ReLU, min-max, resize, min-max), over the layers of ``layers=[...]`` from one
+    run; :func:`postprocess` then min-max scales the product. Without ``layers`` the one
+    layer's Grad-CAM++ map."""
+    runs = getattr(result, "layers", None) or {"": result}
+    size = tuple(cam_model.input_spatial_size)
+    product: np.ndarray | None = None
+    for run in runs.values():
+        raw = gradient_weighted_cam(_REFINE_BASE, run.activations, run.gradients, eigen_smooth)
+        mapped = postprocess(raw, size)
+        product = mapped if product is None else product * mapped
+    return product
+
+
+def _layer_raw(entry: CamMethod, run: Any, eigen_smooth: bool) -> np.ndarray:
+    """The raw map of a per-layer method from one layer's activations (and gradients)."""
+    if entry.needs == "gradient":
+        return gradient_weighted_cam(entry.name, run.activations, run.gradients, eigen_smooth)
+    maps = _as_feature_maps(run.activations, "activations")
+    return entry.compute(maps, **_smoothing(entry, eigen_smooth))
+
+
+def _with_layers(cam_model: Any, layers: Any) -> Any:
+    """``cam_model`` built to give ``layers`` (tensor or node names, or ``"stages"``) from
+    one run (:meth:`~sp2ps_onnx.runtime.CamModel.with_backward`)."""
+    wanted = layers if layers == "stages" else (
+        (layers,) if isinstance(layers, str) else tuple(str(name) for name in layers)
+    )
+    if not wanted:
+        raise InputDataError("layers is empty; name at least one layer, or give 'stages'")
+    with_backward = getattr(cam_model, "with_backward", None)
+    if with_backward is None:
+        raise UnsupportedModelError(
+            f"{type(cam_model).__name__} cannot give several layers; use a CamModel"
+        )
+    return with_backward(layers=wanted)
+
+
+def _check_layer_method(entry: CamMethod) -> None:
+    if entry.name not in LAYER_METHODS:
+        raise InputDataError(
+            f"CAM method {entry.name!r} cannot be computed at several layers from one run; "
+            f"use one of: {', '.join(LAYER_METHODS)} (or refinecam), or give one layer"
+        )
+
+
+def layer_cams(
+    cam_model: Any,
+    x: Any,
+    method: str = "gradcam",
+    targets: Any = None,
+    size: tuple[int, int] | None = None,
+    layers: Any = "stages",
+    batch_size: int = 32,
+    eigen_smooth: bool = False,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each layer's own post-processed map, from one run per batch: at every layer, the map
+    ``method`` gives with that layer as the model's only layer.
+
+    Args:
+        cam_model: a :class:`sp2ps_onnx.CamModel`.
+        x: float32 images ``(N, ...)`` in the model's input layout.
+        method: one of :data:`LAYER_METHODS`.
+        targets: one class index per image, or ``None`` for each image's top class.
+        size: output ``(H, W)``; ``None`` uses the model's input size.
+        layers: tensor or node names, or ``"stages"`` (the last map of each resolution).
+        batch_size: images per model run.
+        eigen_smooth: as in :func:`explain`.
+
+    Returns:
+        ``(maps, targets)``: layer name -> maps ``(N, H, W)`` float32 in [0, 1], in the
+        order of the model's layers, and the class used for each image.
+    """
+    entry: CamMethod = CAM_METHODS.get(method)
+    _check_layer_method(entry)
+    _smoothing(entry, eigen_smooth)
+    model = _with_layers(cam_model, layers)
+    images = np.asarray(x, dtype=np.float32)
+    wanted = None if targets is None else _as_targets(
+        np.broadcast_to(np.asarray(targets, dtype=np.int64), (len(images),)), len(images)
+    )
+    output_size = tuple(cam_model.input_spatial_size) if size is None else tuple(size)
+    parts: dict[str, list[np.ndarray]] = {}
+    used: list[np.ndarray] = []
+    step = max(1, int(batch_size))
+    for start in range(0, len(images), step):
+        batch_targets = None if wanted is None else wanted[start : start + step]
+        result = model.run(images[start : start + step], batch_targets)
+        used.append(np.asarray(result.targets, dtype=np.int64))
+        for name, run in result.layers.items():
+            raw = _layer_raw(entry, run, eigen_smooth)
+            parts.setdefault(name, []).append(postprocess(raw, output_size))
+    maps = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    return maps, np.concatenate(used)
+
+
+def _aggregated_layers(
+    entry: CamMethod, result: Any, size: tuple[int, int], eigen_smooth: bool
+) -> np.ndarray:
+    """pytorch-grad-cam's aggregation of several target layers: ``mean_l S(relu(M_l))``,
+    ``S`` per-image min-max scaling then bilinear resizing to ``size``; the caller's
+    :func:`postprocess` min-max scales the mean."""
+    maps = [
+        _scaled_resized(_layer_raw(entry, run, eigen_smooth), size)
+        for run in result.layers.values()
+    ]
+    return np.mean(maps, axis=0, dtype=np.float32)
+
+
 #: Every supported method name.
 METHODS: tuple[str, ...] = CAM_METHODS.names()
 #: Methods computed from the activations and the gradient of the target score.
@@ -1109,6 +1243,10 @@ INPUT_METHODS: tuple[str, ...] = _methods_needing("input")
 EIGEN_SMOOTH_METHODS: tuple[str, ...] = tuple(
     name for name, entry in CAM_METHODS.items() if entry.eigen_smooth
 )
+#: Methods computed from one layer's activations (and gradients) alone: ``layers=[...]``
+#: gives one map per layer from one run (:func:`layer_cams`) and :func:`explain` averages
+#: them as pytorch-grad-cam does with a list of target layers.
+LAYER_METHODS: tuple[str, ...] = GRADIENT_METHODS + EIGEN_METHODS
 #: Methods whose maps :func:`explain` can average over flipped and scaled inputs.
 AUG_SMOOTH_METHODS: tuple[str, ...] = tuple(
     name for name, entry in CAM_METHODS.items() if entry.aug_smooth
@@ -1133,13 +1271,19 @@ def postprocess(raw: Any, size: tuple[int, int] | None) -> np.ndarray:
     Returns:
         float32 maps in [0, 1]; a constant map becomes all zeros.
     """
+    return _min_max(_scaled_resized(raw, size)).astype(np.float32)
+
+
+def _scaled_resized(raw: Any, size: tuple[int, int] | None) -> np.ndarray:
+    """ReLU, per-image min-max scaling and bilinear resizing: :func:`postprocess` without
+    its last min-max scaling (what pytorch-grad-cam averages over several layers)."""
     maps = np.asarray(raw, dtype=np.float32)
     if maps.ndim != 3:
         raise InputDataError(f"raw maps must have shape (N, h, w), got shape {maps.shape}")
     scaled = _min_max(np.maximum(maps, 0))
     if size is not None and tuple(int(s) for s in size) != scaled.shape[1:]:
         scaled = _resize_bilinear(scaled, size, corners_aligned=False)
-    return _min_max(scaled).astype(np.float32)
+    return scaled
 
 
 # --------------------------------------------------------------------------- running a model
@@ -1152,8 +1296,12 @@ def _raw_maps(
     targets: np.ndarray | None,
     batch_size: int,
     eigen_smooth: bool = False,
+    aggregate_to: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     result = cam_model.run(x, targets)
+    if aggregate_to is not None:  # several layers, averaged at this size
+        maps = _aggregated_layers(CAM_METHODS.get(method), result, aggregate_to, eigen_smooth)
+        return maps, np.asarray(result.targets, dtype=np.int64), np.asarray(result.score)
     maps, used = _maps_from_run(cam_model, x, method, result, batch_size, eigen_smooth)
     return maps, used, np.asarray(result.score)
 
@@ -1202,6 +1350,7 @@ def explain(
     return_scores: bool = False,
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
+    layers: Any = None,
 ) -> tuple[np.ndarray, ...]:
     """CAMs of ``x`` for ``cam_model`` (a :class:`sp2ps_onnx.CamModel`).
 
@@ -1226,6 +1375,11 @@ def explain(
             every map flipped back (:data:`AUG_SMOOTH_METHODS`; not with ``raw``). The
             classes are those of ``x`` itself for all six (pytorch-grad-cam re-picks the top
             class of each augmented input when ``targets`` is None).
+        layers: several target layers (tensor or node names, or ``"stages"``), all from one
+            run: the maps of a method of :data:`LAYER_METHODS` at each layer, each ReLU'd,
+            min-max scaled and resized to the output size, are averaged and min-max scaled
+            (pytorch-grad-cam's list of ``target_layers``; not with ``raw``); ``refinecam``
+            multiplies its Grad-CAM++ maps instead.
 
     Returns:
         ``(maps, targets)``: maps ``(N, H, W)`` float32 (in [0, 1] unless ``raw``) and the
@@ -1243,6 +1397,16 @@ def explain(
         raise InputDataError(
             "aug_smooth averages post-processed maps; it cannot give raw maps (raw=True)"
         )
+    aggregated = layers is not None and method != "refinecam"
+    if aggregated:
+        _check_layer_method(entry)
+        if raw:
+            raise InputDataError(
+                "several layers are averaged after post-processing; raw=True cannot give "
+                "them (use layer_cams for each layer's map)"
+            )
+    if layers is not None:
+        cam_model = _with_layers(cam_model, layers)
     images = np.asarray(x, dtype=np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise InputDataError(
@@ -1261,7 +1425,8 @@ def explain(
 
     def maps_of(inputs: np.ndarray, wanted: np.ndarray | None):
         raw_maps, used, scores = _explain_batches(
-            cam_model, inputs, method, wanted, int(batch_size), eigen_smooth
+            cam_model, inputs, method, wanted, int(batch_size), eigen_smooth,
+            output_size if aggregated else None,
         )
         return (raw_maps if raw else postprocess(raw_maps, output_size)), used, scores
 
@@ -1289,8 +1454,10 @@ def _explain_batches(
     targets: np.ndarray | None,
     batch_size: int,
     eigen_smooth: bool,
+    aggregate_to: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Raw maps, the classes used and the scores of ``images``, ``batch_size`` per run."""
+    """Raw maps, the classes used and the scores of ``images``, ``batch_size`` per run
+    (``aggregate_to``: several layers' maps averaged at that size)."""
     step = max(1, batch_size)
     map_batches: list[np.ndarray] = []
     target_batches: list[np.ndarray] = []
@@ -1299,7 +1466,8 @@ def _explain_batches(
         stop = min(start + step, len(images))
         batch_targets = None if targets is None else targets[start:stop]
         maps, used, scores = _raw_maps(
-            cam_model, images[start:stop], method, batch_targets, step, eigen_smooth
+            cam_model, images[start:stop], method, batch_targets, step, eigen_smooth,
+            aggregate_to,
         )
         map_batches.append(maps)
         target_batches.append(used)

@@ -174,6 +174,21 @@ class CamModel:
         return [out.layer for out in self.graph.layers]
 
     @property
+    def layer_grids(self) -> dict[str, tuple[int, int] | None]:
+        """(h, w) of every layer of ``BackwardOptions(layers=...)``, as the graph's shapes
+        prove it (``None`` where a dimension is not known before a run)."""
+        grids: dict[str, tuple[int, int] | None] = {}
+        for out in self.graph.layers:
+            grid = getattr(out.layout, "grid", None)
+            if grid is None:
+                shape = self.graph.info.shapes.get(out.layer)
+                axes = out.layout.spatial_axes
+                grid = None if shape is None else (shape[axes[0]], shape[axes[1]])
+            known = grid is not None and all(isinstance(v, int) and v > 0 for v in grid)
+            grids[out.layer] = tuple(grid) if known else None
+        return grids
+
+    @property
     def bias_layers(self) -> list[tuple[str, np.ndarray | None]]:
         """(node name, bias values) of every Conv/Gemm/BatchNormalization whose term
         ``BackwardOptions(bias_gradients=True)`` computes, in graph order (a
@@ -421,11 +436,15 @@ class CamModel:
         size: tuple[int, int] | None = None,
         raw: bool = False,
         return_scores: bool = False,
+        layers: Sequence[str] | str | None = None,
     ) -> tuple[np.ndarray, ...]:
         """CAMs (N, H, W) in [0, 1] at the input size (or ``size``), and the targets used.
 
         ``raw=True`` gives the un-normalised maps at feature resolution. With
         ``return_scores=True`` the class scores (N, K) of the same run come third.
+        ``layers`` (tensor or node names, or ``"stages"``): the maps of every layer, from
+        one run, averaged as pytorch-grad-cam averages a list of target layers
+        (``refinecam``: multiplied); see :func:`sp2ps_onnx.cam.explain`.
         """
         return explain(
             self,
@@ -436,6 +455,7 @@ class CamModel:
             raw=raw,
             batch_size=self.batch_size,
             return_scores=return_scores,
+            layers=layers,
         )
 
     def show(
