@@ -44,7 +44,7 @@ method                      raw map for one image, activations ``A`` and gradien
                             layer ``l`` of ``layers=[...]`` (RefineCAM)
 ==========================  =============================================================
 
-Several target layers (``layers=[...]`` in :func:`explain`, pytorch-grad-cam's list of
+Several target layers (:func:`explain_layers`, pytorch-grad-cam's list of
 ``target_layers``): for a method of :data:`LAYER_METHODS` the maps of every layer, from one
 run, are each ReLU'd, min-max scaled and resized to the output size, then averaged and
 min-max scaled. :func:`layer_cams` gives each layer's own map instead.
@@ -112,6 +112,7 @@ __all__ = [
     "deep_feature_factorization",
     "eigen_cam",
     "explain",
+    "explain_layers",
     "finer_weights",
     "gradient_weighted_cam",
     "guided_backprop",
@@ -1350,7 +1351,6 @@ def explain(
     return_scores: bool = False,
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
-    layers: Any = None,
 ) -> tuple[np.ndarray, ...]:
     """CAMs of ``x`` for ``cam_model`` (a :class:`sp2ps_onnx.CamModel`).
 
@@ -1375,38 +1375,78 @@ def explain(
             every map flipped back (:data:`AUG_SMOOTH_METHODS`; not with ``raw``). The
             classes are those of ``x`` itself for all six (pytorch-grad-cam re-picks the top
             class of each augmented input when ``targets`` is None).
-        layers: several target layers (tensor or node names, or ``"stages"``), all from one
-            run: the maps of a method of :data:`LAYER_METHODS` at each layer, each ReLU'd,
-            min-max scaled and resized to the output size, are averaged and min-max scaled
-            (pytorch-grad-cam's list of ``target_layers``; not with ``raw``); ``refinecam``
-            multiplies its Grad-CAM++ maps instead.
 
     Returns:
         ``(maps, targets)``: maps ``(N, H, W)`` float32 (in [0, 1] unless ``raw``) and the
         class index used for each image (int64); ``(maps, targets, scores)`` with
         ``return_scores``.
     """
+    request = _Request(method, size, raw, int(batch_size), eigen_smooth, aug_smooth)
+    return _explain(cam_model, x, targets, request, return_scores)
+
+
+def explain_layers(
+    cam_model: Any,
+    x: Any,
+    layers: Any,
+    method: str = "gradcam",
+    targets: Any = None,
+    size: tuple[int, int] | None = None,
+    batch_size: int = 32,
+    return_scores: bool = False,
+    eigen_smooth: bool = False,
+    aug_smooth: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """CAMs of ``x`` over several target layers, all from one run per batch (pytorch-grad-cam's
+    list of ``target_layers``).
+
+    For a method of :data:`LAYER_METHODS` each layer's map is ReLU'd, min-max scaled and
+    resized to the output size; the maps are averaged and min-max scaled. ``refinecam``
+    multiplies its Grad-CAM++ maps instead. :func:`layer_cams` gives each layer's own map.
+
+    Args:
+        layers: tensor or node names, or ``"stages"`` (the last map of each resolution).
+        The others: as in :func:`explain`.
+    """
+    entry: CamMethod = CAM_METHODS.get(method)
+    aggregated = entry.name != "refinecam"
+    if aggregated:
+        _check_layer_method(entry)
+    model = _with_layers(cam_model, layers)
+    output_size = tuple(cam_model.input_spatial_size) if size is None else tuple(size)
+    request = _Request(method, size, False, int(batch_size), eigen_smooth, aug_smooth,
+                       output_size if aggregated else None)
+    return _explain(model, x, targets, request, return_scores)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What :func:`explain` and :func:`explain_layers` were asked for."""
+
+    method: str
+    size: tuple[int, int] | None
+    raw: bool
+    batch_size: int
+    eigen_smooth: bool
+    aug_smooth: bool
+    aggregate_to: tuple[int, int] | None = None  # several layers averaged at this size
+
+
+def _explain(
+    cam_model: Any, x: Any, targets: Any, request: _Request, return_scores: bool
+) -> tuple[np.ndarray, ...]:
+    method, raw, eigen_smooth = request.method, request.raw, request.eigen_smooth
     entry: CamMethod = CAM_METHODS.get(method)  # an unknown name fails before any model run
     _smoothing(entry, eigen_smooth)
-    if aug_smooth and not entry.aug_smooth:
+    if request.aug_smooth and not entry.aug_smooth:
         raise InputDataError(
             f"aug_smooth does not apply to CAM method {method!r}; use it with one of: "
             f"{', '.join(AUG_SMOOTH_METHODS)}"
         )
-    if aug_smooth and raw:
+    if request.aug_smooth and raw:
         raise InputDataError(
             "aug_smooth averages post-processed maps; it cannot give raw maps (raw=True)"
         )
-    aggregated = layers is not None and method != "refinecam"
-    if aggregated:
-        _check_layer_method(entry)
-        if raw:
-            raise InputDataError(
-                "several layers are averaged after post-processing; raw=True cannot give "
-                "them (use layer_cams for each layer's map)"
-            )
-    if layers is not None:
-        cam_model = _with_layers(cam_model, layers)
     images = np.asarray(x, dtype=np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise InputDataError(
@@ -1421,17 +1461,18 @@ def explain(
         target_array = _as_targets(target_array, count)
     else:
         target_array = None
+    size = request.size
     output_size = tuple(cam_model.input_spatial_size) if size is None else tuple(size)
 
     def maps_of(inputs: np.ndarray, wanted: np.ndarray | None):
         raw_maps, used, scores = _explain_batches(
-            cam_model, inputs, method, wanted, int(batch_size), eigen_smooth,
-            output_size if aggregated else None,
+            cam_model, inputs, method, wanted, request.batch_size, eigen_smooth,
+            request.aggregate_to,
         )
         return (raw_maps if raw else postprocess(raw_maps, output_size)), used, scores
 
     maps, used_targets, scores = maps_of(images, target_array)
-    if aug_smooth:
+    if request.aug_smooth:
         total = maps.astype(np.float32)
         width_axis = _width_axis(cam_model.layout)
         for flip, factor in _augmentations()[1:]:

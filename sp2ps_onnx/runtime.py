@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ._ort import ort, select_providers
-from .cam import explain
+from .cam import explain, explain_layers
 from .data import _display_from_input
 from .errors import InputDataError, ModelLoadError, UnsupportedModelError
 from .graph.model_io import save_model
@@ -446,6 +446,14 @@ class CamModel:
         one run, averaged as pytorch-grad-cam averages a list of target layers
         (``refinecam``: multiplied); see :func:`sp2ps_onnx.cam.explain`.
         """
+        if layers is not None:
+            if raw:
+                raise InputDataError(
+                    "several layers are averaged after post-processing; raw=True cannot give "
+                    "them (sp2ps_onnx.cam.layer_cams gives each layer's map)"
+                )
+            return explain_layers(self, x, layers, method=method, targets=targets, size=size,
+                                  batch_size=self.batch_size, return_scores=return_scores)
         return explain(
             self,
             x,
@@ -455,7 +463,6 @@ class CamModel:
             raw=raw,
             batch_size=self.batch_size,
             return_scores=return_scores,
-            layers=layers,
         )
 
     def show(
