@@ -38,7 +38,7 @@ from .options import (
     ReferenceOptions,
     RunOptions,
 )
-from .result import ModelScore, ScoreReport
+from .result import ModelScore, ScoreReport, StageScore
 from .rows import ROW_COLUMNS, BatchOutput, Example, RowTable, concat_rows, keep_examples
 from .run import ExecutionPlan, plan_execution, score_models
 
@@ -64,6 +64,7 @@ __all__ = [
     "ScoreReport",
     "ScorerSpec",
     "Sp2PSJudge",
+    "StageScore",
     "aggregate",
     "build_scorer",
     "check_comparable",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,8 @@ class Aggregate:
     original_faithfulness: dict[str, float] | None
     n: int
     faults: dict[str, Any]
+    # Per model, per stage (layers="stages"; else empty): the stage's Sp2PSResult.
+    stages: list[list[Any]] = field(default_factory=list)
 
 
 def aggregate(
@@ -66,6 +68,7 @@ def aggregate(
     order = np.lexsort((rows["index"], rows["model"]))
     table = {key: value[order] for key, value in rows.items()}
     summaries, tables, worst, best, moved, faithful = [], [], [], [], [], []
+    stage_tables: list[list[metric.SampleTable]] = []
     original_faithful = None
     reference: np.ndarray | None = None
     for j, name in enumerate(names):
@@ -90,6 +93,8 @@ def aggregate(
             js_divergence=cols["js_divergence"][kept],
         )
         summaries.append(samples)
+        if "stage_h" in cols:
+            stage_tables.append(_stage_tables(cols))
         faithful.append(_faithfulness_means(cols, kept, "pruned"))
         if original_faithful is None:
             original_faithful = _faithfulness_means(cols, kept, "original")
@@ -101,8 +106,27 @@ def aggregate(
         moved.append(keep_moved(found, options.examples))
     results = _summarize_all(summaries, options)
     faults = _fault_summary(table, names, max_listed, uncounted)
+    flat = _summarize_all([t for per_model in stage_tables for t in per_model], options)
+    count = len(stage_tables[0]) if stage_tables else 0
+    stages = [flat[j * count:(j + 1) * count] for j in range(len(stage_tables))]
     return Aggregate(results, tables, worst, best, moved, faithful, original_faithful,
-                     0 if reference is None else int(reference.size), faults)
+                     0 if reference is None else int(reference.size), faults, stages)
+
+
+def _stage_tables(cols: dict[str, np.ndarray]) -> list[metric.SampleTable]:
+    """One model's per-stage sample tables: the samples a one-layer run at that stage would
+    keep (the original's CAM there finite), grouped as the main table groups them."""
+    tables = []
+    for k in range(cols["stage_h"].shape[1]):
+        kept = (cols["stage_flags"][:, k] & FLAG_ORIGINAL_NONFINITE) == 0
+        labels = cols["label"][kept]
+        tables.append(metric.SampleTable.of_rows(
+            cols["stage_spatial"][kept, k], cols["stage_spectral"][kept, k],
+            cols["stage_h"][kept, k],
+            labels=labels if np.all(labels >= 0) else None,
+            targets=cols["target_original"][kept],
+        ))
+    return tables
 
 
 def _faithfulness_means(

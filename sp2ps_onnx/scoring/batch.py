@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from .. import metric
+from ..cam import layer_cams
 from ..data import Batch, Preprocessing
-from ..errors import InputDataError, ModelMismatchError
+from ..errors import InputDataError, ModelMismatchError, UnsupportedModelError
 from ..faithfulness import FaithfulnessOptions, FaithfulnessResult, evaluate_faithfulness
 from .cache import Pass, PassCache, model_key, tensor_digest
 from .checks import check_labels
@@ -29,6 +30,7 @@ from .rows import (
     FLAG_PRUNED_CONSTANT,
     FLAG_PRUNED_NONFINITE,
     ROW_COLUMNS,
+    STAGE_COLUMNS,
     BatchOutput,
     Example,
     fault_names,
@@ -68,6 +70,16 @@ class _ModelOutputs:
     original: tuple[np.ndarray, np.ndarray, np.ndarray]  # maps, targets, scores
     pruned: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     faithfulness: list[FaithfulnessResult | None]  # the original's, then every pruned one's
+    stages: list[np.ndarray | None] = dataclasses.field(default_factory=list)  # same order
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The stages of a per-stage run (``CamOptions(layers="stages")``): their resolutions,
+    finest first, and each model's layer at each stage (the original's first)."""
+
+    resolutions: list[tuple[int, int]]
+    layers: list[list[str]]
 
 
 class BatchScorer:
@@ -95,6 +107,7 @@ class BatchScorer:
         self.map_size = (original_prep.height, original_prep.width)
         self.cache: PassCache | None = None
         self._keys: list[str | None] = [None] * (1 + len(self.pruned))
+        self.stages: StagePlan | None = None
 
     def __call__(self, batch: Batch, indices: np.ndarray) -> BatchOutput:
         return self.rows(self.run_models(self.prepare(batch, indices)))
@@ -135,6 +148,8 @@ class BatchScorer:
                        "target": spec.mode, "grid": spec.cam.grid,
                        "preprocessing": dataclasses.asdict(preps[index]),
                        "faithfulness": figures}
+            if spec.cam.cam_layers or spec.cam.layers:
+                options.update(cam_layers=list(spec.cam.cam_layers), layers=spec.cam.layers)
             self._keys[index] = model_key(models[index], options, providers)
 
     def run_models(self, prepared: _Prepared, original: Pass | None = None) -> _ModelOutputs:
@@ -150,7 +165,8 @@ class BatchScorer:
             for j, (model, x) in enumerate(zip(self.pruned, prepared.x_pruned, strict=True))
         ]
         return _ModelOutputs(prepared, original.as_tuple(), [p.as_tuple() for p in pruned],
-                             [p.faithfulness for p in (original, *pruned)])
+                             [p.faithfulness for p in (original, *pruned)],
+                             [p.stages for p in (original, *pruned)])
 
     def original_pass(self, prepared: _Prepared) -> Pass:
         """The original's pass over a prepared batch (from the cache when it holds it)."""
@@ -171,7 +187,8 @@ class BatchScorer:
                 return found
         maps, used, scores = self._cams(model, x, wanted)
         figures = self._faithfulness(model, x, (maps, used, scores)) if faithfulness else None
-        found = Pass(maps, used, scores, figures)
+        stages = self._stage_maps(model, x, used, maps) if self.stages is not None else None
+        found = Pass(maps, used, scores, figures, stages)
         if key is not None:
             self.cache.put(key, found)
         return found
@@ -188,10 +205,23 @@ class BatchScorer:
         return evaluate_faithfulness(x, usable, targets, model.scores, options)
 
     def _cams(self, model: Any, x: np.ndarray, targets: np.ndarray | None) -> tuple:
+        several = {"layers": self.spec.cam.cam_layers} if self.spec.cam.cam_layers else {}
         maps, used, scores = model.cams(
-            x, method=self.spec.cam.method, targets=targets, size=self.map_size, return_scores=True
+            x, method=self.spec.cam.method, targets=targets, size=self.map_size, return_scores=True,
+            **several,
         )
         return np.asarray(maps), np.asarray(used, dtype=np.int64), np.asarray(scores)
+
+    def _stage_maps(self, model: Any, x: np.ndarray, used: np.ndarray,
+                    maps: np.ndarray) -> np.ndarray:
+        """Each stage's CAM (S, N, H, W) for the classes ``used`` by the main CAM ``maps``,
+        all stages from one run. The stage at the model's own layer (the last one, unless
+        a layer was named) takes ``maps`` itself: the same map, so that its Sp2PS is the
+        one-layer run's to the last bit."""
+        per_layer, _ = layer_cams(model, x, self.spec.cam.method, targets=used,
+                                  size=self.map_size, layers="stages", batch_size=len(x))
+        return np.stack([maps if name == str(model.layer) else np.asarray(stage)
+                         for name, stage in per_layer.items()])
 
     def rows(self, outputs: _ModelOutputs, workers: int | None = None) -> BatchOutput:
         """Per-sample rows and worst/best candidates for every pruned model.
@@ -265,10 +295,37 @@ class BatchScorer:
             }
             part.update(_faithfulness_columns(outputs.faithfulness[0],
                                               outputs.faithfulness[1 + j], n))
+            if outputs.stages and outputs.stages[0] is not None:
+                part.update(self._stage_columns(outputs, j, workers))
             parts.append(part)
             examples.append(self._candidates(part, prepared, maps_o, maps_p, bad_o))
-        rows = {key: np.concatenate([p[key] for p in parts]) for key in ROW_COLUMNS}
+        rows = {key: np.concatenate([p[key] for p in parts]) for key in (*ROW_COLUMNS, *STAGE_COLUMNS)
+                if key in parts[0]}
         return BatchOutput(rows, examples)
+
+    def _stage_columns(self, outputs: _ModelOutputs, j: int,
+                       workers: int | None) -> dict[str, np.ndarray]:
+        """Pruned model ``j``'s similarity to the original at every stage, (n, S) columns,
+        scored as a one-layer run at that stage scores its rows."""
+        scores_o, scores_p = outputs.original[2], outputs.pruned[j][2]
+        columns: dict[str, list[np.ndarray]] = {key: [] for key in STAGE_COLUMNS}
+        for maps_o, maps_p in zip(outputs.stages[0], outputs.stages[1 + j], strict=True):
+            bad_o = _nonfinite(maps_o, scores_o)
+            bad_p = _nonfinite(maps_p, scores_p) & ~bad_o
+            maps_o = np.where(bad_o[:, None, None], 0.0, maps_o).astype(maps_o.dtype, copy=False)
+            maps_p = np.where(bad_p[:, None, None], 0.0, maps_p).astype(maps_p.dtype, copy=False)
+            (per,) = metric.sp2ps_many(maps_o, [maps_p], self.spec.metric.spatial,
+                                       self.spec.metric.spectral, normalize=True, workers=workers)
+            lost = bad_o | bad_p
+            columns["stage_spatial"].append(np.where(lost, 0.0, per.spatial))
+            columns["stage_spectral"].append(np.where(lost, 0.0, per.spectral))
+            columns["stage_h"].append(np.where(lost, 0.0, per.h))
+            columns["stage_flags"].append(
+                bad_o * FLAG_ORIGINAL_NONFINITE + bad_p * FLAG_PRUNED_NONFINITE
+            )
+        return {key: np.stack(values, axis=1).astype(
+                    np.int64 if key == "stage_flags" else np.float64)
+                for key, values in columns.items()}
 
     def _candidates(
         self, part: dict[str, np.ndarray], prepared: _Prepared, maps_o: np.ndarray,
@@ -408,5 +465,36 @@ def build_scorer(
         pruned_cams.append(cam_model)
         pruned_preps.append(preprocessing(cam_model, size))
     scorer = BatchScorer(original_cam, pruned_cams, original_prep, pruned_preps, spec)
+    if cam.layers == "stages":
+        scorer.stages = match_stages([original_cam, *pruned_cams], names)
     scorer.use_cache(cache, cached, providers)
     return scorer
+
+
+def match_stages(models: Sequence[Any], names: Sequence[str]) -> StagePlan:
+    """Each model's stages (:func:`sp2ps_onnx.graph.stage_layers`), matched with the first
+    model's by resolution; models whose stages have other resolutions are refused."""
+    per_model: list[dict[str, tuple[int, int] | None]] = []
+    for model, name in zip(models, names, strict=True):
+        grids = model.with_backward(layers="stages").layer_grids
+        unknown = [layer for layer, grid in grids.items() if grid is None]
+        if unknown:
+            raise UnsupportedModelError(
+                f"the stage {unknown[0]!r} of {name} has no fixed resolution, so it cannot be "
+                "matched with the original's stages; give --size, or score without "
+                "--layers stages"
+            )
+        per_model.append(grids)
+    wanted = list(per_model[0].values())
+    for grids, name in zip(per_model[1:], names[1:], strict=True):
+        if list(grids.values()) != wanted:
+            raise ModelMismatchError(
+                f"per-stage Sp2PS matches stages by resolution, but {name} has stages at "
+                f"{_resolutions(list(grids.values()))} and the original {names[0]} at "
+                f"{_resolutions(wanted)}; score these models without --layers stages"
+            )
+    return StagePlan([tuple(g) for g in wanted], [list(grids) for grids in per_model])
+
+
+def _resolutions(grids: list[Any]) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in grids)

@@ -64,12 +64,15 @@ class Pass:
     targets: np.ndarray
     scores: np.ndarray
     faithfulness: FaithfulnessResult | None = None
+    stages: np.ndarray | None = None  # (S, N, H, W): each stage's CAM (layers="stages")
 
     def as_tuple(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.maps, self.targets, self.scores
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"maps": self.maps, "targets": self.targets, "scores": self.scores}
+        if self.stages is not None:
+            arrays["stages"] = self.stages
         if self.faithfulness is not None:
             for item in fields(self.faithfulness):
                 arrays[f"faithfulness.{item.name}"] = getattr(self.faithfulness, item.name)
@@ -83,7 +86,8 @@ class Pass:
                 item.name: arrays[f"faithfulness.{item.name}"]
                 for item in fields(FaithfulnessResult)
             })
-        return cls(arrays["maps"], arrays["targets"], arrays["scores"], figures)
+        return cls(arrays["maps"], arrays["targets"], arrays["scores"], figures,
+                   arrays.get("stages"))
 
 
 @dataclass(frozen=True)

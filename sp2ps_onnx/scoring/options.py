@@ -69,6 +69,14 @@ class CamOptions:
             from outside ONNX Runtime).
         grid: (H, W) patch grid of a token-sequence layer (N, T, C) that the graph does not
             prove (vision transformers); the T - H*W leading class tokens are dropped.
+        cam_layers: several target layers (tensor or node names, the same in every model):
+            each model's CAM is the average of its maps at these layers, all from one run,
+            as pytorch-grad-cam aggregates a list of target layers
+            (:func:`sp2ps_onnx.cam.explain_layers`).
+        layers: ``"stages"``: also score the last map of each resolution stage
+            (:func:`sp2ps_onnx.graph.stage_layers`), the stages of the original and of each
+            compared model matched by resolution (per-stage Sp2PS in
+            :attr:`~sp2ps_onnx.scoring.ModelScore.stages`); ``None``: the one layer only.
     """
 
     method: str = "gradcam"
@@ -77,9 +85,12 @@ class CamOptions:
     target: str | None = None
     allow_domains: tuple[str, ...] = ()
     grid: tuple[int, int] | None = None
+    cam_layers: tuple[str, ...] = ()
+    layers: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_domains", tuple(self.allow_domains))
+        self._check_layers()
         if self.grid is not None:
             grid = tuple(int(v) for v in self.grid)
             if len(grid) != 2 or min(grid) < 1:
@@ -88,6 +99,30 @@ class CamOptions:
         cam.CAM_METHODS.get(self.method)  # an unknown name: the registry's clear error
         if self.target not in (None, "auto"):
             _choose(self.target, TARGET_MODES, "target")
+
+
+    def _check_layers(self) -> None:
+        cam_layers = (self.cam_layers,) if isinstance(self.cam_layers, str) else self.cam_layers
+        object.__setattr__(self, "cam_layers", tuple(str(name) for name in cam_layers))
+        several = self.cam_layers or self.layers
+        if several and self.method not in (*cam.LAYER_METHODS, "refinecam"):
+            raise InputDataError(
+                f"CAM method {self.method!r} cannot be computed at several layers from one "
+                f"run; with cam_layers or layers='stages' use one of: "
+                f"{', '.join(cam.LAYER_METHODS)}"
+            )
+        if self.layers is None:
+            return
+        if self.layers != "stages":
+            raise InputDataError(
+                f"layers={self.layers!r} is not known; layers='stages' scores every "
+                "resolution stage (to average a CAM over named layers, give cam_layers)"
+            )
+        if self.cam_layers or self.method == "refinecam":
+            raise InputDataError(
+                "layers='stages' scores one layer's CAM per stage; it cannot be combined "
+                "with cam_layers or refinecam, which combine several layers into one CAM"
+            )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,31 @@ from .rows import Example
 
 
 @dataclass
+class StageScore:
+    """Sp2PS at one resolution stage (``CamOptions(layers="stages")``): both models' CAMs at
+    their last map of that resolution."""
+
+    stage: int  # 0: the finest
+    resolution: tuple[int, int]
+    original_layer: str
+    layer: str  # the compared model's
+    result: Any  # sp2ps_onnx.metric.Sp2PSResult
+
+    @property
+    def sp2ps(self) -> float:
+        return float(self.result.sp2ps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stage, its layers and its Sp2PS with the 95 % confidence interval."""
+        r = self.result
+        return {"stage": self.stage, "resolution": list(self.resolution),
+                "original_layer": self.original_layer, "layer": self.layer,
+                "sp2ps": r.sp2ps, "ci95": None if r.ci95 is None else list(r.ci95),
+                "mean_spatial": r.mean_spatial, "mean_spectral": r.mean_spectral,
+                "median_h": r.median_h, "n": r.n}
+
+
+@dataclass
 class ModelScore:
     """The Sp2PS result of one pruned model (or reference model: see ``role``).
 
@@ -22,7 +47,8 @@ class ModelScore:
     lowest h among the samples both models classify identically ("same answer, attention
     moved"). ``role`` is ``pruned``, ``floor`` or ``reference``; ``band`` where a pruned
     model's Sp2PS lies relative to the floor and references
-    (:data:`~sp2ps_onnx.scoring.band.BANDS`, ``None`` without them).
+    (:data:`~sp2ps_onnx.scoring.band.BANDS`, ``None`` without them). ``stages``: Sp2PS
+    per resolution stage, finest first (``CamOptions(layers="stages")``; else empty).
     """
 
     info: ModelInfo
@@ -34,6 +60,7 @@ class ModelScore:
     role: str = "pruned"
     band: str | None = None
     faithfulness: dict[str, float] | None = None  # means over the samples (--faithfulness)
+    stages: list[StageScore] = field(default_factory=list)
 
     @property
     def sp2ps(self) -> float:
@@ -110,6 +137,8 @@ def _model_dict(model: ModelScore) -> dict[str, Any]:
         "band": model.band,
         "result": jsonable(_result_dict(model.result)),
         "faithfulness": jsonable(model.faithfulness),
+        **({"stages": jsonable([stage.to_dict() for stage in model.stages])}
+           if model.stages else {}),
     }
 
 

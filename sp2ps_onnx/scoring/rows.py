@@ -114,6 +114,11 @@ divergence (base 2, in [0, 1]) of both models' softmax outputs, ``<figure>_origi
 asked for), ``confidence_*`` both models' softmax
 confidence in the original's target class, ``flags`` a sum of :data:`FAULTS` bits."""
 
+STAGE_COLUMNS = ("stage_spatial", "stage_spectral", "stage_h", "stage_flags")
+"""A per-stage run's (``CamOptions(layers="stages")``) extra columns, (rows, stages) each:
+the similarity of both models' CAMs at every stage, finest first, and the stage's
+NaN/Inf flags (:data:`FLAG_ORIGINAL_NONFINITE`, :data:`FLAG_PRUNED_NONFINITE`)."""
+
 
 def fault_names(flags: int) -> str:
     """The fault names of a row's ``flags``, joined by ``+`` (empty when none)."""
@@ -232,7 +237,8 @@ def concat_rows(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     """One row table from several (in any order)."""
     if not parts:
         return {key: np.empty(0, dtype=np.int64) for key in ROW_COLUMNS}
-    return {key: np.concatenate([p[key] for p in parts]) for key in ROW_COLUMNS}
+    present = [key for key in (*ROW_COLUMNS, *STAGE_COLUMNS) if key in parts[0]]
+    return {key: np.concatenate([p[key] for p in parts]) for key in present}
 
 
 def merge_candidates(kept: list[Example], found: list[Example], k: int) -> list[Example]:
