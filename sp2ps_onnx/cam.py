@@ -1146,9 +1146,9 @@ def _layer_raw(entry: CamMethod, run: Any, eigen_smooth: bool) -> np.ndarray:
 def _with_layers(cam_model: Any, layers: Any) -> Any:
     """``cam_model`` built to give ``layers`` (tensor or node names, or ``"stages"``) from
     one run (:meth:`~sp2ps_onnx.runtime.CamModel.with_backward`)."""
-    wanted = layers if layers == "stages" else (
-        (layers,) if isinstance(layers, str) else tuple(str(name) for name in layers)
-    )
+    wanted = (layers,) if isinstance(layers, str) else tuple(str(name) for name in layers)
+    if wanted == ("stages",):
+        wanted = "stages"
     if not wanted:
         raise InputDataError("layers is empty; name at least one layer, or give 'stages'")
     with_backward = getattr(cam_model, "with_backward", None)

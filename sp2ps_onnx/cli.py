@@ -205,7 +205,21 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def _cam_options(given: dict[str, Any]) -> CamOptions:
     return CamOptions(method=given["method"], layer=given["layer"],
                       pruned_layer=given.get("pruned_layer"), target=given["target"],
-                      allow_domains=given["allow_domains"], grid=_parse_grid(given["grid"]))
+                      allow_domains=given["allow_domains"], grid=_parse_grid(given["grid"]),
+                      cam_layers=_names(given.get("cam_layers")), layers=given.get("layers"))
+
+
+def _names(listed: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (listed or "").split(",") if name.strip())
+
+
+def _cam_layers_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--cam-layers", default=None, metavar="A,B,...",
+        help="Several target layers (tensor or node names, comma-separated, or stages): the "
+        "CAM is the mean of each layer's min-max scaled map, all from one run, as "
+        "pytorch-grad-cam averages a list of target layers (refinecam: their product).",
+    )(function)
 
 
 def _read_options(given: dict[str, Any]) -> DataOptions:
@@ -384,6 +398,7 @@ def _inspect_text(details: dict[str, Any]) -> str:
 @click.option("--force", is_flag=True, help="Replace an earlier sp2ps cam output in --out.")
 @_model_options
 @_data_options
+@_cam_layers_option
 @_cmap_option
 def cam(model: str, inputs: tuple[str, ...], out: str, force: bool, cmap: str,
         **given: Any) -> None:
@@ -525,6 +540,11 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
 @click.option("--faithfulness", is_flag=True, help="Also measure how faithfully each model's "
               "own CAM explains it: deletion/insertion AUC, CAM-multiplied confidence change "
               "and ROAD (costs about 40 extra passes per image).")
+@_cam_layers_option
+@click.option("--layers", type=click.Choice(["stages"]), default=None,
+              help="stages: also score the last map of each resolution stage, matched "
+              "between the models by resolution; the report gets a per-stage Sp2PS table "
+              "(where pruning moved the attention).")
 def score(original: str, pruned: tuple[str, ...], data: tuple[str, ...], out: str, force: bool,
           no_report: bool, fmt: str, cmap: str, figure_formats: tuple[str, ...],
           **given: Any) -> None:

@@ -283,6 +283,47 @@ FAITHFULNESS_CAPTION = (
 )
 
 
+STAGE_CAPTION = (
+    "Where pruning moved the attention: Sp2PS at the last map of each resolution stage, "
+    "finest first (95% CI), the stages of both models matched by resolution; the last "
+    "stage is the default layer (the ranking's, unless --layer names another)."
+)
+
+
+def stage_table(report: Any) -> dict[str, Any] | None:
+    """Sp2PS per resolution stage of every compared model (the references, then the
+    ranked pruned models); ``None`` when the run scored one layer only."""
+    models = [*(getattr(report, "references", None) or []), *report.ranked()]
+    if not models or not getattr(models[0], "stages", None):
+        return None
+    headers = [f"{h}x{w}" for h, w in (stage.resolution for stage in models[0].stages)]
+    rows = []
+    for model in models:
+        role = getattr(model, "role", "pruned")
+        cells = []
+        for stage in model.stages:
+            ci = stage.result.ci95
+            cells.append(_num(stage.sp2ps) + ("" if ci is None
+                                               else f" [{_num(ci[0])}, {_num(ci[1])}]"))
+        rows.append({"name": model.info.name, "css": "" if role == "pruned" else "ref",
+                     "role_label": "" if role == "pruned" else ROLE_LABELS[role],
+                     "cells": cells,
+                     "scores": [_score_class(stage.sp2ps) for stage in model.stages]})
+    layers = [stage.original_layer for stage in models[0].stages]
+    return {"headers": headers, "layers": layers, "rows": rows}
+
+
+def _stage_block(report: Any, fmt: str) -> list[str]:
+    table = stage_table(report)
+    if table is None:
+        return []
+    headers = ["model", *(f"{h} ({table['layers'][k]})" if fmt == "markdown" else h
+                          for k, h in enumerate(table["headers"]))]
+    cells = [{"model": row["name"] + (f" ({row['role_label']})" if row["role_label"] else ""),
+              **dict(zip(headers[1:], row["cells"], strict=True))} for row in table["rows"]]
+    return [*_wrap(STAGE_CAPTION), "", *_block(headers, cells, fmt)]
+
+
 def _wrap(text: str, width: int = 100) -> list[str]:
     lines = textwrap.wrap(text, width, break_on_hyphens=False)
     return [line.replace("\u00a0", " ") for line in lines]
@@ -317,6 +358,11 @@ def format_table(report: Any, fmt: str = "table") -> str:
             },
             "correlations": getattr(report, "correlations", None) or {},
         }
+        stage_scores = {m.info.name: [stage.to_dict() for stage in m.stages]
+                        for m in [*report.ranked(), *(getattr(report, "references", None) or [])]
+                        if getattr(m, "stages", None)}
+        if stage_scores:
+            payload["stages"] = stage_scores
         return json.dumps(_clean(payload), indent=2)
     if fmt == "csv":
         # The ranked models first (the first row is the best), then the original and the
@@ -343,6 +389,9 @@ def format_table(report: Any, fmt: str = "table") -> str:
         blocks.append([*_wrap(FAITHFULNESS_CAPTION), "",
                        *_block(["model", *(FAITHFULNESS_COLUMNS.get(k, k) for k in keys)],
                                cells, fmt)])
+    stages = _stage_block(report, fmt)
+    if stages:
+        blocks.append(stages)
     notes = [line for text in (band_text(report), correlation_text(report)) if text
              for line in _wrap(text)]
     if notes:
@@ -671,6 +720,8 @@ def render_html(report: Any, cmap: str = "jet") -> str:
         "band_text": band_text(report),
         "correlation_text": correlation_text(report),
         "faithfulness": _faithfulness_table(report),
+        "stages": stage_table(report),
+        "stage_caption": STAGE_CAPTION,
         "reference_sections": reference_sections,
         "x_what": "accuracy" if report.accuracy_original is not None else "top-1 agreement",
         "scatter_svg": _scatter_svg(report),
