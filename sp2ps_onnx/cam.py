@@ -1111,14 +1111,12 @@ def _guidedgradcam(
 _REFINE_BASE = "gradcam++"
 
 
-@CAM_METHODS.register("refinecam", needs="perturbation", eigen_smooth=True, aug_smooth=False)
+# pytorch-grad-cam 1.5.7's RefineCAM has no aug_smooth, and its eigen_smooth reaches each base
+# CAM's call as the third positional argument, which is aug_smooth there: its option does not
+# do what it says, so neither option is offered here.
+@CAM_METHODS.register("refinecam", needs="perturbation", aug_smooth=False)
 def _refinecam(
-    cam_model: Any,
-    x: np.ndarray,
-    result: Any,
-    targets: np.ndarray,
-    batch_size: int,
-    eigen_smooth: bool = False,
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
 ) -> np.ndarray:
     """RefineCAM (pytorch-grad-cam 1.5.7's ``RefineCAM`` with its default base method):
     ``prod_l M_l``, ``M_l`` the post-processed Grad-CAM++ map of layer ``l`` at the input
@@ -1129,7 +1127,7 @@ def _refinecam(
     size = tuple(cam_model.input_spatial_size)
     product: np.ndarray | None = None
     for run in runs.values():
-        raw = gradient_weighted_cam(_REFINE_BASE, run.activations, run.gradients, eigen_smooth)
+        raw = gradient_weighted_cam(_REFINE_BASE, run.activations, run.gradients)
         mapped = postprocess(raw, size)
         product = mapped if product is None else product * mapped
     return product
