@@ -254,3 +254,16 @@ def test_cli_cam_with_cam_layers_writes_the_averaged_maps(tmp_path: Path) -> Non
     for row, want in zip(rows, expected, strict=True):
         got = np.load(tmp_path / "cams" / row["file"].replace(".png", ".npy"))
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_judge_gives_the_stages_of_score_models(fmnist_stages) -> None:
+    from sp2ps_onnx.scoring import Sp2PSJudge
+
+    staged, _ = fmnist_stages
+    judge = Sp2PSJudge(ORIGINAL, DATA, cam=CamOptions(layers="stages"),
+                       references=ReferenceOptions(floor=True, models=(KERAS,)), **FMNIST)
+    scored = judge.score(PRUNED[0])
+    want = staged.models[0].stages
+    assert [s.sp2ps for s in scored.stages] == [s.sp2ps for s in want]
+    assert [s.sp2ps for s in judge.references[0].stages] == [
+        s.sp2ps for s in staged.references[0].stages]

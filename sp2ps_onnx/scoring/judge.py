@@ -41,7 +41,7 @@ from .cache import Pass, PassCache
 from .checks import check_comparable, check_label_range, resolve_target
 from .models import ModelInfo, ModelLike, model_info, model_source, unique_names
 from .options import CamOptions, DataOptions, MetricOptions, ReferenceOptions, RunOptions
-from .result import ModelScore
+from .result import ModelScore, stage_scores
 from .rows import BatchOutput, concat_rows, merge_candidates
 from .run import ComparedModels, DataLike, plan_execution
 
@@ -146,17 +146,19 @@ class Sp2PSJudge:
         result = aggregate(concat_rows(parts), candidates, compared.names[1:], self.metric,
                            expected=self.n, uncounted=floors)
         return [self._model_score(model, cam_model, compared.names[1 + j], result, j,
-                                  compared.roles[j])
+                                  compared.roles[j], stage_plan=scorer.stages)
                 for j, (model, cam_model) in enumerate(zip(compared.models, scorer.pruned,
                                                            strict=True))]
 
     def _model_score(self, model: ModelLike, cam_model: Any, name: str, result: Any, j: int,
-                     role: str, info: ModelInfo | None = None) -> ModelScore:
+                     role: str, info: ModelInfo | None = None,
+                     stage_plan: Any = None) -> ModelScore:
         if info is None:
             info = model_info(model_source(model), cam_model, name, self.spec.cam.allow_domains)
         return ModelScore(info, result.results[j], result.worst[j], result.best[j],
                           result.rows[j], result.moved[j], role,
-                          faithfulness=result.faithfulness[j])
+                          faithfulness=result.faithfulness[j],
+                          stages=stage_scores(stage_plan, result.stages, j))
 
     def score(self, candidate: Candidate) -> ModelScore:
         """The Sp2PS result of ``candidate`` against the original: the same
@@ -191,6 +193,7 @@ class Sp2PSJudge:
                 found = merge_candidates(found, output.examples[0], self.metric.examples)
             facts = info.result()
         result = aggregate(concat_rows(parts), [found], names[1:], self.metric, expected=self.n)
-        scored = self._model_score(model, scorer.pruned[0], names[1], result, 0, PRUNED, facts)
+        scored = self._model_score(model, scorer.pruned[0], names[1], result, 0, PRUNED, facts,
+                                   stage_plan=scorer.stages)
         scored.band = band_of(scored.sp2ps, self._floor, self._levels)
         return scored

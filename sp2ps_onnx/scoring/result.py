@@ -39,6 +39,16 @@ class StageScore:
                 "median_h": r.median_h, "n": r.n}
 
 
+def stage_scores(plan: Any, stages: Sequence[Sequence[Any]], j: int) -> list[StageScore]:
+    """Compared model ``j``'s :class:`StageScore` list from a run's stage plan
+    (:class:`~sp2ps_onnx.scoring.batch.StagePlan`) and the aggregated per-stage results
+    (empty without ``layers="stages"``)."""
+    if plan is None or not stages:
+        return []
+    return [StageScore(k, plan.resolutions[k], plan.layers[0][k], plan.layers[1 + j][k], result)
+            for k, result in enumerate(stages[j])]
+
+
 @dataclass
 class ModelScore:
     """The Sp2PS result of one pruned model (or reference model: see ``role``).

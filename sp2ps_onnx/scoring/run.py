@@ -33,7 +33,7 @@ from .checks import check_comparable, check_label_range, resolve_target
 from .models import ModelLike, model_hash, model_info, model_source, package_versions, unique_names
 from .options import CamOptions, DataOptions, MetricOptions, ReferenceOptions, RunOptions
 from .ray_backend import run_ray
-from .result import ModelScore, ScoreReport, StageScore, jsonable
+from .result import ModelScore, ScoreReport, jsonable, stage_scores
 from .rows import BatchOutput, Example, concat_rows, merge_candidates
 
 DataLike = DataSource | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Iterable[Any]
@@ -386,15 +386,6 @@ def _config(scorer: BatchScorer, source: DataSource, run: RunOptions,
     }
 
 
-def _stage_scores(scorer: BatchScorer, result: Aggregate, j: int) -> list[StageScore]:
-    """Compared model ``j``'s Sp2PS at every stage (empty without ``layers="stages"``)."""
-    plan = scorer.stages
-    if plan is None or not result.stages:
-        return []
-    return [StageScore(k, plan.resolutions[k], plan.layers[0][k], plan.layers[1 + j][k], stage)
-            for k, stage in enumerate(result.stages[j])]
-
-
 def _report(
     original: ModelLike, compared: ComparedModels, scorer: BatchScorer, source: DataSource,
     result: Aggregate, run: RunOptions, providers: Sequence[str],
@@ -406,7 +397,7 @@ def _report(
         scores.append(ModelScore(info, result.results[j], result.worst[j], result.best[j],
                                  result.rows[j], result.moved[j], compared.roles[j],
                                  faithfulness=result.faithfulness[j],
-                                 stages=_stage_scores(scorer, result, j)))
+                                 stages=stage_scores(scorer.stages, result.stages, j)))
     pruned = [m for m in scores if m.role == PRUNED]
     references = [m for m in scores if m.role != PRUNED]
     floor = next((m.sp2ps for m in references if m.role == FLOOR), None)
