@@ -254,6 +254,8 @@ class BatchScorer:
             self.spec.metric.spectral,
             normalize=True, workers=workers,
         )
+        staged = (self._stage_columns(outputs, workers)
+                  if outputs.stages and outputs.stages[0] is not None else [])
         parts, examples = [], []
         for j, ((_, targets_p, scores_p), (maps_p, bad_p), per) in enumerate(
             zip(outputs.pruned, cleaned, per_model, strict=True)
@@ -295,37 +297,42 @@ class BatchScorer:
             }
             part.update(_faithfulness_columns(outputs.faithfulness[0],
                                               outputs.faithfulness[1 + j], n))
-            if outputs.stages and outputs.stages[0] is not None:
-                part.update(self._stage_columns(outputs, j, workers))
+            if staged:
+                part.update(staged[j])
             parts.append(part)
             examples.append(self._candidates(part, prepared, maps_o, maps_p, bad_o))
         rows = {key: np.concatenate([p[key] for p in parts]) for key in (*ROW_COLUMNS, *STAGE_COLUMNS)
                 if key in parts[0]}
         return BatchOutput(rows, examples)
 
-    def _stage_columns(self, outputs: _ModelOutputs, j: int,
-                       workers: int | None) -> dict[str, np.ndarray]:
-        """Pruned model ``j``'s similarity to the original at every stage, (n, S) columns,
+    def _stage_columns(self, outputs: _ModelOutputs,
+                       workers: int | None) -> list[dict[str, np.ndarray]]:
+        """Every pruned model's similarity to the original at every stage, (n, S) columns,
         scored as a one-layer run at that stage scores its rows."""
-        scores_o, scores_p = outputs.original[2], outputs.pruned[j][2]
-        columns: dict[str, list[np.ndarray]] = {key: [] for key in STAGE_COLUMNS}
-        for maps_o, maps_p in zip(outputs.stages[0], outputs.stages[1 + j], strict=True):
+        scores_o = outputs.original[2]
+        columns = [{key: [] for key in STAGE_COLUMNS} for _ in outputs.pruned]
+        for k, maps_o in enumerate(outputs.stages[0]):
             bad_o = _nonfinite(maps_o, scores_o)
-            bad_p = _nonfinite(maps_p, scores_p) & ~bad_o
             maps_o = np.where(bad_o[:, None, None], 0.0, maps_o).astype(maps_o.dtype, copy=False)
-            maps_p = np.where(bad_p[:, None, None], 0.0, maps_p).astype(maps_p.dtype, copy=False)
-            (per,) = metric.sp2ps_many(maps_o, [maps_p], self.spec.metric.spatial,
-                                       self.spec.metric.spectral, normalize=True, workers=workers)
-            lost = bad_o | bad_p
-            columns["stage_spatial"].append(np.where(lost, 0.0, per.spatial))
-            columns["stage_spectral"].append(np.where(lost, 0.0, per.spectral))
-            columns["stage_h"].append(np.where(lost, 0.0, per.h))
-            columns["stage_flags"].append(
-                bad_o * FLAG_ORIGINAL_NONFINITE + bad_p * FLAG_PRUNED_NONFINITE
-            )
-        return {key: np.stack(values, axis=1).astype(
-                    np.int64 if key == "stage_flags" else np.float64)
-                for key, values in columns.items()}
+            cleaned = []
+            for (_, _, scores_p), stages_p in zip(outputs.pruned, outputs.stages[1:], strict=True):
+                bad_p = _nonfinite(stages_p[k], scores_p) & ~bad_o
+                cleaned.append((np.where(bad_p[:, None, None], 0.0, stages_p[k]).astype(
+                    stages_p[k].dtype, copy=False), bad_p))
+            # One metric call per stage for all pruned models, as for the main maps.
+            per_model = metric.sp2ps_many(maps_o, [maps for maps, _ in cleaned],
+                                          self.spec.metric.spatial, self.spec.metric.spectral,
+                                          normalize=True, workers=workers)
+            for column, (_, bad_p), per in zip(columns, cleaned, per_model, strict=True):
+                lost = bad_o | bad_p
+                column["stage_spatial"].append(np.where(lost, 0.0, per.spatial))
+                column["stage_spectral"].append(np.where(lost, 0.0, per.spectral))
+                column["stage_h"].append(np.where(lost, 0.0, per.h))
+                column["stage_flags"].append(
+                    bad_o * FLAG_ORIGINAL_NONFINITE + bad_p * FLAG_PRUNED_NONFINITE)
+        return [{key: np.stack(values, axis=1).astype(
+                     np.int64 if key == "stage_flags" else np.float64)
+                 for key, values in column.items()} for column in columns]
 
     def _candidates(
         self, part: dict[str, np.ndarray], prepared: _Prepared, maps_o: np.ndarray,
