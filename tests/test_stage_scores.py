@@ -267,3 +267,23 @@ def test_judge_gives_the_stages_of_score_models(fmnist_stages) -> None:
     assert [s.sp2ps for s in scored.stages] == [s.sp2ps for s in want]
     assert [s.sp2ps for s in judge.references[0].stages] == [
         s.sp2ps for s in staged.references[0].stages]
+
+
+def test_ray_gives_the_stages_of_a_local_run(fmnist_stages) -> None:
+    import ray
+
+    from sp2ps_onnx.scoring import RayOptions
+
+    staged, _ = fmnist_stages
+    try:
+        remote = score_models(ORIGINAL, PRUNED, DATA, cam=CamOptions(layers="stages"),
+                              references=ReferenceOptions(floor=True, models=(KERAS,)),
+                              **dict(FMNIST, run=RunOptions(batch_size=16,
+                                                            ray=RayOptions(workers=1))))
+    finally:
+        ray.shutdown()
+    assert remote.config["backend"] == "ray"
+    for mine, theirs in zip([*staged.models, *staged.references],
+                            [*remote.models, *remote.references], strict=True):
+        assert [s.sp2ps for s in theirs.stages] == pytest.approx(
+            [s.sp2ps for s in mine.stages], abs=1e-12)
