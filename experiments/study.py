@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("train", "prune", "deploy", "photos", "score", "report")
+STAGES = ("train", "prune", "deploy", "score", "photos", "export", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default="",
                         help="comma-separated subset of the base models "
                              "(torch-vgg, keras-vgg, torch-resnet; default all)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder for the committed raw data that results.md is generated "
+                             "from (default experiments/data; with --smoke, CACHE/data)")
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 part")
     args = parser.parse_args(argv)
 
@@ -63,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown architecture(s) {', '.join(unknown)}")
         config.architectures = tuple(a for a in config.architectures if a in chosen)
-    cache = args.cache or Path(".study-cache") / ("smoke" if args.smoke else "full")
+    cache = args.cache or Path(".study-cache") / ("smoke" if args.smoke else "round2")
     cache.mkdir(parents=True, exist_ok=True)
+    if args.data_dir is None:
+        args.data_dir = cache / "data" if args.smoke else Path(__file__).parent / "data"
     started = time.time()
 
     def log(message: str) -> None:
@@ -100,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
 
             score_stage(data, config, cache, manifest, log,
                         rescore=[p for p in args.rescore.split(",") if p])
+        elif stage == "export":
+            from .export import export_stage
+
+            export_stage(data, config, cache, manifest, args.data_dir, args.out, log)
         elif stage == "report":
             from .report import write_results
 
-            path = write_results(config, cache, manifest, args.out, runs, log)
+            path = write_results(args.data_dir, args.out)
             log(f"wrote {path}")
         key = stage + (f" ({args.archs})" if args.archs else "")
         runs = _load_runs(cache)  # parallel processes (one per --archs) share the file

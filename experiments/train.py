@@ -91,10 +91,11 @@ def mask_keeper(masks: list[tuple[object, np.ndarray]]):
 
 
 def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
-                batch_size: int, log: Log, masks: list[tuple[object, np.ndarray]] | None = None
-                ) -> None:
+                batch_size: int, log: Log, masks: list[tuple[object, np.ndarray]] | None = None,
+                flip: bool = False) -> None:
     """Train in place with the same schedule; ``masks`` (kernel variable, 0/1 array) are
-    re-applied after every step so magnitude-pruned weights stay zero."""
+    re-applied after every step so magnitude-pruned weights stay zero. ``flip`` mirrors a
+    random half of every batch left-right, as :func:`train_torch` does."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -106,6 +107,9 @@ def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
     for first in range(0, len(steps), per_call):
         order = np.concatenate(steps[first:first + per_call])
         images = (x[order].astype(np.float32) / 255.0)[..., None]
+        if flip:
+            mirrored = rng.random(len(order)) < 0.5
+            images[mirrored] = images[mirrored][:, :, ::-1]
         history = model.fit(images, y[order], batch_size=batch_size, epochs=1, shuffle=False,
                             verbose=0, callbacks=[mask_keeper(masks)] if masks else [])
         losses.append(history.history["loss"][-1])
@@ -117,3 +121,48 @@ def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
 def apply_masks(masks: list[tuple[object, np.ndarray]] | None) -> None:
     for kernel, mask in masks or []:
         kernel.assign(kernel.numpy() * mask)
+
+
+def recalibrate_torch(model, x: np.ndarray, images: int, seed: int, batch_size: int = 256) -> None:
+    """Re-estimate every BatchNorm's running mean and variance on ``images`` training images
+    (cumulative average, no weight changes): after pruning, the statistics the layers were
+    trained with no longer describe their inputs."""
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative moving average over the batches below
+    index = np.random.default_rng(seed).choice(len(x), size=min(images, len(x)), replace=False)
+    inputs = torch.from_numpy(x[index].astype(np.float32) / 255.0)[:, None]
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size])
+    for norm, momentum in zip(norms, saved, strict=True):
+        norm.momentum = momentum
+    model.eval()
+
+
+def recalibrate_keras(model, x: np.ndarray, images: int, seed: int, batch_size: int = 256
+                      ) -> None:
+    """The Keras twin of :func:`recalibrate_torch`: each BatchNormalization's moving
+    statistics become the mean and variance of its input over ``images`` training images
+    (computed layer by layer, in graph order, from the recalibrated layers before it)."""
+    import keras
+
+    index = np.random.default_rng(seed).choice(len(x), size=min(images, len(x)), replace=False)
+    inputs = (x[index].astype(np.float32) / 255.0)[..., None]
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        probe = keras.Model(model.inputs, layer.input)
+        features = np.concatenate([np.asarray(probe(inputs[s:s + batch_size], training=False))
+                                   for s in range(0, len(inputs), batch_size)])
+        axes = tuple(range(features.ndim - 1))
+        gamma, beta, _, _ = layer.get_weights()
+        layer.set_weights([gamma, beta, features.mean(axis=axes), features.var(axis=axes)])
