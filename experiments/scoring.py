@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -180,7 +181,10 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
             if original is None:
                 log(f"score: {base_name(arch, k)} is not trained, skipped")
                 continue
-            others = [b for j, b in enumerate(bases) if j != k and b is not None]
+            # The other seeds are this base's independent retrains: keyed per pair, since
+            # each of them is scored against every other base.
+            others = [SimpleNamespace(name=retrain_key(b.name, original.name), path=b.path)
+                      for j, b in enumerate(bases) if j != k and b is not None]
             entries = [e for e in manifest.entries.values()
                        if e.base == original.name and e.kind != "original"] + others
             for entry in entries:
@@ -197,11 +201,14 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
     _score_bundled(test_file, config, store, log)
 
 
+def retrain_key(retrain: str, base: str) -> str:
+    """The score record of base model ``retrain`` scored against base model ``base``."""
+    return f"{retrain}-vs-{base}"
+
+
 def _score_bundled(test_file: Path, config: StudyConfig, store: ScoreStore, log: Log) -> None:
     """The bundled CNN and its 25 % L1-filter-pruned version (the README's example) on the
     same test images as the study."""
-    from types import SimpleNamespace
-
     from sp2ps_onnx.scoring import file_sha256
 
     original, pruned = (str(REPO / p) for p in BUNDLED)
