@@ -1,15 +1,16 @@
 """Run the pruning study end to end and write ``results.md`` with its figures.
 
-    python -m experiments.study --out docs                 # full run (~1 h on 2 idle cores)
+    python -m experiments.study --out docs                 # full run
     python -m experiments.study --smoke --out /tmp/smoke   # tiny subset, for CI
-    python -m experiments.study --out docs --only deploy,score,report   # reuse trained models
+    python -m experiments.study --out docs --only report   # results.md from experiments/data
 
-Stages, in order: ``train`` (base models and independent retrains), ``prune`` (pruning
-grid and randomisation cascade), ``deploy`` (int8 QDQ, full-int8 TFLite), ``photos``
-(EfficientNet-Lite0 on real photos), ``score`` (Sp2PS of every model against its base,
-through :func:`sp2ps_onnx.scoring.score_models`), ``report`` (``results.md`` + figures).
-Everything a stage makes is kept in ``--cache``; scores are reused for unchanged model
-files unless ``--rescore`` names them.
+Stages, in order: ``train`` (three base models per architecture, one per seed), ``prune``
+(pruning grid, as pruned and recovered), ``deploy`` (int8 QDQ, full-int8 TFLite), ``score``
+(Sp2PS of every model against its base, with the random floor and the other seeds, through
+:func:`sp2ps_onnx.scoring.score_models`), ``photos`` (EfficientNet-Lite0 on real photos),
+``export`` (the committed raw data in ``experiments/data``) and ``report`` (``results.md``
+and its figures, from that data alone). Everything a stage makes is kept in ``--cache``;
+scores are reused for unchanged model files unless ``--rescore`` names them.
 """
 
 from __future__ import annotations
