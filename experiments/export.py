@@ -174,6 +174,12 @@ def export_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, da
     }, indent=1) + "\n")
     # Re-read what was written, so the pairs chosen here are the ones the report finds.
     table = analysis.read_table(data_dir / "models.csv")
+    analysis.write_table(data_dir / "pairs.csv", [
+        {"first": p.ordered[0]["name"], "second": p.ordered[1]["name"], "base": p.base,
+         "sp2ps_gap": p.sp2ps_gap, "accuracy_gap_pts": p.accuracy_gap,
+         "agreement_gap_pts": p.agreement_gap}
+        for p in analysis.pairs_within(table, max(analysis.TOLERANCES))],
+        ("first", "second", "base", "sp2ps_gap", "accuracy_gap_pts", "agreement_gap_pts"))
     samples = data_dir / "samples"
     for old in samples.glob("*.csv"):
         old.unlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,8 @@ def _pairs(d: StudyData) -> list[str]:
                                                                key=lambda kv: -kv[1])) or "–"])
     lines += _table(["tolerance (pts)", "pairs", "median ΔSp2PS", "largest ΔSp2PS",
                      f"pairs ≥ {MOVED} apart", "what they are"], rows)
+    lines += [f"Every pair within {max(TOLERANCES):g} points, with its gaps: "
+              "[experiments/data/pairs.csv](../experiments/data/pairs.csv).", ""]
     moved = [p for p in analysis.pairs_within(d.models, TOLERANCES[0]) if p.sp2ps_gap >= MOVED]
     if moved:
         lines += [f"The pairs within {TOLERANCES[0]:g} point that are ≥ {MOVED} apart "
@@ -462,15 +465,22 @@ def _every(d: StudyData) -> list[str]:
 def _provenance(d: StudyData) -> list[str]:
     env, runs = d.meta["environment"], d.meta["runs"]
     total = sum(r["seconds"] for r in runs.values())
+    ends = [datetime.strptime(r["finished"], "%Y-%m-%d %H:%M:%S UTC") for r in runs.values()]
+    starts = [end - timedelta(seconds=r["seconds"]) for end, r in
+              zip(ends, runs.values(), strict=True)]
+    wall = (max(ends) - min(starts)).total_seconds() if ends else 0.0
     lines = ["## How these numbers were produced", "",
              f"- Machine: {env['cpu']}, {env['cores']} CPU cores, {env['system']}, "
              f"Python {env['python']}.",
-             f"- Stages (seconds; stages of different architectures ran as parallel processes, "
-             f"two at a time on the two cores; sum {total:,.0f} s = {total / 60:.0f} min of "
-             f"stage time):"]
+             f"- Wall-clock time of the whole run, from the first stage's start to the last "
+             f"stage's end: {wall / 60:.0f} min. Stages of different architectures ran as "
+             f"parallel processes, two at a time on the two cores (stage times add up to "
+             f"{total / 60:.0f} min). Stages:"]
     for name, run in sorted(runs.items(), key=lambda kv: kv[1]["finished"]):
-        lines.append(f"  - `{name}`: {run['seconds']:,.0f} s, finished {run['finished']} "
-                     f"(`{run['command']}`)")
+        load = run.get("load_average")
+        lines.append(f"  - `{name}`: {run['seconds']:,.0f} s, finished {run['finished']}"
+                     + (f", load average {load[0]:g} / {load[1]:g} / {load[2]:g} at its end"
+                        if load else "") + f" (`{run['command']}`)")
     lines += [f"- Versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}.",
               f"- Configuration: `{json.dumps(d.config)}`", ""]
     return lines

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         key = stage + (f" ({args.archs})" if args.archs else "")
         runs = _load_runs(cache)  # parallel processes (one per --archs) share the file
         runs[key] = {"seconds": round(time.time() - stage_started, 1),
+                     "load_average": [round(v, 1) for v in os.getloadavg()],
                      "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                      "command": " ".join(["python -m experiments.study", *(argv or sys.argv[1:])])}
         (cache / "runs.json").write_text(json.dumps(runs, indent=1))
