@@ -133,13 +133,13 @@ def load_base(cache: Path, arch: str, k: int):
 
 
 def _fit(model, arch: str, data: dict, epochs: float, lr: float, seed: int, config: StudyConfig,
-         log: Log, masks=None) -> None:
+         log: Log, masks=None, optimizer: str = "adam") -> None:
     if arch.startswith("keras"):
         train_keras(model, data["x_train"], data["y_train"], epochs, lr, seed, config.batch_size,
-                    log, masks=masks, flip=config.flip)
+                    log, masks=masks, flip=config.flip, optimizer=optimizer)
     else:
         train_torch(model, data["x_train"], data["y_train"], epochs, lr, seed, config.batch_size,
-                    log, flip=config.flip)
+                    log, flip=config.flip, optimizer=optimizer)
 
 
 def _train_one(arch: str, data: dict, config: StudyConfig, seed: int, log: Log):
@@ -153,7 +153,8 @@ def _train_one(arch: str, data: dict, config: StudyConfig, seed: int, log: Log):
 
         torch.manual_seed(seed)
         model = _new_torch(arch)
-    _fit(model, arch, data, config.epochs, config.learning_rate, seed, config, log)
+    _fit(model, arch, data, config.epochs, config.learning_rate, seed, config, log,
+         optimizer=config.optimizer)
     return model
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import analysis
 from .analysis import MOVED, TOLERANCES, Pair, by_recipe, mean_sd
+from .train import SGD_MOMENTUM, WEIGHT_DECAY
 
 ARCH_LABELS = {"torch-vgg": "PyTorch VGG-style", "torch-resnet": "PyTorch ResNet-style",
                "keras-vgg": "Keras VGG-style (the PyTorch VGG's twin)"}
@@ -175,13 +176,20 @@ def _bases(d: StudyData) -> list[str]:
     c = d.config
     verdict = ("All" if every and min(every) >= TARGET_ACCURACY else "Not all")
     return ["## Base models", "",
-            f"Trained on {c['train_images'] or 60000:,} training images for {c['epochs']:g} epochs (Adam, learning "
-            f"rate {c['learning_rate']:g} with cosine decay, batch {c['batch_size']}, random "
-            f"horizontal flips), one model per seed. {verdict} {len(every)} base models reach "
+            f"Trained on {c['train_images'] or 60000:,} training images for {c['epochs']:g} "
+            f"epochs ({_optimizer(c)}, learning rate {c['learning_rate']:g} with cosine decay, "
+            f"batch {c['batch_size']}, random horizontal flips), one model per seed. {verdict} {len(every)} base models reach "
             f"{100 * TARGET_ACCURACY:.1f} % (lowest {_pct(min(every) if every else None, 2)} %).",
             "",
             *_table(["architecture", "accuracy per seed (%)", "mean ± sd (%)", "parameters",
                      "training time per model (s)"], rows)]
+
+
+def _optimizer(c: dict[str, Any]) -> str:
+    if c.get("optimizer") == "sgd":
+        return (f"SGD with Nesterov momentum {SGD_MOMENTUM:g} and decoupled weight decay "
+                f"{WEIGHT_DECAY:g} on the Conv/Linear weights")
+    return "Adam"
 
 
 def _recovery(d: StudyData) -> list[str]:

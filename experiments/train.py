@@ -37,11 +37,31 @@ def _batches(n: int, steps: int, batch_size: int, rng: np.random.Generator
             yield order[start:start + batch_size]
 
 
+SGD_MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-3
+"""SGD (``optimizer="sgd"``): Nesterov momentum and decoupled weight decay (each step shrinks
+the Conv/Linear weights by ``lr * WEIGHT_DECAY``, as Keras' ``weight_decay`` does, so both
+frameworks run the same algorithm); BatchNorm parameters and biases are not decayed."""
+
+
+def _torch_optimizer(model, optimizer: str, lr: float):
+    import torch
+
+    if optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr), []
+    if optimizer != "sgd":
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    decayed = [p for p in model.parameters() if p.ndim > 1]
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM,
+                           nesterov=True), decayed
+
+
 def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
-                batch_size: int, log: Log, flip: bool = False) -> None:
+                batch_size: int, log: Log, flip: bool = False, optimizer: str = "adam") -> None:
     """Train in place; ``x`` uint8 (N, 28, 28). With torch.nn.utils.prune masks attached the
     pruned weights stay zero (the masks are applied in every forward). ``flip`` mirrors a
-    random half of every batch left-right (label-preserving for Fashion-MNIST)."""
+    random half of every batch left-right (label-preserving for Fashion-MNIST).
+    ``optimizer``: ``adam`` or ``sgd`` (see :data:`WEIGHT_DECAY`), with a cosine schedule."""
     import torch
 
     torch.manual_seed(seed)
@@ -49,7 +69,7 @@ def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
     inputs = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
     targets = torch.from_numpy(y)
     steps = _step_count(len(inputs), epochs, batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer, decayed = _torch_optimizer(model, optimizer, lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     started, total_loss = time.time(), 0.0
@@ -63,6 +83,11 @@ def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if decayed:
+            with torch.no_grad():
+                shrink = 1.0 - schedule.get_last_lr()[0] * WEIGHT_DECAY
+                for parameter in decayed:
+                    parameter.mul_(shrink)
         schedule.step()
         total_loss += float(loss.detach())
     model.eval()
@@ -76,6 +101,18 @@ def compile_adam_cosine(model, lr: float, steps: int) -> None:
 
     schedule = keras.optimizers.schedules.CosineDecay(lr, steps)
     model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
+
+
+def compile_sgd_cosine(model, lr: float, steps: int) -> None:
+    """Compile a Keras classifier for SGD as :func:`train_torch` runs it: Nesterov momentum,
+    decoupled weight decay on the kernels, cosine decay over ``steps``."""
+    import keras
+
+    optimizer = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(lr, steps),
+                                     momentum=SGD_MOMENTUM, nesterov=True,
+                                     weight_decay=WEIGHT_DECAY)
+    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    model.compile(optimizer, "sparse_categorical_crossentropy")
 
 
 def mask_keeper(masks: list[tuple[object, np.ndarray]]):
@@ -92,7 +129,7 @@ def mask_keeper(masks: list[tuple[object, np.ndarray]]):
 
 def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
                 batch_size: int, log: Log, masks: list[tuple[object, np.ndarray]] | None = None,
-                flip: bool = False) -> None:
+                flip: bool = False, optimizer: str = "adam") -> None:
     """Train in place with the same schedule; ``masks`` (kernel variable, 0/1 array) are
     re-applied after every step so magnitude-pruned weights stay zero. ``flip`` mirrors a
     random half of every batch left-right, as :func:`train_torch` does."""
@@ -101,7 +138,7 @@ def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     steps = list(_batches(len(x), _step_count(len(x), epochs, batch_size), batch_size, rng))
-    compile_adam_cosine(model, lr, len(steps))
+    (compile_sgd_cosine if optimizer == "sgd" else compile_adam_cosine)(model, lr, len(steps))
     started, losses = time.time(), []
     per_call = math.ceil(len(x) / batch_size)  # one epoch of images in memory at a time
     for first in range(0, len(steps), per_call):
