@@ -4,10 +4,12 @@ cache and records them in the manifest (:class:`Manifest`)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,19 @@ class Entry:
     extra: dict = field(default_factory=dict)
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock beside ``path``: processes for different architectures read, merge
+    and rewrite the same JSON files, and must not interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Manifest:
     """The study's models, kept as JSON in the cache so stages can run separately."""
 
@@ -60,14 +75,16 @@ class Manifest:
                 self.entries[item["name"]] = Entry(**item)
 
     def add(self, entry: Entry) -> None:
-        self.reload()
-        self.entries[entry.name] = entry
-        self.save()
+        with file_lock(self.path):
+            self.reload()
+            self.entries[entry.name] = entry
+            self.save()
 
     def drop(self, predicate: Callable[[Entry], bool]) -> None:
-        self.reload()
-        self.entries = {k: v for k, v in self.entries.items() if not predicate(v)}
-        self.save()
+        with file_lock(self.path):
+            self.reload()
+            self.entries = {k: v for k, v in self.entries.items() if not predicate(v)}
+            self.save()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

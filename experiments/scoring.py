@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .config import StudyConfig
-from .models import base_name
+from .models import base_name, file_lock
 
 Log = Callable[[str], None]
 REPO = Path(__file__).resolve().parent.parent
@@ -45,14 +45,15 @@ class ScoreStore:
         return self.records.get(name)
 
     def put(self, name: str, record: dict[str, Any]) -> None:
-        if self.path.is_file():  # another process may score other architectures
-            for key, value in json.loads(self.path.read_text()).items():
-                if key != name:
-                    self.records[key] = value
-        self.records[name] = record
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.records, indent=1))
-        tmp.replace(self.path)
+        with file_lock(self.path):
+            if self.path.is_file():  # another process may score other architectures
+                for key, value in json.loads(self.path.read_text()).items():
+                    if key != name:
+                        self.records[key] = value
+            self.records[name] = record
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.records, indent=1))
+            tmp.replace(self.path)
 
     def sample_path(self, name: str) -> Path:
         return self.samples / f"{name}.npz"
