@@ -129,12 +129,17 @@ def _answer(d: StudyData) -> list[str]:
     partial = pooled.sp2ps_accuracy_given_agreement[0]
     lines += [
         f"Over the {pooled.n} pruned models, Sp2PS and top-1 agreement rank the models "
-        f"almost alike (Spearman {_rho(pooled.sp2ps_agreement)}), as accuracy and agreement "
-        f"do ({_rho(pooled.accuracy_agreement)}). **As a ranking of models, Sp2PS adds "
-        f"{'little' if abs(partial) < 0.3 else 'some'} to agreement**: with agreement held "
-        f"fixed, the partial rank correlation of Sp2PS with accuracy is "
-        f"{_rho(pooled.sp2ps_accuracy_given_agreement)}; with the outputs' Jensen-Shannon "
-        f"divergence held fixed, {_rho(pooled.sp2ps_accuracy_given_js)}.",
+        f"{_alike(pooled.sp2ps_agreement[0])} (Spearman {_rho(pooled.sp2ps_agreement)}); "
+        f"accuracy and agreement rank them {_alike(pooled.accuracy_agreement[0])} "
+        f"({_rho(pooled.accuracy_agreement)}). **As a predictor of accuracy, Sp2PS "
+        + ("adds little beyond agreement**" if abs(partial) < 0.3 else
+           "still tracks accuracy beyond agreement**")
+        + f": with agreement held fixed, the partial rank correlation of Sp2PS with "
+        f"accuracy is {_rho(pooled.sp2ps_accuracy_given_agreement)}; with the outputs' "
+        f"Jensen-Shannon divergence held fixed, {_rho(pooled.sp2ps_accuracy_given_js)}. "
+        f"Agreement accounts for {100 * pooled.sp2ps_agreement[0] ** 2:.0f} % of the rank "
+        f"variance of Sp2PS; the rest is what Sp2PS measures beyond it, and the two "
+        f"paragraphs below say whether that rest is large enough to matter.",
         "",
     ]
     if high_agree:
@@ -153,14 +158,29 @@ def _answer(d: StudyData) -> list[str]:
         f"**Matched pairs.** {len(pairs)} pairs of models scored against the same original "
         f"lie within {TOLERANCES[0]:g} point of each other in both accuracy and agreement; "
         f"{len(moved)} of them are ≥ {MOVED} apart in Sp2PS"
-        + (f" (largest: `{moved[0].first['name']}` vs `{moved[0].second['name']}`, "
-           f"{moved[0].sp2ps_gap:.3f})" if moved else "")
-        + ". Those are the cases where Sp2PS tells a user something accuracy and agreement "
-        "do not; how many there are, and which kinds of model they involve, is in "
-        "[Matched-accuracy pairs](#matched-accuracy-pairs).",
+        + (f" (largest: `{moved[0].ordered[0]['name']}` {moved[0].ordered[0]['sp2ps']:.3f} "
+           f"vs `{moved[0].ordered[1]['name']}` {moved[0].ordered[1]['sp2ps']:.3f})" if moved
+           else "")
+        + (". In each of those, a user choosing between the two models by accuracy and "
+           "agreement would see no difference, and Sp2PS shows one; which kinds of model "
+           "they involve is in [Matched-accuracy pairs](#matched-accuracy-pairs)." if moved
+           else ". Here no pair of models with the same accuracy and agreement differs that "
+           "much in where it looks."),
         "",
     ]
     return lines
+
+
+def _alike(rho: float) -> str:
+    """Words for the strength of a rank correlation (Spearman's |rho|)."""
+    size = abs(rho)
+    if size >= 0.9:
+        return "almost alike"
+    if size >= 0.7:
+        return "similarly"
+    if size >= 0.4:
+        return "only partly alike"
+    return "differently"
 
 
 def _bases(d: StudyData) -> list[str]:
