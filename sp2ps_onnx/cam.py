@@ -103,6 +103,7 @@ __all__ = [
     "CamMethod",
     "UnknownMethodError",
     "ablation_cam",
+    "check_smoothing",
     "deep_feature_factorization",
     "eigen_cam",
     "explain",
@@ -303,9 +304,36 @@ def _smoothing(entry: CamMethod, eigen_smooth: bool) -> dict[str, bool]:
     if not entry.eigen_smooth:
         raise InputDataError(
             f"eigen_smooth does not apply to CAM method {entry.name!r} (pytorch-grad-cam "
-            f"ignores it there); use it with one of: {', '.join(EIGEN_SMOOTH_METHODS)}"
+            f"ignores it there); use it (CLI: --eigen-smooth) with one of: "
+            f"{', '.join(EIGEN_SMOOTH_METHODS)}"
         )
     return {"eigen_smooth": True}
+
+
+def check_smoothing(
+    method: str, eigen_smooth: bool = False, aug_smooth: bool = False, raw: bool = False
+) -> None:
+    """Refuse options that do not apply to ``method``, before any model runs.
+
+    ``eigen_smooth`` needs a method of :data:`EIGEN_SMOOTH_METHODS` and ``aug_smooth`` one of
+    :data:`AUG_SMOOTH_METHODS` (where pytorch-grad-cam has them; the registry entry's
+    ``eigen_smooth`` and ``aug_smooth`` flags); ``aug_smooth`` averages post-processed maps,
+    so it cannot give ``raw`` ones. An unknown method is the registry's error.
+
+    Raises:
+        InputDataError: naming the option, the method and the methods it applies to.
+    """
+    entry: CamMethod = CAM_METHODS.get(method)
+    _smoothing(entry, eigen_smooth)
+    if aug_smooth and not entry.aug_smooth:
+        raise InputDataError(
+            f"aug_smooth does not apply to CAM method {method!r}; use it (CLI: --aug-smooth) "
+            f"with one of: {', '.join(AUG_SMOOTH_METHODS)}"
+        )
+    if aug_smooth and raw:
+        raise InputDataError(
+            "aug_smooth averages post-processed maps; it cannot give raw maps (raw=True)"
+        )
 
 
 @lru_cache(maxsize=64)
@@ -1307,17 +1335,7 @@ def explain(
         class index used for each image (int64); ``(maps, targets, scores)`` with
         ``return_scores``.
     """
-    entry: CamMethod = CAM_METHODS.get(method)  # an unknown name fails before any model run
-    _smoothing(entry, eigen_smooth)
-    if aug_smooth and not entry.aug_smooth:
-        raise InputDataError(
-            f"aug_smooth does not apply to CAM method {method!r}; use it with one of: "
-            f"{', '.join(AUG_SMOOTH_METHODS)}"
-        )
-    if aug_smooth and raw:
-        raise InputDataError(
-            "aug_smooth averages post-processed maps; it cannot give raw maps (raw=True)"
-        )
+    check_smoothing(method, eigen_smooth, aug_smooth, raw)  # before any model run
     images = np.asarray(x, dtype=np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise InputDataError(
