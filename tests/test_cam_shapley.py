@@ -136,3 +136,43 @@ def test_a_head_without_a_product_is_refused_by_name(tmp_path) -> None:
         cam.explain(model, x.numpy(), "shapleycam")
     maps, _ = cam.explain(model, x.numpy(), "gradcam")  # the other methods still run
     assert maps.shape == (2, 16, 16)
+
+
+def test_shapleycam_on_a_vision_transformer_matches_its_definition() -> None:
+    """A timm ViT's class-token head (the last block's attention and MLP after norm1: Softmax,
+    LayerNorm, GELU). pytorch-grad-cam 1.5.7's ShapleyCAM cannot take a reshape_transform (its
+    BaseCAM gets the untransformed (N, T, C) tokens: "Invalid activation shape"), so the
+    reference is its formula written out on torch's double backward, with pytorch-grad-cam's
+    post-processing (``scale_cam_image``)."""
+    import copy
+
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    from tests.test_transformers import NARROW_DEIT, VIT, case
+
+    path, shared, x = case(VIT, **NARROW_DEIT)
+    model = copy.deepcopy(shared)
+    for block in model.blocks:
+        block.attn.fused_attn = False  # torch has no double backward of fused attention
+    ours, targets = CamModel(str(path)).cams(x.numpy(), method="shapleycam")
+
+    captured: list[torch.Tensor] = []
+    handle = model.blocks[-1].norm1.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    (tokens,) = captured
+    score = logits[torch.arange(len(x)), torch.as_tensor(targets)].sum()
+    (grads,) = torch.autograd.grad(score, tokens, create_graph=True)
+    (product,) = torch.autograd.grad(grads, tokens, grad_outputs=tokens)
+    patches = slice(1, None)  # the class token is no position of the map
+    weights = (grads - 0.5 * product)[:, patches].mean(dim=1)  # (N, C)
+    raw = torch.einsum("nc,ntc->nt", weights, tokens[:, patches]).detach().numpy()
+    raw = raw.reshape(len(x), 14, 14)
+    theirs = scale_cam_image(scale_cam_image(np.maximum(raw, 0), (224, 224)))
+    assert np.abs(ours - theirs).max() < TOLERANCE
+    first_order = torch.einsum("nc,ntc->nt", grads[:, patches].mean(dim=1), tokens[:, patches])
+    gradcam = scale_cam_image(scale_cam_image(
+        np.maximum(first_order.detach().numpy().reshape(len(x), 14, 14), 0), (224, 224)))
+    assert np.abs(gradcam - theirs).max() > 3 * TOLERANCE  # the product counts here too
