@@ -60,7 +60,9 @@ components), with the formula in its docstring. The entry declares what the meth
 (:class:`CamMethod`): ``"gradient"`` methods get the activations and the gradients of the
 target score, ``"activations"`` methods the activations alone, ``"perturbation"`` methods
 re-run (part of) the model through the CAM model, ``"input"`` methods see the images alone;
-``eigen_smooth=True`` and ``aug_smooth=False`` say which options apply. :data:`METHODS`,
+``eigen_smooth=True`` and ``aug_smooth=False`` say which options apply, and ``backward=(...)``
+which outputs of the backward pass beyond the layer it reads (its one run is then made with
+the model built with them). :data:`METHODS`,
 :data:`GRADIENT_METHODS`, :data:`EIGEN_METHODS`, :data:`PERTURBATION_METHODS`,
 :data:`INPUT_METHODS` and the option lists are derived from the registry once its entries
 below are registered; :func:`explain` looks names up in the registry itself. Adding a method

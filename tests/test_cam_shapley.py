@@ -176,3 +176,13 @@ def test_shapleycam_on_a_vision_transformer_matches_its_definition() -> None:
     gradcam = scale_cam_image(scale_cam_image(
         np.maximum(first_order.detach().numpy().reshape(len(x), 14, 14), 0), (224, 224)))
     assert np.abs(gradcam - theirs).max() > 3 * TOLERANCE  # the product counts here too
+
+
+def test_registry_entries_say_which_backward_outputs_they_read() -> None:
+    backward = {name: cam.CAM_METHODS[name].backward for name in cam.METHODS}
+    assert backward["shapleycam"] == ("hessian_vector_product",)
+    assert backward["fullgrad"] == ("bias_gradients", "input_gradient")
+    assert backward["guidedgradcam"] == backward["guidedbackprop"] == ("guided_input_gradient",)
+    assert all(cam.CAM_METHODS[name].needs == "perturbation" for name, flags in backward.items() if flags)
+    with pytest.raises(TypeError, match="backward outputs reach only 'perturbation' methods"):
+        cam.CamMethod.of("mine", lambda a, g: a, needs="gradient", backward=("input_gradient",))
