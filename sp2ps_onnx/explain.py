@@ -64,7 +64,7 @@ def explain(
             wanted = batch.labels if mode == "label" else None
             maps, targets, scores = cam_model.cams(
                 x, method=cam.method, targets=wanted, size=(prep.height, prep.width),
-                return_scores=True,
+                return_scores=True, eigen_smooth=cam.eigen_smooth, aug_smooth=cam.aug_smooth,
             )
             yield CamBatch(
                 ids=batch.ids,

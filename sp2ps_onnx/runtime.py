@@ -421,11 +421,15 @@ class CamModel:
         size: tuple[int, int] | None = None,
         raw: bool = False,
         return_scores: bool = False,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
     ) -> tuple[np.ndarray, ...]:
         """CAMs (N, H, W) in [0, 1] at the input size (or ``size``), and the targets used.
 
         ``raw=True`` gives the un-normalised maps at feature resolution. With
         ``return_scores=True`` the class scores (N, K) of the same run come third.
+        ``eigen_smooth`` and ``aug_smooth`` are pytorch-grad-cam's options
+        (:func:`sp2ps_onnx.cam.explain`), refused for the methods they do not apply to.
         """
         return explain(
             self,
@@ -436,6 +440,8 @@ class CamModel:
             raw=raw,
             batch_size=self.batch_size,
             return_scores=return_scores,
+            eigen_smooth=eigen_smooth,
+            aug_smooth=aug_smooth,
         )
 
     def show(

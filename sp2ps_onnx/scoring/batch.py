@@ -134,7 +134,7 @@ class BatchScorer:
             options = {"method": spec.cam.method, "size": list(self.map_size),
                        "target": spec.mode, "grid": spec.cam.grid,
                        "preprocessing": dataclasses.asdict(preps[index]),
-                       "faithfulness": figures}
+                       "faithfulness": figures, **_smoothing(spec.cam)}
             self._keys[index] = model_key(models[index], options, providers)
 
     def run_models(self, prepared: _Prepared, original: Pass | None = None) -> _ModelOutputs:
@@ -189,7 +189,8 @@ class BatchScorer:
 
     def _cams(self, model: Any, x: np.ndarray, targets: np.ndarray | None) -> tuple:
         maps, used, scores = model.cams(
-            x, method=self.spec.cam.method, targets=targets, size=self.map_size, return_scores=True
+            x, method=self.spec.cam.method, targets=targets, size=self.map_size,
+            return_scores=True, **_smoothing(self.spec.cam),
         )
         return np.asarray(maps), np.asarray(used, dtype=np.int64), np.asarray(scores)
 
@@ -314,6 +315,11 @@ class BatchScorer:
                        "pruned_map": np.array(e.pruned_map, dtype=np.float32)})
             for e in sorted(chosen.values(), key=lambda e: e.index)
         ]
+
+
+def _smoothing(options: CamOptions) -> dict[str, bool]:
+    """The smoothing options that are on (a pass cache key without them stays as before)."""
+    return {name: True for name in ("eigen_smooth", "aug_smooth") if getattr(options, name)}
 
 
 def _faithfulness_columns(original: FaithfulnessResult | None,

@@ -69,6 +69,12 @@ class CamOptions:
             from outside ONNX Runtime).
         grid: (H, W) patch grid of a token-sequence layer (N, T, C) that the graph does not
             prove (vision transformers); the T - H*W leading class tokens are dropped.
+        eigen_smooth: pytorch-grad-cam's option: the first principal component of the
+            weighted activations replaces their channel sum (methods of
+            :data:`sp2ps_onnx.cam.EIGEN_SMOOTH_METHODS`; refused for the others).
+        aug_smooth: pytorch-grad-cam's option: each map is the mean of those of the image
+            and its horizontal flip, pixel values times 0.9, 1 and 1.1 (six times the cost;
+            methods of :data:`sp2ps_onnx.cam.AUG_SMOOTH_METHODS`; refused for the others).
     """
 
     method: str = "gradcam"
@@ -77,6 +83,8 @@ class CamOptions:
     target: str | None = None
     allow_domains: tuple[str, ...] = ()
     grid: tuple[int, int] | None = None
+    eigen_smooth: bool = False
+    aug_smooth: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_domains", tuple(self.allow_domains))
@@ -85,7 +93,9 @@ class CamOptions:
             if len(grid) != 2 or min(grid) < 1:
                 raise InputDataError(f"grid {self.grid!r} is not valid; give (rows, columns)")
             object.__setattr__(self, "grid", grid)
-        cam.CAM_METHODS.get(self.method)  # an unknown name: the registry's clear error
+        # An unknown name is the registry's clear error; an option the method does not
+        # take is refused here, before any model is opened.
+        cam.check_smoothing(self.method, self.eigen_smooth, self.aug_smooth)
         if self.target not in (None, "auto"):
             _choose(self.target, TARGET_MODES, "target")
 
