@@ -69,6 +69,10 @@ class StudyConfig:
             smoke=True,
         )
 
+    def seed_indices(self) -> list[int]:
+        """The seeds the model-making stages work on (``--seeds``; default all)."""
+        return list(self.extra.get("seed_indices", range(self.seeds)))
+
     def base_seed(self, k: int) -> int:
         return self.seed + k * self.seed_stride
 

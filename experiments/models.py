@@ -198,7 +198,7 @@ def train_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest
     """Train ``config.seeds`` base models per architecture; each is the others' independent
     retrain (same recipe, another seed)."""
     for arch in config.architectures:
-        for k in range(config.seeds):
+        for k in config.seed_indices():
             seed, name = config.base_seed(k), base_name(arch, k)
             onnx_path = cache / "onnx" / f"{name}.onnx"
             weights = _weights_path(cache, name, arch)
@@ -230,7 +230,7 @@ def prune_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest
     (BatchNorm statistics recalibrated, then ``finetune_epochs`` of fine-tuning with a cosine
     schedule; ``-ft``). The accuracy after the recalibration alone is recorded too."""
     for arch in config.architectures:
-        for k in range(config.seeds):
+        for k in config.seed_indices():
             base = load_base(cache, arch, k)
             for method in config.methods:
                 for rate in config.rates:
@@ -295,10 +295,12 @@ def calibration_images(data: dict, config: StudyConfig, layout: str) -> np.ndarr
 
 def deploy_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest, log: Log) -> None:
     """ORT static int8 QDQ of every base model; full-int8 TFLite of every Keras base model."""
-    manifest.drop(lambda e: e.kind == "deploy" and e.arch in config.architectures)
+    seeds = config.seed_indices()
+    manifest.drop(lambda e: e.kind == "deploy" and e.arch in config.architectures
+                  and e.seed in seeds)
     for arch in config.architectures:
         layout = "NHWC" if arch.startswith("keras") else "NCHW"
-        for k in range(config.seeds):
+        for k in config.seed_indices():
             base = base_name(arch, k)
             original = manifest.entries.get(base)
             if original is None:

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="folder for the committed raw data that results.md is generated "
                              "from (default experiments/data; with --smoke, CACHE/data)")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated seed indices for train, prune and deploy "
+                             "(default all), so one architecture's seeds can run in parallel")
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 part")
     args = parser.parse_args(argv)
 
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown architecture(s) {', '.join(unknown)}")
         config.architectures = tuple(a for a in config.architectures if a in chosen)
+    if args.seeds:
+        config.extra["seed_indices"] = [int(k) for k in args.seeds.split(",")]
     cache = args.cache or Path(".study-cache") / ("smoke" if args.smoke else "round2")
     cache.mkdir(parents=True, exist_ok=True)
     if args.data_dir is None:
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
             path = write_results(args.data_dir, args.out)
             log(f"wrote {path}")
-        key = stage + (f" ({args.archs})" if args.archs else "")
+        key = stage + (f" ({args.archs})" if args.archs else "") + (
+            f" (seeds {args.seeds})" if args.seeds else "")
         runs = _load_runs(cache)  # parallel processes (one per --archs) share the file
         runs[key] = {"seconds": round(time.time() - stage_started, 1),
                      "load_average": [round(v, 1) for v in os.getloadavg()],
