@@ -33,6 +33,7 @@ import numpy as np
 
 from . import analysis
 from .config import StudyConfig
+from .fmnist import CLASS_NAMES
 from .models import base_name
 from .scoring import ScoreStore, retrain_key
 
@@ -244,7 +245,8 @@ def _pair_figure(data: dict, manifest: Any, store: ScoreStore, pair: analysis.Pa
             if row == 0:
                 axis.set_title(labels[col], fontsize=9)
             if col == 0:
-                axis.set_ylabel(f"#{sample} (class {int(data['y_test'][sample])})", fontsize=9)
+                axis.set_ylabel(f"#{sample}\n{CLASS_NAMES[int(data['y_test'][sample])]}",
+                                fontsize=9)
             elif h[col] is not None:
                 axis.set_xlabel(f"h = {h[col]:.2f}", fontsize=9)
     fig.suptitle(f"Accuracy within {pair.accuracy_gap:.2f} pts, agreement within "

@@ -550,13 +550,19 @@ def _scatter(d: StudyData, path: Path) -> None:
                     axis.scatter([100 * r[key] for r in members], [r["sp2ps"] for r in members],
                                  color=METHOD_COLORS[method], marker=marker, s=28, alpha=0.8,
                                  label=f"{METHOD_LABELS[method]}{', fine-tuned' if tuned else ''}")
-            for value, name, style in ((retrain, "independent retrain", "--"),
-                                       (floor, "random floor", ":")):
+            # The retrain's label sits above its line and the floor's below, so the two
+            # never overlap however close the lines are.
+            for value, name, style, side in ((retrain, "independent retrain", "--", "bottom"),
+                                             (floor, "random floor", ":", "top")):
                 if value is not None:
                     axis.axhline(value, color="tab:orange" if style == "--" else "tab:red",
                                  linestyle=style, linewidth=1.2)
                     axis.annotate(f"{name} ({value:.2f})", xy=(0.02, value), fontsize=9,
-                                  xycoords=("axes fraction", "data"), va="bottom")
+                                  xycoords=("axes fraction", "data"), va=side)
+            original = mean_sd(b["accuracy"] for b in d.bases if b["arch"] == arch)[0]
+            if key == "accuracy" and original is not None:
+                axis.scatter([100 * original], [1.0], marker="*", s=140, color="black",
+                             label="original (mean of the seeds)")
             axis.set_xlabel(label, fontsize=11)
             axis.set_ylabel("Sp2PS", fontsize=11)
             axis.set_ylim(-0.02, 1.05)
@@ -565,8 +571,8 @@ def _scatter(d: StudyData, path: Path) -> None:
             if row == 0:
                 axis.set_title(ARCH_LABELS.get(arch, arch).split(" (")[0], fontsize=12)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=10, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
