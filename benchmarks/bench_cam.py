@@ -1,7 +1,7 @@
 """Speed of the vectorised CAM methods against per-image / per-channel loops.
 
 Run from the repository root: .venv/bin/python -m benchmarks.bench_cam [--batch 32] [--repeats 5]
-[--tables base new postprocess]
+[--tables base new postprocess methods] [--images 2] [--size 96]
 
 For each layer shape (N images, C channels, 7x7 positions, like ResNet-18, EfficientNet-Lite0
 and ResNet-50 at 224x224) every method of ``sp2ps_onnx.cam`` is timed on random activations
@@ -20,6 +20,17 @@ both run scikit-learn's NMF), SobelCAM (its ``sobel_cam``, OpenCV, per uint8 pic
 224x224) and ReciproCAM (no pytorch-grad-cam counterpart: ours alone, with a GAP -> Linear
 head of 1000 classes in NumPy, so the time is the mosaics and the head passes).
 
+The ``methods`` table times every method end to end, one row per name of
+``sp2ps_onnx.cam.METHODS``: ``CamModel.cams`` on a torchvision ResNet-18 (random weights,
+``--images`` images of ``--size`` pixels) exported to ONNX, against pytorch-grad-cam's own
+call on the same torch model (its CAM class, ``FullGrad``, ``ShapleyCAM``, ``FinerCAM``,
+``GuidedBackpropReLUModel`` per image, ``DeepFeatureFactorization`` and ``sobel_cam`` per
+image), with one thread each (ONNX Runtime and torch). Its ``runs`` column counts ONNX Runtime
+session calls for the batch (all of it in one call: the CAM model's run, forward or head
+passes). ShapleyCAM is timed twice: on ResNet-18, whose linear head has no second-order term
+(none is built here; torch still runs its double backward), and on MobileNetV3-Small, whose
+classifier has a HardSwish (the Hessian-vector product runs in the same ONNX Runtime call).
+
 The post-processing (ReLU, min-max, resize to 224x224, min-max) is timed against
 pytorch-grad-cam's per-image ``scale_cam_image`` (OpenCV resize). Every pair is checked to
 agree before timing. Times are the best of ``repeats`` runs of process CPU time, which other
@@ -29,6 +40,8 @@ processes on a shared machine disturb much less than wall time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import platform
 import time
 import warnings
@@ -308,22 +321,189 @@ def postprocess_table(options: argparse.Namespace, rng: np.random.Generator) -> 
     )
 
 
-TABLES = {"base": base_table, "new": new_methods_table, "postprocess": postprocess_table}
+class CountedRuns:
+    """Counts ONNX Runtime session calls of every CamModel (siblings included)."""
+
+    def __init__(self) -> None:
+        from sp2ps_onnx.runtime import CamModel
+
+        self.calls = 0
+        self._owner = CamModel
+        self._original = CamModel._run
+
+        def counted(model, *args, **kwargs):
+            self.calls += 1
+            return self._original(model, *args, **kwargs)
+
+        CamModel._run = counted
+
+    def close(self) -> None:
+        self._owner._run = self._original
+
+
+def exported_torchvision(name: str, size: int, directory: str):
+    """A torchvision classifier with random weights (1000 classes) and its ONNX export."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    example = torch.randn(1, 3, size, size)
+    path = f"{directory}/{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), path, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "n"}},
+                          opset_version=17, dynamo=False)  # fmt: skip
+    return model, path
+
+
+def reference_call(method: str, model, layer, x: torch.Tensor, targets, head) -> np.ndarray:
+    """pytorch-grad-cam's own call for ``method`` on the torch model (None: it has none)."""
+    import copy
+
+    from pytorch_grad_cam import (
+        DeepFeatureFactorization,
+        FinerCAM,
+        FullGrad,
+        GradCAM,
+        GuidedBackpropReLUModel,
+        ShapleyCAM,
+    )
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    wanted = [ClassifierOutputTarget(int(t)) for t in targets]
+    classes = {**REFERENCE_CLASSES, "shapleycam": ShapleyCAM, "fullgrad": FullGrad}
+    if method in classes:
+        explainer = classes[method](model, target_layers=[] if method == "fullgrad" else [layer])
+        try:
+            return explainer(x, targets=wanted)
+        finally:
+            explainer.activations_and_grads.release()
+    if method == "finercam":
+        with FinerCAM(model, [layer]) as explainer:
+            return explainer(x)
+    if method in ("guidedbackprop", "guidedgradcam"):
+        guided = GuidedBackpropReLUModel(copy.deepcopy(model), device="cpu")
+        gradients = np.stack([guided(x[i : i + 1], int(t)) for i, t in enumerate(targets)])
+        if method == "guidedbackprop":
+            return np.abs(gradients).max(axis=-1)
+        with GradCAM(model, [layer]) as explainer:
+            return explainer(x, targets=wanted) * np.abs(gradients).max(axis=-1)
+    if method == "dff":
+        explainer = DeepFeatureFactorization(model, layer, computation_on_concepts=head)
+        try:
+            return np.stack([explainer(x[i : i + 1], n_components=5)[1][0][0]
+                             for i in range(len(x))])  # fmt: skip
+        finally:
+            explainer.activations_and_grads.release()
+    if method == "sobelcam":
+        pictures = (255 * (x - x.min()) / (x.max() - x.min())).to(torch.uint8)
+        return np.stack([sobel_cam(p.permute(1, 2, 0).numpy().copy()) for p in pictures])
+    return None  # reciprocam: not in pytorch-grad-cam
+
+
+#: Methods whose maps are pytorch-grad-cam's up to float32 rounding on the same model (the
+#: methods column reports their largest difference too).
+_COMPARABLE = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise",
+               "layercam", "kpcacam", "fem", "fullgrad", "shapleycam", "finercam")
+
+
+def best_cpu_seconds_with_result(repeats: int, function: Callable[..., object], *args: object):
+    """(best process CPU seconds, the last result) of ``repeats`` calls."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        started = time.process_time()
+        result = function(*args)
+        best = min(best, time.process_time() - started)
+    return best, result
+
+
+def method_row(label: str, method: str, case, options: argparse.Namespace) -> str:
+    """One row of the methods table: ours (``CamModel.cams``) against pytorch-grad-cam."""
+    cam_model, model, layer, x, targets, head = case
+    images = x.numpy()
+    wanted = None if method == "finercam" else targets
+    repeats = 1 if method in ("scorecam", "ablationcam", "dff") else options.repeats
+    if cam.CAM_METHODS[method].backward:
+        cam_model.cams(images, method=method, targets=wanted)  # builds the sibling, untimed
+    counter = CountedRuns()
+    try:
+        t_ours, (ours, _) = best_cpu_seconds_with_result(
+            repeats, cam_model.cams, images, method, wanted
+        )
+        runs = counter.calls // repeats
+    finally:
+        counter.close()
+    # pytorch-grad-cam's ScoreCAM and AblationCAM draw tqdm bars on stderr.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        t_ref, theirs = best_cpu_seconds_with_result(
+            repeats, reference_call, method, model, layer, x, targets, head
+        )
+    if theirs is None:
+        return f"| {label} | {runs} | {1e3 * t_ours:.1f} | – | – | – |"
+    difference = (f"{float(np.abs(ours - theirs).max()):.1e}" if method in _COMPARABLE
+                  else "–")  # fmt: skip
+    ratio = t_ref / t_ours
+    return (f"| {label} | {runs} | {1e3 * t_ours:.1f} | {1e3 * t_ref:.1f} | "
+            f"{ratio:.{1 if ratio >= 1 else 2}f}x | {difference} |")  # fmt: skip
+
+
+def methods_table(options: argparse.Namespace, rng: np.random.Generator) -> None:
+    import tempfile
+
+    from sp2ps_onnx import CamModel
+
+    print(f"Every method end to end: N = {options.images} images of {options.size}x"
+          f"{options.size}, one thread each; runs: ONNX Runtime calls for the batch")  # fmt: skip
+    print()
+    print("| method | runs | ours (ms) | pytorch-grad-cam (ms) | vs pytorch-grad-cam | "
+          "max abs diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as directory:
+        cases = {}
+        for name in ("resnet18", "mobilenet_v3_small"):
+            model, path = exported_torchvision(name, options.size, directory)
+            x = torch.from_numpy(
+                rng.standard_normal((options.images, 3, options.size, options.size))
+                .astype(np.float32))  # fmt: skip
+            cam_model = CamModel(path, threads=1, batch_size=32)
+            with torch.no_grad():
+                targets = model(x).argmax(dim=1).numpy()
+            if name == "resnet18":
+                layer, head = model.layer4, model.fc
+            else:
+                layer, head = model.features, None
+            cases[name] = (cam_model, model, layer, x, targets, head)
+        for method in cam.METHODS:
+            print(method_row(method, method, cases["resnet18"], options), flush=True)
+        for method in ("gradcam", "shapleycam"):
+            label = f"{method} (MobileNetV3-Small, curved head)"
+            print(method_row(label, method, cases["mobilenet_v3_small"], options), flush=True)
+    print()
+
+
+TABLES = {"base": base_table, "new": new_methods_table, "postprocess": postprocess_table,
+          "methods": methods_table}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images", type=int, default=2, help="images (methods table)")
+    parser.add_argument("--size", type=int, default=96, help="input size (methods table)")
     parser.add_argument(
         "--tables", nargs="+", choices=sorted(TABLES), default=list(TABLES),
         help="which tables (default: all): the base methods against a loop and "
-        "pytorch-grad-cam, the methods of issue 20, the post-processing",
+        "pytorch-grad-cam, the methods of issue 20, the post-processing, every method end "
+        "to end on a model",
     )  # fmt: skip
     options = parser.parse_args()
     torch.set_num_threads(1)
     print(f"numpy {np.__version__}, {platform.processor() or platform.machine()}")
-    print(f"N = {options.batch}, 7x7 positions, best of {options.repeats}, process CPU seconds")
+    print(f"best of {options.repeats}, process CPU seconds; N = {options.batch} and 7x7 "
+          "positions in the base, new and postprocess tables")  # fmt: skip
     print()
     for name in options.tables:
         # Each table draws its own arrays, the same whichever others run.

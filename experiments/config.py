@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("torch-vgg", "keras-vgg", "torch-resnet")
+ARCHITECTURES = ("torch-vgg", "torch-resnet", "keras-vgg")
 """Base models: ``framework-architecture``. The Keras VGG has the same layers as the
 PyTorch VGG, which is what the cross-framework check compares."""
 
@@ -20,26 +20,29 @@ class StudyConfig:
 
     train_images: int | None = None  # None: all 60,000
     test_images: int | None = None  # None: all 10,000 (scoring and accuracy)
-    epochs: float = 3
+    seeds: int = 3  # base models per architecture; each is the others' independent retrain
+    epochs: float = 15
     batch_size: int = 256
-    learning_rate: float = 3e-3
-    finetune_fraction: float = 0.05  # fine-tune for this fraction of one epoch (3,000 images)
-    finetune_learning_rate: float = 5e-4
-    rates: tuple[int, ...] = (10, 30, 50, 70, 90)
+    optimizer: str = "sgd"  # Nesterov SGD with decoupled weight decay (experiments.train)
+    learning_rate: float = 0.05
+    flip: bool = True  # random horizontal flips while training (label-preserving here)
+    finetune_epochs: float = 2
+    finetune_learning_rate: float = 1e-3
+    recalibration_images: int = 4096  # BatchNorm statistics re-estimated after pruning
+    rates: tuple[int, ...] = (30, 60)
     methods: tuple[str, ...] = PRUNING_METHODS
     architectures: tuple[str, ...] = ARCHITECTURES
-    cam_methods: tuple[str, ...] = ("gradcam", "gradcam++")
-    noise_sigma: float = 0.02  # the ceiling: input noise, in units of the [0, 1] pixel range
+    cam_method: str = "gradcam"
     seed: int = 20240601
-    retrain_seed_offset: int = 7919
+    seed_stride: int = 7919  # base seed of seed k: seed + k * seed_stride
     calibration_images: int = 512
-    score_batch: int = 256
+    score_batch: int = 500
     n_bootstrap: int = 1000
-    examples: int = 4  # worst samples kept per model for the pictures
-    photo_rates: tuple[int, ...] = (10, 20, 30, 40, 50)
+    examples: int = 0  # the pictures are drawn from the committed per-sample data instead
+    photo_rates: tuple[int, ...] = (10, 30, 50)
     photos: bool = True
-    threads: int = 2  # TensorFlow intra-op threads
-    torch_threads: int = 1  # PyTorch: one thread needs a quarter of the CPU time of two on a loaded 2-core machine
+    threads: int = 1  # TensorFlow intra-op threads (one process per architecture runs in parallel)
+    torch_threads: int = 1
     smoke: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -51,20 +54,27 @@ class StudyConfig:
     def smoke_test(cls) -> StudyConfig:
         """A tiny subset that exercises every stage in well under two minutes."""
         return cls(
-            train_images=512,
-            test_images=128,
+            train_images=1024,
+            test_images=200,
+            seeds=2,
             epochs=1,
-            finetune_fraction=0.25,
+            finetune_epochs=0.5,
+            recalibration_images=256,
             rates=(50,),
             architectures=("torch-vgg", "keras-vgg"),
-            cam_methods=("gradcam", "gradcam++"),
             calibration_images=32,
-            score_batch=64,
+            score_batch=100,
             n_bootstrap=100,
-            examples=2,
             photo_rates=(30,),
             smoke=True,
         )
+
+    def seed_indices(self) -> list[int]:
+        """The seeds the model-making stages work on (``--seeds``; default all)."""
+        return list(self.extra.get("seed_indices", range(self.seeds)))
+
+    def base_seed(self, k: int) -> int:
+        return self.seed + k * self.seed_stride
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

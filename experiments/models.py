@@ -4,18 +4,26 @@ cache and records them in the manifest (:class:`Manifest`)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import artifacts, nets, prune
 from .config import StudyConfig
-from .train import train_keras, train_torch
+from .train import (
+    apply_masks,
+    recalibrate_keras,
+    recalibrate_torch,
+    train_keras,
+    train_torch,
+)
 
 Log = Callable[[str], None]
 
@@ -34,6 +42,21 @@ class Entry:
     rate: int | None = None
     finetuned: bool = False
     note: str = ""
+    seed: int = 0  # index of the base model's seed (0 .. config.seeds - 1)
+    extra: dict = field(default_factory=dict)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock beside ``path``: processes for different architectures read, merge
+    and rewrite the same JSON files, and must not interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Manifest:
@@ -52,14 +75,16 @@ class Manifest:
                 self.entries[item["name"]] = Entry(**item)
 
     def add(self, entry: Entry) -> None:
-        self.reload()
-        self.entries[entry.name] = entry
-        self.save()
+        with file_lock(self.path):
+            self.reload()
+            self.entries[entry.name] = entry
+            self.save()
 
     def drop(self, predicate: Callable[[Entry], bool]) -> None:
-        self.reload()
-        self.entries = {k: v for k, v in self.entries.items() if not predicate(v)}
-        self.save()
+        with file_lock(self.path):
+            self.reload()
+            self.entries = {k: v for k, v in self.entries.items() if not predicate(v)}
+            self.save()
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,14 +123,19 @@ def _new_torch(arch: str):
     return nets.torch_vgg() if arch == "torch-vgg" else nets.torch_resnet()
 
 
-def _weights_path(cache: Path, arch: str, retrain: bool) -> Path:
+def base_name(arch: str, k: int) -> str:
+    """The name of base model ``k`` (seed index) of ``arch``."""
+    return f"{arch}-s{k}"
+
+
+def _weights_path(cache: Path, name: str, arch: str) -> Path:
     suffix = ".keras" if arch.startswith("keras") else ".pt"
-    return cache / "trained" / f"{arch}{'-retrain' if retrain else ''}{suffix}"
+    return cache / "trained" / f"{name}{suffix}"
 
 
-def load_base(cache: Path, arch: str, retrain: bool = False):
-    """The trained base model (framework object) from the cache."""
-    path = _weights_path(cache, arch, retrain)
+def load_base(cache: Path, arch: str, k: int):
+    """Trained base model ``k`` of ``arch`` (framework object) from the cache."""
+    path = _weights_path(cache, base_name(arch, k), arch)
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run the 'train' stage first (--only train)")
     if arch.startswith("keras"):
@@ -119,18 +149,29 @@ def load_base(cache: Path, arch: str, retrain: bool = False):
     return model.eval()
 
 
+def _fit(model, arch: str, data: dict, epochs: float, lr: float, seed: int, config: StudyConfig,
+         log: Log, masks=None, optimizer: str = "adam") -> None:
+    if arch.startswith("keras"):
+        train_keras(model, data["x_train"], data["y_train"], epochs, lr, seed, config.batch_size,
+                    log, masks=masks, flip=config.flip, optimizer=optimizer)
+    else:
+        train_torch(model, data["x_train"], data["y_train"], epochs, lr, seed, config.batch_size,
+                    log, flip=config.flip, optimizer=optimizer)
+
+
 def _train_one(arch: str, data: dict, config: StudyConfig, seed: int, log: Log):
     if arch.startswith("keras"):
-        model = nets.keras_vgg()
-        train_keras(model, data["x_train"], data["y_train"], config.epochs, config.learning_rate,
-                    seed, config.batch_size, log)
-        return model
-    import torch
+        import keras
 
-    torch.manual_seed(seed)
-    model = _new_torch(arch)
-    train_torch(model, data["x_train"], data["y_train"], config.epochs, config.learning_rate,
-                seed, config.batch_size, log)
+        keras.utils.set_random_seed(seed)
+        model = nets.keras_vgg()
+    else:
+        import torch
+
+        torch.manual_seed(seed)
+        model = _new_torch(arch)
+    _fit(model, arch, data, config.epochs, config.learning_rate, seed, config, log,
+         optimizer=config.optimizer)
     return model
 
 
@@ -140,20 +181,33 @@ def _export(model, arch: str, path: Path) -> Path:
     return artifacts.export_torch(model, path)
 
 
+def _accuracy(model, arch: str, data: dict) -> float:
+    """Top-1 accuracy of a framework model on the test images (before export)."""
+    x = data["x_test"].astype(np.float32) / 255.0
+    if arch.startswith("keras"):
+        logits = np.asarray(model.predict(x[..., None], batch_size=1000, verbose=0))
+    else:
+        import torch
+
+        with torch.no_grad():
+            logits = model.eval()(torch.from_numpy(x[:, None])).numpy()
+    return float((logits.argmax(1) == data["y_test"]).mean())
+
+
 def train_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest, log: Log) -> None:
-    """Train every base model and its independent retrain (another seed)."""
+    """Train ``config.seeds`` base models per architecture; each is the others' independent
+    retrain (same recipe, another seed)."""
     for arch in config.architectures:
-        for retrain in (False, True):
-            seed = config.seed + (config.retrain_seed_offset if retrain else 0)
-            name = f"{arch}-retrain" if retrain else arch
+        for k in config.seed_indices():
+            seed, name = config.base_seed(k), base_name(arch, k)
             onnx_path = cache / "onnx" / f"{name}.onnx"
-            if _weights_path(cache, arch, retrain).is_file() and onnx_path.is_file():
-                log(f"train {name}: already trained, kept (delete {cache} to retrain)")
-                manifest.add(_trained_entry(name, onnx_path, arch, retrain, seed))
+            weights = _weights_path(cache, name, arch)
+            if weights.is_file() and onnx_path.is_file() and name in manifest.entries:
+                log(f"train {name}: already trained, kept (delete {weights} to retrain)")
                 continue
             log(f"train {name} (seed {seed})")
+            started = time.time()
             model = _train_one(arch, data, config, seed, log)
-            weights = _weights_path(cache, arch, retrain)
             weights.parent.mkdir(parents=True, exist_ok=True)
             if arch.startswith("keras"):
                 model.save(weights)
@@ -163,62 +217,61 @@ def train_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest
                 torch.save(model.state_dict(), weights)
             path = _export(model, arch, onnx_path)
             accuracy = artifacts.onnx_accuracy(path, data["x_test"], data["y_test"])
-            log(f"  {name}: test accuracy {100 * accuracy:.2f} %")
-            manifest.add(_trained_entry(name, path, arch, retrain, seed))
-
-
-def _trained_entry(name: str, path: Path, arch: str, retrain: bool, seed: int) -> Entry:
-    return Entry(
-        name=name, path=str(path), framework=framework_of(arch), arch=arch,
-        base=arch if retrain else "", kind="reference" if retrain else "original",
-        method="retrain" if retrain else "", note=f"seed {seed}",
-    )
+            log(f"  {name}: test accuracy {100 * accuracy:.2f} % ({time.time() - started:.0f} s)")
+            manifest.add(Entry(
+                name=name, path=str(path), framework=framework_of(arch), arch=arch, base="",
+                kind="original", seed=k, note=f"seed {seed}",
+                extra={"train_seconds": round(time.time() - started, 1)},
+            ))
 
 
 def prune_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest, log: Log) -> None:
-    """Every pruning method x rate, without and with fine-tuning, and the randomisation
-    cascade, for every base model."""
+    """Every pruning method x rate of every base model: as pruned (``raw``), and recovered
+    (BatchNorm statistics recalibrated, then ``finetune_epochs`` of fine-tuning with a cosine
+    schedule; ``-ft``). The accuracy after the recalibration alone is recorded too."""
     for arch in config.architectures:
-        base = load_base(cache, arch)
-        keras = arch.startswith("keras")
-        for method in config.methods:
-            for rate in config.rates:
-                for finetune in (False, True):
-                    name = f"{arch}-{method}{rate}{'-ft' if finetune else ''}"
-                    started = time.time()
-                    seed = config.seed + 31 * rate + (1 if finetune else 0)
-                    model, masks = _prune(base, arch, method, rate, seed)
-                    if finetune:
-                        if keras:
-                            train_keras(model, data["x_train"], data["y_train"],
-                                        config.finetune_fraction, config.finetune_learning_rate,
-                                        seed, config.batch_size, log, masks=masks)
-                        else:
-                            train_torch(model, data["x_train"], data["y_train"],
-                                        config.finetune_fraction, config.finetune_learning_rate,
-                                        seed, config.batch_size, log)
-                    if not keras:
-                        prune.torch_finalize(model)
-                    path = _export(model, arch, cache / "onnx" / f"{name}.onnx")
-                    manifest.add(Entry(
-                        name=name, path=str(path), framework=framework_of(arch), arch=arch,
-                        base=arch, kind="pruned", method=method, rate=rate, finetuned=finetune,
-                        note=(f"fine-tuned {config.finetune_fraction:g} epoch" if finetune else ""),
-                    ))
-                    log(f"pruned {name} ({time.time() - started:.0f} s)")
-        count = prune.keras_layer_count(base) if keras else prune.torch_layer_count(base)
-        for step, depth in prune.cascade_steps(count):
-            name = f"{arch}-cascade-{step}"
-            seed = config.seed + 500 + depth
-            model = (prune.keras_randomize_top(base, depth, seed) if keras
-                     else prune.torch_randomize_top(base, depth, seed))
-            path = _export(model, arch, cache / "onnx" / f"{name}.onnx")
-            manifest.add(Entry(
-                name=name, path=str(path), framework=framework_of(arch), arch=arch, base=arch,
-                kind="reference", method=f"cascade-{step}", rate=None,
-                note=f"top {depth} of {count} Conv/Linear layers re-initialised",
-            ))
-            log(f"randomised {name}")
+        for k in config.seed_indices():
+            base = load_base(cache, arch, k)
+            for method in config.methods:
+                for rate in config.rates:
+                    _prune_one(base, arch, k, method, rate, data, config, cache, manifest, log)
+            del base
+
+
+def _prune_one(base, arch: str, k: int, method: str, rate: int, data: dict, config: StudyConfig,
+               cache: Path, manifest: Manifest, log: Log) -> None:
+    keras = arch.startswith("keras")
+    name = f"{base_name(arch, k)}-{method}{rate}"
+    if name in manifest.entries and f"{name}-ft" in manifest.entries:
+        log(f"prune {name}: already made, kept")
+        return
+    started = time.time()
+    seed = config.base_seed(k) + 31 * rate + {"random-filter": 1, "l1-filter": 2}.get(method, 3)
+    model, _ = _prune(base, arch, method, rate, seed)  # pruning is deterministic in seed
+    raw = _export(model if keras else prune.torch_finalize(model), arch,
+                  cache / "onnx" / f"{name}.onnx")
+    model, masks = _prune(base, arch, method, rate, seed)
+    common = dict(framework=framework_of(arch), arch=arch, base=base_name(arch, k), kind="pruned",
+                  method=method, rate=rate, seed=k)
+    manifest.add(Entry(name=name, path=str(raw), finetuned=False, note="as pruned", **common))
+    if keras:
+        recalibrate_keras(model, data["x_train"], config.recalibration_images, seed)
+        apply_masks(masks)
+    else:
+        recalibrate_torch(model, data["x_train"], config.recalibration_images, seed)
+    recalibrated = _accuracy(model, arch, data)
+    _fit(model, arch, data, config.finetune_epochs, config.finetune_learning_rate, seed, config,
+         log, masks=masks)
+    if not keras:
+        prune.torch_finalize(model)
+    path = _export(model, arch, cache / "onnx" / f"{name}-ft.onnx")
+    manifest.add(Entry(
+        name=f"{name}-ft", path=str(path), finetuned=True,
+        note=f"BatchNorm recalibrated on {config.recalibration_images} training images, then "
+             f"{config.finetune_epochs:g} epochs of fine-tuning", **common,
+        extra={"accuracy_recalibrated": recalibrated},
+    ))
+    log(f"pruned {name} and {name}-ft ({time.time() - started:.0f} s)")
 
 
 def _prune(base, arch: str, method: str, rate: int, seed: int):
@@ -241,39 +294,42 @@ def calibration_images(data: dict, config: StudyConfig, layout: str) -> np.ndarr
 
 
 def deploy_stage(data: dict, config: StudyConfig, cache: Path, manifest: Manifest, log: Log) -> None:
-    """ORT static int8 QDQ of every base model; full-int8 TFLite of the Keras model."""
-    manifest.drop(lambda e: e.kind == "deploy" and e.arch in config.architectures)
+    """ORT static int8 QDQ of every base model; full-int8 TFLite of every Keras base model."""
+    seeds = config.seed_indices()
+    manifest.drop(lambda e: e.kind == "deploy" and e.arch in config.architectures
+                  and e.seed in seeds)
     for arch in config.architectures:
-        original = manifest.entries.get(arch)
-        if original is None:
-            raise SystemExit(f"{arch} is not in the manifest: run the 'train' stage first")
         layout = "NHWC" if arch.startswith("keras") else "NCHW"
-        name = f"{arch}-ort-qdq-int8"
-        path = artifacts.quantize_qdq(Path(original.path), cache / "onnx" / f"{name}.onnx",
-                                      calibration_images(data, config, layout))
-        manifest.add(Entry(
-            name=name, path=str(path), framework=framework_of(arch), arch=arch, base=arch,
-            kind="deploy", method="ort-qdq-int8",
-            note=f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 "
-                 f"activations, MinMax on {config.calibration_images} training images",
-        ))
-        log(f"quantized {name}")
-        if arch.startswith("keras"):
-            name = f"{arch}-tflite-int8"
+        for k in config.seed_indices():
+            base = base_name(arch, k)
+            original = manifest.entries.get(base)
+            if original is None:
+                raise SystemExit(f"{base} is not in the manifest: run the 'train' stage first")
+            common = dict(framework=framework_of(arch), arch=arch, base=base, kind="deploy",
+                          seed=k)
+            name = f"{base}-ort-qdq-int8"
+            path = artifacts.quantize_qdq(Path(original.path), cache / "onnx" / f"{name}.onnx",
+                                          calibration_images(data, config, layout))
+            manifest.add(Entry(
+                name=name, path=str(path), method="ort-qdq-int8", **common,
+                note=f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 "
+                     f"activations, MinMax on {config.calibration_images} training images",
+            ))
+            log(f"quantized {name}")
+            if not arch.startswith("keras"):
+                continue
+            name = f"{base}-tflite-int8"
             try:
                 path = artifacts.keras_to_onnx_via_tflite(
-                    load_base(cache, arch), calibration_images(data, config, layout)[:256],
+                    load_base(cache, arch, k), calibration_images(data, config, layout)[:256],
                     "int8", cache / "onnx" / f"{name}.onnx")
             except Exception as exc:  # a conversion failure is a finding, not a crash
                 log(f"TFLite int8 conversion failed: {exc}")
-                manifest.add(Entry(
-                    name=name, path="", framework="keras", arch=arch, base=arch, kind="deploy",
-                    method="tflite-int8", note=f"conversion failed: {type(exc).__name__}: {exc}",
-                ))
+                manifest.add(Entry(name=name, path="", method="tflite-int8", **common,
+                                   note=f"conversion failed: {type(exc).__name__}: {exc}"))
                 continue
             manifest.add(Entry(
-                name=name, path=str(path), framework="keras", arch=arch, base=arch,
-                kind="deploy", method="tflite-int8",
+                name=name, path=str(path), method="tflite-int8", **common,
                 note="TFLiteConverter full-integer int8 (TFLITE_BUILTINS_INT8, float I/O), "
                      "representative dataset of 256 training images, then tf2onnx",
             ))

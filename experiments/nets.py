@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 NUM_CLASSES = 10
-VGG_WIDTHS = (8, 32, 64, 128)
+VGG_WIDTHS = (16, 32, 64, 128)
 VGG_POOL_AFTER = (0, 1)  # 28 -> 14 -> 7
-RESNET_STEM = 8  # then a max-pool: 28 -> 14
+RESNET_STEM = 16  # then a max-pool: 28 -> 14
 RESNET_STAGES = ((32, 1), (64, 2))  # (width, stride) of one basic block each: 14 -> 7
 
 

@@ -1,15 +1,16 @@
 """Run the pruning study end to end and write ``results.md`` with its figures.
 
-    python -m experiments.study --out docs                 # full run (~1 h on 2 idle cores)
+    python -m experiments.study --out docs                 # full run
     python -m experiments.study --smoke --out /tmp/smoke   # tiny subset, for CI
-    python -m experiments.study --out docs --only deploy,score,report   # reuse trained models
+    python -m experiments.study --out docs --only report   # results.md from experiments/data
 
-Stages, in order: ``train`` (base models and independent retrains), ``prune`` (pruning
-grid and randomisation cascade), ``deploy`` (int8 QDQ, full-int8 TFLite), ``photos``
-(EfficientNet-Lite0 on real photos), ``score`` (Sp2PS of every model against its base,
-through :func:`sp2ps_onnx.scoring.score_models`), ``report`` (``results.md`` + figures).
-Everything a stage makes is kept in ``--cache``; scores are reused for unchanged model
-files unless ``--rescore`` names them.
+Stages, in order: ``train`` (three base models per architecture, one per seed), ``prune``
+(pruning grid, as pruned and recovered), ``deploy`` (int8 QDQ, full-int8 TFLite), ``score``
+(Sp2PS of every model against its base, with the random floor and the other seeds, through
+:func:`sp2ps_onnx.scoring.score_models`), ``photos`` (EfficientNet-Lite0 on real photos),
+``export`` (the committed raw data in ``experiments/data``) and ``report`` (``results.md``
+and its figures, from that data alone). Everything a stage makes is kept in ``--cache``;
+scores are reused for unchanged model files unless ``--rescore`` names them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("train", "prune", "deploy", "photos", "score", "report")
+STAGES = ("train", "prune", "deploy", "score", "photos", "export", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default="",
                         help="comma-separated subset of the base models "
                              "(torch-vgg, keras-vgg, torch-resnet; default all)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder for the committed raw data that results.md is generated "
+                             "from (default experiments/data; with --smoke, CACHE/data)")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated seed indices for train, prune and deploy "
+                             "(default all), so one architecture's seeds can run in parallel")
     parser.add_argument("--no-photos", action="store_true", help="skip the EfficientNet-Lite0 part")
     args = parser.parse_args(argv)
 
@@ -63,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown architecture(s) {', '.join(unknown)}")
         config.architectures = tuple(a for a in config.architectures if a in chosen)
-    cache = args.cache or Path(".study-cache") / ("smoke" if args.smoke else "full")
+    if args.seeds:
+        config.extra["seed_indices"] = [int(k) for k in args.seeds.split(",")]
+    cache = args.cache or Path(".study-cache") / ("smoke" if args.smoke else "round2")
     cache.mkdir(parents=True, exist_ok=True)
+    if args.data_dir is None:
+        args.data_dir = cache / "data" if args.smoke else Path(__file__).parent / "data"
     started = time.time()
 
     def log(message: str) -> None:
@@ -100,14 +111,20 @@ def main(argv: list[str] | None = None) -> int:
 
             score_stage(data, config, cache, manifest, log,
                         rescore=[p for p in args.rescore.split(",") if p])
+        elif stage == "export":
+            from .export import export_stage
+
+            export_stage(data, config, cache, manifest, args.data_dir, args.out, log)
         elif stage == "report":
             from .report import write_results
 
-            path = write_results(config, cache, manifest, args.out, runs, log)
+            path = write_results(args.data_dir, args.out)
             log(f"wrote {path}")
-        key = stage + (f" ({args.archs})" if args.archs else "")
+        key = stage + (f" ({args.archs})" if args.archs else "") + (
+            f" (seeds {args.seeds})" if args.seeds else "")
         runs = _load_runs(cache)  # parallel processes (one per --archs) share the file
         runs[key] = {"seconds": round(time.time() - stage_started, 1),
+                     "load_average": [round(v, 1) for v in os.getloadavg()],
                      "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                      "command": " ".join(["python -m experiments.study", *(argv or sys.argv[1:])])}
         (cache / "runs.json").write_text(json.dumps(runs, indent=1))

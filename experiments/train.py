@@ -37,11 +37,31 @@ def _batches(n: int, steps: int, batch_size: int, rng: np.random.Generator
             yield order[start:start + batch_size]
 
 
+SGD_MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-3
+"""SGD (``optimizer="sgd"``): Nesterov momentum and decoupled weight decay (each step shrinks
+the Conv/Linear weights by ``lr * WEIGHT_DECAY``, as Keras' ``weight_decay`` does, so both
+frameworks run the same algorithm); BatchNorm parameters and biases are not decayed."""
+
+
+def _torch_optimizer(model, optimizer: str, lr: float):
+    import torch
+
+    if optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr), []
+    if optimizer != "sgd":
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    decayed = [p for p in model.parameters() if p.ndim > 1]
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM,
+                           nesterov=True), decayed
+
+
 def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
-                batch_size: int, log: Log, flip: bool = False) -> None:
+                batch_size: int, log: Log, flip: bool = False, optimizer: str = "adam") -> None:
     """Train in place; ``x`` uint8 (N, 28, 28). With torch.nn.utils.prune masks attached the
     pruned weights stay zero (the masks are applied in every forward). ``flip`` mirrors a
-    random half of every batch left-right (label-preserving for Fashion-MNIST)."""
+    random half of every batch left-right (label-preserving for Fashion-MNIST).
+    ``optimizer``: ``adam`` or ``sgd`` (see :data:`WEIGHT_DECAY`), with a cosine schedule."""
     import torch
 
     torch.manual_seed(seed)
@@ -49,7 +69,7 @@ def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
     inputs = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
     targets = torch.from_numpy(y)
     steps = _step_count(len(inputs), epochs, batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer, decayed = _torch_optimizer(model, optimizer, lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     started, total_loss = time.time(), 0.0
@@ -63,6 +83,11 @@ def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if decayed:
+            with torch.no_grad():
+                shrink = 1.0 - schedule.get_last_lr()[0] * WEIGHT_DECAY
+                for parameter in decayed:
+                    parameter.mul_(shrink)
         schedule.step()
         total_loss += float(loss.detach())
     model.eval()
@@ -78,6 +103,18 @@ def compile_adam_cosine(model, lr: float, steps: int) -> None:
     model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
 
 
+def compile_sgd_cosine(model, lr: float, steps: int) -> None:
+    """Compile a Keras classifier for SGD as :func:`train_torch` runs it: Nesterov momentum,
+    decoupled weight decay on the kernels, cosine decay over ``steps``."""
+    import keras
+
+    optimizer = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(lr, steps),
+                                     momentum=SGD_MOMENTUM, nesterov=True,
+                                     weight_decay=WEIGHT_DECAY)
+    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    model.compile(optimizer, "sparse_categorical_crossentropy")
+
+
 def mask_keeper(masks: list[tuple[object, np.ndarray]]):
     """A Keras callback that re-applies ``masks`` (kernel variable, 0/1 array) after every
     training batch, so that magnitude-pruned weights stay zero while fine-tuning."""
@@ -91,21 +128,25 @@ def mask_keeper(masks: list[tuple[object, np.ndarray]]):
 
 
 def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
-                batch_size: int, log: Log, masks: list[tuple[object, np.ndarray]] | None = None
-                ) -> None:
+                batch_size: int, log: Log, masks: list[tuple[object, np.ndarray]] | None = None,
+                flip: bool = False, optimizer: str = "adam") -> None:
     """Train in place with the same schedule; ``masks`` (kernel variable, 0/1 array) are
-    re-applied after every step so magnitude-pruned weights stay zero."""
+    re-applied after every step so magnitude-pruned weights stay zero. ``flip`` mirrors a
+    random half of every batch left-right, as :func:`train_torch` does."""
     import keras
 
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     steps = list(_batches(len(x), _step_count(len(x), epochs, batch_size), batch_size, rng))
-    compile_adam_cosine(model, lr, len(steps))
+    (compile_sgd_cosine if optimizer == "sgd" else compile_adam_cosine)(model, lr, len(steps))
     started, losses = time.time(), []
     per_call = math.ceil(len(x) / batch_size)  # one epoch of images in memory at a time
     for first in range(0, len(steps), per_call):
         order = np.concatenate(steps[first:first + per_call])
         images = (x[order].astype(np.float32) / 255.0)[..., None]
+        if flip:
+            mirrored = rng.random(len(order)) < 0.5
+            images[mirrored] = images[mirrored][:, :, ::-1]
         history = model.fit(images, y[order], batch_size=batch_size, epochs=1, shuffle=False,
                             verbose=0, callbacks=[mask_keeper(masks)] if masks else [])
         losses.append(history.history["loss"][-1])
@@ -117,3 +158,48 @@ def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
 def apply_masks(masks: list[tuple[object, np.ndarray]] | None) -> None:
     for kernel, mask in masks or []:
         kernel.assign(kernel.numpy() * mask)
+
+
+def recalibrate_torch(model, x: np.ndarray, images: int, seed: int, batch_size: int = 256) -> None:
+    """Re-estimate every BatchNorm's running mean and variance on ``images`` training images
+    (cumulative average, no weight changes): after pruning, the statistics the layers were
+    trained with no longer describe their inputs."""
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative moving average over the batches below
+    index = np.random.default_rng(seed).choice(len(x), size=min(images, len(x)), replace=False)
+    inputs = torch.from_numpy(x[index].astype(np.float32) / 255.0)[:, None]
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size])
+    for norm, momentum in zip(norms, saved, strict=True):
+        norm.momentum = momentum
+    model.eval()
+
+
+def recalibrate_keras(model, x: np.ndarray, images: int, seed: int, batch_size: int = 256
+                      ) -> None:
+    """The Keras twin of :func:`recalibrate_torch`: each BatchNormalization's moving
+    statistics become the mean and variance of its input over ``images`` training images
+    (computed layer by layer, in graph order, from the recalibrated layers before it)."""
+    import keras
+
+    index = np.random.default_rng(seed).choice(len(x), size=min(images, len(x)), replace=False)
+    inputs = (x[index].astype(np.float32) / 255.0)[..., None]
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        probe = keras.Model(model.inputs, layer.input)
+        features = np.concatenate([np.asarray(probe(inputs[s:s + batch_size], training=False))
+                                   for s in range(0, len(inputs), batch_size)])
+        axes = tuple(range(features.ndim - 1))
+        gamma, beta, _, _ = layer.get_weights()
+        layer.set_weights([gamma, beta, features.mean(axis=axes), features.var(axis=axes)])

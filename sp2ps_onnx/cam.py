@@ -42,6 +42,8 @@ method                      raw map for one image, activations ``A`` and gradien
 ``guidedgradcam``           ``M * max_c |G_c|``, ``M`` the Grad-CAM map at the input size
 ``refinecam``               ``prod_l M_l``, ``M_l`` the post-processed Grad-CAM++ map of
                             layer ``l`` of ``layers=[...]`` (RefineCAM)
+``shapleycam``              ``sum_c mean_hw(g - H A / 2) * A``, ``H A`` the Hessian of the
+                            target score at the layer times the activations
 ==========================  =============================================================
 
 Several target layers (:func:`explain_layers`, pytorch-grad-cam's list of
@@ -65,7 +67,9 @@ components), with the formula in its docstring. The entry declares what the meth
 (:class:`CamMethod`): ``"gradient"`` methods get the activations and the gradients of the
 target score, ``"activations"`` methods the activations alone, ``"perturbation"`` methods
 re-run (part of) the model through the CAM model, ``"input"`` methods see the images alone;
-``eigen_smooth=True`` and ``aug_smooth=False`` say which options apply. :data:`METHODS`,
+``eigen_smooth=True`` and ``aug_smooth=False`` say which options apply, and ``backward=(...)``
+which outputs of the backward pass beyond the layer it reads (its one run is then made with
+the model built with them). :data:`METHODS`,
 :data:`GRADIENT_METHODS`, :data:`EIGEN_METHODS`, :data:`PERTURBATION_METHODS`,
 :data:`INPUT_METHODS` and the option lists are derived from the registry once its entries
 below are registered; :func:`explain` looks names up in the registry itself. Adding a method
@@ -109,6 +113,7 @@ __all__ = [
     "CamMethod",
     "UnknownMethodError",
     "ablation_cam",
+    "check_smoothing",
     "deep_feature_factorization",
     "eigen_cam",
     "explain",
@@ -154,6 +159,11 @@ class CamMethod:
     ``eigen_smooth``: the method takes ``eigen_smooth=True`` (pytorch-grad-cam's option:
     the first principal component of the weighted activations replaces their channel sum).
     ``aug_smooth``: :func:`explain` may average its maps over flipped and scaled inputs.
+    ``backward``: :class:`~sp2ps_onnx.graph.BackwardOptions` flags whose outputs the method
+    reads from the run (FullGrad's bias terms, Guided Backprop's input gradient,
+    ShapleyCAM's Hessian-vector product): :func:`explain` then makes its one run with the
+    model built with them (:meth:`~sp2ps_onnx.runtime.CamModel.with_backward`), and
+    ``result`` holds them.
     """
 
     name: str
@@ -161,6 +171,7 @@ class CamMethod:
     needs: Needs
     eigen_smooth: bool = False
     aug_smooth: bool = True
+    backward: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -170,6 +181,7 @@ class CamMethod:
         needs: Needs | None = None,
         eigen_smooth: bool = False,
         aug_smooth: bool = True,
+        backward: tuple[str, ...] = (),
     ) -> CamMethod:
         """The registry entry for ``compute`` (a :class:`CamMethod` as it is)."""
         if isinstance(compute, CamMethod):
@@ -179,7 +191,12 @@ class CamMethod:
                 f"CAM method {name!r}: needs must be 'gradient', 'activations', "
                 f"'perturbation' or 'input', got {needs!r}"
             )
-        return cls(name, compute, needs, bool(eigen_smooth), bool(aug_smooth))
+        if backward and needs != "perturbation":
+            raise TypeError(
+                f"CAM method {name!r}: backward outputs reach only 'perturbation' methods "
+                f"(which get the run's result), not {needs!r} ones"
+            )
+        return cls(name, compute, needs, bool(eigen_smooth), bool(aug_smooth), tuple(backward))
 
 
 #: Every CAM method: name -> :class:`CamMethod`, in the order of :data:`METHODS`.
@@ -299,9 +316,36 @@ def _smoothing(entry: CamMethod, eigen_smooth: bool) -> dict[str, bool]:
     if not entry.eigen_smooth:
         raise InputDataError(
             f"eigen_smooth does not apply to CAM method {entry.name!r} (pytorch-grad-cam "
-            f"ignores it there); use it with one of: {', '.join(EIGEN_SMOOTH_METHODS)}"
+            f"ignores it there); use it (CLI: --eigen-smooth) with one of: "
+            f"{', '.join(EIGEN_SMOOTH_METHODS)}"
         )
     return {"eigen_smooth": True}
+
+
+def check_smoothing(
+    method: str, eigen_smooth: bool = False, aug_smooth: bool = False, raw: bool = False
+) -> None:
+    """Refuse options that do not apply to ``method``, before any model runs.
+
+    ``eigen_smooth`` needs a method of :data:`EIGEN_SMOOTH_METHODS` and ``aug_smooth`` one of
+    :data:`AUG_SMOOTH_METHODS` (where pytorch-grad-cam has them; the registry entry's
+    ``eigen_smooth`` and ``aug_smooth`` flags); ``aug_smooth`` averages post-processed maps,
+    so it cannot give ``raw`` ones. An unknown method is the registry's error.
+
+    Raises:
+        InputDataError: naming the option, the method and the methods it applies to.
+    """
+    entry: CamMethod = CAM_METHODS.get(method)
+    _smoothing(entry, eigen_smooth)
+    if aug_smooth and not entry.aug_smooth:
+        raise InputDataError(
+            f"aug_smooth does not apply to CAM method {method!r}; use it (CLI: --aug-smooth) "
+            f"with one of: {', '.join(AUG_SMOOTH_METHODS)}"
+        )
+    if aug_smooth and raw:
+        raise InputDataError(
+            "aug_smooth averages post-processed maps; it cannot give raw maps (raw=True)"
+        )
 
 
 @lru_cache(maxsize=64)
@@ -992,6 +1036,7 @@ def _backward_sibling(cam_model: Any, **wanted: bool) -> Any:
         "input_gradient": getattr(graph, "input_gradient", None) is not None,
         "guided_input_gradient": getattr(graph, "guided_input_gradient", None) is not None,
         "bias_gradients": bool(getattr(graph, "bias_outputs", None)),
+        "hessian_vector_product": getattr(graph, "hessian_vector", None) is not None,
     }
     if all(present.get(flag, False) for flag, on in wanted.items() if on):
         return cam_model
@@ -1002,6 +1047,19 @@ def _backward_sibling(cam_model: Any, **wanted: bool) -> Any:
             f"build the CamModel with backward=BackwardOptions({_flags(wanted)})"
         )
     return with_backward(**{flag: True for flag, on in wanted.items() if on})
+
+
+def _model_for(entry: CamMethod, cam_model: Any) -> Any:
+    """The model whose one run gives all that ``entry`` reads: ``cam_model`` itself, or
+    its sibling with the method's :attr:`CamMethod.backward` outputs."""
+    flags = {flag: True for flag in entry.backward if not _needless(flag, cam_model)}
+    return _backward_sibling(cam_model, **flags) if flags else cam_model
+
+
+def _needless(flag: str, cam_model: Any) -> bool:
+    # A head that is piecewise linear in the layer has H = 0 almost everywhere, and torch's
+    # double backward returns exactly 0 there: there is no product to build.
+    return flag == "hessian_vector_product" and bool(getattr(cam_model, "hessian_vanishes", False))
 
 
 def _flags(wanted: dict[str, bool]) -> str:
@@ -1024,7 +1082,9 @@ def _summed_scaled_channels(terms: np.ndarray, size: tuple[int, int]) -> np.ndar
     return summed.astype(np.float32)
 
 
-@CAM_METHODS.register("fullgrad", needs="perturbation")
+@CAM_METHODS.register(
+    "fullgrad", needs="perturbation", backward=("bias_gradients", "input_gradient")
+)
 def _fullgrad(
     cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
 ) -> np.ndarray:
@@ -1035,11 +1095,12 @@ def _fullgrad(
     input size. The layer is not used.
 
     The bias and input gradients come from one run of a CamModel built with
-    ``BackwardOptions(bias_gradients=True, input_gradient=True)``: ``cam_model`` itself when it
-    was, else a sibling of it (same file, layer and score) built once and kept on it.
+    ``BackwardOptions(bias_gradients=True, input_gradient=True)``: ``result`` when
+    ``cam_model`` was (as :func:`explain` makes it), else a run of a sibling of it (same
+    file, layer and score) built once and kept on it.
     """
     model = _backward_sibling(cam_model, bias_gradients=True, input_gradient=True)
-    run = model.run(x, targets)
+    run = result if model is cam_model else model.run(x, targets)
     layout = cam_model.layout
     size = tuple(cam_model.input_spatial_size)
     inputs = _channels_first(np.asarray(x, dtype=np.float32), layout)
@@ -1077,22 +1138,31 @@ def guided_backprop(cam_model: Any, x: Any, targets: Any = None) -> tuple[np.nda
     return gradients, np.asarray(run.targets, dtype=np.int64)
 
 
-def _guided_saliency(cam_model: Any, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    gradients, _ = guided_backprop(cam_model, x, targets)
+def _guided_saliency(
+    cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray
+) -> np.ndarray:
+    guided = getattr(result, "guided_input_gradient", None)
+    if guided is None:  # a run of a model without the guided pass: one of its sibling
+        gradients, _ = guided_backprop(cam_model, x, targets)
+    else:
+        gradients = _channels_first(np.asarray(guided, dtype=np.float32), cam_model.layout)
     return np.abs(gradients).max(axis=1)
 
 
-@CAM_METHODS.register("guidedbackprop", needs="perturbation", aug_smooth=False)
+_GUIDED = ("guided_input_gradient",)
+
+
+@CAM_METHODS.register("guidedbackprop", needs="perturbation", aug_smooth=False, backward=_GUIDED)
 def _guidedbackprop(
     cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
 ) -> np.ndarray:
     """``max_c |G_c|``, ``G`` the Guided Backprop input gradient (:func:`guided_backprop`),
     at the input's resolution: the image pytorch-grad-cam's ``GuidedBackpropReLUModel``
     returns, as a one-channel saliency map (Simonyan et al.'s channel maximum)."""
-    return _guided_saliency(cam_model, x, targets)
+    return _guided_saliency(cam_model, x, result, targets)
 
 
-@CAM_METHODS.register("guidedgradcam", needs="perturbation", aug_smooth=False)
+@CAM_METHODS.register("guidedgradcam", needs="perturbation", aug_smooth=False, backward=_GUIDED)
 def _guidedgradcam(
     cam_model: Any, x: np.ndarray, result: Any, targets: np.ndarray, batch_size: int
 ) -> np.ndarray:
@@ -1102,7 +1172,41 @@ def _guidedgradcam(
     ``max_c |M G_c|``, the channel maximum of pytorch-grad-cam's three-channel product."""
     raw = gradient_weighted_cam("gradcam", result.activations, result.gradients)
     mask = postprocess(raw, tuple(cam_model.input_spatial_size))
-    return mask * _guided_saliency(cam_model, x, targets)
+    return mask * _guided_saliency(cam_model, x, result, targets)
+
+
+@CAM_METHODS.register(
+    "shapleycam", needs="perturbation", eigen_smooth=True, backward=("hessian_vector_product",)
+)
+def _shapleycam(
+    cam_model: Any,
+    x: np.ndarray,
+    result: Any,
+    targets: np.ndarray,
+    batch_size: int,
+    eigen_smooth: bool = False,
+) -> np.ndarray:
+    """ShapleyCAM (Cai et al. 2025, as pytorch-grad-cam computes it): ``sum_c w * A``,
+    ``w = mean_hw(g - (H A) / 2)``, ``H A`` the Hessian of the target score with respect to
+    the layer times the activations (a second-order Taylor term of the score's Shapley
+    values).
+
+    ``H A`` comes from the same run of a CamModel built with
+    ``BackwardOptions(hessian_vector_product=True)`` (``result`` as :func:`explain` makes
+    it). Where the head is piecewise linear in the layer (``cam_model.hessian_vanishes``:
+    pooling, linear layers, ReLUs) ``H A`` is 0, as torch returns it, and no product is
+    built: ShapleyCAM is then Grad-CAM. Where a curved head's product cannot be built from
+    the rules, building that model refuses, naming the op.
+    """
+    acts, grads = _single(result.activations, result.gradients)
+    product = getattr(result, "hessian_vector", None)
+    if product is None and not _needless("hessian_vector_product", cam_model):
+        sibling = _backward_sibling(cam_model, hessian_vector_product=True)
+        product = sibling.run(x, targets).hessian_vector
+    weights = _spatial_mean(grads)
+    if product is not None:
+        weights = weights - np.float32(0.5) * _spatial_mean(np.asarray(product, np.float32))
+    return _weighted_sum(weights, acts, eigen_smooth)
 
 
 # --- several layers: pytorch-grad-cam's lists of target layers, and RefineCAM
@@ -1297,11 +1401,12 @@ def _raw_maps(
     eigen_smooth: bool = False,
     aggregate_to: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    result = cam_model.run(x, targets)
+    model = _model_for(CAM_METHODS.get(method), cam_model)
+    result = model.run(x, targets)
     if aggregate_to is not None:  # several layers, averaged at this size
         maps = _aggregated_layers(CAM_METHODS.get(method), result, aggregate_to, eigen_smooth)
         return maps, np.asarray(result.targets, dtype=np.int64), np.asarray(result.score)
-    maps, used = _maps_from_run(cam_model, x, method, result, batch_size, eigen_smooth)
+    maps, used = _maps_from_run(model, x, method, result, batch_size, eigen_smooth)
     return maps, used, np.asarray(result.score)
 
 
@@ -1434,17 +1539,7 @@ def _explain(
     cam_model: Any, x: Any, targets: Any, request: _Request, return_scores: bool
 ) -> tuple[np.ndarray, ...]:
     method, raw, eigen_smooth = request.method, request.raw, request.eigen_smooth
-    entry: CamMethod = CAM_METHODS.get(method)  # an unknown name fails before any model run
-    _smoothing(entry, eigen_smooth)
-    if request.aug_smooth and not entry.aug_smooth:
-        raise InputDataError(
-            f"aug_smooth does not apply to CAM method {method!r}; use it with one of: "
-            f"{', '.join(AUG_SMOOTH_METHODS)}"
-        )
-    if request.aug_smooth and raw:
-        raise InputDataError(
-            "aug_smooth averages post-processed maps; it cannot give raw maps (raw=True)"
-        )
+    check_smoothing(method, eigen_smooth, request.aug_smooth, raw)  # before any model run
     images = np.asarray(x, dtype=np.float32)
     if images.ndim != 4 or images.shape[0] == 0:
         raise InputDataError(

@@ -23,7 +23,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .cam import METHODS
+from .cam import AUG_SMOOTH_METHODS, EIGEN_SMOOTH_METHODS, METHODS
 from .convert import check_converter, needs_conversion, to_onnx
 from .data import PRESETS, open_data, parse_size
 from .errors import InputDataError, LayerNotFoundError, ModelLoadError, Sp2PSError
@@ -170,6 +170,13 @@ def _data_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--method", type=click.Choice(list(METHODS)), default="gradcam",
                      show_default=True, help="CAM method."),
+        click.option("--eigen-smooth", is_flag=True, help="pytorch-grad-cam's eigen_smooth: "
+                     "the first principal component of the weighted activations instead of "
+                     f"their channel sum ({', '.join(EIGEN_SMOOTH_METHODS)})."),
+        click.option("--aug-smooth", is_flag=True, help="pytorch-grad-cam's aug_smooth: the "
+                     "mean map of the image and its horizontal flip, times 0.9, 1 and 1.1 "
+                     "(six times the cost; not "
+                     f"{', '.join(m for m in METHODS if m not in AUG_SMOOTH_METHODS)})."),
         click.option("--target", type=click.Choice(["label", "original", "self"]), default=None,
                      help="Class each CAM explains: the true label, the original model's top-1 "
                      "(for every model), or each model's own top-1. Default: label when the "
@@ -206,6 +213,7 @@ def _cam_options(given: dict[str, Any]) -> CamOptions:
     return CamOptions(method=given["method"], layer=given["layer"],
                       pruned_layer=given.get("pruned_layer"), target=given["target"],
                       allow_domains=given["allow_domains"], grid=_parse_grid(given["grid"]),
+                      eigen_smooth=given["eigen_smooth"], aug_smooth=given["aug_smooth"],
                       cam_layers=_names(given.get("cam_layers")), layers=given.get("layers"))
 
 

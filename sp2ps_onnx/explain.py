@@ -64,7 +64,8 @@ def explain(
             wanted = batch.labels if mode == "label" else None
             maps, targets, scores = cam_model.cams(
                 x, method=cam.method, targets=wanted, size=(prep.height, prep.width),
-                return_scores=True, **({"layers": cam.cam_layers} if cam.cam_layers else {}),
+                return_scores=True, eigen_smooth=cam.eigen_smooth, aug_smooth=cam.aug_smooth,
+                **({"layers": cam.cam_layers} if cam.cam_layers else {}),
             )
             yield CamBatch(
                 ids=batch.ids,

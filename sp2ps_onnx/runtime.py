@@ -436,15 +436,19 @@ class CamModel:
         size: tuple[int, int] | None = None,
         raw: bool = False,
         return_scores: bool = False,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
         layers: Sequence[str] | str | None = None,
     ) -> tuple[np.ndarray, ...]:
         """CAMs (N, H, W) in [0, 1] at the input size (or ``size``), and the targets used.
 
         ``raw=True`` gives the un-normalised maps at feature resolution. With
         ``return_scores=True`` the class scores (N, K) of the same run come third.
+        ``eigen_smooth`` and ``aug_smooth`` are pytorch-grad-cam's options
+        (:func:`sp2ps_onnx.cam.explain`), refused for the methods they do not apply to.
         ``layers`` (tensor or node names, or ``"stages"``): the maps of every layer, from
         one run, averaged as pytorch-grad-cam averages a list of target layers
-        (``refinecam``: multiplied); see :func:`sp2ps_onnx.cam.explain`.
+        (``refinecam``: multiplied); see :func:`sp2ps_onnx.cam.explain_layers`.
         """
         if layers is not None:
             if raw:
@@ -453,7 +457,8 @@ class CamModel:
                     "them (sp2ps_onnx.cam.layer_cams gives each layer's map)"
                 )
             return explain_layers(self, x, layers, method=method, targets=targets, size=size,
-                                  batch_size=self.batch_size, return_scores=return_scores)
+                                  batch_size=self.batch_size, return_scores=return_scores,
+                                  eigen_smooth=eigen_smooth, aug_smooth=aug_smooth)
         return explain(
             self,
             x,
@@ -463,6 +468,8 @@ class CamModel:
             raw=raw,
             batch_size=self.batch_size,
             return_scores=return_scores,
+            eigen_smooth=eigen_smooth,
+            aug_smooth=aug_smooth,
         )
 
     def show(

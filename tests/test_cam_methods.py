@@ -63,6 +63,7 @@ EXPECTED_EIGEN_SMOOTH = (
     "ablationcam",
     "randomcam",
     "finercam",
+    "shapleycam",
 )
 #: Maps in [0, 1] of the tiny net, whose activations both sides take from the same torch model.
 TINY_TOLERANCE = 1e-5

@@ -147,7 +147,7 @@ class BatchScorer:
             options = {"method": spec.cam.method, "size": list(self.map_size),
                        "target": spec.mode, "grid": spec.cam.grid,
                        "preprocessing": dataclasses.asdict(preps[index]),
-                       "faithfulness": figures}
+                       "faithfulness": figures, **_smoothing(spec.cam)}
             if spec.cam.cam_layers or spec.cam.layers:
                 options.update(cam_layers=list(spec.cam.cam_layers), layers=spec.cam.layers)
             self._keys[index] = model_key(models[index], options, providers)
@@ -207,8 +207,8 @@ class BatchScorer:
     def _cams(self, model: Any, x: np.ndarray, targets: np.ndarray | None) -> tuple:
         several = {"layers": self.spec.cam.cam_layers} if self.spec.cam.cam_layers else {}
         maps, used, scores = model.cams(
-            x, method=self.spec.cam.method, targets=targets, size=self.map_size, return_scores=True,
-            **several,
+            x, method=self.spec.cam.method, targets=targets, size=self.map_size,
+            return_scores=True, **_smoothing(self.spec.cam), **several,
         )
         return np.asarray(maps), np.asarray(used, dtype=np.int64), np.asarray(scores)
 
@@ -219,7 +219,8 @@ class BatchScorer:
         a layer was named) takes ``maps`` itself: the same map, so that its Sp2PS is the
         one-layer run's to the last bit."""
         per_layer, _ = layer_cams(model, x, self.spec.cam.method, targets=used,
-                                  size=self.map_size, layers="stages", batch_size=len(x))
+                                  size=self.map_size, layers="stages", batch_size=len(x),
+                                  eigen_smooth=self.spec.cam.eigen_smooth)
         return np.stack([maps if name == str(model.layer) else np.asarray(stage)
                          for name, stage in per_layer.items()])
 
@@ -378,6 +379,11 @@ class BatchScorer:
                        "pruned_map": np.array(e.pruned_map, dtype=np.float32)})
             for e in sorted(chosen.values(), key=lambda e: e.index)
         ]
+
+
+def _smoothing(options: CamOptions) -> dict[str, bool]:
+    """The smoothing options that are on (a pass cache key without them stays as before)."""
+    return {name: True for name in ("eigen_smooth", "aug_smooth") if getattr(options, name)}
 
 
 def _faithfulness_columns(original: FaithfulnessResult | None,

@@ -69,6 +69,12 @@ class CamOptions:
             from outside ONNX Runtime).
         grid: (H, W) patch grid of a token-sequence layer (N, T, C) that the graph does not
             prove (vision transformers); the T - H*W leading class tokens are dropped.
+        eigen_smooth: pytorch-grad-cam's option: the first principal component of the
+            weighted activations replaces their channel sum (methods of
+            :data:`sp2ps_onnx.cam.EIGEN_SMOOTH_METHODS`; refused for the others).
+        aug_smooth: pytorch-grad-cam's option: each map is the mean of those of the image
+            and its horizontal flip, pixel values times 0.9, 1 and 1.1 (six times the cost;
+            methods of :data:`sp2ps_onnx.cam.AUG_SMOOTH_METHODS`; refused for the others).
         cam_layers: several target layers (tensor or node names, the same in every model):
             each model's CAM is the average of its maps at these layers, all from one run,
             as pytorch-grad-cam aggregates a list of target layers
@@ -85,6 +91,8 @@ class CamOptions:
     target: str | None = None
     allow_domains: tuple[str, ...] = ()
     grid: tuple[int, int] | None = None
+    eigen_smooth: bool = False
+    aug_smooth: bool = False
     cam_layers: tuple[str, ...] = ()
     layers: str | None = None
 
@@ -96,10 +104,11 @@ class CamOptions:
             if len(grid) != 2 or min(grid) < 1:
                 raise InputDataError(f"grid {self.grid!r} is not valid; give (rows, columns)")
             object.__setattr__(self, "grid", grid)
-        cam.CAM_METHODS.get(self.method)  # an unknown name: the registry's clear error
+        # An unknown name is the registry's clear error; an option the method does not
+        # take is refused here, before any model is opened.
+        cam.check_smoothing(self.method, self.eigen_smooth, self.aug_smooth)
         if self.target not in (None, "auto"):
             _choose(self.target, TARGET_MODES, "target")
-
 
     def _check_layers(self) -> None:
         cam_layers = (self.cam_layers,) if isinstance(self.cam_layers, str) else self.cam_layers
@@ -117,6 +126,11 @@ class CamOptions:
             raise InputDataError(
                 f"layers={self.layers!r} is not known; layers='stages' scores every "
                 "resolution stage (to average a CAM over named layers, give cam_layers)"
+            )
+        if self.aug_smooth:
+            raise InputDataError(
+                "layers='stages' scores each stage's map from one run; aug_smooth would need "
+                "six runs per stage: drop one of them"
             )
         if self.cam_layers or self.method == "refinecam":
             raise InputDataError(

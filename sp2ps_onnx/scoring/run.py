@@ -350,6 +350,8 @@ def _config(scorer: BatchScorer, source: DataSource, run: RunOptions,
     cam, data, metric = spec.cam, spec.data, spec.metric
     return {
         "method": cam.method,
+        "eigen_smooth": cam.eigen_smooth,
+        "aug_smooth": cam.aug_smooth,
         "layer": cam.layer,
         "pruned_layer": cam.pruned_layer,
         "original_layer": str(scorer.original.layer),
