@@ -382,6 +382,8 @@ def reference_call(method: str, model, layer, x: torch.Tensor, targets, head) ->
     if method == "finercam":
         with FinerCAM(model, [layer]) as explainer:
             return explainer(x)
+    if method == "refinecam":
+        return several_layers_reference(method, model, [layer], x, targets)
     if method in ("guidedbackprop", "guidedgradcam"):
         guided = GuidedBackpropReLUModel(copy.deepcopy(model), device="cpu")
         gradients = np.stack([guided(x[i : i + 1], int(t)) for i, t in enumerate(targets)])
@@ -405,7 +407,46 @@ def reference_call(method: str, model, layer, x: torch.Tensor, targets, head) ->
 #: Methods whose maps are pytorch-grad-cam's up to float32 rounding on the same model (the
 #: methods column reports their largest difference too).
 _COMPARABLE = ("gradcam", "gradcam++", "xgradcam", "hirescam", "gradcam-elementwise",
-               "layercam", "kpcacam", "fem", "fullgrad", "shapleycam", "finercam")
+               "layercam", "kpcacam", "fem", "fullgrad", "shapleycam", "finercam", "refinecam")
+
+
+def several_layers_reference(method: str, model, layers, x: torch.Tensor, targets) -> np.ndarray:
+    """pytorch-grad-cam with a list of target layers (RefineCAM: one base CAM per layer)."""
+    from pytorch_grad_cam import GradCAM, RefineCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    explainer = {"gradcam": GradCAM, "refinecam": RefineCAM}[method](model, target_layers=layers)
+    try:
+        return explainer(x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    finally:
+        for base in getattr(explainer, "base_cam_per_layer", [explainer]):
+            base.activations_and_grads.release()
+
+
+def several_layers_row(method: str, case, options: argparse.Namespace) -> str:
+    """ResNet-18's layer3 and layer4 (the last two stages) from one run of ours against
+    pytorch-grad-cam's list of two target layers."""
+    from sp2ps_onnx.graph import stage_layers
+
+    cam_model, model, _, x, targets, _ = case
+    layers = stage_layers(cam_model.path)[-2:]
+    images = x.numpy()
+    cam_model.cams(images, method=method, targets=targets, layers=layers)  # builds it, untimed
+    counter = CountedRuns()
+    try:
+        t_ours, (ours, _) = best_cpu_seconds_with_result(
+            options.repeats, lambda: cam_model.cams(images, method, targets, layers=layers))
+        runs = counter.calls // options.repeats
+    finally:
+        counter.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_ref, theirs = best_cpu_seconds_with_result(
+            options.repeats, several_layers_reference, method, model,
+            [model.layer3, model.layer4], x, targets)  # fmt: skip
+    ratio = t_ref / t_ours
+    return (f"| {method} (layer3 + layer4) | {runs} | {1e3 * t_ours:.1f} | {1e3 * t_ref:.1f} | "
+            f"{ratio:.{1 if ratio >= 1 else 2}f}x | {float(np.abs(ours - theirs).max()):.1e} |")
 
 
 def best_cpu_seconds_with_result(repeats: int, function: Callable[..., object], *args: object):
@@ -480,6 +521,8 @@ def methods_table(options: argparse.Namespace, rng: np.random.Generator) -> None
         for method in ("gradcam", "shapleycam"):
             label = f"{method} (MobileNetV3-Small, curved head)"
             print(method_row(label, method, cases["mobilenet_v3_small"], options), flush=True)
+        for method in ("gradcam", "refinecam"):
+            print(several_layers_row(method, cases["resnet18"], options), flush=True)
     print()
 
 
