@@ -152,6 +152,20 @@ def test_refinecam_refuses_the_smoothing_options(two_stage) -> None:
     """pytorch-grad-cam's RefineCAM has no aug_smooth, and its eigen_smooth lands in the base
     CAM's aug_smooth parameter; neither is offered here."""
     path, model, modules, tensors, x = two_stage
+    # What pytorch-grad-cam 1.5.7's RefineCAM does with eigen_smooth=True: its base CAMs
+    # average augmented inputs (aug_smooth), and no principal component is taken.
+    targets = [ClassifierOutputTarget(t) for t in (0, 1, 2)]
+    refine = RefineCAM(model, target_layers=modules)
+    bases = [GradCAMPlusPlus(model, target_layers=[m]) for m in modules]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flagged = refine(x, targets, True)
+        augmented = np.prod([base(x, targets, aug_smooth=True) for base in bases], axis=0)
+    for explainer in [*refine.base_cam_per_layer, *bases]:
+        explainer.activations_and_grads.release()
+    low = augmented.min(axis=(1, 2), keepdims=True)
+    expected = (augmented - low) / ((augmented - low).max(axis=(1, 2), keepdims=True) + 1e-7)
+    np.testing.assert_allclose(flagged, expected, atol=1e-6)
     with pytest.raises(InputDataError, match="eigen_smooth"):
         cam.explain_layers(CamModel(path), x.numpy(), tensors, method="refinecam",
                            eigen_smooth=True)
