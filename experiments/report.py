@@ -550,15 +550,17 @@ def _scatter(d: StudyData, path: Path) -> None:
                     axis.scatter([100 * r[key] for r in members], [r["sp2ps"] for r in members],
                                  color=METHOD_COLORS[method], marker=marker, s=28, alpha=0.8,
                                  label=f"{METHOD_LABELS[method]}{', fine-tuned' if tuned else ''}")
-            # The retrain's label sits above its line and the floor's below, so the two
-            # never overlap however close the lines are.
-            for value, name, style, side in ((retrain, "independent retrain", "--", "bottom"),
-                                             (floor, "random floor", ":", "top")):
+            # The retrain's label sits above its line at the left, the floor's below its
+            # line at the right (where the models near the floor never are), so the labels
+            # overlap neither each other nor the points.
+            for value, name, style, side, x, align in (
+                    (retrain, "independent retrain", "--", "bottom", 0.02, "left"),
+                    (floor, "random floor", ":", "top", 0.98, "right")):
                 if value is not None:
                     axis.axhline(value, color="tab:orange" if style == "--" else "tab:red",
                                  linestyle=style, linewidth=1.2)
-                    axis.annotate(f"{name} ({value:.2f})", xy=(0.02, value), fontsize=9,
-                                  xycoords=("axes fraction", "data"), va=side)
+                    axis.annotate(f"{name} ({value:.2f})", xy=(x, value), fontsize=9,
+                                  xycoords=("axes fraction", "data"), va=side, ha=align)
             original = mean_sd(b["accuracy"] for b in d.bases if b["arch"] == arch)[0]
             if key == "accuracy" and original is not None:
                 axis.scatter([100 * original], [1.0], marker="*", s=140, color="black",
