@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import socket
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,11 @@ from .rows import BatchOutput
 
 CONNECT_TIMEOUT = 30.0
 """Seconds :func:`connect` waits for a Ray cluster to answer (``--ray-timeout``)."""
+
+HEAD_LOST_LIMIT = 45.0
+"""The most seconds a run waits for a head that stopped answering mid-run (its
+``--ray-timeout``, at most this): Ray itself ends a driver whose GCS has not answered for
+60 s (``gcs_rpc_server_reconnect_timeout_s``), with no word and no chance to save."""
 
 _INSTALL_HINT = (
     "the Ray backend needs Ray Data; install it with pip install 'sp2ps-onnx[ray]' "
@@ -251,12 +258,16 @@ def run_ray(
     on_output: Callable[[BatchOutput], None],
     quiet: bool = True,
     cache: CacheUse | None = None,
+    resumable: bool = False,
 ) -> None:
     """Score ``source`` from sample ``start`` on with a Ray actor pool; hand each batch's
     :class:`~sp2ps_onnx.scoring.rows.BatchOutput` to ``on_output`` in data order.
 
     Every actor builds the kernel of ``spec`` (:func:`~sp2ps_onnx.scoring.batch.build_scorer`),
-    with the pass cache ``cache`` (a directory every node reads and writes).
+    with the pass cache ``cache`` (a directory every node reads and writes). A head that
+    stops answering mid-run is an error after ``options.connect_timeout`` seconds (at most
+    :data:`HEAD_LOST_LIMIT`), whose message says whether ``on_output`` saves the rows for a
+    resume (``resumable``).
     """
     total = source.size_hint
     if total is None:
@@ -317,8 +328,10 @@ def run_ray(
         num_gpus=gpus_per_worker or None,
     )
     offset = start
+    head = _head_address(ray, options.address)
+    bound = min(options.connect_timeout, HEAD_LOST_LIMIT)
     try:
-        for row in scored.iter_rows():
+        for row in _watched(scored.iter_rows(), head, bound):
             for fault in json.loads(row["faults"]):
                 if all(known.id != fault["id"] for known in source.faults):
                     source.faults.append(DataFault(fault["id"], fault["reason"]))
@@ -327,6 +340,17 @@ def run_ray(
             output = _numbered(BatchOutput.from_bytes(row["output"]), offset)
             offset += int(np.count_nonzero(output.rows["model"] == 0))
             on_output(output)
+    except _HeadLost as lost:
+        kept = (f"the {offset} samples scored so far are saved: run the same command again "
+                "with --resume to continue, on this machine without --ray or on the cluster "
+                "once its head is back" if resumable else
+                "nothing is saved without a checkpoint (sp2ps score --out, "
+                "RunOptions.checkpoint), which --resume continues")
+        raise InputDataError(
+            f"lost the Ray cluster's head at {lost.address}: it has not answered for "
+            f"{lost.seconds:g} s (the head node or its GCS process died, or the network to it "
+            f"failed); {kept}; --ray-timeout sets how long to wait for it"
+        ) from None
     except Exception as exc:
         cause = _own_error(exc, Sp2PSError)
         if cause is not None:
@@ -338,6 +362,109 @@ def run_ray(
                 "workers more memory"
             ) from exc
         raise
+
+
+def _head_address(ray: Any, address: str | None) -> str | None:
+    """The ``host:port`` that answers while the cluster's head is up: its GCS (or, through
+    Ray Client, the client server); ``None`` when unknown."""
+    if address and address.startswith("ray://"):
+        return address.removeprefix("ray://")
+    try:
+        return str(ray.get_runtime_context().gcs_address) or None
+    except Exception:  # noqa: BLE001 - an older Ray, or Ray Client: no watch
+        return None
+
+
+class _HeadLost(Exception):
+    """The head at ``address`` has not answered for ``seconds``."""
+
+    def __init__(self, address: str, seconds: float) -> None:
+        super().__init__(address, seconds)
+        self.address = address
+        self.seconds = seconds
+
+
+class _HeadWatch:
+    """Knocks at the head's port every ``every`` seconds in a daemon thread, and knows for
+    how long it has not answered (a head that died or a network that failed)."""
+
+    def __init__(self, address: str, every: float = 0.5) -> None:
+        host, _, port = address.rpartition(":")
+        self._target = (host, int(port))
+        self._every = every
+        self._down_since: float | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="sp2ps-ray-head", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                socket.create_connection(self._target, timeout=max(self._every, 1.0)).close()
+                self._down_since = None
+            except OSError:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+            self._stop.wait(self._every)
+
+    def down_for(self) -> float:
+        """Seconds since the head stopped answering (0 while it answers)."""
+        since = self._down_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _watched(rows: Iterable[Any], head: str | None, bound: float) -> Iterator[Any]:
+    """The items of ``rows``, read in a daemon thread while :class:`_HeadWatch` watches
+    ``head``: an error once the head has not answered for ``bound`` seconds.
+
+    Ray Data's iterator can wait for a head that is gone until Ray ends the process (60 s,
+    without a word); the caller's thread never waits on it, so it ends the run itself, with
+    a message, and the rows received so far are saved by the caller (``--resume``).
+    """
+    if head is None:
+        yield from rows
+        return
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def offer(kind: str, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put((kind, item), timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for item in rows:
+                if not offer("row", item):
+                    return
+            offer("end", None)
+        except BaseException as exc:  # handed to the caller's thread
+            offer("error", exc)
+
+    watch = _HeadWatch(head)
+    threading.Thread(target=pump, name="sp2ps-ray-rows", daemon=True).start()
+    try:
+        while True:
+            if watch.down_for() >= bound:
+                raise _HeadLost(head, bound)
+            try:
+                kind, item = items.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        watch.close()
 
 
 def _numbered(output: BatchOutput, offset: int) -> BatchOutput:

@@ -233,7 +233,8 @@ def score_models(
             run_ray(original, compared.models, compared.names, source, spec, run.ray,
                     start=collect.done, on_output=collect, quiet=run.quiet,
                     cache=None if run.cache is None else CacheUse(str(run.cache),
-                                                                  tuple(compared.fixed)))
+                                                                  tuple(compared.fixed)),
+                    resumable=store is not None)
         else:
             run_local(scorer, source, collect.done, collect, plan)
     except BaseException:
