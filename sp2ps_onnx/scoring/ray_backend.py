@@ -42,7 +42,11 @@ from .rows import BatchOutput
 CONNECT_TIMEOUT = 30.0
 """Seconds :func:`connect` waits for a Ray cluster to answer (``--ray-timeout``)."""
 
-HEAD_LOST_LIMIT = 45.0
+BATCH_RETRIES = 3
+"""How many times a batch whose worker died (killed by Ray's memory monitor or the system's
+out-of-memory killer, or with its node) is retried before the run fails."""
+
+HEAD_LOST_LIMIT = 40.0
 """The most seconds a run waits for a head that stopped answering mid-run (its
 ``--ray-timeout``, at most this): Ray itself ends a driver whose GCS has not answered for
 60 s (``gcs_rpc_server_reconnect_timeout_s``), with no word and no chance to save."""
@@ -313,7 +317,9 @@ def run_ray(
             override_num_blocks=max(1, min(len(starts), 4 * workers)),
         )
         per_call = 1
-    # Ray Data's actor pools restart killed actors and retry their batches by default.
+    # Ray Data's actor pools restart a killed actor (on the nodes left, after a node loss)
+    # and retry its batches; by default for ever, so a batch that kills its worker every
+    # time (out of memory) would be retried without end and without a word.
     scored = inputs.map_batches(
         ScoreWorker,
         batch_size=per_call,
@@ -326,6 +332,8 @@ def run_ray(
                                "gpus": float(gpus_per_worker),
                                "cache": cache},
         num_gpus=gpus_per_worker or None,
+        max_restarts=-1,
+        max_task_retries=BATCH_RETRIES,
     )
     offset = start
     head = _head_address(ray, options.address)
@@ -355,13 +363,41 @@ def run_ray(
         cause = _own_error(exc, Sp2PSError)
         if cause is not None:
             raise cause from None
-        if _own_error(exc, ray.exceptions.OutOfMemoryError) is not None:
-            raise InputDataError(
-                f"a Ray worker ran out of memory scoring batches of {batch_size} samples "
-                f"({' '.join(str(exc).split())[:200]}); lower --batch-size, or give the "
-                "workers more memory"
-            ) from exc
-        raise
+        died = _worker_died(exc, ray, batch_size)
+        if died is None:
+            raise
+        raise died from exc
+
+
+def _worker_died(exc: BaseException, ray: Any, batch_size: int) -> InputDataError | None:
+    """An error naming ``--batch-size`` when ``exc`` (raised by Ray Data) says that a
+    worker died on every try of a batch; ``None`` for anything else."""
+    reason = _own_error(exc, ray.exceptions.OutOfMemoryError)
+    if reason is not None:
+        return InputDataError(
+            f"a Ray worker ran out of memory scoring batches of {batch_size} samples, "
+            f"{BATCH_RETRIES + 1} times ({_short(reason)}); lower --batch-size, or give the "
+            "workers more memory; --resume continues the run from the rows saved so far"
+        )
+    died = tuple(getattr(ray.exceptions, name) for name in
+                 ("RayActorError", "WorkerCrashedError", "NodeDiedError")
+                 if hasattr(ray.exceptions, name))
+    reason = _own_error(exc, died)
+    if reason is not None:
+        # The system's out-of-memory killer sends SIGKILL, which Ray cannot tell from any
+        # other kill: it reports a worker that died.
+        return InputDataError(
+            f"a Ray worker died {BATCH_RETRIES + 1} times scoring the same batches of "
+            f"{batch_size} samples ({_short(reason)}); a worker that runs out of memory is "
+            "killed (by the system's out-of-memory killer or Ray's memory monitor), so lower "
+            "--batch-size or give the workers more memory; --resume continues the run from "
+            "the rows saved so far"
+        )
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:240]
 
 
 def _head_address(ray: Any, address: str | None) -> str | None:
@@ -477,7 +513,7 @@ def _numbered(output: BatchOutput, offset: int) -> BatchOutput:
     return output
 
 
-def _own_error(exc: BaseException, kind: type) -> BaseException | None:
+def _own_error(exc: BaseException, kind: type | tuple[type, ...]) -> BaseException | None:
     """Our own error inside the wrappers Ray puts around an exception raised in a worker."""
     seen: set[int] = set()
     stack = [exc]
