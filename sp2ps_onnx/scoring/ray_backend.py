@@ -10,8 +10,11 @@ local paths must be readable at the same path on every node). Rows, worst/best c
 and skipped samples come back to the driver in data order and are aggregated there by the
 same step as a local run, so every number is the same.
 
-A killed actor is restarted by Ray and its batch retried; rows carry their sample indices
-and the aggregation refuses lost or duplicated rows.
+A killed actor is restarted by Ray and its batch retried (at most :data:`BATCH_RETRIES`
+times: then an error naming ``--batch-size``, since a worker killed on every try is most
+often out of memory); rows carry their sample indices and the aggregation refuses lost or
+duplicated rows. A head that stops answering mid-run is an error within the connect
+timeout (:data:`HEAD_LOST_LIMIT` at most), after the rows received are handed over.
 """
 
 from __future__ import annotations
