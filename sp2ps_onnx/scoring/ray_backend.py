@@ -296,30 +296,7 @@ def run_ray(
     context.execution_options.preserve_order = True  # rows reach the checkpoint in order
     context.enable_progress_bars = not quiet
     batch_size = spec.batch_size
-    listed = source.object_files()
-    if listed is not None:
-        # Image files in object storage: Ray Data's reader fetches them on the cluster,
-        # ahead of the actors; each actor decodes and scores its batches. A sample's
-        # numbers do not depend on the batch it shares (rows equal a local run's).
-        filesystem, files = listed
-        files = files[start:]
-        inputs = ray.data.read_binary_files(
-            [path for path, _, _ in files], filesystem=filesystem, include_paths=True,
-            # About a batch of files per read task, several tasks per actor at once:
-            # object stores answer each request after tens of milliseconds.
-            override_num_blocks=max(1, -(-len(files) // batch_size)),
-            # Fetching is I/O: the reads take no CPU from the actors, which hold them all
-            # by default (a read waiting for a CPU would wait for ever).
-            num_cpus=0, concurrency=4 * workers,
-        )
-        per_call = batch_size
-    else:
-        starts = list(range(start, total, batch_size))
-        inputs = ray.data.from_items(
-            [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
-            override_num_blocks=max(1, min(len(starts), 4 * workers)),
-        )
-        per_call = 1
+    inputs, per_call = _inputs(ray, source, start, batch_size, workers)
     # Ray Data's actor pools restart a killed actor (on the nodes left, after a node loss)
     # and retry its batches; by default for ever, so a batch that kills its worker every
     # time (out of memory) would be retried without end and without a word.
@@ -370,6 +347,33 @@ def run_ray(
         if died is None:
             raise
         raise died from exc
+
+
+def _inputs(ray: Any, source: Any, start: int, batch_size: int, workers: int) -> tuple[Any, int]:
+    """The Ray Dataset the actors score from sample ``start`` on, and the rows it gives each
+    call: image files in object storage (a batch of files per call), else batch ranges."""
+    listed = source.object_files()
+    if listed is not None:
+        # Image files in object storage: Ray Data's reader fetches them on the cluster,
+        # ahead of the actors; each actor decodes and scores its batches. A sample's
+        # numbers do not depend on the batch it shares (rows equal a local run's).
+        filesystem, files = listed
+        files = files[start:]
+        return ray.data.read_binary_files(
+            [path for path, _, _ in files], filesystem=filesystem, include_paths=True,
+            # About a batch of files per read task, several tasks per actor at once:
+            # object stores answer each request after tens of milliseconds.
+            override_num_blocks=max(1, -(-len(files) // batch_size)),
+            # Fetching is I/O: the reads take no CPU from the actors, which hold them all
+            # by default (a read waiting for a CPU would wait for ever).
+            num_cpus=0, concurrency=4 * workers,
+        ), batch_size
+    total = source.size_hint
+    starts = list(range(start, total, batch_size))
+    return ray.data.from_items(
+        [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
+        override_num_blocks=max(1, min(len(starts), 4 * workers)),
+    ), 1
 
 
 def _worker_died(exc: BaseException, ray: Any, batch_size: int) -> InputDataError | None:
