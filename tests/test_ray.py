@@ -160,13 +160,13 @@ def test_a_killed_actor_loses_and_duplicates_no_row(local_ray, local_report) -> 
 def test_a_worker_killed_on_every_try_is_an_error_naming_batch_size(local_ray,
                                                                     monkeypatch) -> None:
     """A worker killed on every try of its batches, as the system's out-of-memory killer
-    does (SIGKILL: Ray cannot tell it from another kill): Ray retries the batches
-    BATCH_RETRIES times (1 here, to keep the test short), then the run ends with one error
-    that names --batch-size, not Ray's exception or a run retried for ever. (Killed once,
-    the batch's retry completes: test_a_killed_actor_loses_and_duplicates_no_row.)"""
+    does (SIGKILL: Ray cannot tell it from another kill): Ray restarts it and retries its
+    batches WORKER_RESTARTS times (1 here, to keep the test short), then the run ends with
+    one error that names --batch-size, not Ray's exception or a run retried for ever.
+    (Killed once, the retry completes: test_a_killed_actor_loses_and_duplicates_no_row.)"""
     from sp2ps_onnx.scoring import ray_backend
 
-    monkeypatch.setattr(ray_backend, "BATCH_RETRIES", 1)
+    monkeypatch.setattr(ray_backend, "WORKER_RESTARTS", 1)
     killed: list[int] = []
     stop = threading.Event()
 
@@ -190,7 +190,7 @@ def test_a_worker_killed_on_every_try_is_an_error_naming_batch_size(local_ray,
         killer.join()
     assert len(killed) >= 2
     message = str(error.value)
-    assert message.startswith("a Ray worker died 2 times scoring the same batches of 8 samples")
+    assert message.startswith("a Ray worker died 2 times scoring batches of 8 samples")
     assert "lower --batch-size" in message and "--resume" in message
 
 

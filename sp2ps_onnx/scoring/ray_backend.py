@@ -10,8 +10,8 @@ local paths must be readable at the same path on every node). Rows, worst/best c
 and skipped samples come back to the driver in data order and are aggregated there by the
 same step as a local run, so every number is the same.
 
-A killed actor is restarted by Ray and its batch retried (at most :data:`BATCH_RETRIES`
-times: then an error naming ``--batch-size``, since a worker killed on every try is most
+A killed actor is restarted by Ray and its batches retried (at most :data:`WORKER_RESTARTS`
+times: then an error naming ``--batch-size``, since a worker killed again and again is most
 often out of memory); rows carry their sample indices and the aggregation refuses lost or
 duplicated rows. A head that stops answering mid-run is an error within the connect
 timeout (:data:`HEAD_LOST_LIMIT` at most), after the rows received are handed over.
@@ -39,15 +39,16 @@ from ..graph.model_io import load_model
 from .batch import ScorerSpec, build_scorer
 from .cache import CacheUse
 from .models import is_cam_model
-from .options import RayOptions
+from .options import RayOptions, RunOptions
 from .rows import BatchOutput
 
 CONNECT_TIMEOUT = 30.0
 """Seconds :func:`connect` waits for a Ray cluster to answer (``--ray-timeout``)."""
 
-BATCH_RETRIES = 3
-"""How many times a batch whose worker died (killed by Ray's memory monitor or the system's
-out-of-memory killer, or with its node) is retried before the run fails."""
+WORKER_RESTARTS = 3
+"""How many times a scoring actor that died (killed by Ray's memory monitor or the system's
+out-of-memory killer, or with its node) is restarted, its batches retried, before the run
+fails."""
 
 HEAD_LOST_LIMIT = 40.0
 """The most seconds a run waits for a head that stopped answering mid-run (its
@@ -259,23 +260,23 @@ def run_ray(
     names: Sequence[str],
     source: Any,
     spec: ScorerSpec,
-    options: RayOptions,
+    run: RunOptions,
     *,
     start: int,
     on_output: Callable[[BatchOutput], None],
-    quiet: bool = True,
     cache: CacheUse | None = None,
-    resumable: bool = False,
 ) -> None:
-    """Score ``source`` from sample ``start`` on with a Ray actor pool; hand each batch's
-    :class:`~sp2ps_onnx.scoring.rows.BatchOutput` to ``on_output`` in data order.
+    """Score ``source`` from sample ``start`` on with a Ray actor pool (``run.ray``); hand
+    each batch's :class:`~sp2ps_onnx.scoring.rows.BatchOutput` to ``on_output`` in data
+    order (which saves them when ``run.checkpoint`` is set).
 
     Every actor builds the kernel of ``spec`` (:func:`~sp2ps_onnx.scoring.batch.build_scorer`),
     with the pass cache ``cache`` (a directory every node reads and writes). A head that
-    stops answering mid-run is an error after ``options.connect_timeout`` seconds (at most
-    :data:`HEAD_LOST_LIMIT`), whose message says whether ``on_output`` saves the rows for a
-    resume (``resumable``).
+    stops answering mid-run is an error after ``run.ray.connect_timeout`` seconds (at most
+    :data:`HEAD_LOST_LIMIT`).
     """
+    options: RayOptions = run.ray  # type: ignore[assignment]
+    quiet, resumable = run.quiet, run.checkpoint is not None
     total = source.size_hint
     if total is None:
         raise InputDataError(
@@ -299,7 +300,9 @@ def run_ray(
     inputs, per_call = _inputs(ray, source, start, batch_size, workers)
     # Ray Data's actor pools restart a killed actor (on the nodes left, after a node loss)
     # and retry its batches; by default for ever, so a batch that kills its worker every
-    # time (out of memory) would be retried without end and without a word.
+    # time (out of memory) would be retried without end and without a word. The retries
+    # stay unbounded: an actor on a lost node is unreachable for seconds before Ray knows,
+    # and every try in that time counts as one.
     scored = inputs.map_batches(
         ScoreWorker,
         batch_size=per_call,
@@ -312,8 +315,8 @@ def run_ray(
                                "gpus": float(gpus_per_worker),
                                "cache": cache},
         num_gpus=gpus_per_worker or None,
-        max_restarts=-1,
-        max_task_retries=BATCH_RETRIES,
+        max_restarts=WORKER_RESTARTS,
+        max_task_retries=-1,
     )
     offset = start
     head = _head_address(ray, options.address)
@@ -382,8 +385,8 @@ def _worker_died(exc: BaseException, ray: Any, batch_size: int) -> InputDataErro
     reason = _own_error(exc, ray.exceptions.OutOfMemoryError)
     if reason is not None:
         return InputDataError(
-            f"a Ray worker ran out of memory scoring batches of {batch_size} samples, "
-            f"{BATCH_RETRIES + 1} times ({_short(reason)}); lower --batch-size, or give the "
+            f"a Ray worker ran out of memory scoring batches of {batch_size} samples "
+            f"{WORKER_RESTARTS + 1} times ({_short(reason)}); lower --batch-size, or give the "
             "workers more memory; --resume continues the run from the rows saved so far"
         )
     died = tuple(getattr(ray.exceptions, name) for name in
@@ -394,7 +397,7 @@ def _worker_died(exc: BaseException, ray: Any, batch_size: int) -> InputDataErro
         # The system's out-of-memory killer sends SIGKILL, which Ray cannot tell from any
         # other kill: it reports a worker that died.
         return InputDataError(
-            f"a Ray worker died {BATCH_RETRIES + 1} times scoring the same batches of "
+            f"a Ray worker died {WORKER_RESTARTS + 1} times scoring batches of "
             f"{batch_size} samples ({_short(reason)}); a worker that runs out of memory is "
             "killed (by the system's out-of-memory killer or Ray's memory monitor), so lower "
             "--batch-size or give the workers more memory; --resume continues the run from "

@@ -230,11 +230,10 @@ def score_models(
                          ProgressReporter(run.progress, source.size_hint, "score"))
     try:
         if run.ray is not None:
-            run_ray(original, compared.models, compared.names, source, spec, run.ray,
-                    start=collect.done, on_output=collect, quiet=run.quiet,
+            run_ray(original, compared.models, compared.names, source, spec, run,
+                    start=collect.done, on_output=collect,
                     cache=None if run.cache is None else CacheUse(str(run.cache),
-                                                                  tuple(compared.fixed)),
-                    resumable=store is not None)
+                                                                  tuple(compared.fixed)))
         else:
             run_local(scorer, source, collect.done, collect, plan)
     except BaseException:
