@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +141,22 @@ def test_the_spill_folder_goes_with_the_last_table_that_reads_it(run) -> None:
     del result, rows
     gc.collect()
     assert not folder.exists()
+
+
+def test_the_spill_of_a_killed_process_is_removed_by_the_next_one(tmp_path: Path) -> None:
+    """A process killed with SIGKILL cannot remove its spill; the next spill made in the
+    same folder does, and leaves those of living processes alone."""
+    if os.name != "posix":
+        pytest.skip("whether a process lives is asked only on POSIX")
+    script = ("import sys, os, signal; from sp2ps_onnx.scoring.rows import RowSpill; "
+              "spill = RowSpill(sys.argv[1]); print(spill.directory, flush=True); "
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert killed.returncode == -signal.SIGKILL
+    abandoned = Path(killed.stdout.strip())
+    assert abandoned.is_dir()
+    living = RowSpill(tmp_path)
+    assert not abandoned.exists()
+    again = RowSpill(tmp_path)
+    assert living.directory.is_dir() and again.directory.is_dir()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
@@ -282,6 +284,31 @@ _EMPTY_DTYPES = {**dict.fromkeys(ROW_INT_COLUMNS, np.dtype(np.int64)),
                  **dict.fromkeys(ROW_FLOAT_COLUMNS, np.dtype(np.float64)), "id": np.dtype("<U1")}
 
 
+SPILL_PREFIX = "sp2ps-rows-"
+_OWNER = "owner"
+
+
+def remove_abandoned_spills(folder: Path) -> list[Path]:
+    """Remove the spills in ``folder`` whose process is gone without removing them (killed
+    with SIGKILL, or ended by Ray); return them. Only on POSIX, and only the spills made on
+    this host (a shared temporary folder may hold other machines' spills)."""
+    if os.name != "posix":
+        return []  # no harmless way to ask whether a process lives
+    removed = []
+    for spill in folder.glob(f"{SPILL_PREFIX}*"):
+        try:
+            host, pid = (spill / _OWNER).read_text().split()
+            if host != socket.gethostname() or int(pid) == os.getpid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(spill, ignore_errors=True)
+            removed.append(spill)
+        except (OSError, ValueError):
+            continue  # not ours to judge: unreadable, being written, another user's
+    return removed
+
+
 class RowSpill:
     """A run's rows on disk instead of in memory, read back one pruned model at a time.
 
@@ -292,12 +319,16 @@ class RowSpill:
     (:meth:`columns`), and the report keeps memory-mapped columns (:meth:`table`,
     :meth:`keep`), so the driver's memory does not grow with the data. The folder (made
     under ``directory``, by default the system's temporary folder, ``$TMPDIR``) is
-    removed when the spill and every :class:`RowTable` reading it are gone, and at exit.
+    removed when the spill and every :class:`RowTable` reading it are gone, and at exit;
+    the folder of a process killed before that is removed by the next spill made there
+    (:func:`remove_abandoned_spills`).
     """
 
     def __init__(self, directory: str | Path | None = None) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="sp2ps-rows-", dir=directory))
+        self.directory = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=directory))
         self._remove = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+        (self.directory / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
+        remove_abandoned_spills(self.directory.parent)
         # Per model: the (rows, column dtypes) of each batch appended to its file.
         self._records: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
         self._dtypes: dict[int, dict[str, np.dtype]] = {}  # per model, once settled
