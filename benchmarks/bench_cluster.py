@@ -16,7 +16,9 @@ once, and where the time goes, not the models' speed. Each run is a fresh subpro
   start, each opening the 11 models);
 - ``streaming_s``: from the first to the last batch;
 - ``aggregate_s``: after the last batch (aggregation, bootstrap, report objects);
-- ``driver_peak_rss_mb``; ``rows_mb``: the per-sample rows the report keeps;
+- ``driver_peak_rss_mb`` (VmHWM); ``driver_rss_at_peak_mb``: the highest RSS sampled
+  every 0.1 s, split into anonymous, file-backed and shared memory; ``rows_mb``: the per-sample rows the report keeps (on disk,
+  memory-mapped: see ``RowSpill``);
 - ``exactly_once``: every model has each sample index once;
 - ``sp2ps``: per model, to compare the backends.
 """
@@ -28,6 +30,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +41,34 @@ from onnx import numpy_helper
 from benchmarks.bench_score import ROOT, peak_rss
 
 SIZE = 16
+
+
+class RssSampler:
+    """The driver's RSS split at its highest sample (every 0.1 s, in a thread): anonymous
+    memory, mapped files (the data, the spilled rows) and shared memory (Ray's object
+    store, where the workers' outputs arrive)."""
+
+    def __init__(self) -> None:
+        self.peak: dict[str, int] = {"VmRSS": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/self/status") as status:
+                now = {key: int(value.split()[0]) * 1024 for key, value in
+                       (line.split(":", 1) for line in status)
+                       if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+            if now.get("VmRSS", 0) > self.peak["VmRSS"]:
+                self.peak = now
+            self._stop.wait(0.1)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {key: round(value / 2**20, 1) for key, value in self.peak.items()}
+
 RATES = [0.05 + 0.08 * k for k in range(10)]
 
 
@@ -88,6 +119,7 @@ def child(backend: str, root: Path, n: int, nodes: int, batch_size: int) -> None
         cluster.wait_for_nodes()
         ray_options = RayOptions(address=cluster.address, workers=nodes)
     arrivals: list[float] = []
+    sampler = RssSampler()
     started = time.perf_counter()
     report = score_models(
         original, pruned, data, data_options=DataOptions(preset="unit"),
@@ -97,6 +129,8 @@ def child(backend: str, root: Path, n: int, nodes: int, batch_size: int) -> None
         references=ReferenceOptions(floor=False),
     )
     ended = time.perf_counter()
+    peak = peak_rss()  # before the checks below read the report's memory-mapped rows
+    split = sampler.stop()
     once = all(np.array_equal(np.sort(m.rows.columns["index"]), np.arange(n))
                for m in report.models)
     print(json.dumps({
@@ -107,7 +141,8 @@ def child(backend: str, root: Path, n: int, nodes: int, batch_size: int) -> None
         "first_batch_s": round(arrivals[0] - started, 2),
         "streaming_s": round(arrivals[-1] - arrivals[0], 2),
         "aggregate_s": round(ended - arrivals[-1], 2),
-        "driver_peak_rss_mb": round(peak_rss() / 2**20, 1),
+        "driver_peak_rss_mb": round(peak / 2**20, 1),
+        "driver_rss_at_peak_mb": split,
         "exactly_once": once, "rows": sum(len(m.rows) for m in report.models),
         "rows_mb": round(sum(a.nbytes for m in report.models
                              for a in m.rows.columns.values()) / 2**20, 1),

@@ -3,12 +3,14 @@ for the whole module), survives a killed actor, and fails clearly without Ray.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -153,6 +155,43 @@ def test_a_killed_actor_loses_and_duplicates_no_row(local_ray, local_report) -> 
                           **options(ray=RayOptions(workers=2), progress=kill_one_worker))
     assert killed, "no worker was running to be killed"
     assert_same(local_report, remote)
+
+
+def test_a_worker_killed_on_every_try_is_an_error_naming_batch_size(local_ray,
+                                                                    monkeypatch) -> None:
+    """A worker killed on every try of its batches, as the system's out-of-memory killer
+    does (SIGKILL: Ray cannot tell it from another kill): Ray restarts it and retries its
+    batches WORKER_RESTARTS times (1 here, to keep the test short), then the run ends with
+    one error that names --batch-size, not Ray's exception or a run retried for ever.
+    (Killed once, the retry completes: test_a_killed_actor_loses_and_duplicates_no_row.)"""
+    from sp2ps_onnx.scoring import ray_backend
+
+    monkeypatch.setattr(ray_backend, "WORKER_RESTARTS", 1)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_every_worker() -> None:
+        while not stop.is_set():
+            for actor in ray._private.state.actors().values():
+                if ("ScoreWorker" in actor["ActorClassName"] and actor["State"] == "ALIVE"
+                        and actor["Pid"] not in killed):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(actor["Pid"], signal.SIGKILL)
+                        killed.append(actor["Pid"])
+            stop.wait(0.05)
+
+    killer = threading.Thread(target=kill_every_worker, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(InputDataError) as error:
+            score_models(ORIGINAL, PRUNED, DATA, **options(ray=RayOptions(workers=1)))
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) >= 2
+    message = str(error.value)
+    assert message.startswith("a Ray worker died 2 times scoring batches of 8 samples")
+    assert "lower --batch-size" in message and "--resume" in message
 
 
 def test_ray_not_installed_names_the_extra(monkeypatch) -> None:

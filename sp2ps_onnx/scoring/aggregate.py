@@ -19,10 +19,12 @@ from ..runtime import thread_budget
 from .options import MetricOptions
 from .rows import (
     FAITHFULNESS,
+    FAITHFULNESS_COLUMNS,
     FAULTS,
     FLAG_ORIGINAL_CONSTANT,
     FLAG_ORIGINAL_NONFINITE,
     Example,
+    RowSpill,
     RowTable,
     keep_examples,
     keep_moved,
@@ -47,7 +49,7 @@ class Aggregate:
 
 
 def aggregate(
-    rows: dict[str, np.ndarray],
+    rows: dict[str, np.ndarray] | RowSpill,
     candidates: Sequence[Sequence[Example]],
     names: Sequence[str],
     options: MetricOptions,
@@ -58,59 +60,140 @@ def aggregate(
 ) -> Aggregate:
     """Step 2: turn the rows of all batches (any order) into every reported number.
 
-    ``names`` are the pruned models' names; ``candidates`` their worst/best candidates from
-    every batch; ``options`` say how they are aggregated. Each sample index must appear
-    exactly once per model (and, with ``expected``, the indices must be
-    ``0..expected-1``): a lost or duplicated row is an error, never a silently different
-    score. The faults of the models at the positions ``uncounted`` are not counted (the
-    random floor's flat CAMs are what a random network gives, not a fault).
+    ``rows`` are the rows of every pruned model, in memory or in a :class:`RowSpill` (then
+    they are read one model at a time and the report's tables are memory-mapped; the
+    numbers are the same). ``names`` are the pruned models' names; ``candidates`` their
+    worst/best candidates from every batch; ``options`` say how they are aggregated. Each
+    sample index must appear exactly once per model (and, with ``expected``, the indices
+    must be ``0..expected-1``): a lost or duplicated row is an error, never a silently
+    different score. The faults of the models at the positions ``uncounted`` are not
+    counted (the random floor's flat CAMs are what a random network gives, not a fault).
     """
-    order = np.lexsort((rows["index"], rows["model"]))
-    table = {key: value[order] for key, value in rows.items()}
-    summaries, tables, worst, best, moved, faithful = [], [], [], [], [], []
-    stage_tables: list[list[metric.SampleTable]] = []
-    original_faithful = None
-    reference: np.ndarray | None = None
-    for j, name in enumerate(names):
-        lo, hi = np.searchsorted(table["model"], [j, j + 1])
-        cols = {key: value[lo:hi] for key, value in table.items()}
-        reference = _checked_indices(cols["index"], reference, expected, name, names[0])
-        kept = (cols["flags"] & FLAG_ORIGINAL_NONFINITE) == 0
-        if not kept.any():
-            raise InputDataError(
-                "the original model gave NaN or infinite outputs for every sample; check the "
-                "model and the preprocessing (--preset, --mean, --std)"
-            )
-        labels = cols["label"][kept]
-        samples = metric.SampleTable.of_rows(
-            cols["spatial"][kept], cols["spectral"][kept], cols["h"][kept],
-            labels=labels if np.all(labels >= 0) else None,
-            targets=cols["target_original"][kept],
-            pred_original=cols["pred_original"][kept],
-            pred_pruned=cols["pred_pruned"][kept],
-            confidence_original=cols["confidence_original"][kept],
-            confidence_pruned=cols["confidence_pruned"][kept],
-            js_divergence=cols["js_divergence"][kept],
+    source = rows if isinstance(rows, RowSpill) else _RowsInMemory(rows)
+    reference = None
+    if names:
+        first = source.columns(0, ["index"])["index"]
+        reference = _checked_indices(first, None, expected, names[0], names[0])
+
+    def one(j: int) -> _ModelPart:
+        return _model_part(source, j, names, reference,
+                           _Setting(options, candidates, max_listed, j in uncounted))
+
+    # Models side by side (each bootstrap has its own seeded generator, so the numbers do
+    # not depend on the threads; its draws and indexing release the GIL); one model's
+    # columns per thread in memory.
+    threads = min(len(names), thread_budget())
+    if threads <= 1:
+        parts = [one(j) for j in range(len(names))]
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="sp2ps-summary") as pool:
+            parts = list(pool.map(one, range(len(names))))
+    return Aggregate(
+        [p.result for p in parts], [p.table for p in parts], [p.worst for p in parts],
+        [p.best for p in parts], [p.moved for p in parts], [p.faithfulness for p in parts],
+        parts[0].original_faithfulness if parts else None,
+        0 if reference is None else int(reference.size),
+        _fault_summary([p.faults for p in parts], names, max_listed),
+        [p.stages for p in parts] if any(p.stages for p in parts) else [],
+    )
+
+
+class _RowsInMemory:
+    """The rows of all models in one in-memory table, with :class:`RowSpill`'s reading
+    methods (each model's rows sorted by sample index)."""
+
+    def __init__(self, rows: dict[str, np.ndarray]) -> None:
+        order = np.lexsort((rows["index"], rows["model"]))
+        self._table = {key: value[order] for key, value in rows.items()}
+
+    def columns(self, model: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        lo, hi = np.searchsorted(self._table["model"], [model, model + 1])
+        return {key: self._table[key][lo:hi] for key in keys if key in self._table}
+
+    def table(self, model: int) -> dict[str, np.ndarray]:
+        return self.columns(model, list(self._table))
+
+    def keep(self, model: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return arrays
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What :func:`_model_part` needs beyond the rows."""
+
+    options: MetricOptions
+    candidates: Sequence[Sequence[Example]]
+    max_listed: int
+    uncounted: bool
+
+
+@dataclass
+class _ModelPart:
+    """Every reported number of one pruned model."""
+
+    result: Any
+    table: RowTable
+    worst: list[Example]
+    best: list[Example]
+    moved: list[Example]
+    faithfulness: dict[str, float] | None
+    original_faithfulness: dict[str, float] | None
+    faults: dict[int, tuple[int, list[tuple[str, int]]]]  # per fault bit: count, first hits
+    stages: list[Any]  # per stage (layers="stages"; else empty): the stage's Sp2PSResult
+
+
+_AGGREGATED = ("index", "flags", "label", "spatial", "spectral", "h", "target_original",
+               "pred_original", "pred_pruned", "confidence_original", "confidence_pruned",
+               "js_divergence")
+
+
+def _model_part(
+    source: RowSpill | _RowsInMemory, j: int, names: Sequence[str],
+    reference: np.ndarray | None, setting: _Setting,
+) -> _ModelPart:
+    """The numbers of pruned model ``j`` from its rows (read from ``source`` alone)."""
+    cols = source.columns(j, _AGGREGATED)
+    if j:
+        _checked_indices(cols["index"], reference, None, names[j], names[0])
+    kept = (cols["flags"] & FLAG_ORIGINAL_NONFINITE) == 0
+    if not kept.any():
+        raise InputDataError(
+            "the original model gave NaN or infinite outputs for every sample; check the "
+            "model and the preprocessing (--preset, --mean, --std)"
         )
-        summaries.append(samples)
-        if "stage_h" in cols:
-            stage_tables.append(_stage_tables(cols))
-        faithful.append(_faithfulness_means(cols, kept, "pruned"))
-        if original_faithful is None:
-            original_faithful = _faithfulness_means(cols, kept, "original")
-        tables.append(RowTable(name, cols))
-        found = candidates[j] if j < len(candidates) else []
-        w, b = keep_examples(found, options.examples)
-        worst.append(w)
-        best.append(b)
-        moved.append(keep_moved(found, options.examples))
-    results = _summarize_all(summaries, options)
-    faults = _fault_summary(table, names, max_listed, uncounted)
-    flat = _summarize_all([t for per_model in stage_tables for t in per_model], options)
-    count = len(stage_tables[0]) if stage_tables else 0
-    stages = [flat[j * count:(j + 1) * count] for j in range(len(stage_tables))]
-    return Aggregate(results, tables, worst, best, moved, faithful, original_faithful,
-                     0 if reference is None else int(reference.size), faults, stages)
+    every = bool(kept.all())
+    # The kept samples' values (all of them: the columns themselves, not a copy).
+    of_kept = {key: cols[key] if every else cols[key][kept] for key in _AGGREGATED[2:]}
+    labels = of_kept["label"]
+    samples = metric.SampleTable.of_rows(
+        of_kept["spatial"], of_kept["spectral"], of_kept["h"],
+        labels=labels if np.all(labels >= 0) else None,
+        targets=of_kept["target_original"],
+        pred_original=of_kept["pred_original"],
+        pred_pruned=of_kept["pred_pruned"],
+        confidence_original=of_kept["confidence_original"],
+        confidence_pruned=of_kept["confidence_pruned"],
+        js_divergence=of_kept["js_divergence"],
+    )
+    present, means = _faithfulness(source, j, kept)
+    faults = _model_faults(source, j, cols, setting)
+    options = setting.options
+    result = metric.summarize(samples, aggregation=options.aggregation,
+                              n_bootstrap=options.n_bootstrap, seed=options.seed,
+                              config=options.component_config())
+    result.per_sample = source.keep(j, result.per_sample)
+    stage_cols = source.columns(j, ("stage_h", "stage_spatial", "stage_spectral", "stage_flags",
+                                    "label", "target_original"))
+    stages = [] if "stage_h" not in stage_cols else [
+        metric.summarize(table, aggregation=options.aggregation,
+                         n_bootstrap=options.n_bootstrap, seed=options.seed,
+                         config=options.component_config())
+        for table in _stage_tables(stage_cols)]
+    found = setting.candidates[j] if j < len(setting.candidates) else []
+    worst, best = keep_examples(found, options.examples)
+    return _ModelPart(result, RowTable(names[j], source.table(j), present, owner=source),
+                      worst, best, keep_moved(found, options.examples), means["pruned"],
+                      means["original"] if j == 0 else None, faults, stages)
 
 
 def _stage_tables(cols: dict[str, np.ndarray]) -> list[metric.SampleTable]:
@@ -129,17 +212,25 @@ def _stage_tables(cols: dict[str, np.ndarray]) -> list[metric.SampleTable]:
     return tables
 
 
-def _faithfulness_means(
-    cols: dict[str, np.ndarray], kept: np.ndarray, who: str
-) -> dict[str, float] | None:
-    """The mean of each faithfulness figure of ``who`` over the samples where it is defined
-    (ROAD is undefined on some flat maps); ``None`` when it was not measured."""
-    means: dict[str, float] = {}
-    for name in FAITHFULNESS:
-        values = cols[f"{name}_{who}"][kept]
-        finite = values[np.isfinite(values)]
-        means[name] = float(finite.mean()) if finite.size else float("nan")
-    return None if all(np.isnan(v) for v in means.values()) else means
+def _faithfulness(
+    source: RowSpill | _RowsInMemory, j: int, kept: np.ndarray
+) -> tuple[list[str], dict[str, dict[str, float] | None]]:
+    """The faithfulness columns of model ``j`` that hold a value, and the mean of each
+    figure of both models over the samples where it is defined (ROAD is undefined on some
+    flat maps; ``None`` when it was not measured). One column in memory at a time."""
+    present: list[str] = []
+    means: dict[str, dict[str, float] | None] = {}
+    for who in ("original", "pruned"):
+        figures: dict[str, float] = {}
+        for name in FAITHFULNESS:
+            column = source.columns(j, [f"{name}_{who}"])[f"{name}_{who}"]
+            if np.isfinite(column).any():
+                present.append(f"{name}_{who}")
+            values = column[kept]
+            finite = values[np.isfinite(values)]
+            figures[name] = float(finite.mean()) if finite.size else float("nan")
+        means[who] = None if all(np.isnan(v) for v in figures.values()) else figures
+    return [name for name in FAITHFULNESS_COLUMNS if name in present], means
 
 
 def _checked_indices(
@@ -164,44 +255,42 @@ def _checked_indices(
     return reference
 
 
-def _summarize_all(summaries: list[metric.SampleTable], options: MetricOptions) -> list[Any]:
-    """:func:`~sp2ps_onnx.metric.summarize` for every model, models side by side.
-
-    Each model's bootstrap has its own seeded generator, so the numbers do not depend on
-    the threads; its random draws and indexing release the GIL.
-    """
-    def one(table: metric.SampleTable) -> Any:
-        return metric.summarize(table, aggregation=options.aggregation,
-                                n_bootstrap=options.n_bootstrap, seed=options.seed,
-                                config=options.component_config())
-
-    threads = min(len(summaries), thread_budget())
-    if threads <= 1:
-        return [one(kwargs) for kwargs in summaries]
-    with ThreadPoolExecutor(threads, thread_name_prefix="sp2ps-summary") as pool:
-        return list(pool.map(one, summaries))
+def _model_faults(
+    source: RowSpill | _RowsInMemory, j: int, cols: dict[str, np.ndarray], setting: _Setting,
+) -> dict[int, tuple[int, list[tuple[str, int]]]]:
+    """Per fault bit: how many of model ``j``'s rows have it, and the (id, index) of the
+    first ``max_listed`` of them. The original model's faults are properties of the sample,
+    counted once (with the first model); an uncounted model (the random floor) has none."""
+    flags = np.zeros_like(cols["flags"]) if setting.uncounted else cols["flags"]
+    found: dict[int, tuple[int, np.ndarray]] = {}
+    for bit in FAULTS:
+        hit = (flags & bit) != 0
+        if bit in (FLAG_ORIGINAL_NONFINITE, FLAG_ORIGINAL_CONSTANT) and j != 0:
+            hit[:] = False
+        positions = np.flatnonzero(hit)
+        found[bit] = (int(positions.size), positions[: setting.max_listed])
+    if not any(count for count, _ in found.values()):
+        return {bit: (0, []) for bit in found}
+    ids = source.columns(j, ["id"])["id"]  # only read when a row is to be listed
+    return {bit: (count, [(str(ids[i]), int(cols["index"][i])) for i in positions])
+            for bit, (count, positions) in found.items()}
 
 
 def _fault_summary(
-    table: dict[str, np.ndarray], names: Sequence[str], max_listed: int,
-    uncounted: Collection[int],
+    faults: Sequence[dict[int, tuple[int, list[tuple[str, int]]]]], names: Sequence[str],
+    max_listed: int,
 ) -> dict[str, Any]:
+    """The fault counts and the first ``max_listed`` faulty rows (by fault, then model,
+    then sample), from each model's :func:`_model_faults`."""
     counts: dict[str, int] = {}
     listed: list[dict[str, Any]] = []
-    flags = np.where(np.isin(table["model"], list(uncounted)), 0, table["flags"])
     for bit, fault in FAULTS.items():
-        hit = (flags & bit) != 0
-        if bit in (FLAG_ORIGINAL_NONFINITE, FLAG_ORIGINAL_CONSTANT):
-            hit &= table["model"] == 0  # a property of the sample, counted once
-        counts[fault] = int(np.count_nonzero(hit))
-        for i in np.flatnonzero(hit)[: max(0, max_listed - len(listed))]:
-            listed.append({
-                "fault": fault,
-                "id": str(table["id"][i]),
-                "index": int(table["index"][i]),
-                "model": None if bit in (FLAG_ORIGINAL_NONFINITE, FLAG_ORIGINAL_CONSTANT)
-                else names[int(table["model"][i])],
-            })
+        counts[fault] = sum(per_model[bit][0] for per_model in faults)
+        sample_fault = bit in (FLAG_ORIGINAL_NONFINITE, FLAG_ORIGINAL_CONSTANT)
+        for j, per_model in enumerate(faults):
+            for sample_id, index in per_model[bit][1][: max(0, max_listed - len(listed))]:
+                listed.append({"fault": fault, "id": sample_id, "index": index,
+                               "model": None if sample_fault else names[j]})
     total = sum(counts.values())
     return {"counts": counts, "total": total, "samples": listed,
             "listed": len(listed), "truncated": total > len(listed)}

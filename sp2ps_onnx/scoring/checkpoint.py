@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +109,18 @@ class RowStore:
                 f"the interrupted run in {self.directory} skipped unreadable files, so it "
                 "cannot be resumed exactly; delete that folder and start the run again"
             )
-        self._saved_rows = [self._read("rows", k) for k in range(1, self._chunks + 1)]
-        self.done = sum(int(np.count_nonzero(r["model"] == 0)) for r in self._saved_rows)
+        # One chunk in memory at a time: the saved rows may be larger than memory.
+        self.done = sum(int(np.count_nonzero(rows["model"] == 0))
+                        for rows in self.saved_chunks())
+
+    def saved_chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of the interrupted run, one saved chunk at a time, in data order."""
+        for number in range(1, self._chunks + 1):
+            yield self._read("rows", number)
 
     def saved_rows(self) -> dict[str, np.ndarray]:
         """The rows of the interrupted run, in one table."""
-        return concat_rows(self._saved_rows)
+        return concat_rows(list(self.saved_chunks()))
 
     def saved_examples(self, n_models: int) -> list[list[Any]]:
         """The worst/best candidates of the interrupted run, per pruned model."""

@@ -10,8 +10,11 @@ local paths must be readable at the same path on every node). Rows, worst/best c
 and skipped samples come back to the driver in data order and are aggregated there by the
 same step as a local run, so every number is the same.
 
-A killed actor is restarted by Ray and its batch retried; rows carry their sample indices
-and the aggregation refuses lost or duplicated rows.
+A killed actor is restarted by Ray and its batches retried (at most :data:`WORKER_RESTARTS`
+times: then an error naming ``--batch-size``, since a worker killed again and again is most
+often out of memory); rows carry their sample indices and the aggregation refuses lost or
+duplicated rows. A head that stops answering mid-run is an error within the connect
+timeout (:data:`HEAD_LOST_LIMIT` at most), after the rows received are handed over.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import socket
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,11 +39,21 @@ from ..graph.model_io import load_model
 from .batch import ScorerSpec, build_scorer
 from .cache import CacheUse
 from .models import is_cam_model
-from .options import RayOptions
+from .options import RayOptions, RunOptions
 from .rows import BatchOutput
 
 CONNECT_TIMEOUT = 30.0
 """Seconds :func:`connect` waits for a Ray cluster to answer (``--ray-timeout``)."""
+
+WORKER_RESTARTS = 3
+"""How many times a scoring actor that died (killed by Ray's memory monitor or the system's
+out-of-memory killer, or with its node) is restarted, its batches retried, before the run
+fails."""
+
+HEAD_LOST_LIMIT = 40.0
+"""The most seconds a run waits for a head that stopped answering mid-run (its
+``--ray-timeout``, at most this): Ray itself ends a driver whose GCS has not answered for
+60 s (``gcs_rpc_server_reconnect_timeout_s``), with no word and no chance to save."""
 
 _INSTALL_HINT = (
     "the Ray backend needs Ray Data; install it with pip install 'sp2ps-onnx[ray]' "
@@ -245,19 +260,23 @@ def run_ray(
     names: Sequence[str],
     source: Any,
     spec: ScorerSpec,
-    options: RayOptions,
+    run: RunOptions,
     *,
     start: int,
     on_output: Callable[[BatchOutput], None],
-    quiet: bool = True,
     cache: CacheUse | None = None,
 ) -> None:
-    """Score ``source`` from sample ``start`` on with a Ray actor pool; hand each batch's
-    :class:`~sp2ps_onnx.scoring.rows.BatchOutput` to ``on_output`` in data order.
+    """Score ``source`` from sample ``start`` on with a Ray actor pool (``run.ray``); hand
+    each batch's :class:`~sp2ps_onnx.scoring.rows.BatchOutput` to ``on_output`` in data
+    order (which saves them when ``run.checkpoint`` is set).
 
     Every actor builds the kernel of ``spec`` (:func:`~sp2ps_onnx.scoring.batch.build_scorer`),
-    with the pass cache ``cache`` (a directory every node reads and writes).
+    with the pass cache ``cache`` (a directory every node reads and writes). A head that
+    stops answering mid-run is an error after ``run.ray.connect_timeout`` seconds (at most
+    :data:`HEAD_LOST_LIMIT`).
     """
+    options: RayOptions = run.ray  # type: ignore[assignment]
+    quiet, resumable = run.quiet, run.checkpoint is not None
     total = source.size_hint
     if total is None:
         raise InputDataError(
@@ -278,31 +297,12 @@ def run_ray(
     context.execution_options.preserve_order = True  # rows reach the checkpoint in order
     context.enable_progress_bars = not quiet
     batch_size = spec.batch_size
-    listed = source.object_files()
-    if listed is not None:
-        # Image files in object storage: Ray Data's reader fetches them on the cluster,
-        # ahead of the actors; each actor decodes and scores its batches. A sample's
-        # numbers do not depend on the batch it shares (rows equal a local run's).
-        filesystem, files = listed
-        files = files[start:]
-        inputs = ray.data.read_binary_files(
-            [path for path, _, _ in files], filesystem=filesystem, include_paths=True,
-            # About a batch of files per read task, several tasks per actor at once:
-            # object stores answer each request after tens of milliseconds.
-            override_num_blocks=max(1, -(-len(files) // batch_size)),
-            # Fetching is I/O: the reads take no CPU from the actors, which hold them all
-            # by default (a read waiting for a CPU would wait for ever).
-            num_cpus=0, concurrency=4 * workers,
-        )
-        per_call = batch_size
-    else:
-        starts = list(range(start, total, batch_size))
-        inputs = ray.data.from_items(
-            [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
-            override_num_blocks=max(1, min(len(starts), 4 * workers)),
-        )
-        per_call = 1
-    # Ray Data's actor pools restart killed actors and retry their batches by default.
+    inputs, per_call = _inputs(ray, source, start, batch_size, workers)
+    # Ray Data's actor pools restart a killed actor (on the nodes left, after a node loss)
+    # and retry its batches; by default for ever, so a batch that kills its worker every
+    # time (out of memory) would be retried without end and without a word. The retries
+    # stay unbounded: an actor on a lost node is unreachable for seconds before Ray knows,
+    # and every try in that time counts as one.
     scored = inputs.map_batches(
         ScoreWorker,
         batch_size=per_call,
@@ -315,10 +315,14 @@ def run_ray(
                                "gpus": float(gpus_per_worker),
                                "cache": cache},
         num_gpus=gpus_per_worker or None,
+        max_restarts=WORKER_RESTARTS,
+        max_task_retries=-1,
     )
     offset = start
+    head = _head_address(ray, options.address)
+    bound = min(options.connect_timeout, HEAD_LOST_LIMIT)
     try:
-        for row in scored.iter_rows():
+        for row in _watched(scored.iter_rows(), head, bound):
             for fault in json.loads(row["faults"]):
                 if all(known.id != fault["id"] for known in source.faults):
                     source.faults.append(DataFault(fault["id"], fault["reason"]))
@@ -327,17 +331,186 @@ def run_ray(
             output = _numbered(BatchOutput.from_bytes(row["output"]), offset)
             offset += int(np.count_nonzero(output.rows["model"] == 0))
             on_output(output)
+    except _HeadLost as lost:
+        kept = (f"the {offset} samples scored so far are saved: run the same command again "
+                "with --resume to continue, on this machine without --ray or on the cluster "
+                "once its head is back" if resumable else
+                "nothing is saved without a checkpoint (sp2ps score --out, "
+                "RunOptions.checkpoint), which --resume continues")
+        raise InputDataError(
+            f"lost the Ray cluster's head at {lost.address}: it has not answered for "
+            f"{lost.seconds:g} s (the head node or its GCS process died, or the network to it "
+            f"failed); {kept}; --ray-timeout sets how long to wait for it"
+        ) from None
     except Exception as exc:
         cause = _own_error(exc, Sp2PSError)
         if cause is not None:
             raise cause from None
-        if _own_error(exc, ray.exceptions.OutOfMemoryError) is not None:
-            raise InputDataError(
-                f"a Ray worker ran out of memory scoring batches of {batch_size} samples "
-                f"({' '.join(str(exc).split())[:200]}); lower --batch-size, or give the "
-                "workers more memory"
-            ) from exc
-        raise
+        died = _worker_died(exc, ray, batch_size)
+        if died is None:
+            raise
+        raise died from exc
+
+
+def _inputs(ray: Any, source: Any, start: int, batch_size: int, workers: int) -> tuple[Any, int]:
+    """The Ray Dataset the actors score from sample ``start`` on, and the rows it gives each
+    call: image files in object storage (a batch of files per call), else batch ranges."""
+    listed = source.object_files()
+    if listed is not None:
+        # Image files in object storage: Ray Data's reader fetches them on the cluster,
+        # ahead of the actors; each actor decodes and scores its batches. A sample's
+        # numbers do not depend on the batch it shares (rows equal a local run's).
+        filesystem, files = listed
+        files = files[start:]
+        return ray.data.read_binary_files(
+            [path for path, _, _ in files], filesystem=filesystem, include_paths=True,
+            # About a batch of files per read task, several tasks per actor at once:
+            # object stores answer each request after tens of milliseconds.
+            override_num_blocks=max(1, -(-len(files) // batch_size)),
+            # Fetching is I/O: the reads take no CPU from the actors, which hold them all
+            # by default (a read waiting for a CPU would wait for ever).
+            num_cpus=0, concurrency=4 * workers,
+        ), batch_size
+    total = source.size_hint
+    starts = list(range(start, total, batch_size))
+    return ray.data.from_items(
+        [{"start": s, "stop": min(s + batch_size, total)} for s in starts],
+        override_num_blocks=max(1, min(len(starts), 4 * workers)),
+    ), 1
+
+
+def _worker_died(exc: BaseException, ray: Any, batch_size: int) -> InputDataError | None:
+    """An error naming ``--batch-size`` when ``exc`` (raised by Ray Data) says that a
+    worker died on every try of a batch; ``None`` for anything else."""
+    reason = _own_error(exc, ray.exceptions.OutOfMemoryError)
+    if reason is not None:
+        return InputDataError(
+            f"a Ray worker ran out of memory scoring batches of {batch_size} samples "
+            f"{WORKER_RESTARTS + 1} times ({_short(reason)}); lower --batch-size, or give the "
+            "workers more memory; --resume continues the run from the rows saved so far"
+        )
+    died = tuple(getattr(ray.exceptions, name) for name in
+                 ("RayActorError", "WorkerCrashedError", "NodeDiedError")
+                 if hasattr(ray.exceptions, name))
+    reason = _own_error(exc, died)
+    if reason is not None:
+        # The system's out-of-memory killer sends SIGKILL, which Ray cannot tell from any
+        # other kill: it reports a worker that died.
+        return InputDataError(
+            f"a Ray worker died {WORKER_RESTARTS + 1} times scoring batches of "
+            f"{batch_size} samples ({_short(reason)}); a worker that runs out of memory is "
+            "killed (by the system's out-of-memory killer or Ray's memory monitor), so lower "
+            "--batch-size or give the workers more memory; --resume continues the run from "
+            "the rows saved so far"
+        )
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:240]
+
+
+def _head_address(ray: Any, address: str | None) -> str | None:
+    """The ``host:port`` that answers while the cluster's head is up: its GCS (or, through
+    Ray Client, the client server); ``None`` when unknown."""
+    if address and address.startswith("ray://"):
+        return address.removeprefix("ray://")
+    try:
+        return str(ray.get_runtime_context().gcs_address) or None
+    except Exception:  # noqa: BLE001 - an older Ray, or Ray Client: no watch
+        return None
+
+
+class _HeadLost(Exception):
+    """The head at ``address`` has not answered for ``seconds``."""
+
+    def __init__(self, address: str, seconds: float) -> None:
+        super().__init__(address, seconds)
+        self.address = address
+        self.seconds = seconds
+
+
+class _HeadWatch:
+    """Knocks at the head's port every ``every`` seconds in a daemon thread, and knows for
+    how long it has not answered (a head that died or a network that failed)."""
+
+    def __init__(self, address: str, every: float = 0.5) -> None:
+        host, _, port = address.rpartition(":")
+        self._target = (host, int(port))
+        self._every = every
+        self._down_since: float | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="sp2ps-ray-head", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                socket.create_connection(self._target, timeout=max(self._every, 1.0)).close()
+                self._down_since = None
+            except OSError:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+            self._stop.wait(self._every)
+
+    def down_for(self) -> float:
+        """Seconds since the head stopped answering (0 while it answers)."""
+        since = self._down_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _watched(rows: Iterable[Any], head: str | None, bound: float) -> Iterator[Any]:
+    """The items of ``rows``, read in a daemon thread while :class:`_HeadWatch` watches
+    ``head``: an error once the head has not answered for ``bound`` seconds.
+
+    Ray Data's iterator can wait for a head that is gone until Ray ends the process (60 s,
+    without a word); the caller's thread never waits on it, so it ends the run itself, with
+    a message, and the rows received so far are saved by the caller (``--resume``).
+    """
+    if head is None:
+        yield from rows
+        return
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def offer(kind: str, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put((kind, item), timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for item in rows:
+                if not offer("row", item):
+                    return
+            offer("end", None)
+        except BaseException as exc:  # handed to the caller's thread
+            offer("error", exc)
+
+    watch = _HeadWatch(head)
+    threading.Thread(target=pump, name="sp2ps-ray-rows", daemon=True).start()
+    try:
+        while True:
+            if watch.down_for() >= bound:
+                raise _HeadLost(head, bound)
+            try:
+                kind, item = items.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        watch.close()
 
 
 def _numbered(output: BatchOutput, offset: int) -> BatchOutput:
@@ -350,7 +523,7 @@ def _numbered(output: BatchOutput, offset: int) -> BatchOutput:
     return output
 
 
-def _own_error(exc: BaseException, kind: type) -> BaseException | None:
+def _own_error(exc: BaseException, kind: type | tuple[type, ...]) -> BaseException | None:
     """Our own error inside the wrappers Ray puts around an exception raised in a worker."""
     seen: set[int] = set()
     stack = [exc]

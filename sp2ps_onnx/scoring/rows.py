@@ -11,8 +11,15 @@ checkpoint and the Ray backend.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import mmap
+import os
+import shutil
+import socket
+import tempfile
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,20 +48,35 @@ class RowTable(Sequence[dict[str, Any]]):
     """The per-sample rows of one pruned model, stored as columns.
 
     Indexing or iterating gives one dict per sample (the columns of ``per_sample.csv``);
-    memory is a few numbers per sample, not a Python dict per sample.
+    memory is a few numbers per sample, not a Python dict per sample. The columns of a
+    run's report are memory-mapped files of a :class:`RowSpill` (``owner``, kept alive with
+    the table): iterating reads them a chunk at a time, so writing ``per_sample.csv`` does
+    not bring every model's rows into memory. ``faithfulness``: the faithfulness columns
+    that hold a value (computed from the columns when not given).
     """
 
-    def __init__(self, model: str, columns: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: str, columns: dict[str, np.ndarray],
+                 faithfulness: Sequence[str] | None = None, owner: Any = None) -> None:
         self.model = model
         self.columns = columns
+        self._owner = owner
         # The faithfulness figures are columns of the rows only when they were measured.
         self.faithfulness = tuple(
             name for name in FAITHFULNESS_COLUMNS
             if name in columns and np.isfinite(columns[name]).any()
-        )
+        ) if faithfulness is None else tuple(faithfulness)
 
     def __len__(self) -> int:
         return int(self.columns["index"].size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(self), _ROWS_PER_READ):
+            stop = min(len(self), start + _ROWS_PER_READ)
+            chunk = RowTable(self.model, {key: _read_part(column, start, stop)
+                                          for key, column in self.columns.items()},
+                             self.faithfulness)
+            for i in range(stop - start):
+                yield chunk[i]
 
     def __getitem__(self, item: Any) -> Any:
         if isinstance(item, slice):
@@ -79,6 +101,20 @@ class RowTable(Sequence[dict[str, Any]]):
             "fault": fault_names(int(c["flags"][item])),
             **{name: float(c[name][item]) for name in self.faithfulness},
         }
+
+
+_ROWS_PER_READ = 4096
+
+
+def _read_part(column: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``column[start:stop]`` in memory; a memory-mapped column is read from its file, so
+    that the pages of a whole column never stay mapped into this process."""
+    # Only a map of the file itself: a view's ``offset`` is its parent's.
+    if (isinstance(column, np.memmap) and isinstance(column.base, mmap.mmap)
+            and column.filename and column.ndim == 1):
+        return np.fromfile(column.filename, dtype=column.dtype, count=stop - start,
+                           offset=int(column.offset) + start * column.dtype.itemsize)
+    return np.asarray(column[start:stop])
 
 
 # Per-row fault flags. A sample whose original model gives NaN/Inf has no reference CAM and
@@ -248,3 +284,166 @@ def merge_candidates(kept: list[Example], found: list[Example], k: int) -> list[
     worst, best = keep_examples(both, k)
     chosen = worst + best + keep_moved(both, k)
     return sorted({e.index: e for e in chosen}.values(), key=lambda e: e.index)
+
+
+_EMPTY_DTYPES = {**dict.fromkeys(ROW_INT_COLUMNS, np.dtype(np.int64)),
+                 **dict.fromkeys(ROW_FLOAT_COLUMNS, np.dtype(np.float64)), "id": np.dtype("<U1")}
+
+
+SPILL_PREFIX = "sp2ps-rows-"
+_OWNER = "owner"
+
+
+def remove_abandoned_spills(folder: Path) -> list[Path]:
+    """Remove the spills in ``folder`` whose process is gone without removing them (killed
+    with SIGKILL, or ended by Ray); return them. Only on POSIX, and only the spills made on
+    this host (a shared temporary folder may hold other machines' spills)."""
+    if os.name != "posix":
+        return []  # no harmless way to ask whether a process lives
+    removed = []
+    for spill in folder.glob(f"{SPILL_PREFIX}*"):
+        try:
+            host, pid = (spill / _OWNER).read_text().split()
+            if host != socket.gethostname() or int(pid) == os.getpid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(spill, ignore_errors=True)
+            removed.append(spill)
+        except (OSError, ValueError):
+            continue  # not ours to judge: unreadable, being written, another user's
+    return removed
+
+
+class RowSpill:
+    """A run's rows on disk instead of in memory, read back one pruned model at a time.
+
+    The rows are a few numbers per sample and pruned model (about 300 bytes: 141 MB for
+    50k images and 10 models, gigabytes for millions of images). The driver appends each
+    batch's rows here as they arrive (:meth:`add`: one file per model); the aggregation
+    reads back the columns it needs of one model at a time, sorted by sample index
+    (:meth:`columns`), and the report keeps memory-mapped columns (:meth:`table`,
+    :meth:`keep`), so the driver's memory does not grow with the data. The folder (made
+    under ``directory``, by default the system's temporary folder, ``$TMPDIR``) is
+    removed when the spill and every :class:`RowTable` reading it are gone, and at exit;
+    the folder of a process killed before that is removed by the next spill made there
+    (:func:`remove_abandoned_spills`).
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=directory))
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+        (self.directory / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
+        remove_abandoned_spills(self.directory.parent)
+        # Per model: the (rows, column dtypes) of each batch appended to its file.
+        self._records: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+        self._dtypes: dict[int, dict[str, np.dtype]] = {}  # per model, once settled
+        # The columns kept: ROW_COLUMNS, and a per-stage run's STAGE_COLUMNS (rows, stages)
+        # with their trailing shape, fixed by the first batch.
+        self._keys: tuple[str, ...] = ROW_COLUMNS
+        self._trailing: dict[str, tuple[int, ...]] = {}
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        """Append a batch's rows (:data:`ROW_COLUMNS`, and :data:`STAGE_COLUMNS` when
+        present; any models, any order)."""
+        models = np.asarray(rows["model"])
+        if not self._records:
+            self._keys = ROW_COLUMNS + tuple(k for k in STAGE_COLUMNS if k in rows)
+            self._trailing = {k: np.asarray(rows[k]).shape[1:] for k in self._keys}
+        for model in np.unique(models).tolist():
+            if model in self._dtypes:
+                raise ValueError(f"rows of model #{model} added after they were read back")
+            mine = models == model
+            part = [np.ascontiguousarray(np.asarray(rows[key])[mine]) for key in self._keys]
+            with open(self._records_path(model), "ab") as handle:
+                for column in part:
+                    handle.write(column.tobytes())
+            self._records.setdefault(model, []).append(
+                (int(part[0].shape[0]), tuple(column.dtype.str for column in part)))
+
+    def discard(self) -> None:
+        """Remove the folder now (a run that failed)."""
+        self._remove()
+
+    def columns(self, model: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The columns ``keys`` of ``model``'s rows in memory, in the order of a stable sort
+        by sample index (the order of :func:`numpy.lexsort` on the whole table)."""
+        dtypes = self._settle(model)
+        return {key: np.fromfile(self._column_path(model, key), dtype=dtypes[key]).reshape(
+                    (-1, *self._trailing.get(key, ()))) for key in keys if key in dtypes}
+
+    def table(self, model: int) -> dict[str, np.ndarray]:
+        """Every column of ``model``'s rows, memory-mapped (nothing read until used)."""
+        dtypes = self._settle(model)
+        return {key: self._mapped(self._column_path(model, key), dtype,
+                                  self._trailing.get(key, ()))
+                for key, dtype in dtypes.items()}
+
+    def keep(self, model: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``arrays`` (per-sample values of ``model``) written here and memory-mapped."""
+        kept = {}
+        for key, array in arrays.items():
+            path = self.directory / f"model-{model}" / f"kept-{key}.bin"
+            np.ascontiguousarray(array).tofile(path)
+            kept[key] = self._mapped(path, array.dtype)
+        return kept
+
+    @staticmethod
+    def _mapped(path: Path, dtype: np.dtype, trailing: tuple[int, ...] = ()) -> np.ndarray:
+        width = int(np.prod(trailing)) if trailing else 1
+        size = path.stat().st_size // max(1, dtype.itemsize * width)
+        if size == 0:
+            return np.empty((0, *trailing), dtype=dtype)  # an empty file cannot be mapped
+        return np.memmap(path, dtype=dtype, mode="r", shape=(size, *trailing))
+
+    def _records_path(self, model: int) -> Path:
+        return self.directory / f"model-{model}.rows"
+
+    def _column_path(self, model: int, key: str) -> Path:
+        return self.directory / f"model-{model}" / f"{key}.bin"
+
+    def _settle(self, model: int) -> dict[str, np.dtype]:
+        """Turn ``model``'s batches into one file per column, sorted by sample index (once).
+
+        A column's dtype is that of :func:`numpy.concatenate` of its batches (the widest
+        sample id, say), as the rows of an in-memory run have.
+        """
+        if model in self._dtypes:
+            return self._dtypes[model]
+        records = self._records.get(model, [])
+        keys = self._keys if records else ROW_COLUMNS
+        dtypes = {
+            key: np.result_type(*(np.dtype(stored[k]) for _, stored in records))
+            if records else _EMPTY_DTYPES[key]
+            for k, key in enumerate(keys)
+        }
+        (self.directory / f"model-{model}").mkdir()
+        outputs = {key: open(self._column_path(model, key), "wb") for key in keys}
+        try:
+            if records:
+                with open(self._records_path(model), "rb") as handle:
+                    for size, stored in records:
+                        for key, dtype in zip(keys, map(np.dtype, stored), strict=True):
+                            width = int(np.prod(self._trailing.get(key, ()))) or 1
+                            column = np.frombuffer(
+                                handle.read(size * width * dtype.itemsize), dtype)
+                            outputs[key].write(column.astype(dtypes[key], copy=False).tobytes())
+                self._records_path(model).unlink()
+        finally:
+            for output in outputs.values():
+                output.close()
+        self._dtypes[model] = dtypes
+        self._sort(model)
+        return dtypes
+
+    def _sort(self, model: int) -> None:
+        """Sort ``model``'s column files by sample index, stably, one column at a time
+        (rows arrive in data order, so there is usually nothing to do)."""
+        index = self.columns(model, ["index"])["index"]
+        if index.size < 2 or not np.any(index[1:] < index[:-1]):
+            return
+        order = np.argsort(index, kind="stable")
+        del index
+        for key in self._dtypes[model]:
+            column = np.ascontiguousarray(self.columns(model, [key])[key][order])
+            column.tofile(self._column_path(model, key))

@@ -34,7 +34,7 @@ from .models import ModelLike, model_hash, model_info, model_source, package_ver
 from .options import CamOptions, DataOptions, MetricOptions, ReferenceOptions, RunOptions
 from .ray_backend import run_ray
 from .result import ModelScore, ScoreReport, jsonable, stage_scores
-from .rows import BatchOutput, Example, concat_rows, merge_candidates
+from .rows import BatchOutput, Example, RowSpill, merge_candidates
 
 DataLike = DataSource | str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Iterable[Any]
 
@@ -124,12 +124,13 @@ def run_local(
 
 
 class _Collector:
-    """Receives every batch's output in data order: keeps the rows and the candidates,
-    saves them to the checkpoint and reports progress."""
+    """Receives every batch's output in data order: keeps the rows (on disk, in a
+    :class:`RowSpill`) and the candidates, saves them to the checkpoint and reports
+    progress."""
 
     def __init__(self, n_models: int, examples: int, store: RowStore | None,
                  source: DataSource, progress: ProgressReporter) -> None:
-        self.parts: list[dict[str, np.ndarray]] = []
+        self.rows = RowSpill()
         self.candidates: list[list[Example]] = [[] for _ in range(n_models)]
         self.done = 0
         self.examples = examples
@@ -137,12 +138,13 @@ class _Collector:
         self.source = source
         self.progress = progress
         if store is not None and store.done:
-            self.parts.append(store.saved_rows())
+            for rows in store.saved_chunks():
+                self.rows.add(rows)
             self.candidates = store.saved_examples(n_models)
             self.done = store.done
 
     def __call__(self, output: BatchOutput) -> None:
-        self.parts.append(output.rows)
+        self.rows.add(output.rows)
         for j, found in enumerate(output.examples):
             self.candidates[j] = merge_candidates(self.candidates[j], found, self.examples)
         self.done += int(np.count_nonzero(output.rows["model"] == 0))
@@ -154,6 +156,8 @@ class _Collector:
         """Close the progress bar and save what is left (on Ctrl-C too: every finished
         batch is kept for a resume)."""
         self.progress.close()
+        if failed:
+            self.rows.discard()
         if self.store is None:
             return
         self.store.flush()
@@ -226,8 +230,8 @@ def score_models(
                          ProgressReporter(run.progress, source.size_hint, "score"))
     try:
         if run.ray is not None:
-            run_ray(original, compared.models, compared.names, source, spec, run.ray,
-                    start=collect.done, on_output=collect, quiet=run.quiet,
+            run_ray(original, compared.models, compared.names, source, spec, run,
+                    start=collect.done, on_output=collect,
                     cache=None if run.cache is None else CacheUse(str(run.cache),
                                                                   tuple(compared.fixed)))
         else:
@@ -240,7 +244,7 @@ def score_models(
         skipped = "".join(f"; skipped {f.id}: {f.reason}" for f in source.faults[:3])
         raise InputDataError(f"no samples were read from {source.description}{skipped}")
     floors = [j for j, role in enumerate(compared.roles) if role == FLOOR]
-    result = aggregate(concat_rows(collect.parts), collect.candidates, compared.names[1:],
+    result = aggregate(collect.rows, collect.candidates, compared.names[1:],
                        metric, expected=collect.done, uncounted=floors)
     report = _report(original, compared, scorer, source, result, run, providers)
     if cache is not None:
