@@ -426,7 +426,26 @@ def _bundled(d: StudyData) -> list[str]:
             f"\"accuracy kept, attention moved\" by this page's rule (within 1 point, ≥ "
             f"{MOVED} drop). For scale, the independent retrains of this study score "
             f"{_f(min(retrain) if retrain else None)}–{_f(max(retrain) if retrain else None)}.",
-            ""]
+            "", *_kept_and_moved(d)]
+
+
+def _kept_and_moved(d: StudyData) -> list[str]:
+    """How many of the study's pruned models are like the bundled case: the first round
+    found none and said so; this is the same count on this round's models."""
+    lines = []
+    for band in (1.0, 2.0):
+        hits = sorted((r for r in d.pruned if r["accuracy_original"] is not None
+                       and 100 * (r["accuracy_original"] - r["accuracy"]) <= band
+                       and r["sp2ps"] <= 1 - MOVED), key=lambda r: r["sp2ps"])
+        names = ", ".join(f"`{r['name']}` ({r['sp2ps']:.3f}, "
+                          f"{100 * (r['accuracy'] - r['accuracy_original']):+.2f} pts)"
+                          for r in hits[:8])
+        lines.append(f"- Pruned models of this study within {band:g} point{'s' if band != 1 else ''} of their "
+                     f"original's accuracy whose Sp2PS is ≤ {1 - MOVED:.2f}: {len(hits)} of "
+                     f"{len(d.pruned)}" + (f"; lowest: {names}" if hits else "") + ".")
+    return ["The first round found no pruned model that kept its accuracy within 1 point "
+            "while its Sp2PS dropped by 0.15; the bundled model is one, and in this round:",
+            "", *lines, ""]
 
 
 def _cross_framework(d: StudyData) -> list[str]:
@@ -499,7 +518,8 @@ def _provenance(d: StudyData) -> list[str]:
     wall = (max(ends) - min(starts)).total_seconds() if ends else 0.0
     lines = ["## How these numbers were produced", "",
              f"- Machine: {env['cpu']}, {env['cores']} CPU cores, {env['system']}, "
-             f"Python {env['python']}.",
+             f"Python {env['python']}. The load average at the end of each stage (below) "
+             "shows how busy the machine was: above 2, other jobs shared the two cores.",
              f"- Wall-clock time of the whole run, from the first stage's start to the last "
              f"stage's end: {wall / 60:.0f} min. Stages of different architectures ran as "
              f"parallel processes, two at a time on the two cores (stage times add up to "
