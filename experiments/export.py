@@ -226,8 +226,7 @@ def _pair_figure(data: dict, manifest: Any, store: ScoreStore, pair: analysis.Pa
     images = data["x_test"][picks]
     maps = []
     for name in names:
-        model = CamModel(manifest.entries[name].path if name == pair.base
-                         else _model_path(manifest, name), providers=["CPUExecutionProvider"])
+        model = CamModel(_model_path(manifest, name), providers=["CPUExecutionProvider"])
         x = Preprocessing.for_model(model, "unit")(images)
         maps.append(model.cams(x, method=config.cam_method, targets=data["y_test"][picks])[0])
     fig, axes = plt.subplots(len(picks), 4, figsize=(7.6, 2.0 * len(picks)), squeeze=False)

@@ -126,9 +126,10 @@ def _options(config: StudyConfig) -> dict[str, Any]:
 
 
 def _score(original: str, entries: list[Any], test_file: Path, config: StudyConfig,
-           store: ScoreStore, floor_name: str, log: Log) -> None:
-    """One score_models call for ``entries`` against ``original``; on failure, one by one,
-    so the model the engine cannot score carries its error and the others their scores."""
+           store: ScoreStore, original_name: str, log: Log) -> None:
+    """One score_models call for ``entries`` against ``original`` (recorded as
+    ``original_name``, its floor as ``original_name-floor``); on failure, one by one, so the
+    model the engine cannot score carries its error and the others their scores."""
     from sp2ps_onnx.scoring import file_sha256, score_models
 
     original_sha = file_sha256(original)
@@ -145,7 +146,7 @@ def _score(original: str, entries: list[Any], test_file: Path, config: StudyConf
             return
         log(f"  the call failed ({_error_text(exc)}); scoring the models one by one")
         for entry in entries:
-            _score(original, [entry], test_file, config, store, floor_name, log)
+            _score(original, [entry], test_file, config, store, original_name, log)
         return
     for entry, model_score in pairs:
         store.put(entry.name, _record(model_score, (file_sha256(entry.path), original_sha)))
@@ -153,8 +154,9 @@ def _score(original: str, entries: list[Any], test_file: Path, config: StudyConf
         log(f"  {entry.name}: Sp2PS {model_score.sp2ps:.3f}, accuracy "
             f"{100 * model_score.result.accuracy_pruned:.2f} %")
     if report.floor is not None:
-        store.put(floor_name, {**_record(report.floor, ("", original_sha)), "kind": "floor"})
-    store.put(f"{floor_name.removesuffix('-floor')}", {
+        store.put(f"{original_name}-floor",
+                  {**_record(report.floor, ("", original_sha)), "kind": "floor"})
+    store.put(original_name, {
         "sha256": original_sha, "accuracy": _clean(report.accuracy_original),
         "parameters": int(report.original.parameters), "file_size": report.original.file_size,
         "layer": report.original.layer, "n": int(report.n),
@@ -197,7 +199,7 @@ def score_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, log
             if not todo:
                 continue
             started = time.time()
-            _score(original.path, todo, test_file, config, store, f"{original.name}-floor", log)
+            _score(original.path, todo, test_file, config, store, original.name, log)
             log(f"  {original.name}: {time.time() - started:.0f} s")
     _score_bundled(test_file, config, store, log)
 
@@ -218,4 +220,4 @@ def _score_bundled(test_file: Path, config: StudyConfig, store: ScoreStore, log:
             np.load(test_file)["y"]):
         return
     entry = SimpleNamespace(name="bundled-l1filter25", path=pruned)
-    _score(original, [entry], test_file, config, store, "bundled-floor", log)
+    _score(original, [entry], test_file, config, store, "bundled", log)

@@ -178,22 +178,24 @@ def _model_part(
     present, means = _faithfulness(source, j, kept)
     faults = _model_faults(source, j, cols, setting)
     options = setting.options
-    result = metric.summarize(samples, aggregation=options.aggregation,
-                              n_bootstrap=options.n_bootstrap, seed=options.seed,
-                              config=options.component_config())
+    result = _summary(samples, options)
     result.per_sample = source.keep(j, result.per_sample)
     stage_cols = source.columns(j, ("stage_h", "stage_spatial", "stage_spectral", "stage_flags",
                                     "label", "target_original"))
     stages = [] if "stage_h" not in stage_cols else [
-        metric.summarize(table, aggregation=options.aggregation,
-                         n_bootstrap=options.n_bootstrap, seed=options.seed,
-                         config=options.component_config())
-        for table in _stage_tables(stage_cols)]
+        _summary(table, options) for table in _stage_tables(stage_cols)]
     found = setting.candidates[j] if j < len(setting.candidates) else []
     worst, best = keep_examples(found, options.examples)
     return _ModelPart(result, RowTable(names[j], source.table(j), present, owner=source),
                       worst, best, keep_moved(found, options.examples), means["pruned"],
                       means["original"] if j == 0 else None, faults, stages)
+
+
+def _summary(table: metric.SampleTable, options: MetricOptions) -> Any:
+    """One table's Sp2PSResult, aggregated as ``options`` say."""
+    return metric.summarize(table, aggregation=options.aggregation,
+                            n_bootstrap=options.n_bootstrap, seed=options.seed,
+                            config=options.component_config())
 
 
 def _stage_tables(cols: dict[str, np.ndarray]) -> list[metric.SampleTable]:
