@@ -21,11 +21,12 @@ class StudyConfig:
     train_images: int | None = None  # None: all 60,000
     test_images: int | None = None  # None: all 10,000 (scoring and accuracy)
     seeds: int = 3  # base models per architecture; each is the others' independent retrain
-    epochs: float = 15
+    epochs: float = 20
     batch_size: int = 256
     optimizer: str = "sgd"  # Nesterov SGD with decoupled weight decay (experiments.train)
     learning_rate: float = 0.05
     flip: bool = True  # random horizontal flips while training (label-preserving here)
+    shift: int = 2  # random translations of up to 2 pixels while training
     finetune_epochs: float = 2
     finetune_learning_rate: float = 1e-3
     recalibration_images: int = 4096  # BatchNorm statistics re-estimated after pruning

@@ -153,10 +153,11 @@ def _fit(model, arch: str, data: dict, epochs: float, lr: float, seed: int, conf
          log: Log, masks=None, optimizer: str = "adam") -> None:
     if arch.startswith("keras"):
         train_keras(model, data["x_train"], data["y_train"], epochs, lr, seed, config.batch_size,
-                    log, masks=masks, flip=config.flip, optimizer=optimizer)
+                    log, masks=masks, flip=config.flip, optimizer=optimizer,
+                    shift=config.shift)
     else:
         train_torch(model, data["x_train"], data["y_train"], epochs, lr, seed, config.batch_size,
-                    log, flip=config.flip, optimizer=optimizer)
+                    log, flip=config.flip, optimizer=optimizer, shift=config.shift)
 
 
 def _train_one(arch: str, data: dict, config: StudyConfig, seed: int, log: Log):

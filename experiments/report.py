@@ -198,11 +198,18 @@ def _bases(d: StudyData) -> list[str]:
     return ["## Base models", "",
             f"Trained on {c['train_images'] or 60000:,} training images for {c['epochs']:g} "
             f"epochs ({_optimizer(c)}, learning rate {c['learning_rate']:g} with cosine decay, "
-            f"batch {c['batch_size']}, random horizontal flips), one model per seed. {verdict} {len(every)} base models reach "
+            f"batch {c['batch_size']}, {_augmentation(c)}), one model per seed. {verdict} "
+            f"{len(every)} base models reach "
             f"{100 * TARGET_ACCURACY:.1f} % (lowest {_pct(min(every) if every else None, 2)} %).",
             "",
             *_table(["architecture", "accuracy per seed (%)", "mean ± sd (%)", "parameters",
                      "training time per model (s)"], rows)]
+
+
+def _augmentation(c: dict[str, Any]) -> str:
+    parts = (["random horizontal flips"] if c.get("flip") else []) + (
+        [f"random translations of up to {c['shift']} pixels"] if c.get("shift") else [])
+    return " and ".join(parts) or "no augmentation"
 
 
 def _optimizer(c: dict[str, Any]) -> str:

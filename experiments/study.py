@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         config.architectures = tuple(a for a in config.architectures if a in chosen)
     if args.seeds:
         config.extra["seed_indices"] = [int(k) for k in args.seeds.split(",")]
-    cache = args.cache or Path(".study-cache") / ("smoke" if args.smoke else "round2")
+    cache = args.cache or Path(".study-cache") / ("smoke" if args.smoke else "round3")
     cache.mkdir(parents=True, exist_ok=True)
     if args.data_dir is None:
         args.data_dir = cache / "data" if args.smoke else Path(__file__).parent / "data"

@@ -2,8 +2,9 @@
 
 ``epochs`` may be fractional: 3 trains three passes over the data, 0.5 half a pass (a random
 half). Both frameworks get the same recipe, so the study's cross-framework check compares
-pruning, not training. The study trains without augmentation; ``models/build.py`` trains the
-bundled PyTorch models with random horizontal flips (``flip=True``) through the same loop.
+pruning, not training. The study augments with random horizontal flips (``flip``) and random
+translations of up to ``shift`` pixels; ``models/build.py`` trains the bundled PyTorch models
+with flips only, through the same loop.
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ def _batches(n: int, steps: int, batch_size: int, rng: np.random.Generator
             yield order[start:start + batch_size]
 
 
+def random_shift(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Translate each image (N, H, W) by its own random offset of up to ``shift`` pixels in
+    each direction, filling with zeros (the background): zero-pad by ``shift``, then crop."""
+    if shift <= 0:
+        return images
+    n, height, width = images.shape
+    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift)))
+    dy, dx = rng.integers(0, 2 * shift + 1, size=(2, n))
+    rows = (dy[:, None] + np.arange(height))[:, :, None]
+    cols = (dx[:, None] + np.arange(width))[:, None, :]
+    return padded[np.arange(n)[:, None, None], rows, cols]
+
+
 SGD_MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-3
 """SGD (``optimizer="sgd"``): Nesterov momentum and decoupled weight decay (each step shrinks
@@ -57,10 +71,12 @@ def _torch_optimizer(model, optimizer: str, lr: float):
 
 
 def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
-                batch_size: int, log: Log, flip: bool = False, optimizer: str = "adam") -> None:
+                batch_size: int, log: Log, flip: bool = False, optimizer: str = "adam",
+                shift: int = 0) -> None:
     """Train in place; ``x`` uint8 (N, 28, 28). With torch.nn.utils.prune masks attached the
     pruned weights stay zero (the masks are applied in every forward). ``flip`` mirrors a
-    random half of every batch left-right (label-preserving for Fashion-MNIST).
+    random half of every batch left-right (label-preserving for Fashion-MNIST); ``shift``
+    translates every image by up to that many pixels (:func:`random_shift`).
     ``optimizer``: ``adam`` or ``sgd`` (see :data:`WEIGHT_DECAY`), with a cosine schedule."""
     import torch
 
@@ -69,13 +85,18 @@ def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
     inputs = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
     targets = torch.from_numpy(y)
     steps = _step_count(len(inputs), epochs, batch_size)
+    shifted = shift > 0
     optimizer, decayed = _torch_optimizer(model, optimizer, lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     started, total_loss = time.time(), 0.0
     for batch in _batches(len(inputs), steps, batch_size, rng):
         index = torch.from_numpy(batch)
-        images = inputs[index]
+        if shifted:
+            images = torch.from_numpy(random_shift(x[batch], shift, rng).astype(np.float32)
+                                      / 255.0)[:, None]
+        else:
+            images = inputs[index]
         if flip:
             mirrored = torch.from_numpy(rng.random(len(index)) < 0.5)
             images = torch.where(mirrored[:, None, None, None], images.flip(3), images)
@@ -129,10 +150,10 @@ def mask_keeper(masks: list[tuple[object, np.ndarray]]):
 
 def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
                 batch_size: int, log: Log, masks: list[tuple[object, np.ndarray]] | None = None,
-                flip: bool = False, optimizer: str = "adam") -> None:
+                flip: bool = False, optimizer: str = "adam", shift: int = 0) -> None:
     """Train in place with the same schedule; ``masks`` (kernel variable, 0/1 array) are
-    re-applied after every step so magnitude-pruned weights stay zero. ``flip`` mirrors a
-    random half of every batch left-right, as :func:`train_torch` does."""
+    re-applied after every step so magnitude-pruned weights stay zero. ``flip`` and ``shift``
+    augment as in :func:`train_torch`."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -143,7 +164,7 @@ def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
     per_call = math.ceil(len(x) / batch_size)  # one epoch of images in memory at a time
     for first in range(0, len(steps), per_call):
         order = np.concatenate(steps[first:first + per_call])
-        images = (x[order].astype(np.float32) / 255.0)[..., None]
+        images = (random_shift(x[order], shift, rng).astype(np.float32) / 255.0)[..., None]
         if flip:
             mirrored = rng.random(len(order)) < 0.5
             images[mirrored] = images[mirrored][:, :, ::-1]
