@@ -28,6 +28,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackwardOptions",
     "CamModel",
     "CamResult",
     "InputDataError",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .graph import BackwardOptions
     from .runtime import CamModel, CamResult
 
 
@@ -57,4 +59,8 @@ def __getattr__(name: str) -> Any:
         from . import runtime
 
         return getattr(runtime, name)
+    if name == "BackwardOptions":  # CamModel(..., backward=BackwardOptions(...))
+        from .graph import BackwardOptions
+
+        return BackwardOptions
     raise AttributeError(f"module 'sp2ps_onnx' has no attribute {name!r}")

@@ -518,8 +518,9 @@ def _safe_stem(sample_id: str, used: set[str]) -> str:
               help="Ray actors scoring in parallel (default: one per free CPU, or per GPU with "
               "--gpus-per-worker).")
 @click.option("--ray-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              show_default=True, help="Seconds to wait for the Ray cluster to answer before "
-              "giving up with an error.")
+              show_default=True, help="Seconds to wait for the Ray cluster to answer, at start "
+              "and while batches stream (a lost head; at most 40 s then), before giving up "
+              "with an error; the batches received by then are kept for --resume.")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0,
               show_default=True, help="GPUs each Ray actor reserves (runs ONNX Runtime on CUDA).")
 @click.option("--classes-partial", is_flag=True, help="Accept a class list (--classes or the "
