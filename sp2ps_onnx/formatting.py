@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["BAND_LABELS", "MISSING", "band_label", "ci_bounds", "ci_text", "percent"]
+__all__ = ["BAND_LABELS", "MISSING", "band_label", "ci_bounds", "ci_text", "gate_message",
+           "percent"]
 
 #: What a table shows for a number that does not exist (no labels, no scores, NaN).
 MISSING = "–"
@@ -65,3 +66,20 @@ def band_label(band: str | None, has_references: bool = True) -> str:
     if band == "above the floor, below the references" and not has_references:
         return "> floor"
     return BAND_LABELS.get(band, band)
+
+
+def gate_message(gate: dict[str, Any]) -> str:
+    """One line for a person reading a CI log or a report: the ``--fail-under`` verdict as
+    ``results.json`` records it (:meth:`sp2ps_onnx.scoring.gate.GateVerdict.to_dict`)."""
+    rule, checked, failed = gate["rule"], gate["checked"], gate["failed"]
+    what = ("the lower 95 % CI bound of Sp2PS" if rule["statistic"] == "ci95_low"
+            else "Sp2PS")
+    threshold = float(rule["threshold"])
+    if not failed:
+        return (f"gate passed: {what} of all {len(checked)} pruned model(s) is at least "
+                f"{threshold:g}")
+    below = ", ".join(f"{f['model']} "
+                      f"({'undefined' if f['value'] is None else format(f['value'], '.4f')})"
+                      for f in failed)
+    return (f"gate failed: {what} is below {threshold:g} for {len(failed)} of "
+            f"{len(checked)} pruned model(s): {below}")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputDataError, RuntimeMissingError
-from .formatting import band_label, ci_bounds, ci_text, percent
+from .formatting import band_label, ci_bounds, ci_text, gate_message, percent
 
 # jinja2 (with markupsafe), matplotlib and .figures (which needs matplotlib) are the
 # optional 'report' extra: they are imported inside the functions that need them, so the
@@ -336,7 +336,8 @@ def format_table(report: Any, fmt: str = "table") -> str:
     models; labelled, never ranked) and the ranked pruned models. JSON and CSV carry every
     number: the band's full text, the decision/attention split, the mean Jensen-Shannon
     divergence, the faithfulness figures and (JSON) the rank correlations. The text table
-    keeps the columns that fit ~110 characters; markdown has them all.
+    keeps the columns that fit ~110 characters; markdown has them all. JSON and markdown
+    also carry the ``--fail-under`` verdict when the run had one.
     """
     rows = ranking_rows(report)
     references = reference_rows(report)
@@ -358,6 +359,8 @@ def format_table(report: Any, fmt: str = "table") -> str:
             },
             "correlations": getattr(report, "correlations", None) or {},
         }
+        if getattr(report, "gate", None):
+            payload["gate"] = report.gate
         stage_scores = {m.info.name: [stage.to_dict() for stage in m.stages]
                         for m in [*report.ranked(), *(getattr(report, "references", None) or [])]
                         if getattr(m, "stages", None)}
@@ -392,7 +395,11 @@ def format_table(report: Any, fmt: str = "table") -> str:
     stages = _stage_block(report, fmt)
     if stages:
         blocks.append(stages)
-    notes = [line for text in (band_text(report), correlation_text(report)) if text
+    # The terminal gets the gate's verdict from the CLI, right after the table; markdown
+    # (pasted into a CI summary) carries it itself.
+    gate = getattr(report, "gate", None) if fmt == "markdown" else None
+    notes = [line for text in (band_text(report), correlation_text(report),
+                               gate_message(gate) if gate else None) if text
              for line in _wrap(text)]
     if notes:
         blocks.append(notes)
@@ -662,6 +669,19 @@ def _section(model: Any, report: Any, cmap: str, has_references: bool) -> dict[s
     }
 
 
+def _gate_card(gate: dict[str, Any]) -> dict[str, str]:
+    """The ``--fail-under`` verdict: what CI decided on this run, next to the scores."""
+    rule = gate["rule"]
+    what = "CI low" if rule["statistic"] == "ci95_low" else "Sp2PS"
+    if gate["passed"]:
+        sub = f"{what} ≥ {rule['threshold']:g} for all {len(gate['checked'])} pruned model(s)"
+    else:
+        sub = (f"{what} < {rule['threshold']:g}: "
+               + ", ".join(failed["model"] for failed in gate["failed"]))
+    return {"key": "gate (--fail-under)", "value": "passed" if gate["passed"] else "failed",
+            "css": "good" if gate["passed"] else "bad", "sub": sub}
+
+
 def render_html(report: Any, cmap: str = "jet") -> str:
     """The self-contained HTML report, CAMs drawn in the colour map ``cmap``."""
     from .figures import colorize, png_data_uri
@@ -701,6 +721,9 @@ def render_html(report: Any, cmap: str = "jet") -> str:
                  else f"{_num(min(values))}–{_num(max(values))}")
         cards.append({"key": "reference" + ("s" if len(others) > 1 else ""), "value": value,
                       "css": "", "sub": ", ".join(m.info.name for m in others)})
+    gate = getattr(report, "gate", None)
+    if gate:
+        cards.append(_gate_card(gate))
     has_references = bool(others)
     sections = [_section(model, report, cmap, has_references) for model in ranked]
     reference_sections = [_section(model, report, cmap, has_references)

@@ -44,10 +44,19 @@ def test_gate_passes_and_fails_around_the_lowest_pruned_model(tmp_path, cache):
                              "passed": True, "checked": sorted(values), "failed": []}
 
     above = values[lowest] + 1e-6
-    failed, saved = score(tmp_path / "fail", cache, "--fail-under", above)
+    failed, saved = score(tmp_path / "fail", cache, "--fail-under", above,
+                          "--format", "markdown")
     assert failed.exit_code == EXIT_GATE_FAILED
-    assert f"gate failed: Sp2PS is below {above:g} for 1 of 2 pruned model(s): {lowest}" \
-        in failed.stderr
+    message = f"gate failed: Sp2PS is below {above:g} for 1 of 2 pruned model(s): {lowest}"
+    assert message in failed.stderr
+    assert message in " ".join(failed.stdout.split())  # the markdown for a CI summary
+    # The report shows the verdict next to the scores, naming the model that failed.
+    for out, verdict, css in (("pass", "passed", "good"), ("fail", "failed", "bad")):
+        page = (tmp_path / out / "report.html").read_text()
+        card = page[page.index("gate (--fail-under)"):]
+        card = card[:card.index("</div></div>") if "</div></div>" in card else 400]
+        assert f'<span class="{css}">{verdict}</span>' in card
+        assert (lowest in card) == (verdict == "failed")
     assert saved["gate"]["passed"] is False  # the report is written all the same
     assert saved["gate"]["failed"] == [{"model": lowest, "value": values[lowest]}]
     assert {m["name"]: m["result"]["sp2ps"] for m in saved["models"]} == values

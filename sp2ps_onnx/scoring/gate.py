@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputDataError
+from ..formatting import gate_message
 from .result import ModelScore
 
 SP2PS = "sp2ps"
@@ -38,14 +39,7 @@ class GateVerdict:
 
     def message(self) -> str:
         """One line for a person reading the CI log."""
-        what = "Sp2PS" if self.statistic == SP2PS else "the lower 95 % CI bound of Sp2PS"
-        if self.passed:
-            return (f"gate passed: {what} of all {len(self.checked)} pruned model(s) is at "
-                    f"least {self.threshold:g}")
-        below = ", ".join(f"{name} ({'undefined' if value is None else f'{value:.4f}'})"
-                          for name, value in self.failed)
-        return (f"gate failed: {what} is below {self.threshold:g} for {len(self.failed)} of "
-                f"{len(self.checked)} pruned model(s): {below}")
+        return gate_message(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """The rule and the verdict as ``results.json`` records them."""
