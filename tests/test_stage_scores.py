@@ -287,3 +287,31 @@ def test_ray_gives_the_stages_of_a_local_run(fmnist_stages) -> None:
                             [*remote.models, *remote.references], strict=True):
         assert [s.sp2ps for s in theirs.stages] == pytest.approx(
             [s.sp2ps for s in mine.stages], abs=1e-12)
+
+
+def test_per_sample_csv_has_every_stage_and_they_aggregate_to_the_stage_scores(
+        fmnist_stages, tmp_path: Path) -> None:
+    import csv
+
+    from sp2ps_onnx.report import write_report
+
+    staged, plain = fmnist_stages
+    write_report(staged, tmp_path, formats=("png",))
+    with open(tmp_path / "per_sample.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for model in [*staged.models, *staged.references]:
+        mine = [r for r in rows if r["model"] == model.info.name]
+        assert len(mine) == staged.n
+        for stage in model.stages:
+            k = stage.stage
+            h = np.array([float(r[f"stage{k}_h"]) for r in mine if r[f"stage{k}_h"] != ""])
+            spatial = np.array([float(r[f"stage{k}_spatial"]) for r in mine
+                                if r[f"stage{k}_spatial"] != ""])
+            # Mean aggregation: the stage's Sp2PS and mean s are the plain means of its column.
+            assert h.size == stage.result.n
+            assert h.mean() == pytest.approx(stage.sp2ps, abs=1e-6)
+            assert spatial.mean() == pytest.approx(stage.result.mean_spatial, abs=1e-6)
+        # The last stage is the main layer: its column is the h column.
+        last = f"stage{len(model.stages) - 1}_h"
+        assert [r[last] for r in mine] == [r["h"] for r in mine]
+    assert not any(key.startswith("stage") for key in plain.models[0].rows[0])

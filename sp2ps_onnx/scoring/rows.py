@@ -100,7 +100,22 @@ class RowTable(Sequence[dict[str, Any]]):
             "js_divergence": float(c["js_divergence"][item]),
             "fault": fault_names(int(c["flags"][item])),
             **{name: float(c[name][item]) for name in self.faithfulness},
+            **self._stages(item),
         }
+
+    def _stages(self, item: Any) -> dict[str, float | None]:
+        """A per-stage run's similarities at every stage (``stage0_h``: the finest), ``None``
+        where the original's CAM at that stage was not finite (the stage's score leaves the
+        sample out)."""
+        c = self.columns
+        if "stage_h" not in c:
+            return {}
+        out: dict[str, float | None] = {}
+        for k, flags in enumerate(np.asarray(c["stage_flags"][item])):
+            kept = (int(flags) & FLAG_ORIGINAL_NONFINITE) == 0
+            for key in ("spatial", "spectral", "h"):
+                out[f"stage{k}_{key}"] = float(c[f"stage_{key}"][item][k]) if kept else None
+        return out
 
 
 _ROWS_PER_READ = 4096
