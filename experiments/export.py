@@ -196,6 +196,10 @@ def export_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, da
                                   strict=True)], SAMPLE_COLUMNS)
         picks = analysis.typical_samples(loaded[high["name"]], loaded[low["name"]])
         figure = out / "figures" / "study" / f"pair{index + 1}.png"
+        if len(picks) == 0:  # the report says so instead of showing a picture
+            figure.unlink(missing_ok=True)
+            log(f"pair {high['name']} / {low['name']}: no image all three classify correctly")
+            continue
         _pair_figure(data, manifest, store, pair, picks, loaded, figure, config)
         log(f"pair {high['name']} / {low['name']}: Δ Sp2PS {pair.sp2ps_gap:.3f}, {figure}")
     log(f"wrote {data_dir}")

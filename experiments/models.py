@@ -154,10 +154,11 @@ def _fit(model, arch: str, data: dict, epochs: float, lr: float, seed: int, conf
     if arch.startswith("keras"):
         train_keras(model, data["x_train"], data["y_train"], epochs, lr, seed, config.batch_size,
                     log, masks=masks, flip=config.flip, optimizer=optimizer,
-                    shift=config.shift)
+                    shift=config.shift, weight_decay=config.weight_decay)
     else:
         train_torch(model, data["x_train"], data["y_train"], epochs, lr, seed, config.batch_size,
-                    log, flip=config.flip, optimizer=optimizer, shift=config.shift)
+                    log, flip=config.flip, optimizer=optimizer, shift=config.shift,
+                    weight_decay=config.weight_decay)
 
 
 def _train_one(arch: str, data: dict, config: StudyConfig, seed: int, log: Log):

@@ -215,7 +215,7 @@ def _augmentation(c: dict[str, Any]) -> str:
 def _optimizer(c: dict[str, Any]) -> str:
     if c.get("optimizer") == "sgd":
         return (f"SGD with Nesterov momentum {SGD_MOMENTUM:g} and decoupled weight decay "
-                f"{WEIGHT_DECAY:g} on the Conv/Linear weights")
+                f"{c.get('weight_decay', WEIGHT_DECAY):g} on the Conv/Linear weights")
     return "Adam"
 
 
@@ -354,14 +354,17 @@ def _pairs(d: StudyData) -> list[str]:
     for index, pair in enumerate(shown):
         high, low = pair.ordered
         samples = d.folder / "samples"
-        typical = ""
+        typical, picture = "", True
         if (samples / f"{high['name']}.csv").is_file():
             first = _samples(samples / f"{high['name']}.csv")
             second = _samples(samples / f"{low['name']}.csv")
             picks = analysis.typical_samples(first, second)
             correct = ((first["label"] == first["pred_original"])
                        & (first["label"] == first["pred"]) & (second["label"] == second["pred"]))
-            typical = (f" On the {int(correct.sum()):,} test images all three classify "
+            picture = len(picks) > 0
+            typical = (" No test image is classified correctly by all three, so there is no "
+                       "picture." if not picture else
+                       f" On the {int(correct.sum()):,} test images all three classify "
                        f"correctly, the median h is {np.median(first['h'][correct]):.3f} for "
                        f"`{high['name']}` and {np.median(second['h'][correct]):.3f} for "
                        f"`{low['name']}`; the rows are the images "
@@ -371,8 +374,9 @@ def _pairs(d: StudyData) -> list[str]:
                   f"{_pct(high['accuracy'], 2)} %, agreement {_pct(high['top1_agreement'], 2)} %) "
                   f"and `{low['name']}` ({low['sp2ps']:.3f}, {_pct(low['accuracy'], 2)} %, "
                   f"{_pct(low['top1_agreement'], 2)} %).{typical} Per-sample rows: "
-                  f"[experiments/data/samples/](../experiments/data/samples/).", "",
-                  f"![pair {index + 1}](figures/study/pair{index + 1}.png)", ""]
+                  f"[experiments/data/samples/](../experiments/data/samples/).", ""]
+        if picture:
+            lines += [f"![pair {index + 1}](figures/study/pair{index + 1}.png)", ""]
     return lines
 
 

@@ -54,7 +54,7 @@ def random_shift(images: np.ndarray, shift: int, rng: np.random.Generator) -> np
 SGD_MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-3
 """SGD (``optimizer="sgd"``): Nesterov momentum and decoupled weight decay (each step shrinks
-the Conv/Linear weights by ``lr * WEIGHT_DECAY``, as Keras' ``weight_decay`` does, so both
+the Conv/Linear weights by ``lr * weight_decay``, by default this, as Keras' ``weight_decay`` does, so both
 frameworks run the same algorithm); BatchNorm parameters and biases are not decayed."""
 
 
@@ -72,7 +72,7 @@ def _torch_optimizer(model, optimizer: str, lr: float):
 
 def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
                 batch_size: int, log: Log, flip: bool = False, optimizer: str = "adam",
-                shift: int = 0) -> None:
+                shift: int = 0, weight_decay: float = WEIGHT_DECAY) -> None:
     """Train in place; ``x`` uint8 (N, 28, 28). With torch.nn.utils.prune masks attached the
     pruned weights stay zero (the masks are applied in every forward). ``flip`` mirrors a
     random half of every batch left-right (label-preserving for Fashion-MNIST); ``shift``
@@ -106,7 +106,7 @@ def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
         optimizer.step()
         if decayed:
             with torch.no_grad():
-                shrink = 1.0 - schedule.get_last_lr()[0] * WEIGHT_DECAY
+                shrink = 1.0 - schedule.get_last_lr()[0] * weight_decay
                 for parameter in decayed:
                     parameter.mul_(shrink)
         schedule.step()
@@ -124,14 +124,15 @@ def compile_adam_cosine(model, lr: float, steps: int) -> None:
     model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy")
 
 
-def compile_sgd_cosine(model, lr: float, steps: int) -> None:
+def compile_sgd_cosine(model, lr: float, steps: int, weight_decay: float = WEIGHT_DECAY
+                       ) -> None:
     """Compile a Keras classifier for SGD as :func:`train_torch` runs it: Nesterov momentum,
     decoupled weight decay on the kernels, cosine decay over ``steps``."""
     import keras
 
     optimizer = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(lr, steps),
                                      momentum=SGD_MOMENTUM, nesterov=True,
-                                     weight_decay=WEIGHT_DECAY)
+                                     weight_decay=weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     model.compile(optimizer, "sparse_categorical_crossentropy")
 
@@ -150,7 +151,8 @@ def mask_keeper(masks: list[tuple[object, np.ndarray]]):
 
 def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, seed: int,
                 batch_size: int, log: Log, masks: list[tuple[object, np.ndarray]] | None = None,
-                flip: bool = False, optimizer: str = "adam", shift: int = 0) -> None:
+                flip: bool = False, optimizer: str = "adam", shift: int = 0,
+                weight_decay: float = WEIGHT_DECAY) -> None:
     """Train in place with the same schedule; ``masks`` (kernel variable, 0/1 array) are
     re-applied after every step so magnitude-pruned weights stay zero. ``flip`` and ``shift``
     augment as in :func:`train_torch`."""
@@ -159,7 +161,10 @@ def train_keras(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     steps = list(_batches(len(x), _step_count(len(x), epochs, batch_size), batch_size, rng))
-    (compile_sgd_cosine if optimizer == "sgd" else compile_adam_cosine)(model, lr, len(steps))
+    if optimizer == "sgd":
+        compile_sgd_cosine(model, lr, len(steps), weight_decay)
+    else:
+        compile_adam_cosine(model, lr, len(steps))
     started, losses = time.time(), []
     per_call = math.ceil(len(x) / batch_size)  # one epoch of images in memory at a time
     for first in range(0, len(steps), per_call):
