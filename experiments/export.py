@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import analysis
+from . import analysis, nets
 from .config import StudyConfig
 from .fmnist import CLASS_NAMES
 from .models import base_name
@@ -171,6 +171,7 @@ def export_stage(data: dict, config: StudyConfig, cache: Path, manifest: Any, da
         "config": config.to_dict(),
         "runs": json.loads(runs_path.read_text()) if runs_path.is_file() else {},
         "environment": environment(),
+        "nets": nets.description(),
         "exported": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }, indent=1) + "\n")
     # Re-read what was written, so the pairs chosen here are the ones the report finds.

@@ -21,6 +21,12 @@ RESNET_STAGES = ((32, 1), (32, 1), (64, 2))  # (width, stride) of each basic blo
 second 32-wide block) reached 92.29 %."""
 
 
+def description() -> dict[str, list]:
+    """The layer sizes, as the committed study data records them."""
+    return {"vgg_widths": list(VGG_WIDTHS), "vgg_pool_after": list(VGG_POOL_AFTER),
+            "resnet_stem": [RESNET_STEM], "resnet_blocks": [list(b) for b in RESNET_STAGES]}
+
+
 def torch_vgg(widths: Sequence[int] = VGG_WIDTHS):
     import torch
     from torch import nn

@@ -200,10 +200,24 @@ def _bases(d: StudyData) -> list[str]:
             f"epochs ({_optimizer(c)}, learning rate {c['learning_rate']:g} with cosine decay, "
             f"batch {c['batch_size']}, {_augmentation(c)}), one model per seed. {verdict} "
             f"{len(every)} base models reach "
-            f"{100 * TARGET_ACCURACY:.1f} % (lowest {_pct(min(every) if every else None, 2)} %).",
+            f"{100 * TARGET_ACCURACY:.1f} % (lowest {_pct(min(every) if every else None, 2)} %)."
+            + _layers(d.meta.get("nets")),
             "",
             *_table(["architecture", "accuracy per seed (%)", "mean ± sd (%)", "parameters",
                      "training time per model (s)"], rows)]
+
+
+def _layers(nets: dict[str, list] | None) -> str:
+    if not nets:
+        return ""
+    pools = " and ".join(str(i + 1) for i in nets["vgg_pool_after"])
+    blocks = ", ".join(f"{w}" + (f" (stride {s})" if s != 1 else "")
+                       for w, s in nets["resnet_blocks"])
+    return (f" The VGG-style nets are Conv-BN-ReLU layers of "
+            f"{', '.join(map(str, nets['vgg_widths']))} channels, max-pooled after layers "
+            f"{pools}; the ResNet-style net is a {nets['resnet_stem'][0]}-channel stem with "
+            f"max-pooling and basic blocks of {blocks} channels. Both end in global average "
+            "pooling and one linear layer; Grad-CAM's layer is the last 7 x 7 map.")
 
 
 def _augmentation(c: dict[str, Any]) -> str:
