@@ -2,9 +2,10 @@
 
 ``epochs`` may be fractional: 3 trains three passes over the data, 0.5 half a pass (a random
 half). Both frameworks get the same recipe, so the study's cross-framework check compares
-pruning, not training. The study augments with random horizontal flips (``flip``) and random
-translations of up to ``shift`` pixels; ``models/build.py`` trains the bundled PyTorch models
-with flips only, through the same loop.
+pruning, not training. The study augments with random horizontal flips (``flip``); random
+translations of up to ``shift`` pixels are available but off in its configuration
+(:class:`experiments.config.StudyConfig` says why). ``models/build.py`` trains the bundled
+PyTorch models with flips, through the same loop.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def random_shift(images: np.ndarray, shift: int, rng: np.random.Generator) -> np
 
 SGD_MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-3
-"""SGD (``optimizer="sgd"``): Nesterov momentum and decoupled weight decay (each step shrinks
-the Conv/Linear weights by ``lr * weight_decay``, by default this, as Keras' ``weight_decay`` does, so both
-frameworks run the same algorithm); BatchNorm parameters and biases are not decayed."""
+"""The default ``weight_decay`` of SGD (``optimizer="sgd"``): Nesterov momentum and decoupled
+weight decay (each step shrinks the Conv/Linear weights by ``lr * weight_decay``, as Keras'
+``weight_decay`` does, so both frameworks run the same algorithm); BatchNorm parameters and
+biases are not decayed."""
 
 
 def _torch_optimizer(model, optimizer: str, lr: float):
@@ -85,14 +87,13 @@ def train_torch(model, x: np.ndarray, y: np.ndarray, epochs: float, lr: float, s
     inputs = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
     targets = torch.from_numpy(y)
     steps = _step_count(len(inputs), epochs, batch_size)
-    shifted = shift > 0
     optimizer, decayed = _torch_optimizer(model, optimizer, lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     started, total_loss = time.time(), 0.0
     for batch in _batches(len(inputs), steps, batch_size, rng):
         index = torch.from_numpy(batch)
-        if shifted:
+        if shift > 0:
             images = torch.from_numpy(random_shift(x[batch], shift, rng).astype(np.float32)
                                       / 255.0)[:, None]
         else:

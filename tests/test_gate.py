@@ -4,6 +4,7 @@ threshold, with the report written and the rule and verdict in results.json."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,12 +52,12 @@ def test_gate_passes_and_fails_around_the_lowest_pruned_model(tmp_path, cache):
     assert message in failed.stderr
     assert message in " ".join(failed.stdout.split())  # the markdown for a CI summary
     # The report shows the verdict next to the scores, naming the model that failed.
+    card = re.compile(r'gate \(--fail-under\)</div><div class="v"><span class="(\w+)">(\w+)'
+                      r'</span></div><div class="s">([^<]*)</div>')
     for out, verdict, css in (("pass", "passed", "good"), ("fail", "failed", "bad")):
-        page = (tmp_path / out / "report.html").read_text()
-        card = page[page.index("gate (--fail-under)"):]
-        card = card[:card.index("</div></div>") if "</div></div>" in card else 400]
-        assert f'<span class="{css}">{verdict}</span>' in card
-        assert (lowest in card) == (verdict == "failed")
+        found = card.search((tmp_path / out / "report.html").read_text())
+        assert found is not None and found.group(1, 2) == (css, verdict)
+        assert (lowest in found.group(3)) == (verdict == "failed")
     assert saved["gate"]["passed"] is False  # the report is written all the same
     assert saved["gate"]["failed"] == [{"model": lowest, "value": values[lowest]}]
     assert {m["name"]: m["result"]["sp2ps"] for m in saved["models"]} == values

@@ -118,10 +118,6 @@ class RowStore:
         for number in range(1, self._chunks + 1):
             yield self._read("rows", number)
 
-    def saved_rows(self) -> dict[str, np.ndarray]:
-        """The rows of the interrupted run, in one table."""
-        return concat_rows(list(self.saved_chunks()))
-
     def saved_examples(self, n_models: int) -> list[list[Any]]:
         """The worst/best candidates of the interrupted run, per pruned model."""
         if not self._chunks:
